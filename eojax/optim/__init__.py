@@ -1,0 +1,251 @@
+"""The one optimizer builder: `build(config.optim, total_steps) -> Optimizer`.
+
+AdamW, SGD (momentum / Nesterov), Sophia-H (Hutchinson, optax.contrib) and Sophia-G (eojax's GNB
+estimator, sophia.py), with warmup + decay schedules, weight-decay masks, frozen parameters and
+global-norm clipping. Parameter trees are plain (unboxed) nested dicts of arrays; masks are regexes
+matched with re.search on the '/'-joined parameter path, e.g. 'encoder/block_0/ln1/scale'.
+
+Weight decay (`no_decay`): the default skips biases ('bias$'), norm scales ('scale$': flax LayerNorm /
+GroupNorm / RMSNorm name theirs 'scale'), and embeddings. An embedding is a parameter whose *own name*
+contains 'embed' ('embed[^/]*$': nn.Embed's 'embedding', 'pos_embed', 'channel_embed', ...) or
+'pos_emb', plus cls / mask tokens. A kernel that merely lives under a module named like
+'patch_embed' is a linear projection and IS decayed, as in MAE / timm.
+
+Frozen parameters (`freeze`) get an update of exactly 0.0, so they stay bit-identical:
+- AdamW / SGD: optax.multi_transform with set_to_zero for the frozen group, so no moments are kept
+  for them and clip_norm's global norm covers trainable gradients only.
+- Sophia: its Hessian estimator differentiates obj_fn / sampled_obj_fn over the whole parameter
+  tree, so the chain keeps full-tree state; frozen gradients are zeroed at the start (so clipping
+  and momentum ignore them) and frozen updates are zeroed at the end (weight decay would move them).
+A freeze pattern that matches no parameter is an error (a typo would silently train everything).
+
+SGD weight decay is coupled (added to the gradient before momentum, as torch.optim.SGD); AdamW and
+Sophia decay is decoupled (lr * wd * param, as optax.adamw and the Sophia reference code).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+try:
+    from optax.contrib import scale_by_sophia
+except ImportError:  # optax 0.2.x exports only the full `sophia` chain; the scaling part is here
+    from optax.contrib._sophia import scale_by_sophia
+
+from eojax.optim import sophia as sophia_lib
+from eojax.optim.schedules import SCHEDULES, make_schedule
+from eojax.optim.sophia import gnb_estimator, sample_labels
+
+__all__ = ["NAMES", "SCHEDULES", "Optimizer", "build", "default_config", "param_paths",
+           "sample_labels", "gnb_estimator"]
+
+NAMES = ("adamw", "sgd", "sophia_h", "sophia_g")
+_NEEDS = {"adamw": (), "sgd": (), "sophia_h": ("obj_fn",), "sophia_g": ("sampled_obj_fn",)}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every optimizer field with its default; experiment configs start from this."""
+    return ml_collections.ConfigDict(dict(
+        name="adamw",              # adamw | sgd | sophia_h | sophia_g
+        lr=1e-3,                   # peak learning rate
+        schedule="cosine",         # cosine | linear | constant | step
+        warmup_steps=0,            # linear warmup from 0 to lr
+        end_lr_factor=0.0,         # cosine / linear decay to lr * end_lr_factor at total_steps
+        step_boundaries=(0.6, 0.9),  # 'step': fractions of total_steps
+        step_factor=0.1,           # 'step': lr *= step_factor at each boundary
+        weight_decay=0.0,
+        b1=0.9, b2=0.999, eps=1e-8,  # AdamW
+        momentum=0.0, nesterov=False,  # SGD
+        clip_norm=0.0,             # global-norm gradient clipping; 0 = off
+        no_decay=("bias$", "scale$", "embed[^/]*$", "pos_emb[^/]*$", "(^|/)cls(_token)?$",
+                  "mask_token"),
+        freeze=(),                 # regexes of parameters that must not change
+        accum_steps=1,             # gradient-accumulation micro-steps (done by the trainer)
+        sophia=dict(gamma=0.01, clip=1.0, b1=0.965, b2=0.99, update_every=10, eps=1e-12,
+                    seed=0),       # seed: PRNG of the Hutchinson / GNB estimators
+    ))
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """What the trainer needs from the optimizer.
+
+    tx: call tx.update(grads, opt_state, params, **kw) with kw naming exactly `needs`:
+        'obj_fn': params -> loss (Sophia-H); 'sampled_obj_fn': (params, rng) -> (loss on labels
+        sampled from the model, label-token count) (Sophia-G).
+    schedule: step -> lr (for logging; tx applies it itself).
+    diagnostics: (opt_state, params) -> dict of scalar metrics ({} for AdamW / SGD).
+    """
+    tx: optax.GradientTransformationExtraArgs
+    schedule: Callable[[Any], jax.Array]
+    diagnostics: Callable[[Any, Any], dict]
+    needs: tuple[str, ...]
+    name: str
+
+
+# ---------------------------------------------------------------- parameter paths and masks
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def param_paths(tree) -> Any:
+    """Tree like `tree` whose leaves are the '/'-joined key paths ('enc/ln/scale')."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: "/".join(_key_name(k) for k in p), tree)
+
+
+def _matcher(patterns) -> Callable[[str], bool]:
+    compiled = [re.compile(p) for p in patterns]
+    return lambda path: any(c.search(path) for c in compiled)
+
+
+def _decay_mask(no_decay) -> Callable[[Any], Any]:
+    skip = _matcher(no_decay)
+    return lambda params: jax.tree.map(lambda path: not skip(path), param_paths(params))
+
+
+def _frozen_mask(freeze) -> Callable[[Any], Any]:
+    """params -> bool tree (True = frozen); raises if a pattern matches no parameter."""
+    def mask(params):
+        paths = jax.tree.leaves(param_paths(params))
+        for pattern in freeze:
+            if not any(re.search(pattern, p) for p in paths):
+                raise ValueError(f"optim.freeze pattern {pattern!r} matches no parameter; "
+                                 f"parameters look like {paths[:5]}")
+        return jax.tree.map(_matcher(freeze), param_paths(params))
+    return mask
+
+
+# ---------------------------------------------------------------- validation
+
+def _merged(cfg) -> ml_collections.ConfigDict:
+    """Defaults overlaid with cfg; an unknown key (a typo) is an error naming it."""
+    out = default_config()
+    for key, value in cfg.items():
+        if key not in out:
+            raise ValueError(f"unknown key optim.{key}; allowed keys: {sorted(out.keys())}")
+        if key == "sophia":
+            for k, v in value.items():
+                if k not in out.sophia:
+                    raise ValueError(f"unknown key optim.sophia.{k}; allowed: {sorted(out.sophia.keys())}")
+                _set(out.sophia, k, v, f"sophia.{k}")
+        elif key in ("step_boundaries", "no_decay", "freeze") and isinstance(value, (list, tuple)):
+            out[key] = tuple(value)
+        else:
+            _set(out, key, value, key)
+    return out
+
+
+def _set(config, key, value, name):
+    # ConfigDict is type-safe (a str into a float field raises TypeError); report it by key.
+    try:
+        config[key] = value
+    except TypeError as e:
+        raise ValueError(f"optim.{name}={value!r} has the wrong type "
+                         f"(default {config[key]!r}): {e}") from None
+
+
+def _require(ok: bool, key: str, value, allowed: str):
+    if not ok:
+        raise ValueError(f"optim.{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate(c: ml_collections.ConfigDict, total_steps: int):
+    _require(c.name in NAMES, "name", c.name, f"one of {NAMES}")
+    _require(c.schedule in SCHEDULES, "schedule", c.schedule, f"one of {SCHEDULES}")
+    if not (_is_int(total_steps) and total_steps >= 1):
+        raise ValueError(f"total_steps={total_steps!r} must be an int >= 1")
+    _require(c.lr > 0, "lr", c.lr, "a number > 0")
+    _require(_is_int(c.warmup_steps) and 0 <= c.warmup_steps <= total_steps, "warmup_steps",
+             c.warmup_steps, f"an int in [0, total_steps={total_steps}]")
+    _require(c.end_lr_factor >= 0, "end_lr_factor", c.end_lr_factor, "a number >= 0")
+    b = c.step_boundaries
+    _require(isinstance(b, tuple) and all(0 < x <= 1 for x in b) and list(b) == sorted(b),
+             "step_boundaries", b, "ascending fractions of total_steps in (0, 1]")
+    _require(c.step_factor > 0, "step_factor", c.step_factor, "a number > 0")
+    _require(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
+    for key in ("b1", "b2"):
+        _require(0 <= c[key] < 1, key, c[key], "a number in [0, 1)")
+    _require(c.eps > 0, "eps", c.eps, "a number > 0")
+    _require(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
+    _require(isinstance(c.nesterov, bool), "nesterov", c.nesterov, "True or False")
+    _require(not (c.nesterov and c.momentum == 0), "nesterov", c.nesterov,
+             "False when optim.momentum is 0 (Nesterov needs momentum)")
+    _require(c.clip_norm >= 0, "clip_norm", c.clip_norm, "a number >= 0 (0 = off)")
+    _require(_is_int(c.accum_steps) and c.accum_steps >= 1, "accum_steps", c.accum_steps, "an int >= 1")
+    for key in ("no_decay", "freeze"):
+        pats = c[key]
+        _require(isinstance(pats, tuple) and all(isinstance(p, str) for p in pats), key, pats,
+                 "a tuple of regex strings")
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"optim.{key} pattern {p!r} is not a valid regex: {e}") from None
+    s = c.sophia
+    _require(s.gamma > 0, "sophia.gamma", s.gamma, "a number > 0")
+    _require(s.clip > 0, "sophia.clip", s.clip, "a number > 0")
+    for key in ("b1", "b2"):
+        _require(0 <= s[key] < 1, f"sophia.{key}", s[key], "a number in [0, 1)")
+    _require(_is_int(s.update_every) and s.update_every >= 1, "sophia.update_every",
+             s.update_every, "an int >= 1")
+    _require(s.eps > 0, "sophia.eps", s.eps, "a number > 0")
+    _require(_is_int(s.seed), "sophia.seed", s.seed, "an int")
+
+
+# ---------------------------------------------------------------- build
+
+def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
+    """Optimizer from config.optim; bad values raise ValueError naming the key, before any work."""
+    c = _merged(cfg)
+    _validate(c, total_steps)
+    schedule = make_schedule(c.schedule, c.lr, total_steps, c.warmup_steps, c.end_lr_factor,
+                             c.step_boundaries, c.step_factor)
+    clip = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
+    decay = ([optax.add_decayed_weights(c.weight_decay, mask=_decay_mask(c.no_decay))]
+             if c.weight_decay > 0 else [])
+    frozen = _frozen_mask(c.freeze)
+
+    if c.name in ("adamw", "sgd"):
+        if c.name == "adamw":
+            core = [optax.scale_by_adam(c.b1, c.b2, c.eps), *decay]
+        else:  # coupled L2 before momentum, as torch.optim.SGD
+            core = [*decay] + ([optax.trace(c.momentum, c.nesterov)] if c.momentum > 0 else [])
+        tx = optax.chain(*clip, *core, optax.scale_by_learning_rate(schedule))
+        if c.freeze:
+            labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "train", frozen(params))
+            tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+        return Optimizer(tx=optax.with_extra_args_support(tx), schedule=schedule,
+                         diagnostics=lambda opt_state, params=None: {}, needs=(), name=c.name)
+
+    s = c.sophia
+    key = jax.random.PRNGKey(s.seed)
+    estimator = (optax.contrib.hutchinson_estimator_diag_hessian(key) if c.name == "sophia_h"
+                 else gnb_estimator(s.seed))
+    core = scale_by_sophia(b1=s.b1, b2=s.b2, eps=s.eps, gamma=s.gamma, clip_threshold=s.clip,
+                           update_interval=s.update_every, hessian_diagonal_fn=estimator)
+    zero_frozen = [optax.masked(optax.set_to_zero(), frozen)] if c.freeze else []
+    tx = optax.chain(*zero_frozen, *clip, core, *decay, optax.scale_by_learning_rate(schedule),
+                     *zero_frozen)
+
+    def diagnostics(opt_state, params=None):
+        state = sophia_lib.find_sophia_state(opt_state)
+        include = None
+        if c.freeze and params is not None:
+            include = jax.tree.map(lambda f: not f, frozen(params))
+        return {"sophia_win_rate": sophia_lib.win_rate(state, s.b1, s.gamma, s.eps, s.clip, include)}
+
+    return Optimizer(tx=tx, schedule=schedule, diagnostics=diagnostics, needs=_NEEDS[c.name],
+                     name=c.name)

@@ -1,0 +1,21 @@
+"""Families as tasks: `get(config)` returns the task named by `config.task`."""
+from __future__ import annotations
+
+import importlib
+
+from eojax.tasks.base import NotApplicableError, Task
+
+_TASKS = {
+    "mae": "eojax.tasks.mae:MAETask",
+}
+
+
+def get(config) -> Task:
+    name = config.task
+    if name not in _TASKS:
+        raise ValueError(f"config.task={name!r} is unknown; known tasks: {sorted(_TASKS)}")
+    module, cls = _TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config)
+
+
+__all__ = ["get", "Task", "NotApplicableError"]

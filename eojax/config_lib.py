@@ -1,0 +1,78 @@
+"""Shared pieces of the config files in configs/.
+
+They live in the package (not in configs/common.py as DESIGN.md sketched) so that a config file can
+import them from any working directory once eojax is installed; see docs/architecture.md.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+# One rule set serves data parallel, FSDP and tensor parallel: the mesh sizes decide which are active
+# (an axis of size 1 shards nothing). 'batch' comes first so activations give fsdp to the batch and
+# parameters (which have no batch dimension) give it to 'embed'.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("height", None),
+    ("width", None),
+    ("channels", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """'runlocal,variant=small,patch=16' -> ConfigDict, typed by `defaults`.
+
+    A bare word sets a boolean default to True; an unknown word is an error naming it, so a typo
+    in a launch command never silently trains the wrong model.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not _:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)):
+            try:
+                out[key] = type(default)(ast.literal_eval(value))
+            except (ValueError, SyntaxError) as e:
+                raise ValueError(f"config argument {key}={value!r} is not a {type(default).__name__}") from e
+        else:
+            out[key] = value
+    return out
+
+
+def trainer_defaults() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with its default; families add task, input, model and optim."""
+    c = ml_collections.ConfigDict()
+    c.task = ""
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 32  # global, over all processes
+    c.log_every = 10
+    c.eval_every = 0  # 0 = only at the end
+    c.eval_steps = 0  # 0 = the whole eval set
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.init_from = ""  # a workdir or checkpoint folder whose params start this run
+    c.peak_tflops = 0.0  # for MFU; 0 = a known device peak, or a measured matmul rate on CPU
+    c.progress_bar = True
+    c.mesh = (("data", -1), ("fsdp", 1), ("model", 1))
+    c.sharding_rules = DEFAULT_RULES
+    c.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1})
+    return c

@@ -1,0 +1,71 @@
+"""eojax command line.
+
+  eojax train --config=configs/mae.py:runlocal --workdir=/tmp/mae [--config.total_steps=100 ...]
+  eojax eval  --config=configs/mae.py:runlocal --workdir=/tmp/mae
+  eojax stats --config=configs/mae.py:runlocal      # per-band statistics of config.input, cached
+
+`python -m eojax.main ...` is the same program.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "eval", "stats")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:runlocal",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures.")
+
+
+def _command(argv: list[str]) -> str:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: eojax {{{'|'.join(COMMANDS)}}} --config=FILE[:ARG] [--workdir=DIR] "
+                             f"[--config.key=value ...]; got {' '.join(argv[1:]) or 'no command'}")
+    return argv[1]
+
+
+def main(argv: list[str]) -> None:
+    command = _command(argv)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/mae.py:runlocal")
+    logging.getLogger().setLevel(logging.INFO)
+
+    if command == "stats":
+        from eojax.data import pipeline
+        print(json.dumps(pipeline.describe_stats(config.input), indent=2))
+        return
+
+    if not _WORKDIR.value:
+        raise app.UsageError(f"eojax {command} needs --workdir=DIR")
+    workdir = os.path.abspath(_WORKDIR.value)
+    from eojax import train  # imports jax: keep `--help` and usage errors fast
+    if command == "train":
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        result = train.train_and_evaluate(config, workdir)
+        summary = {"train": result["train"], "eval": result["eval"], "pictures": result["pictures"]}
+    else:
+        summary = {"eval": train.evaluate_checkpoint(config, workdir)}
+    print(json.dumps(summary, indent=2))
+
+
+def run() -> None:
+    """Console-script entry point; errors about bad flags or config keys print without a traceback."""
+    try:
+        app.run(main)
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+        if "config" in str(e).lower() or "override" in str(e).lower():
+            sys.exit(f"eojax: bad config: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,258 @@
+"""Transformer building blocks shared by the ViT / MAE families.
+
+Every parameter is created through `nn.with_logical_partitioning` with the shared logical names
+(embed, mlp, heads, kv, ...), and activations are constrained at block boundaries, so the same
+modules shard under any rule set a config supplies (the constraints are no-ops without rules).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+# Logical name given to the stacked leading axis when the encoder is scanned. It is never sharded
+# unless a config maps it (flax leaves names absent from the rules unsharded).
+LAYERS_AXIS = "layers"
+
+# Activations at block boundaries.
+BLE = ("batch", "length", "embed")
+
+
+def partitioned(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed sin-cos position embeddings (numpy: they are constants, never trained).
+# --------------------------------------------------------------------------------------------------
+def sincos_1d(embed_dim: int, positions) -> np.ndarray:
+    """(len, embed_dim) embedding: [sin(pos * omega), cos(pos * omega)], omega_i = 10000^(-i/(D/2))."""
+    if embed_dim % 2:
+        raise ValueError(f"sincos_1d needs an even embed_dim, got {embed_dim}")
+    half = embed_dim // 2
+    omega = 1.0 / 10000 ** (np.arange(half, dtype=np.float64) / half)
+    angles = np.asarray(positions, dtype=np.float64).reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """(grid_h * grid_w, embed_dim) embedding for a row-major token grid (token t = row * grid_w + col).
+
+    MAE convention (get_2d_sincos_pos_embed builds `meshgrid(grid_w, grid_h)` and encodes grid[0]
+    first): the FIRST half of the channels encodes the column (x / width) coordinate, the second half
+    the row (y / height) coordinate. Keeping it lets MAE checkpoints be imported unchanged.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sincos_2d needs embed_dim divisible by 4, got {embed_dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb_col = sincos_1d(embed_dim // 2, cols.reshape(-1))
+    emb_row = sincos_1d(embed_dim // 2, rows.reshape(-1))
+    return np.concatenate([emb_col, emb_row], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """LayerNorm whose statistics and affine run in float32 (bf16 statistics are too coarse), then
+    cast back to the compute dtype. eps 1e-6 as MAE / timm ViTs."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(
+            epsilon=1e-6,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            scale_init=partitioned(nn.initializers.ones, ("embed",)),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="ln",
+        )(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        width = x.shape[-1]
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(
+            self.mlp_dim,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            name="fc1",
+        )(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.gelu(h, approximate=False)  # exact GELU, as PyTorch nn.GELU in MAE
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        y = dense(
+            width,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="fc2",
+        )(h)
+        return nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `jax.nn.dot_product_attention`.
+
+    `implementation` is passed through: None/'xla' everywhere, 'cudnn' for flash attention on GPUs
+    (needs bf16/fp16 and a head dim that is a multiple of 8).
+    """
+
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+        head_dim = width // self.heads
+        # DenseGeneral initialises the flattened (D, D) matrix, so plain xavier matches a Linear.
+        xavier = nn.initializers.xavier_uniform()
+
+        def proj(name):
+            y = nn.DenseGeneral(
+                (self.heads, head_dim),
+                axis=-1,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=partitioned(xavier, ("embed", "heads", "kv")),
+                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )(x)
+            return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        # Logits and softmax run in float32 inside jax's XLA path even for bf16 inputs.
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        o = nn.with_logical_constraint(o, ("batch", "length", "heads", "kv"))
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(xavier, ("heads", "kv", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(o)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+
+    heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    scanned: bool = False  # return (x, None), the (carry, output) pair nn.scan expects
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.with_logical_constraint(x.astype(self.dtype), BLE)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(name="norm1", **kw)(x)
+        h = Attention(self.heads, implementation=self.attention_impl, name="attn", **kw)(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        x = nn.with_logical_constraint(x + h, BLE)
+        h = LayerNorm(name="norm2", **kw)(x)
+        h = Mlp(self.mlp_dim, self.dropout, name="mlp", **kw)(h, train)
+        x = nn.with_logical_constraint(x + h, BLE)
+        return (x, None) if self.scanned else x
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` EncoderBlocks (no final norm: callers add the norm they need).
+
+    scan=True: one scanned block named 'layers' whose params carry a leading (depth,) axis with
+      logical name LAYERS_AXIS; compiles once per model instead of once per layer.
+    scan=False: blocks named 'block_0' ... 'block_{depth-1}'. `stack_layers` / `unstack_layers`
+      convert params between the two layouts.
+    remat=True: each block is rematerialised in the backward pass (nothing saved but its input).
+    """
+
+    depth: int
+    heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        block_cls = EncoderBlock
+        if self.remat:
+            # static_argnums counts self as 0, so 2 is `train` (a Python bool that picks dropout).
+            block_cls = nn.remat(
+                block_cls, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(2,)
+            )
+        kw = dict(
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+            scanned=self.scan,
+        )
+        if self.scan:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+            )
+            x, _ = stack(name="layers", **kw)(x, train)
+            return x
+        for i in range(self.depth):
+            x = block_cls(name=f"block_{i}", **kw)(x, train)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Param layout conversion (unboxed params of one Encoder).
+# --------------------------------------------------------------------------------------------------
+def unstack_layers(encoder_params: Mapping, depth: int) -> dict:
+    """{'layers': tree with leading depth axis} -> {'block_i': tree}."""
+    layers = encoder_params["layers"]
+    return {f"block_{i}": jax.tree.map(lambda a, i=i: a[i], layers) for i in range(depth)}
+
+
+def stack_layers(encoder_params: Mapping, depth: int) -> dict:
+    """{'block_i': tree} -> {'layers': tree with leading depth axis}."""
+    blocks = [encoder_params[f"block_{i}"] for i in range(depth)]
+    return {"layers": jax.tree.map(lambda *a: jnp.stack(a), *blocks)}
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+    """Forward matmul FLOPs (2 per multiply-add) of `depth` blocks on `tokens` tokens.
+
+    Per block: q, k, v, out projections 4*T*D^2; scores and weighted sum 2*T^2*D; MLP 2*T*D*M.
+    Norms, softmax and GELU are ignored (a few percent at most).
+    """
+    macs = 4 * tokens * width**2 + 2 * tokens**2 * width + 2 * tokens * width * mlp_dim
+    return 2.0 * depth * macs

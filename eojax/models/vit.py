@@ -1,0 +1,163 @@
+"""Vision Transformer encoder (MAE flavour: pre-LN blocks, fixed 2D sin-cos positions, cls token)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from eojax.models import layers
+
+Dtype = Any
+
+# width, depth, heads (mlp_dim = 4 * width unless given). 'mu' is a test-size model.
+VARIANTS = {
+    "mu": dict(width=32, depth=2, heads=2, mlp_dim=64),
+    "tiny": dict(width=192, depth=12, heads=3),
+    "small": dict(width=384, depth=12, heads=6),
+    "base": dict(width=768, depth=12, heads=12),
+    "large": dict(width=1024, depth=24, heads=16),
+    "huge": dict(width=1280, depth=32, heads=16),
+}
+
+
+def vit_config(variant: str, **overrides) -> dict:
+    """Keyword arguments for ViTEncoder / MAE: the variant's sizes (mlp_dim filled in) + overrides."""
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown ViT variant {variant!r}; known: {sorted(VARIANTS)}")
+    cfg = dict(VARIANTS[variant])
+    cfg.setdefault("mlp_dim", 4 * cfg["width"])
+    cfg.update(overrides)
+    return cfg
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, (int,)) else (int(x[0]), int(x[1]))
+
+
+def patchify(images, p: int):
+    """(B, H, W, C) -> (B, (H/p)*(W/p), p*p*C); patches row-major, pixels ordered (row, col, channel)
+    inside a patch, the same order as MAE's patchify."""
+    b, h, w, c = images.shape
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+    x = images.reshape(b, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches, p: int, h: int, w: int, c: int):
+    """Inverse of patchify: (B, (h/p)*(w/p), p*p*c) -> (B, h, w, c); h, w are pixel sizes."""
+    b = patches.shape[0]
+    gh, gw = h // p, w // p
+    if patches.shape[1:] != (gh * gw, p * p * c):
+        raise ValueError(f"patches {patches.shape} do not match image {h}x{w}x{c} with patch {p}")
+    x = patches.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+class PatchEmbed(nn.Module):
+    """Patchify + Dense: the same map as a conv with kernel = stride = patch_size. The kernel's input
+    rows follow patchify's (row, col, channel) order; the pixel dim is never sharded (None)."""
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        x = patchify(images, self.patch_size).astype(self.dtype)
+        x = nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), (None, "embed")),
+            bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
+            name="proj",
+        )(x)
+        return nn.with_logical_constraint(x, layers.BLE)
+
+
+class ViTEncoder(nn.Module):
+    """images (B, H, W, C) -> tokens (B, [1 +] N, width) after the final LayerNorm.
+
+    Positions are fixed 2D sin-cos computed from the input's own patch grid, so any H, W divisible by
+    patch_size works (image_size is the nominal size used for FLOP counts and dummy inputs). The cls
+    token (if any) gets no position, as in MAE.
+
+    MAE uses the pieces separately: `embed` (patches + positions), `prepend_cls`, `encode` (blocks +
+    final norm on any token subset).
+    """
+
+    image_size: int | Sequence[int] = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int | None = None
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    use_cls_token: bool = True
+    attention_impl: str | None = None
+
+    def setup(self):
+        h, w = _pair(self.image_size)
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"image_size {h}x{w} is not divisible by patch_size {self.patch_size}"
+            )
+        self.patch_embed = PatchEmbed(
+            self.patch_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        if self.use_cls_token:
+            self.cls_token = self.param(
+                "cls_token",
+                layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+                (1, 1, self.width),
+                self.param_dtype,
+            )
+        self.blocks = layers.Encoder(
+            depth=self.depth,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scan=self.scan,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+        )
+        self.norm = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.use_cls_token else 0
+
+    def embed(self, images):
+        """(B, H, W, C) -> (B, N, width): patch embeddings plus fixed positions (no cls token)."""
+        if images.ndim != 4 or images.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"expected images (B, H, W, {self.in_channels}) channels-last, got {images.shape}"
+            )
+        gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
+        x = self.patch_embed(images)
+        pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), dtype=self.dtype)
+        return x + pos[None]
+
+    def prepend_cls(self, tokens):
+        if not self.use_cls_token:
+            return tokens
+        cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
+        return jnp.concatenate([cls, tokens], axis=1)
+
+    def encode(self, tokens, train: bool = False):
+        """Blocks + final LayerNorm on an arbitrary token sequence (B, T, width)."""
+        return self.norm(self.blocks(tokens, train))
+
+    def __call__(self, images, train: bool = False):
+        return self.encode(self.prepend_cls(self.embed(images)), train)

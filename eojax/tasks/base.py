@@ -1,0 +1,56 @@
+"""The surface every family exposes to the one trainer (see docs/architecture.md)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import jax
+import ml_collections
+
+
+class NotApplicableError(ValueError):
+    """A trainer feature that makes no sense for this task (e.g. Sophia-G without logits)."""
+
+
+class Task:
+    """Base class: a family subclasses it and fills in the model, the loss and its input."""
+
+    name = "base"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    # Input first (trainer phase 3): models may take their channel count from the data.
+    def train_input(self, process_index: int, process_count: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def eval_input(self, process_index: int, process_count: int) -> Iterable[dict] | None:
+        return None
+
+    @property
+    def model(self):
+        raise NotImplementedError
+
+    def dummy_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        raise NotImplementedError
+
+    def init(self, rng: jax.Array, batch: dict) -> Any:
+        raise NotImplementedError
+
+    def loss_fn(self, params, batch, rng, train: bool):
+        raise NotImplementedError
+
+    def sampled_loss_fn(self, params, batch, rng):
+        raise NotApplicableError(
+            f"optim.name='sophia_g' needs a model with logits (labels are sampled from them); "
+            f"the '{self.name}' task has none. Use optim.name='sophia_h' or 'adamw'.")
+
+    def eval_fn(self, params, batch, rng) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def finalize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        """Default: every `<k>_sum` divided by `count`."""
+        count = max(float(sums.get("count", 0.0)), 1e-12)
+        return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
+
+    def write_pictures(self, params, batch, workdir: str, step: int) -> list[str]:
+        return []

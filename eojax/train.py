@@ -1,0 +1,329 @@
+"""THE trainer: every family trains through `train_and_evaluate`.
+
+It runs the phases of docs/architecture.md in order and knows nothing about any one family: the task
+(eojax/tasks/) supplies the input, the model, the loss and the pictures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from eojax import checkpoint as ckpt_lib
+from eojax import metric_writer, optim, parallel, tasks
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything set up for training, before the loop (phases 2-5). Tests drive it step by step."""
+    config: ml_collections.ConfigDict
+    task: tasks.Task
+    mesh: Mesh
+    rules: tuple
+    optimizer: optim.Optimizer
+    train_iter: Any
+    state_shardings: Any
+    batch_shardings: Any
+    abstract_state: Any
+    init_state: Callable[[], TrainState]
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+    flops_per_step: float
+
+    def global_batch(self, local_batch: dict) -> dict:
+        return parallel.make_global_batch(local_batch, self.mesh, self.rules)
+
+    def next_batch(self) -> dict:
+        return self.global_batch(next(self.train_iter))
+
+
+def _host_batch_size(config) -> int:
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{jax.process_count()} processes")
+    return config.batch_size // jax.process_count()
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
+    """Phases 2-5: mesh, input, task, sharded init, optimizer, compiled steps."""
+    mesh = parallel.make_mesh(config.mesh, devices)
+    rules = parallel.normalize_rules(config.sharding_rules)
+    split = parallel.batch_axis_size(mesh, rules)
+    if config.batch_size % split:
+        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the {split} ways "
+                         f"the batch is split over the mesh {dict(mesh.shape)}")
+
+    task = tasks.get(config)
+    train_iter = task.train_input(jax.process_index(), jax.process_count())
+
+    optimizer = optim.build(config.optim, config.total_steps)
+    if "sampled_obj_fn" in optimizer.needs:
+        _check_sampled_loss(task)
+    accum = int(config.optim.get("accum_steps", 1))
+    if config.batch_size % (accum * split):
+        raise ValueError(f"config.batch_size={config.batch_size} must split into optim.accum_steps={accum} "
+                         f"micro-batches that each divide over {split} batch shards")
+
+    dummy = task.dummy_batch(config.batch_size)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+
+    def init_params(r):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dummy)
+        return task.init(r, zeros)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_params, init_rng)
+    param_shardings = parallel.logical_shardings(boxed, mesh, rules)
+    abstract_params = nn.meta.unbox(boxed)
+    abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
+    opt_shardings = parallel.follow_params(abstract_opt, abstract_params, param_shardings, mesh)
+    replicated = NamedSharding(mesh, P())
+    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                                opt_state=abstract_opt)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+
+    def create_state(r):
+        params = nn.meta.unbox(init_params(r))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params))
+
+    jit_create = jax.jit(create_state, out_shardings=state_shardings)
+
+    def init_state():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jit_create(init_rng)
+
+    batch_shardings = parallel.global_batch_shardings(dummy, mesh, rules)
+    step_fn = _make_train_step(task, optimizer, accum, step_rng)
+    jit_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    jit_eval = jax.jit(lambda params, batch: task.eval_fn(params, batch, step_rng),
+                       in_shardings=(param_shardings, batch_shardings), out_shardings=replicated)
+
+    def train_step(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jit_step(state, batch)
+
+    def eval_step(params, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jit_eval(params, batch)
+
+    flops = _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules)
+    return Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
+               state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
+               init_state=init_state, train_step=train_step, eval_step=eval_step, flops_per_step=flops)
+
+
+def _check_sampled_loss(task) -> None:
+    if type(task).sampled_loss_fn is tasks.Task.sampled_loss_fn:
+        task.sampled_loss_fn(None, None, None)  # raises NotApplicableError with the explanation
+
+
+def _make_train_step(task, optimizer, accum: int, base_rng):
+    """One optimizer step; with accum > 1, gradients are summed over micro-batches by lax.scan."""
+
+    def loss_and_grads(params, batch, rng):
+        (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, True)
+        return loss, aux, grads
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(base_rng, state.step)
+        if accum == 1:
+            loss, aux, grads = loss_and_grads(state.params, batch, rng)
+        else:
+            # Row j*accum + i goes to micro-batch i, so every device holds a share of each micro-batch.
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                loss, aux, grads = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grads, state.params,
+                                                               jax.tree.map(lambda x: x[0], micro), rng))
+            total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            loss, aux, grads = jax.tree.map(lambda x: x / accum, total)
+
+        extra = {}
+        if "obj_fn" in optimizer.needs:
+            extra["obj_fn"] = lambda p: task.loss_fn(p, batch, rng, True)[0]
+        if "sampled_obj_fn" in optimizer.needs:
+            extra["sampled_obj_fn"] = lambda p, r: task.sampled_loss_fn(p, batch, r)
+        updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+                   "lr": optimizer.schedule(state.step), **optimizer.diagnostics(opt_state, params)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules) -> float:
+    """Model FLOPs of one step: the task's analytic count if it has one, else XLA's count of the program."""
+    per_example = getattr(task, "train_flops_per_example", None)
+    if per_example is not None:
+        return float(per_example()) * config.batch_size
+    abstract_batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  dummy, batch_shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        cost = jit_step.lower(abstract_state, abstract_batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def evaluate(run: Run, params) -> dict[str, float]:
+    data = run.task.eval_input(jax.process_index(), jax.process_count())
+    if data is None:
+        return {}
+    sums: dict[str, float] = {}
+    for i, local in enumerate(data):
+        if run.config.eval_steps and i >= run.config.eval_steps:
+            break
+        out = jax.device_get(run.eval_step(params, run.global_batch(local)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return run.task.finalize_eval(sums) if sums else {}
+
+
+def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState:
+    """Phase 6: this workdir's latest checkpoint, else `config.init_from`, else scratch."""
+    step = checkpointer.latest_step()
+    if step is not None:
+        logging.info("resuming from %s/%d", checkpointer.directory, step)
+        return checkpointer.restore(step, run.abstract_state, run.train_iter)
+    state = run.init_state()
+    if run.config.init_from:
+        params = ckpt_lib.load_params(run.config.init_from, run.abstract_state.params)
+        state = state.replace(params=params)
+    return state
+
+
+def _debug_kill(step: int, checkpointer: ckpt_lib.Checkpointer, during_save: bool) -> None:
+    """Test hook: SIGKILL this process at a chosen step (EOJAX_DEBUG_SIGKILL_AT_STEP), optionally
+    while a checkpoint is still being written (EOJAX_DEBUG_SIGKILL_DURING_SAVE)."""
+    var = "EOJAX_DEBUG_SIGKILL_DURING_SAVE" if during_save else "EOJAX_DEBUG_SIGKILL_AT_STEP"
+    if os.environ.get(var) == str(step):
+        if not during_save:
+            checkpointer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config.task` in `workdir`; returns the final train and eval metrics."""
+    parallel.maybe_initialize_distributed(**config.distributed)
+    run = setup(config)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                         every=config.checkpoint_every)
+    writer = metric_writer.MetricWriter(workdir)
+    state = restore_or_init(run, checkpointer)
+    first_step = int(state.step)
+    peak = metric_writer.peak_flops_per_device(config.peak_tflops)
+    total_peak = peak * (jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count())
+
+    progress = _progress(config, first_step)
+    pending_losses, last = [], {}
+    tick, steps_since = time.perf_counter(), 0
+    last_good = checkpointer.latest_step()
+    for step in range(first_step + 1, config.total_steps + 1):
+        _debug_kill(step, checkpointer, during_save=False)
+        state, metrics = run.train_step(state, run.next_batch())
+        pending_losses.append(metrics["loss"])
+        steps_since += 1
+        progress.update(1)
+        is_last = step == config.total_steps
+        saving = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        if saving or step % config.log_every == 0:
+            _stop_if_nonfinite(pending_losses, step, last_good, checkpointer.directory)
+            pending_losses = []
+        if step % config.log_every == 0 or is_last:
+            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - tick
+            last["examples_per_sec"] = steps_since * config.batch_size / elapsed
+            if run.flops_per_step:
+                last["mfu"] = run.flops_per_step * steps_since / elapsed / total_peak
+            writer.write(step, last)
+            progress.set_postfix(loss=f"{last['loss']:.4g}")
+            tick, steps_since = time.perf_counter(), 0
+        if saving:
+            checkpointer.save(step, state, run.train_iter, force=is_last)
+            last_good = step
+            _debug_kill(step, checkpointer, during_save=True)
+        if config.eval_every and step % config.eval_every == 0 and not is_last:
+            writer.write(step, evaluate(run, state.params), prefix="eval")
+    progress.close()
+    checkpointer.close()
+
+    eval_metrics = evaluate(run, state.params)
+    if eval_metrics:
+        writer.write(int(state.step), eval_metrics, prefix="eval")
+    pictures = run.task.write_pictures(state.params, _picture_batch(run), workdir, int(state.step))
+    writer.close()
+    return {"train": last, "eval": eval_metrics, "pictures": pictures, "state": state}
+
+
+def _picture_batch(run: Run) -> dict:
+    """The first eval batch (fixed windows, comparable across runs), else the next train batch."""
+    data = run.task.eval_input(jax.process_index(), jax.process_count())
+    local = next(iter(data), None) if data is not None else None
+    return run.global_batch(local if local is not None else next(run.train_iter))
+
+
+def _stop_if_nonfinite(losses: list, step: int, last_good: int | None, directory: str) -> None:
+    values = np.asarray(jax.device_get(losses))
+    if not np.all(np.isfinite(values)):
+        bad = step - len(values) + 1 + int(np.argmin(np.isfinite(values)))
+        kept = f"the last good checkpoint (step {last_good}) is kept in {directory}" if last_good else \
+            "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"loss became non-finite at step {bad}; stopping the run; {kept}")
+
+
+def _progress(config, first_step: int):
+    if config.progress_bar and jax.process_index() == 0:
+        from tqdm import tqdm
+        return tqdm(total=config.total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+    return _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n): pass
+    def set_postfix(self, **kw): pass
+    def close(self): pass
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """`eojax eval`: the latest checkpoint of `workdir` on the task's eval input."""
+    parallel.maybe_initialize_distributed(**config.distributed)
+    run = setup(config)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    state = checkpointer.restore(step, run.abstract_state)
+    checkpointer.close()
+    return evaluate(run, state.params)
