@@ -46,7 +46,8 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints of a run, written every `every` steps (and when forced)."""
 
     def __init__(self, directory: str, *, keep: int = 3, every: int = 1000, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # Remote paths (gs://...) go to Orbax as they are.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)

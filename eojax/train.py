@@ -54,7 +54,10 @@ class Run:
     flops_per_step: float
 
     def global_batch(self, local_batch: dict) -> dict:
-        return parallel.make_global_batch(local_batch, self.mesh, self.rules)
+        """Host-local rows -> global arrays, keeping only what the task's step takes (not e.g. window
+        positions)."""
+        local = {k: local_batch[k] for k in self.batch_shardings}
+        return parallel.make_global_batch(local, self.mesh, self.rules)
 
     def next_batch(self) -> dict:
         return self.global_batch(next(self.train_iter))

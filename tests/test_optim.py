@@ -305,7 +305,7 @@ def test_sample_labels_follow_softmax():
 def test_win_rate_matches_numpy(freeze):
     x, y = softmax_problem()
     params, loss, sampled = two_layer(x, y)
-    gamma, clip, b1, eps = 0.002, 1.0, 0.965, 1e-12
+    gamma, clip, b1, eps = 5.0, 1.0, 0.965, 1e-12
     cfg = make_cfg(name="sophia_g", lr=0.05, freeze=freeze,
                    sophia=dict(gamma=gamma, clip=clip, b1=b1, eps=eps, update_every=3))
     opt = optim.build(cfg, 20)
@@ -361,3 +361,10 @@ def test_bad_config_names_the_key(overrides, key):
 def test_unknown_name_lists_allowed_values():
     with pytest.raises(ValueError, match="sophia_g"):
         optim.build(make_cfg(name="lion"), 10)
+
+
+def test_gnb_rejects_a_bare_loss():
+    opt = optim.build(make_cfg(name="sophia_g"), 10)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="number of label tokens"):
+        opt.tx.update(params, opt.tx.init(params), params, sampled_obj_fn=lambda p, r: jnp.sum(p["w"]))

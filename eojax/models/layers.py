@@ -125,34 +125,43 @@ class Attention(nn.Module):
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
         head_dim = width // self.heads
-        # DenseGeneral initialises the flattened (D, D) matrix, so plain xavier matches a Linear.
-        xavier = nn.initializers.xavier_uniform()
-
         def proj(name):
-            y = nn.DenseGeneral(
-                (self.heads, head_dim),
-                axis=-1,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=partitioned(xavier, ("embed", "heads", "kv")),
-                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
-                name=name,
-            )(x)
+            y = HeadDense((self.heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
             return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = proj("query"), proj("key"), proj("value")
         # Logits and softmax run in float32 inside jax's XLA path even for bf16 inputs.
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "kv"))
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(xavier, ("heads", "kv", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-            name="out",
-        )(o)
+        return HeadDense((width,), 2, ("heads", "kv", "embed"), ("embed",),
+                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(o)
+
+
+class HeadDense(nn.Module):
+    """Dense layer with a multi-axis kernel (e.g. embed x heads x head_dim), initialised at its full
+    shape with Xavier fans over the contracted and produced axes (same numbers as Xavier on the
+    flattened matrix). flax's DenseGeneral initialises a flattened kernel and then reshapes it, which
+    trips the logical-partitioning constraint of a 3-D kernel when a mesh is active."""
+
+    features: tuple[int, ...]
+    contract: int  # how many trailing input axes are contracted
+    kernel_names: tuple
+    bias_names: tuple
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, n_out = self.contract, len(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = self.param("kernel", partitioned(init, self.kernel_names),
+                            tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names), self.features,
+                          self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.tensordot(x, kernel, axes=n_in) + bias
 
 
 class EncoderBlock(nn.Module):

@@ -59,7 +59,14 @@ def gnb_estimator(seed: int = 0) -> optax.GradientTransformationExtraArgs:
                 "Sophia-G (optim.name='sophia_g') needs tx.update(..., sampled_obj_fn=fn) with "
                 "fn(params, rng) -> (mean loss on labels sampled from the model, number of label tokens)")
         key, sub = jax.random.split(state.key)
-        grads, n = jax.grad(lambda p: tuple(sampled_obj_fn(p, sub)), has_aux=True)(params)
+        def loss_and_count(p):
+            out = sampled_obj_fn(p, sub)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise ValueError("sampled_obj_fn(params, rng) must return (mean loss on sampled labels, "
+                                 f"number of label tokens); got {type(out).__name__}")
+            return out[0], out[1]
+
+        grads, n = jax.grad(loss_and_count, has_aux=True)(params)
         n = jax.lax.stop_gradient(n)
         h = jax.tree.map(lambda g: jnp.asarray(n, g.dtype) * g * g, grads)
         return h, GNBState(key=key)

@@ -40,6 +40,7 @@ class Task:
         raise NotImplementedError
 
     def sampled_loss_fn(self, params, batch, rng):
+        """(mean loss on labels sampled from the model's own logits, number of labels): Sophia-G."""
         raise NotApplicableError(
             f"optim.name='sophia_g' needs a model with logits (labels are sampled from them); "
             f"the '{self.name}' task has none. Use optim.name='sophia_h' or 'adamw'.")

@@ -1,0 +1,276 @@
+"""Grain pipelines of image windows: random windows for training, grid windows for evaluation.
+
+Index arithmetic does all the work (shards, per-epoch shuffles, padding), so the position of an
+iterator is one integer and `get_state()` / `set_state()` restore it exactly.
+
+Index convention (Grain's): element `i` of a MapDataset of length N belongs to epoch i // N.
+`random_window_dataset` draws the window of element i from an rng seeded by (seed, i), so epochs
+past the first draw fresh windows; `make_iterator` asks for epoch e's elements at e * N + j.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+from rasterio.windows import Window
+
+from eojax.data import synthetic
+from eojax.data.raster import RasterError, Scene, open_scenes
+from eojax.data.stats import BandStats, Normalizer, load_or_compute_stats
+from eojax.data.windows import GridWindowSampler, RandomWindowSampler
+
+
+class _WindowDataset(grain.MapDataset):
+  """Element i: the window `pick(i)` -> (scene index, Window) read from its scene."""
+
+  def __init__(self, scenes: Sequence[Scene], pick: Callable[[int], tuple[int, Window]],
+               length: int, normalizer: Normalizer | None):
+    super().__init__()
+    self._scenes, self._pick, self._length, self._normalizer = list(scenes), pick, length, normalizer
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return f"WindowDataset(len={self._length})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    i, win = self._pick(int(index))
+    image, valid = self._scenes[i].read(win)
+    if self._normalizer is not None:
+      image = self._normalizer(image, valid)
+    return {"image": image, "valid": valid, "scene": np.int32(i),
+            "row": np.int32(win.row_off), "col": np.int32(win.col_off)}
+
+
+class _RandomPick:
+  """Picklable (seed, i) -> window draw, for Grain worker processes."""
+
+  def __init__(self, sampler: RandomWindowSampler, seed: int):
+    self.sampler, self.seed = sampler, int(seed)
+
+  def __call__(self, index: int):
+    return self.sampler.sample(np.random.default_rng((self.seed, index)))
+
+
+class _GridPick:
+  def __init__(self, sampler: GridWindowSampler):
+    self.windows = sampler.windows
+
+  def __call__(self, index: int):
+    return self.windows[index % len(self.windows)]
+
+
+def random_window_dataset(scenes: Sequence[Scene], *, size: int, num_windows: int, seed: int,
+                          min_valid_fraction: float = 0.5,
+                          normalizer: Normalizer | None = None) -> grain.MapDataset:
+  """`num_windows` random windows per epoch (see RandomWindowSampler for the rule).
+
+  Element i's window is drawn from `np.random.default_rng((seed, i))`: deterministic, and since
+  Grain addresses epoch e's element j as e * num_windows + j, every epoch draws new windows.
+  Elements: image (size, size, C) float32, valid (size, size) bool, scene / row / col int32.
+  """
+  if num_windows <= 0:
+    raise ValueError(f"num_windows must be positive, got {num_windows}")
+  sampler = RandomWindowSampler(scenes, size, min_valid_fraction)
+  return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), normalizer)
+
+
+def grid_window_dataset(scenes: Sequence[Scene], *, size: int, stride: int,
+                        min_valid_fraction: float = 0.0,
+                        normalizer: Normalizer | None = None) -> grain.MapDataset:
+  """Every grid window (row-major, scene by scene) meeting `min_valid_fraction`."""
+  sampler = GridWindowSampler(scenes, size, stride, min_valid_fraction)
+  return _WindowDataset(scenes, _GridPick(sampler), len(sampler), normalizer)
+
+
+class _HostShare(grain.MapDataset):
+  """This host's part of every epoch, shuffled per epoch, padded or truncated to equal lengths.
+
+  Epoch e is a permutation of the parent's N indices (seeded by (seed, e)); host p takes positions
+  p, p + P, p + 2P, ... of it, so hosts never overlap and together cover the epoch. Every host gets
+  the same number of elements per epoch (lockstep multi-host steps): N // P when dropping the
+  remainder, otherwise ceil(N / P) rounded up to whole batches, the extra elements being zero
+  padding with weight 0. Real elements get weight 1.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, process_index: int, process_count: int,
+               shuffle: bool, seed: int, num_epochs: int | None, per_epoch: int):
+    super().__init__(parent)
+    self._n = len(parent)
+    self._p, self._count = process_index, process_count
+    self._shuffle, self._seed, self._per_epoch = shuffle, int(seed), per_epoch
+    self._length = sys.maxsize if num_epochs is None else per_epoch * num_epochs
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+    self._pad = None
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return f"HostShare({self._p}/{self._count}, per_epoch={self._per_epoch})"
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state["_lock"], state["_perms"] = None, {}
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng((self._seed, epoch)).permutation(self._n)
+        if len(self._perms) >= 2:  # prefetch threads straddle at most one epoch boundary
+          self._perms.pop(min(self._perms))
+        self._perms[epoch] = perm
+      return perm
+
+  def _padding(self):
+    if self._pad is None:
+      el = self._parent[0]
+      self._pad = {k: np.zeros_like(v) for k, v in el.items()}
+      self._pad["weight"] = np.float32(0.0)
+    return dict(self._pad)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, k = divmod(int(index), self._per_epoch)
+    g = self._p + k * self._count
+    if g >= self._n:
+      return self._padding()
+    j = int(self._perm(epoch)[g]) if self._shuffle else g
+    el = self._parent[epoch * self._n + j]
+    el["weight"] = np.float32(1.0)
+    return el
+
+
+def make_iter_dataset(ds: grain.MapDataset, *, batch_size: int, process_index: int = 0,
+                      process_count: int = 1, shuffle: bool = True, seed: int = 0,
+                      num_epochs: int | None = None, drop_remainder: bool = True,
+                      worker_count: int = 0, prefetch_buffer: int = 2,
+                      num_threads: int | None = None) -> grain.IterDataset:
+  """The re-iterable form of `make_iterator` (each `iter()` starts from the beginning)."""
+  n = len(ds)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if drop_remainder:
+    per_epoch = n // process_count
+    if per_epoch < batch_size and num_epochs is not None:
+      raise ValueError(f"{n} elements over {process_count} hosts make no batch of {batch_size}")
+  else:
+    per_epoch = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
+  if per_epoch == 0:
+    raise ValueError(f"{n} elements cannot be split over {process_count} hosts")
+  share = _HostShare(ds, process_index=process_index, process_count=process_count,
+                     shuffle=shuffle, seed=seed, num_epochs=num_epochs, per_epoch=per_epoch)
+  # Batching on the MapDataset makes batch k a pure function of k: identical whether it is
+  # produced by a thread, a worker process or after a restore.
+  batched = share.batch(batch_size, drop_remainder=drop_remainder)
+  if num_threads is None:
+    num_threads = min(4, os.cpu_count() or 1)  # GDAL reads release the GIL
+  it_ds = batched.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads if prefetch_buffer > 0 else 0, prefetch_buffer_size=prefetch_buffer))
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer)))
+  return it_ds
+
+
+def make_iterator(ds: grain.MapDataset, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1, shuffle: bool = True, seed: int = 0,
+                  num_epochs: int | None = None, drop_remainder: bool = True,
+                  worker_count: int = 0, prefetch_buffer: int = 2,
+                  num_threads: int | None = None) -> grain.DatasetIterator:
+  """Host-local batches of `ds`: a checkpointable Grain iterator.
+
+  Each host reads a disjoint strided share of every epoch (see `_HostShare`), reshuffled each
+  epoch when `shuffle`, repeated `num_epochs` times (None: forever), batched to `batch_size`
+  (per host). Every batch has a float32 'weight' (1 real, 0 padding). `get_state()` returns a
+  small JSON-able dict; `set_state(state)` resumes with exactly the batch that followed it.
+  `worker_count > 0` reads in Grain worker processes; `num_threads` prefetch threads per process.
+  """
+  return iter(make_iter_dataset(
+      ds, batch_size=batch_size, process_index=process_index, process_count=process_count,
+      shuffle=shuffle, seed=seed, num_epochs=num_epochs, drop_remainder=drop_remainder,
+      worker_count=worker_count, prefetch_buffer=prefetch_buffer, num_threads=num_threads))
+
+
+def _cfg(cfg, name, default):
+  v = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+  return default if v is None else v
+
+
+def _scenes_from_cfg(input_cfg) -> list[Scene]:
+  paths, bands = _cfg(input_cfg, "paths", ()), _cfg(input_cfg, "bands", ())
+  paths = (paths,) if isinstance(paths, str) else tuple(paths)
+  bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
+  if not paths:
+    paths = tuple(synthetic.default_dataset())
+    bands = bands or synthetic.SENSORS["sentinel2"].bands
+  scenes = open_scenes(paths, bands=bands, nodata=_cfg(input_cfg, "nodata", None))
+  for s in scenes:
+    s.check()  # all-nodata files fail here, before any training starts
+  return scenes
+
+
+def describe_stats(input_cfg) -> dict:
+  """JSON-able summary of `config.input`'s scenes and band statistics (`eojax stats`)."""
+  scenes = _scenes_from_cfg(input_cfg)
+  stats, path = load_or_compute_stats(scenes)
+  return {"scenes": [{"path": s.path, "shape": [s.height, s.width], "crs": str(s.crs),
+                      "dtype": s.dtype, "nodata": s.nodata} for s in scenes],
+          "bands": {b: {"mean": float(m), "std": float(sd), "count": int(c)} for b, m, sd, c in
+                    zip(stats.band_names, stats.mean, stats.std, stats.count)},
+          "cache": path}
+
+
+def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: int = 0,
+                     process_count: int = 1, seed: int = 0) -> tuple[Any, dict]:
+  """The trainer's entry point: `config.input` -> (batches, info).
+
+  split='train': random windows, reshuffled and redrawn every epoch, endless; returns a
+  checkpointable iterator. split='eval': every grid window once, in order, the last batch padded
+  (weight 0); returns a re-iterable IterDataset (each `iter()` is a fresh pass).
+  Empty `paths` means the synthetic default scenes (Sentinel-2 bands, see synthetic.py).
+  info: num_channels, band_names, stats (BandStats or None), scenes, num_windows.
+  """
+  scenes = _scenes_from_cfg(input_cfg)
+  stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
+  normalizer = Normalizer(stats) if stats is not None else None
+  size = int(_cfg(input_cfg, "window", 64))
+  min_valid = float(_cfg(input_cfg, "min_valid_fraction", 0.5))
+  workers = int(_cfg(input_cfg, "worker_count", 0))
+  if split == "train":
+    ds = random_window_dataset(scenes, size=size, num_windows=int(_cfg(input_cfg, "num_windows", 1024)),
+                               seed=seed, min_valid_fraction=min_valid, normalizer=normalizer)
+    batches = make_iterator(ds, batch_size=batch_size, process_index=process_index,
+                            process_count=process_count, shuffle=True, seed=seed, num_epochs=None,
+                            drop_remainder=True, worker_count=workers)
+  elif split == "eval":
+    stride = int(_cfg(input_cfg, "eval_stride", 0)) or size
+    ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid,
+                             normalizer=normalizer)
+    batches = make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
+                                process_count=process_count, shuffle=False, num_epochs=1,
+                                drop_remainder=False, worker_count=workers)
+  else:
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  info = dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names),
+              stats=stats, scenes=scenes, num_windows=len(ds))
+  return batches, info
+
+
+
