@@ -51,7 +51,10 @@ class Checkpointer:
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers registered up front, so a fresh process can read the metadata of earlier steps.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -72,7 +75,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores into `abstract_state` (ShapeDtypeStructs carrying their shardings)."""
         saved = self._manager.item_metadata(step)["state"]
-        check_compatible(saved, abstract_state, f"checkpoint {self.directory}/{step}")
+        where = f"checkpoint {self.directory}/{step}"
+        # Parameters first: their differences are the ones a user recognises.
+        check_compatible(saved["params"], abstract_state.params, where)
+        check_compatible(saved, abstract_state, where)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -58,13 +58,17 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console-script entry point; errors about bad flags or config keys print without a traceback."""
+    """Console-script entry point. ml_collections reports an override of a key the config does not
+    have as a bare AttributeError/KeyError while flags are parsed; say which flag it was."""
     try:
         app.run(main)
-    except (KeyError, AttributeError, ValueError, TypeError) as e:
-        if "config" in str(e).lower() or "override" in str(e).lower():
-            sys.exit(f"eojax: bad config: {e}")
-        raise
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        culprits = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        if not culprits:
+            raise
+        sys.exit(f"eojax: unknown config key {key!r} in {culprits[0]}: the config has no such field "
+                 f"(see the config file, or `eojax train --config=... --helpfull`)")
 
 
 if __name__ == "__main__":

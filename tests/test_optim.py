@@ -338,7 +338,7 @@ def test_diagnostics_empty_for_adamw_and_sgd():
     (dict(schedule="exponential"), "optim.schedule"),
     (dict(lr=-1.0), "optim.lr"),
     (dict(lr="fast"), "optim.lr"),
-    (dict(warmup_steps=200), "optim.warmup_steps"),
+    (dict(warmup_steps=-1), "optim.warmup_steps"),
     (dict(b2=1.0), "optim.b2"),
     (dict(step_boundaries=(0.9, 0.6)), "optim.step_boundaries"),
     (dict(momentum=0.0, nesterov=True), "optim.nesterov"),

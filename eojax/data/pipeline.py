@@ -42,12 +42,37 @@ class _WindowDataset(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    i, win = self._pick(int(index))
-    image, valid = self._scenes[i].read(win)
-    if self._normalizer is not None:
-      image = self._normalizer(image, valid)
-    return {"image": image, "valid": valid, "scene": np.int32(i),
-            "row": np.int32(win.row_off), "col": np.int32(win.col_off)}
+    batch = self.read_batch([int(index)])
+    return {k: v[0] for k, v in batch.items() if k != "weight"}
+
+  def read_batch(self, indices: Sequence[int | None]) -> dict[str, np.ndarray]:
+    """Elements `indices` (None = zero padding, weight 0) read straight into one batch."""
+    n, c = len(indices), self._scenes[0].num_channels
+    size = None
+    picks = [None if i is None else self._pick(i) for i in indices]
+    for p in picks:
+      if p is not None:
+        size = (int(p[1].height), int(p[1].width))
+        break
+    if size is None:  # all padding: shapes from element 0
+      p = self._pick(0)
+      size = (int(p[1].height), int(p[1].width))
+    # np.empty: every real slot is overwritten; padding slots are zeroed below.
+    out = {"image": np.empty((n, *size, c), np.float32), "valid": np.empty((n, *size), bool),
+           "scene": np.zeros(n, np.int32), "row": np.zeros(n, np.int32),
+           "col": np.zeros(n, np.int32), "weight": np.zeros(n, np.float32)}
+    for k, p in enumerate(picks):
+      if p is None:
+        out["image"][k], out["valid"][k] = 0.0, False
+        continue
+      i, win = p
+      # Each window lands in its batch slot directly: no per-element arrays, no stacking copy.
+      _, out["valid"][k] = self._scenes[i].read(win, out=out["image"][k])
+      if self._normalizer is not None:
+        self._normalizer.apply_(out["image"][k], out["valid"][k])
+      out["scene"][k], out["row"][k], out["col"][k] = i, win.row_off, win.col_off
+      out["weight"][k] = 1.0
+    return out
 
 
 class _RandomPick:
@@ -91,32 +116,32 @@ def grid_window_dataset(scenes: Sequence[Scene], *, size: int, stride: int,
   return _WindowDataset(scenes, _GridPick(sampler), len(sampler), normalizer)
 
 
-class _HostShare(grain.MapDataset):
-  """This host's part of every epoch, shuffled per epoch, padded or truncated to equal lengths.
+class _HostBatches(grain.MapDataset):
+  """This host's batches: its share of every epoch, shuffled per epoch, padded to equal lengths.
 
   Epoch e is a permutation of the parent's N indices (seeded by (seed, e)); host p takes positions
   p, p + P, p + 2P, ... of it, so hosts never overlap and together cover the epoch. Every host gets
-  the same number of elements per epoch (lockstep multi-host steps): N // P when dropping the
-  remainder, otherwise ceil(N / P) rounded up to whole batches, the extra elements being zero
-  padding with weight 0. Real elements get weight 1.
+  `per_epoch` elements per epoch (lockstep multi-host steps): N // P when dropping the remainder,
+  otherwise ceil(N / P) rounded up to whole batches, the extra slots being zero padding with
+  weight 0. Batch b holds share positions b*B .. b*B + B - 1 (epochs follow each other).
   """
 
-  def __init__(self, parent: grain.MapDataset, *, process_index: int, process_count: int,
-               shuffle: bool, seed: int, num_epochs: int | None, per_epoch: int):
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
+               process_count: int, shuffle: bool, seed: int, num_epochs: int | None,
+               per_epoch: int):
     super().__init__(parent)
-    self._n = len(parent)
+    self._n, self._b = len(parent), batch_size
     self._p, self._count = process_index, process_count
     self._shuffle, self._seed, self._per_epoch = shuffle, int(seed), per_epoch
-    self._length = sys.maxsize if num_epochs is None else per_epoch * num_epochs
+    self._length = (sys.maxsize if num_epochs is None else per_epoch * num_epochs) // batch_size
     self._perms: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
-    self._pad = None
 
   def __len__(self) -> int:
     return self._length
 
   def __str__(self) -> str:
-    return f"HostShare({self._p}/{self._count}, per_epoch={self._per_epoch})"
+    return f"HostBatches({self._p}/{self._count}, per_epoch={self._per_epoch}, batch={self._b})"
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -137,24 +162,30 @@ class _HostShare(grain.MapDataset):
         self._perms[epoch] = perm
       return perm
 
-  def _padding(self):
-    if self._pad is None:
-      el = self._parent[0]
-      self._pad = {k: np.zeros_like(v) for k, v in el.items()}
-      self._pad["weight"] = np.float32(0.0)
-    return dict(self._pad)
+  def source_index(self, position: int) -> int | None:
+    """Share position -> index into the parent (epoch e's element j is e * N + j), None = pad."""
+    epoch, k = divmod(position, self._per_epoch)
+    g = self._p + k * self._count
+    if g >= self._n:
+      return None
+    return epoch * self._n + (int(self._perm(epoch)[g]) if self._shuffle else g)
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    epoch, k = divmod(int(index), self._per_epoch)
-    g = self._p + k * self._count
-    if g >= self._n:
-      return self._padding()
-    j = int(self._perm(epoch)[g]) if self._shuffle else g
-    el = self._parent[epoch * self._n + j]
-    el["weight"] = np.float32(1.0)
-    return el
+    start = int(index) * self._b
+    indices = [self.source_index(j) for j in range(start, start + self._b)]
+    if isinstance(self._parent, _WindowDataset):
+      return self._parent.read_batch(indices)
+    # Any other MapDataset of dicts: read the elements and stack them.
+    real = next((self._parent[i] for i in indices if i is not None), None)
+    if real is None:
+      real = self._parent[0]
+    zeros = {k: np.zeros_like(v) for k, v in real.items()}
+    els = [zeros if i is None else self._parent[i] for i in indices]
+    batch = {k: np.stack([e[k] for e in els]) for k in real}
+    batch["weight"] = np.array([i is not None for i in indices], np.float32)
+    return batch
 
 
 def make_iter_dataset(ds: grain.MapDataset, *, batch_size: int, process_index: int = 0,
@@ -168,22 +199,25 @@ def make_iter_dataset(ds: grain.MapDataset, *, batch_size: int, process_index: i
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if drop_remainder:
     per_epoch = n // process_count
-    if per_epoch < batch_size and num_epochs is not None:
+    if num_epochs is not None and per_epoch * num_epochs < batch_size:
       raise ValueError(f"{n} elements over {process_count} hosts make no batch of {batch_size}")
   else:
     per_epoch = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
   if per_epoch == 0:
     raise ValueError(f"{n} elements cannot be split over {process_count} hosts")
-  share = _HostShare(ds, process_index=process_index, process_count=process_count,
-                     shuffle=shuffle, seed=seed, num_epochs=num_epochs, per_epoch=per_epoch)
-  # Batching on the MapDataset makes batch k a pure function of k: identical whether it is
-  # produced by a thread, a worker process or after a restore.
-  batched = share.batch(batch_size, drop_remainder=drop_remainder)
+  # Batches are built on the MapDataset, so batch k is a pure function of k: identical whether
+  # it is produced by a thread, a worker process or after a restore.
+  batches = _HostBatches(ds, batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, shuffle=shuffle, seed=seed,
+                         num_epochs=num_epochs, per_epoch=per_epoch)
   if num_threads is None:
-    num_threads = min(4, os.cpu_count() or 1)  # GDAL reads release the GIL
-  it_ds = batched.to_iter_dataset(grain.ReadOptions(
+    num_threads = min(2, os.cpu_count() or 1)  # GDAL reads and numpy copies release the GIL
+  it_ds = batches.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads if prefetch_buffer > 0 else 0, prefetch_buffer_size=prefetch_buffer))
   if worker_count > 0:
+    from absl import flags  # Grain's workers read absl flags; outside an absl app, use defaults
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer)))
   return it_ds
@@ -196,7 +230,7 @@ def make_iterator(ds: grain.MapDataset, *, batch_size: int, process_index: int =
                   num_threads: int | None = None) -> grain.DatasetIterator:
   """Host-local batches of `ds`: a checkpointable Grain iterator.
 
-  Each host reads a disjoint strided share of every epoch (see `_HostShare`), reshuffled each
+  Each host reads a disjoint strided share of every epoch (see `_HostBatches`), reshuffled each
   epoch when `shuffle`, repeated `num_epochs` times (None: forever), batched to `batch_size`
   (per host). Every batch has a float32 'weight' (1 real, 0 padding). `get_state()` returns a
   small JSON-able dict; `set_state(state)` resumes with exactly the batch that followed it.

@@ -81,11 +81,17 @@ class Scene:
       if len(nodata) != c:
         raise RasterError(f"{self.path}: {len(nodata)} nodata values given for {c} bands")
       self.nodata = [None if v is None else float(v) for v in nodata]
-    # Per-channel value that marks a pixel invalid; NaN where a band has none (x != NaN is always
-    # True, so such bands never invalidate a pixel through this comparison).
-    self._nodata_vec = np.array([np.nan if v is None else v for v in self.nodata], np.float32)
-    self._any_nodata = any(v is not None for v in self.nodata)
     self._float_src = np.issubdtype(np.dtype(self.dtype), np.floating)
+    # Nodata compared in the read dtype: (channel, value) for every band that can hold its value.
+    self._nodata_checks = []
+    for ch, v in enumerate(self.nodata):
+      if v is None or np.isnan(v):
+        continue  # no nodata, or NaN (always caught by the NaN test)
+      if not self._float_src:
+        info = np.iinfo(self.dtype)
+        if v != int(v) or not info.min <= v <= info.max:
+          continue  # an integer band can never hold this value
+      self._nodata_checks.append((ch, np.dtype(self.dtype).type(v)))
     self._local = threading.local()
     self._overview = None
 
@@ -193,28 +199,29 @@ class Scene:
 
   # -- reading --------------------------------------------------------------------------------------
 
-  def _valid(self, image: np.ndarray) -> np.ndarray:
-    """(..., C) float32 -> (...) bool: no band at its nodata value, no NaN."""
-    if self._any_nodata:
-      valid = (image != self._nodata_vec).all(axis=-1)
-      if self._float_src:
-        valid &= ~np.isnan(image).any(axis=-1)
-    elif self._float_src:
-      valid = ~np.isnan(image).any(axis=-1)
-    else:
-      valid = np.ones(image.shape[:-1], bool)
+  def _valid(self, raw: np.ndarray) -> np.ndarray:
+    """Band-first raw (C, h, w) -> valid (h, w): no band at its nodata value, no NaN."""
+    valid = np.ones(raw.shape[1:], bool)
+    for ch, v in self._nodata_checks:
+      valid &= raw[ch] != v
+    if self._float_src:
+      valid &= ~np.isnan(raw).any(axis=0)
     return valid
 
-  def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-    """Reads `window` -> (image float32 (h, w, C), valid bool (h, w)); invalid pixels are 0."""
+  def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reads `window` -> (image float32 (h, w, C), valid bool (h, w)); invalid pixels are 0.
+
+    `out`: an (h, w, C) float32 array to fill (e.g. a slot of a batch), saving a copy.
+    """
     h, w = int(window.height), int(window.width)
-    # GDAL fills a band-first buffer in the file's own dtype (its fastest path: no per-pixel
-    # conversion or strided writes); one numpy pass then makes it float32 channels-last.
+    # GDAL fills a band-first buffer in the file's own dtype: its fastest path (no per-pixel
+    # conversion, no strided writes). One numpy pass then casts it into channels-last float32.
     raw = np.empty((len(self.band_names), h, w), self.dtype)
     for path, indexes, channels in self._reads:
       self._handle(path).read(indexes, window=window, out=raw[channels])
-    image = raw.transpose(1, 2, 0).astype(np.float32)
-    valid = self._valid(image)
+    image = np.empty((h, w, raw.shape[0]), np.float32) if out is None else out
+    image[...] = raw.transpose(1, 2, 0)
+    valid = self._valid(raw)
     if not valid.all():
       image[~valid] = 0.0
     return image, valid
@@ -232,7 +239,7 @@ class Scene:
     raw = np.empty((len(self.band_names), oh, ow), self.dtype)
     for path, indexes, channels in self._reads:
       self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
-    mask = self._valid(raw.transpose(1, 2, 0).astype(np.float32))
+    mask = self._valid(raw)
     scales = (self.height / oh, self.width / ow)
     self._overview = (max_size, mask, scales)
     return mask, scales

@@ -135,9 +135,14 @@ class Normalizer:
     self.inv_std = np.where(std > 0, 1.0 / np.where(std > 0, std, 1), 1).astype(np.float32)
 
   def __call__(self, image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    out = (image - self.mean) * self.inv_std
-    out[~valid] = 0.0
-    return out
+    return self.apply_(np.array(image, np.float32), valid)
+
+  def apply_(self, image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """In place on a float32 (..., C) array (the pipeline's batch slots)."""
+    image -= self.mean
+    image *= self.inv_std
+    image[~valid] = 0.0
+    return image
 
   def denormalize(self, image: np.ndarray) -> np.ndarray:
     return image / self.inv_std + self.mean

@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 import rasterio
-from rasterio.transform import from_origin
+from affine import Affine
 
 # Land-cover classes of the label rasters (0 = nodata).
 CLASSES = ("nodata", "water", "forest", "grassland", "cropland", "urban", "bare_soil")
@@ -206,7 +206,7 @@ def _write_atomic_tif(path: str, array: np.ndarray, profile: dict, descriptions,
 
 def _profile(count, h, w, crs, origin, gsd, dtype, nodata):
   return dict(driver="GTiff", count=count, height=h, width=w, dtype=dtype, nodata=nodata,
-              crs=crs, transform=from_origin(origin[0], origin[1], gsd, gsd),
+              crs=crs, transform=Affine(gsd, 0.0, origin[0], 0.0, -gsd, origin[1]),  # north-up
               tiled=True, blockxsize=128, blockysize=128, interleave="pixel")
 
 

@@ -64,6 +64,16 @@ class _ValidityIndex:
     total = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0]
     return total / ((r1 - r0) * (c1 - c0))
 
+  def fraction_at(self, row: int, col: int, size: int) -> float:
+    """`fraction` for one window in plain Python (the per-sample path: no numpy overhead)."""
+    r0 = min(max(math.floor(row / self.rs + 0.5), 0), self.oh - 1)
+    r1 = min(max(math.floor((row + size) / self.rs + 0.5), r0 + 1), self.oh)
+    c0 = min(max(math.floor(col / self.cs + 0.5), 0), self.ow - 1)
+    c1 = min(max(math.floor((col + size) / self.cs + 0.5), c0 + 1), self.ow)
+    s = self.integral
+    total = int(s[r1, c1]) - int(s[r0, c1]) - int(s[r1, c0]) + int(s[r0, c0])
+    return total / ((r1 - r0) * (c1 - c0))
+
 
 def _names(scenes: Sequence[Scene]) -> str:
   return ", ".join(s.path for s in scenes)
@@ -103,16 +113,18 @@ class RandomWindowSampler:
     self.scene_ids = np.array(sorted(self._index))
     weights = np.array([self._index[i].valid_pixels for i in self.scene_ids])
     self.probs = weights / weights.sum()
+    self._cum = np.cumsum(self.probs)
 
   def sample(self, rng: np.random.Generator) -> tuple[int, Window]:
     """One draw -> (scene_index into the `scenes` given, Window)."""
-    i = int(self.scene_ids[rng.choice(len(self.scene_ids), p=self.probs)])
+    k = min(int(np.searchsorted(self._cum, rng.random(), side="right")), len(self.scene_ids) - 1)
+    i = int(self.scene_ids[k])
     scene, idx, size = self.scenes[i], self._index[i], self.size
     best, best_frac = None, -1.0
     for _ in range(self.max_tries + 1):
       r = int(rng.integers(0, scene.height - size + 1))
       c = int(rng.integers(0, scene.width - size + 1))
-      frac = float(idx.fraction(r, c, size))
+      frac = idx.fraction_at(r, c, size)
       if frac >= self.min_valid_fraction:
         return i, Window(c, r, size, size)
       if frac > best_frac:
@@ -130,7 +142,8 @@ def _best_fraction(idx: _ValidityIndex, scene: Scene, size: int) -> float:
 
 
 class GridWindowSampler:
-  """Every grid window of every scene whose valid fraction is >= `min_valid_fraction`.
+  """Every grid window of every scene whose valid fraction is >= `min_valid_fraction` (and > 0:
+  a window without any valid pixel is never useful).
 
   `windows` is a deterministic list of (scene_index, Window): scenes in order, windows row-major.
   Scenes smaller than the window are skipped with a warning; RasterError if nothing remains.
