@@ -3,4 +3,4 @@
 #   launch/local_cpu.sh configs/mae.py:runlocal workdirs/mae [--config.key=value ...]
 set -euo pipefail
 config=${1:?config, e.g. configs/mae.py:runlocal}; workdir=${2:?workdir}; shift 2
-exec python -m eojax.main train --config="$config" --workdir="$workdir" "$@"
+exec ${PYTHON:-python} -m eojax.main train --config="$config" --workdir="$workdir" "$@"

@@ -20,172 +20,163 @@ import numpy as np
 from rasterio.windows import Window
 
 from eojax.data import synthetic
-from eojax.data.raster import RasterError, Scene, open_scenes
-from eojax.data.stats import BandStats, Normalizer, load_or_compute_stats
+from eojax.data.raster import Scene, open_scenes
+from eojax.data.stats import Normalizer, load_or_compute_stats
 from eojax.data.windows import GridWindowSampler, RandomWindowSampler
 
 
 class _WindowDataset(grain.MapDataset):
-  """Element i: the window `pick(i)` -> (scene index, Window) read from its scene."""
+    """Element i: the size x size window `pick(i)` -> (scene index, Window) read from its scene."""
 
-  def __init__(self, scenes: Sequence[Scene], pick: Callable[[int], tuple[int, Window]],
-               length: int, normalizer: Normalizer | None):
-    super().__init__()
-    self._scenes, self._pick, self._length, self._normalizer = list(scenes), pick, length, normalizer
+    def __init__(self, scenes: Sequence[Scene], pick: Callable[[int], tuple[int, Window]],
+                 length: int, size: int, normalizer: Normalizer | None):
+        super().__init__()
+        self._scenes, self._pick, self._length = list(scenes), pick, length
+        self._size, self._normalizer = int(size), normalizer
 
-  def __len__(self) -> int:
-    return self._length
+    def __len__(self) -> int:
+        return self._length
 
-  def __str__(self) -> str:
-    return f"WindowDataset(len={self._length})"
+    def __str__(self) -> str:
+        return f"WindowDataset(len={self._length}, size={self._size})"
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    batch = self.read_batch([int(index)])
-    return {k: v[0] for k, v in batch.items() if k != "weight"}
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch = self.read_batch([int(index)])
+        return {k: v[0] for k, v in batch.items() if k != "weight"}
 
-  def read_batch(self, indices: Sequence[int | None]) -> dict[str, np.ndarray]:
-    """Elements `indices` (None = zero padding, weight 0) read straight into one batch."""
-    n, c = len(indices), self._scenes[0].num_channels
-    size = None
-    picks = [None if i is None else self._pick(i) for i in indices]
-    for p in picks:
-      if p is not None:
-        size = (int(p[1].height), int(p[1].width))
-        break
-    if size is None:  # all padding: shapes from element 0
-      p = self._pick(0)
-      size = (int(p[1].height), int(p[1].width))
-    # np.empty: every real slot is overwritten; padding slots are zeroed below.
-    out = {"image": np.empty((n, *size, c), np.float32), "valid": np.empty((n, *size), bool),
-           "scene": np.zeros(n, np.int32), "row": np.zeros(n, np.int32),
-           "col": np.zeros(n, np.int32), "weight": np.zeros(n, np.float32)}
-    for k, p in enumerate(picks):
-      if p is None:
-        out["image"][k], out["valid"][k] = 0.0, False
-        continue
-      i, win = p
-      # Each window lands in its batch slot directly: no per-element arrays, no stacking copy.
-      _, out["valid"][k] = self._scenes[i].read(win, out=out["image"][k])
-      if self._normalizer is not None:
-        self._normalizer.apply_(out["image"][k], out["valid"][k])
-      out["scene"][k], out["row"][k], out["col"][k] = i, win.row_off, win.col_off
-      out["weight"][k] = 1.0
-    return out
+    def read_batch(self, indices: Sequence[int | None]) -> dict[str, np.ndarray]:
+        """Elements `indices` (None = zero padding, weight 0) read straight into one batch."""
+        n, c, size = len(indices), self._scenes[0].num_channels, (self._size, self._size)
+        picks = [None if i is None else self._pick(i) for i in indices]
+        # np.empty: every real slot is overwritten; padding slots are zeroed below.
+        out = {"image": np.empty((n, *size, c), np.float32), "valid": np.empty((n, *size), bool),
+               "scene": np.zeros(n, np.int32), "row": np.zeros(n, np.int32),
+               "col": np.zeros(n, np.int32), "weight": np.zeros(n, np.float32)}
+        for k, p in enumerate(picks):
+            if p is None:
+                out["image"][k], out["valid"][k] = 0.0, False
+                continue
+            i, win = p
+            # Each window lands in its batch slot directly: no per-element arrays, no stacking copy.
+            _, out["valid"][k] = self._scenes[i].read(win, out=out["image"][k])
+            if self._normalizer is not None:
+                self._normalizer.apply_(out["image"][k], out["valid"][k])
+            out["scene"][k], out["row"][k], out["col"][k] = i, win.row_off, win.col_off
+            out["weight"][k] = 1.0
+        return out
 
 
 class _RandomPick:
-  """Picklable (seed, i) -> window draw, for Grain worker processes."""
+    """Picklable (seed, i) -> window draw, for Grain worker processes."""
 
-  def __init__(self, sampler: RandomWindowSampler, seed: int):
-    self.sampler, self.seed = sampler, int(seed)
+    def __init__(self, sampler: RandomWindowSampler, seed: int):
+        self.sampler, self.seed = sampler, int(seed)
 
-  def __call__(self, index: int):
-    return self.sampler.sample(np.random.default_rng((self.seed, index)))
+    def __call__(self, index: int):
+        return self.sampler.sample(np.random.default_rng((self.seed, index)))
 
 
 class _GridPick:
-  def __init__(self, sampler: GridWindowSampler):
-    self.windows = sampler.windows
+    def __init__(self, sampler: GridWindowSampler):
+        self.windows = sampler.windows
 
-  def __call__(self, index: int):
-    return self.windows[index % len(self.windows)]
+    def __call__(self, index: int):
+        return self.windows[index % len(self.windows)]
 
 
 def random_window_dataset(scenes: Sequence[Scene], *, size: int, num_windows: int, seed: int,
                           min_valid_fraction: float = 0.5,
                           normalizer: Normalizer | None = None) -> grain.MapDataset:
-  """`num_windows` random windows per epoch (see RandomWindowSampler for the rule).
+    """`num_windows` random windows per epoch (see RandomWindowSampler for the rule).
 
-  Element i's window is drawn from `np.random.default_rng((seed, i))`: deterministic, and since
-  Grain addresses epoch e's element j as e * num_windows + j, every epoch draws new windows.
-  Elements: image (size, size, C) float32, valid (size, size) bool, scene / row / col int32.
-  """
-  if num_windows <= 0:
-    raise ValueError(f"num_windows must be positive, got {num_windows}")
-  sampler = RandomWindowSampler(scenes, size, min_valid_fraction)
-  return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), normalizer)
+    Element i's window is drawn from `np.random.default_rng((seed, i))`: deterministic, and since
+    Grain addresses epoch e's element j as e * num_windows + j, every epoch draws new windows.
+    Elements: image (size, size, C) float32, valid (size, size) bool, scene / row / col int32.
+    """
+    if num_windows <= 0:
+        raise ValueError(f"num_windows must be positive, got {num_windows}")
+    sampler = RandomWindowSampler(scenes, size, min_valid_fraction)
+    return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), size, normalizer)
 
 
 def grid_window_dataset(scenes: Sequence[Scene], *, size: int, stride: int,
                         min_valid_fraction: float = 0.0,
                         normalizer: Normalizer | None = None) -> grain.MapDataset:
-  """Every grid window (row-major, scene by scene) meeting `min_valid_fraction`."""
-  sampler = GridWindowSampler(scenes, size, stride, min_valid_fraction)
-  return _WindowDataset(scenes, _GridPick(sampler), len(sampler), normalizer)
+    """Every grid window (row-major, scene by scene) meeting `min_valid_fraction`."""
+    sampler = GridWindowSampler(scenes, size, stride, min_valid_fraction)
+    return _WindowDataset(scenes, _GridPick(sampler), len(sampler), size, normalizer)
 
 
 class _HostBatches(grain.MapDataset):
-  """This host's batches: its share of every epoch, shuffled per epoch, padded to equal lengths.
+    """This host's batches: its share of every epoch, shuffled per epoch, padded to equal lengths.
 
-  Epoch e is a permutation of the parent's N indices (seeded by (seed, e)); host p takes positions
-  p, p + P, p + 2P, ... of it, so hosts never overlap and together cover the epoch. Every host gets
-  `per_epoch` elements per epoch (lockstep multi-host steps): N // P when dropping the remainder,
-  otherwise ceil(N / P) rounded up to whole batches, the extra slots being zero padding with
-  weight 0. Batch b holds share positions b*B .. b*B + B - 1 (epochs follow each other).
-  """
+    Epoch e is a permutation of the parent's N indices (seeded by (seed, e)); host p takes positions
+    p, p + P, p + 2P, ... of it, so hosts never overlap and together cover the epoch. Every host gets
+    `per_epoch` elements per epoch (lockstep multi-host steps): N // P when dropping the remainder,
+    otherwise ceil(N / P) rounded up to whole batches, the extra slots being zero padding with
+    weight 0. Batch b holds share positions b*B .. b*B + B - 1 (epochs follow each other).
+    """
 
-  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
-               process_count: int, shuffle: bool, seed: int, num_epochs: int | None,
-               per_epoch: int):
-    super().__init__(parent)
-    self._n, self._b = len(parent), batch_size
-    self._p, self._count = process_index, process_count
-    self._shuffle, self._seed, self._per_epoch = shuffle, int(seed), per_epoch
-    self._length = (sys.maxsize if num_epochs is None else per_epoch * num_epochs) // batch_size
-    self._perms: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
+    def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
+                 process_count: int, shuffle: bool, seed: int, num_epochs: int | None,
+                 per_epoch: int):
+        super().__init__(parent)
+        self._n, self._b = len(parent), batch_size
+        self._p, self._count = process_index, process_count
+        self._shuffle, self._seed, self._per_epoch = shuffle, int(seed), per_epoch
+        self._length = (sys.maxsize if num_epochs is None else per_epoch * num_epochs) // batch_size
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
-  def __len__(self) -> int:
-    return self._length
+    def __len__(self) -> int:
+        return self._length
 
-  def __str__(self) -> str:
-    return f"HostBatches({self._p}/{self._count}, per_epoch={self._per_epoch}, batch={self._b})"
+    def __str__(self) -> str:
+        return f"HostBatches({self._p}/{self._count}, per_epoch={self._per_epoch}, batch={self._b})"
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_lock"], state["_perms"] = None, {}
-    return state
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_lock"], state["_perms"] = None, {}
+        return state
 
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
-  def _perm(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      perm = self._perms.get(epoch)
-      if perm is None:
-        perm = np.random.default_rng((self._seed, epoch)).permutation(self._n)
-        if len(self._perms) >= 2:  # prefetch threads straddle at most one epoch boundary
-          self._perms.pop(min(self._perms))
-        self._perms[epoch] = perm
-      return perm
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng((self._seed, epoch)).permutation(self._n)
+                if len(self._perms) >= 2:  # prefetch threads straddle at most one epoch boundary
+                    self._perms.pop(min(self._perms))
+                self._perms[epoch] = perm
+            return perm
 
-  def source_index(self, position: int) -> int | None:
-    """Share position -> index into the parent (epoch e's element j is e * N + j), None = pad."""
-    epoch, k = divmod(position, self._per_epoch)
-    g = self._p + k * self._count
-    if g >= self._n:
-      return None
-    return epoch * self._n + (int(self._perm(epoch)[g]) if self._shuffle else g)
+    def source_index(self, position: int) -> int | None:
+        """Share position -> index into the parent (epoch e's element j is e * N + j), None = pad."""
+        epoch, k = divmod(position, self._per_epoch)
+        g = self._p + k * self._count
+        if g >= self._n:
+            return None
+        return epoch * self._n + (int(self._perm(epoch)[g]) if self._shuffle else g)
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    start = int(index) * self._b
-    indices = [self.source_index(j) for j in range(start, start + self._b)]
-    if isinstance(self._parent, _WindowDataset):
-      return self._parent.read_batch(indices)
-    # Any other MapDataset of dicts: read the elements and stack them.
-    real = next((self._parent[i] for i in indices if i is not None), None)
-    if real is None:
-      real = self._parent[0]
-    zeros = {k: np.zeros_like(v) for k, v in real.items()}
-    els = [zeros if i is None else self._parent[i] for i in indices]
-    batch = {k: np.stack([e[k] for e in els]) for k in real}
-    batch["weight"] = np.array([i is not None for i in indices], np.float32)
-    return batch
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        start = int(index) * self._b
+        indices = [self.source_index(j) for j in range(start, start + self._b)]
+        if isinstance(self._parent, _WindowDataset):
+            return self._parent.read_batch(indices)
+        # Any other MapDataset of dicts: read the elements and stack them.
+        els = [None if i is None else self._parent[i] for i in indices]
+        ref = next((e for e in els if e is not None), None) or self._parent[0]
+        zeros = {k: np.zeros_like(v) for k, v in ref.items()}
+        batch = {k: np.stack([(zeros if e is None else e)[k] for e in els]) for k in ref}
+        batch["weight"] = np.array([i is not None for i in indices], np.float32)
+        return batch
 
 
 def make_iter_dataset(ds: grain.MapDataset, *, batch_size: int, process_index: int = 0,
@@ -193,34 +184,34 @@ def make_iter_dataset(ds: grain.MapDataset, *, batch_size: int, process_index: i
                       num_epochs: int | None = None, drop_remainder: bool = True,
                       worker_count: int = 0, prefetch_buffer: int = 2,
                       num_threads: int | None = None) -> grain.IterDataset:
-  """The re-iterable form of `make_iterator` (each `iter()` starts from the beginning)."""
-  n = len(ds)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  if drop_remainder:
-    per_epoch = n // process_count
-    if num_epochs is not None and per_epoch * num_epochs < batch_size:
-      raise ValueError(f"{n} elements over {process_count} hosts make no batch of {batch_size}")
-  else:
-    per_epoch = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
-  if per_epoch == 0:
-    raise ValueError(f"{n} elements cannot be split over {process_count} hosts")
-  # Batches are built on the MapDataset, so batch k is a pure function of k: identical whether
-  # it is produced by a thread, a worker process or after a restore.
-  batches = _HostBatches(ds, batch_size=batch_size, process_index=process_index,
-                         process_count=process_count, shuffle=shuffle, seed=seed,
-                         num_epochs=num_epochs, per_epoch=per_epoch)
-  if num_threads is None:
-    num_threads = min(2, os.cpu_count() or 1)  # GDAL reads and numpy copies release the GIL
-  it_ds = batches.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads if prefetch_buffer > 0 else 0, prefetch_buffer_size=prefetch_buffer))
-  if worker_count > 0:
-    from absl import flags  # Grain's workers read absl flags; outside an absl app, use defaults
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer)))
-  return it_ds
+    """The re-iterable form of `make_iterator` (each `iter()` starts from the beginning)."""
+    n = len(ds)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if drop_remainder:
+        per_epoch = n // process_count
+        if num_epochs is not None and per_epoch * num_epochs < batch_size:
+            raise ValueError(f"{n} elements over {process_count} hosts make no batch of {batch_size}")
+    else:
+        per_epoch = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n} elements cannot be split over {process_count} hosts")
+    # Batches are built on the MapDataset, so batch k is a pure function of k: identical whether
+    # it is produced by a thread, a worker process or after a restore.
+    batches = _HostBatches(ds, batch_size=batch_size, process_index=process_index,
+                           process_count=process_count, shuffle=shuffle, seed=seed,
+                           num_epochs=num_epochs, per_epoch=per_epoch)
+    if num_threads is None:
+        num_threads = min(2, os.cpu_count() or 1)  # GDAL reads and numpy copies release the GIL
+    it_ds = batches.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads if prefetch_buffer > 0 else 0, prefetch_buffer_size=prefetch_buffer))
+    if worker_count > 0:
+        from absl import flags  # Grain's workers read absl flags; outside an absl app, use defaults
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer)))
+    return it_ds
 
 
 def make_iterator(ds: grain.MapDataset, *, batch_size: int, process_index: int = 0,
@@ -228,83 +219,84 @@ def make_iterator(ds: grain.MapDataset, *, batch_size: int, process_index: int =
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   worker_count: int = 0, prefetch_buffer: int = 2,
                   num_threads: int | None = None) -> grain.DatasetIterator:
-  """Host-local batches of `ds`: a checkpointable Grain iterator.
+    """Host-local batches of `ds`: a checkpointable Grain iterator.
 
-  Each host reads a disjoint strided share of every epoch (see `_HostBatches`), reshuffled each
-  epoch when `shuffle`, repeated `num_epochs` times (None: forever), batched to `batch_size`
-  (per host). Every batch has a float32 'weight' (1 real, 0 padding). `get_state()` returns a
-  small JSON-able dict; `set_state(state)` resumes with exactly the batch that followed it.
-  `worker_count > 0` reads in Grain worker processes; `num_threads` prefetch threads per process.
-  """
-  return iter(make_iter_dataset(
-      ds, batch_size=batch_size, process_index=process_index, process_count=process_count,
-      shuffle=shuffle, seed=seed, num_epochs=num_epochs, drop_remainder=drop_remainder,
-      worker_count=worker_count, prefetch_buffer=prefetch_buffer, num_threads=num_threads))
+    Each host reads a disjoint strided share of every epoch (see `_HostBatches`), reshuffled each
+    epoch when `shuffle`, repeated `num_epochs` times (None: forever), batched to `batch_size`
+    (per host). Every batch has a float32 'weight' (1 real, 0 padding). `get_state()` returns a
+    small JSON-able dict; `set_state(state)` resumes with exactly the batch that followed it.
+    `worker_count > 0` reads in Grain worker processes; `num_threads` prefetch threads per process.
+    """
+    return iter(make_iter_dataset(
+        ds, batch_size=batch_size, process_index=process_index, process_count=process_count,
+        shuffle=shuffle, seed=seed, num_epochs=num_epochs, drop_remainder=drop_remainder,
+        worker_count=worker_count, prefetch_buffer=prefetch_buffer, num_threads=num_threads))
 
 
 def _cfg(cfg, name, default):
-  v = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-  return default if v is None else v
+    v = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+    return default if v is None else v
 
 
 def _scenes_from_cfg(input_cfg) -> list[Scene]:
-  paths, bands = _cfg(input_cfg, "paths", ()), _cfg(input_cfg, "bands", ())
-  paths = (paths,) if isinstance(paths, str) else tuple(paths)
-  bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
-  if not paths:
-    paths = tuple(synthetic.default_dataset())
-    bands = bands or synthetic.SENSORS["sentinel2"].bands
-  scenes = open_scenes(paths, bands=bands, nodata=_cfg(input_cfg, "nodata", None))
-  for s in scenes:
-    s.check()  # all-nodata files fail here, before any training starts
-  return scenes
+    paths, bands = _cfg(input_cfg, "paths", ()), _cfg(input_cfg, "bands", ())
+    paths = (paths,) if isinstance(paths, str) else tuple(paths)
+    bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
+    if not paths:
+        paths = tuple(synthetic.default_dataset())
+        bands = bands or synthetic.SENSORS["sentinel2"].bands
+    scenes = open_scenes(paths, bands=bands, nodata=_cfg(input_cfg, "nodata", None))
+    for s in scenes:
+        s.check()  # all-nodata files fail here, before any training starts
+    return scenes
 
 
 def describe_stats(input_cfg) -> dict:
-  """JSON-able summary of `config.input`'s scenes and band statistics (`eojax stats`)."""
-  scenes = _scenes_from_cfg(input_cfg)
-  stats, path = load_or_compute_stats(scenes)
-  return {"scenes": [{"path": s.path, "shape": [s.height, s.width], "crs": str(s.crs),
-                      "dtype": s.dtype, "nodata": s.nodata} for s in scenes],
-          "bands": {b: {"mean": float(m), "std": float(sd), "count": int(c)} for b, m, sd, c in
-                    zip(stats.band_names, stats.mean, stats.std, stats.count)},
-          "cache": path}
+    """JSON-able summary of `config.input`'s scenes and band statistics (`eojax stats`)."""
+    scenes = _scenes_from_cfg(input_cfg)
+    stats, path = load_or_compute_stats(scenes)
+    return {"scenes": [{"path": s.path, "shape": [s.height, s.width], "crs": str(s.crs),
+                        "dtype": s.dtype, "nodata": s.nodata} for s in scenes],
+            "bands": {b: {"mean": float(m), "std": float(sd), "count": int(c)} for b, m, sd, c in
+                      zip(stats.band_names, stats.mean, stats.std, stats.count)},
+            "cache": path}
 
 
 def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: int = 0,
                      process_count: int = 1, seed: int = 0) -> tuple[Any, dict]:
-  """The trainer's entry point: `config.input` -> (batches, info).
+    """The trainer's entry point: `config.input` -> (batches, info).
 
-  split='train': random windows, reshuffled and redrawn every epoch, endless; returns a
-  checkpointable iterator. split='eval': every grid window once, in order, the last batch padded
-  (weight 0); returns a re-iterable IterDataset (each `iter()` is a fresh pass).
-  Empty `paths` means the synthetic default scenes (Sentinel-2 bands, see synthetic.py).
-  info: num_channels, band_names, stats (BandStats or None), scenes, num_windows.
-  """
-  scenes = _scenes_from_cfg(input_cfg)
-  stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
-  normalizer = Normalizer(stats) if stats is not None else None
-  size = int(_cfg(input_cfg, "window", 64))
-  min_valid = float(_cfg(input_cfg, "min_valid_fraction", 0.5))
-  workers = int(_cfg(input_cfg, "worker_count", 0))
-  if split == "train":
-    ds = random_window_dataset(scenes, size=size, num_windows=int(_cfg(input_cfg, "num_windows", 1024)),
-                               seed=seed, min_valid_fraction=min_valid, normalizer=normalizer)
-    batches = make_iterator(ds, batch_size=batch_size, process_index=process_index,
-                            process_count=process_count, shuffle=True, seed=seed, num_epochs=None,
-                            drop_remainder=True, worker_count=workers)
-  elif split == "eval":
-    stride = int(_cfg(input_cfg, "eval_stride", 0)) or size
-    ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid,
-                             normalizer=normalizer)
-    batches = make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
-                                process_count=process_count, shuffle=False, num_epochs=1,
-                                drop_remainder=False, worker_count=workers)
-  else:
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-  info = dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names),
-              stats=stats, scenes=scenes, num_windows=len(ds))
-  return batches, info
+    split='train': random windows, reshuffled and redrawn every epoch, endless; returns a
+    checkpointable iterator. split='eval': every grid window once, in order, the last batch padded
+    (weight 0); returns a re-iterable IterDataset (each `iter()` is a fresh pass).
+    Empty `paths` means the synthetic default scenes (Sentinel-2 bands, see synthetic.py).
+    info: num_channels, band_names, stats (BandStats or None), scenes, num_windows.
+    """
+    scenes = _scenes_from_cfg(input_cfg)
+    stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
+    normalizer = Normalizer(stats) if stats is not None else None
+    size = int(_cfg(input_cfg, "window", 64))
+    min_valid = float(_cfg(input_cfg, "min_valid_fraction", 0.5))
+    workers = int(_cfg(input_cfg, "worker_count", 0))
+    if split == "train":
+        num_windows = int(_cfg(input_cfg, "num_windows", 1024))
+        ds = random_window_dataset(scenes, size=size, num_windows=num_windows, seed=seed,
+                                   min_valid_fraction=min_valid, normalizer=normalizer)
+        batches = make_iterator(ds, batch_size=batch_size, process_index=process_index,
+                                process_count=process_count, shuffle=True, seed=seed, num_epochs=None,
+                                drop_remainder=True, worker_count=workers)
+    elif split == "eval":
+        stride = int(_cfg(input_cfg, "eval_stride", 0)) or size
+        ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid,
+                                 normalizer=normalizer)
+        batches = make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
+                                    process_count=process_count, shuffle=False, num_epochs=1,
+                                    drop_remainder=False, worker_count=workers)
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    info = dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names),
+                stats=stats, scenes=scenes, num_windows=len(ds))
+    return batches, info
 
 
 

@@ -8,7 +8,6 @@ copy once (for window sampling and the all-nodata check).
 from __future__ import annotations
 
 import glob
-import logging
 import math
 import os
 import re
@@ -22,269 +21,272 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-log = logging.getLogger(__name__)
 
 BandSpec = Sequence["str | int"]
 
 
 class RasterError(ValueError):
-  """Bad raster input; the message names the file, band or value at fault."""
+    """Bad raster input; the message names the file, band or value at fault."""
 
 
 def _natural_key(s: str):
-  # "B2" < "B10": band names sort the way people number them.
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    # "B2" < "B10": band names sort the way people number them.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def _open(path: str):
-  """Opens `path` read-only, insisting on a GeoTIFF (whatever the suffix says)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"raster file not found: {path}")
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", NotGeoreferencedWarning)
-      src = rasterio.open(path)
-  except RasterioIOError as e:
-    raise RasterError(f"{path} is not a GeoTIFF (rasterio cannot open it: {e})") from None
-  if src.driver != "GTiff":
-    driver = src.driver
-    src.close()
-    raise RasterError(f"{path} is not a GeoTIFF (GDAL driver {driver}); convert it with "
-                      f"`gdal_translate -of GTiff`")
-  return src
+    """Opens `path` read-only, insisting on a GeoTIFF (whatever the suffix says)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"raster file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except RasterioIOError as e:
+        raise RasterError(f"{path} is not a GeoTIFF (rasterio cannot open it: {e})") from None
+    if src.driver != "GTiff":
+        driver = src.driver
+        src.close()
+        raise RasterError(f"{path} is not a GeoTIFF (GDAL driver {driver}); convert it with "
+                          f"`gdal_translate -of GTiff`")
+    return src
 
 
 class Scene:
-  """C bands of one raster on one pixel grid, read lazily window by window.
+    """C bands of one raster on one pixel grid, read lazily window by window.
 
-  Args:
-    path: a GeoTIFF, or a template with ``{band}`` naming one single-band GeoTIFF per band.
-    bands: band names (matched against the file's band descriptions, or substituted into the
-      template) or 1-based band indices; empty selects every band.
-    nodata: overrides the files' nodata: one value for all bands, or one per band (None = none).
-      NaN is always invalid. A pixel is valid only where every selected band is valid.
-  """
+    Args:
+      path: a GeoTIFF, or a template with ``{band}`` naming one single-band GeoTIFF per band.
+      bands: band names (matched against the file's band descriptions, or substituted into the
+        template) or 1-based band indices; empty selects every band.
+      nodata: overrides the files' nodata: one value for all bands, or one per band (None = none).
+        NaN is always invalid. A pixel is valid only where every selected band is valid.
+    """
 
-  def __init__(self, path: str, bands: BandSpec = (), nodata=None):
-    self.path = str(path)
-    bands = tuple(bands)
-    if "{band}" in self.path:
-      self._init_template(bands)
-    else:
-      self._init_multiband(bands)
-    c = len(self.band_names)
-    if nodata is None:
-      pass
-    elif np.ndim(nodata) == 0:
-      self.nodata = [float(nodata)] * c
-    else:
-      if len(nodata) != c:
-        raise RasterError(f"{self.path}: {len(nodata)} nodata values given for {c} bands")
-      self.nodata = [None if v is None else float(v) for v in nodata]
-    self._float_src = np.issubdtype(np.dtype(self.dtype), np.floating)
-    # Nodata compared in the read dtype: (channel, value) for every band that can hold its value.
-    self._nodata_checks = []
-    for ch, v in enumerate(self.nodata):
-      if v is None or np.isnan(v):
-        continue  # no nodata, or NaN (always caught by the NaN test)
-      if not self._float_src:
-        info = np.iinfo(self.dtype)
-        if v != int(v) or not info.min <= v <= info.max:
-          continue  # an integer band can never hold this value
-      self._nodata_checks.append((ch, np.dtype(self.dtype).type(v)))
-    self._local = threading.local()
-    self._overview = None
-
-  # -- construction -------------------------------------------------------------------------------
-
-  def _init_multiband(self, bands):
-    with _open(self.path) as src:
-      count = src.count
-      names = [d if d else f"band{i + 1}" for i, d in enumerate(src.descriptions)]
-      indexes = []
-      for b in bands or range(1, count + 1):
-        if isinstance(b, (int, np.integer)) and not isinstance(b, bool):
-          if not 1 <= b <= count:
-            raise RasterError(f"{self.path}: band index {b} out of range 1..{count}")
-          indexes.append(int(b))
-        elif isinstance(b, str):
-          if b not in names:
-            raise RasterError(f"{self.path}: no band named {b!r}; the file has bands {names}")
-          indexes.append(names.index(b) + 1)
+    def __init__(self, path: str, bands: BandSpec = (), nodata=None):
+        self.path = str(path)
+        bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
+        if "{band}" in self.path:
+            self._init_template(bands)
         else:
-          raise RasterError(f"{self.path}: band {b!r} is neither a name nor a 1-based index")
-      self._set_grid(src)
-      self.dtype = np.result_type(*[src.dtypes[i - 1] for i in indexes]).name
-      self.nodata = [src.nodatavals[i - 1] for i in indexes]
-      self.band_names = [names[i - 1] for i in indexes]
-    self._files = [self.path]
-    self._reads = [(self.path, indexes, slice(0, len(indexes)))]
+            self._init_multiband(bands)
+        c = len(self.band_names)
+        if nodata is None:
+            pass
+        elif np.ndim(nodata) == 0:
+            self.nodata = [float(nodata)] * c
+        else:
+            if len(nodata) != c:
+                raise RasterError(f"{self.path}: {len(nodata)} nodata values given for {c} bands")
+            self.nodata = [None if v is None else float(v) for v in nodata]
+        self._float_src = np.issubdtype(np.dtype(self.dtype), np.floating)
+        # Nodata compared in the read dtype, grouped by value: [(value, channels)], channels being
+        # a slice when all bands share the value (the common case: one vectorised comparison).
+        groups: dict = {}
+        for ch, v in enumerate(self.nodata):
+            if v is None or np.isnan(v):
+                continue  # no nodata, or NaN (always caught by the NaN test)
+            if not self._float_src:
+                info = np.iinfo(self.dtype)
+                if v != int(v) or not info.min <= v <= info.max:
+                    continue  # an integer band can never hold this value
+            groups.setdefault(np.dtype(self.dtype).type(v), []).append(ch)
+        c = len(self.band_names)
+        self._nodata_checks = [(v, slice(0, c) if chs == list(range(c)) else chs)
+                               for v, chs in groups.items()]
+        self._local = threading.local()
+        self._overview = None
 
-  def _init_template(self, bands):
-    if not bands:
-      pattern = self.path.replace("{band}", "*")
-      matches = sorted(glob.glob(pattern))
-      if not matches:
-        raise FileNotFoundError(f"no file matches the band template {self.path} ({pattern})")
-      head, tail = self.path.split("{band}", 1)
-      bands = sorted((m[len(head):len(m) - len(tail)] for m in matches), key=_natural_key)
-    for b in bands:
-      if not isinstance(b, str):
-        raise RasterError(f"{self.path}: a band template needs band names, got {b!r}")
-    self._files = [self.path.replace("{band}", b) for b in bands]
-    dtypes, self.nodata = [], []
-    for i, f in enumerate(self._files):
-      if not os.path.exists(f):
-        raise FileNotFoundError(f"band {bands[i]!r} of template {self.path}: file not found: {f}")
-      with _open(f) as src:
-        if i == 0:
-          self._set_grid(src)
-          first = f
-        elif (src.height, src.width) != (self.height, self.width) or (
-            src.transform != self.transform or src.crs != self.crs):
-          raise RasterError(
-              f"band files disagree on the pixel grid: {first} is {self.height}x{self.width} "
-              f"{self.crs} {tuple(self.transform)[:6]} but {f} is {src.height}x{src.width} "
-              f"{src.crs} {tuple(src.transform)[:6]}")
-        dtypes.append(src.dtypes[0])
-        self.nodata.append(src.nodatavals[0])
-    self.dtype = np.result_type(*dtypes).name
-    self.band_names = list(bands)
-    # An int index + 2-D out is rasterio's cheapest call for a single band.
-    self._reads = [(f, 1, i) for i, f in enumerate(self._files)]
+    # -- construction -------------------------------------------------------------------------------
 
-  def _set_grid(self, src):
-    self.height, self.width = src.height, src.width
-    self.crs, self.transform = src.crs, src.transform
+    def _init_multiband(self, bands):
+        with _open(self.path) as src:
+            count = src.count
+            names = [d if d else f"band{i + 1}" for i, d in enumerate(src.descriptions)]
+            indexes = []
+            for b in bands or range(1, count + 1):
+                if isinstance(b, (int, np.integer)) and not isinstance(b, bool):
+                    if not 1 <= b <= count:
+                        raise RasterError(f"{self.path}: band index {b} out of range 1..{count}")
+                    indexes.append(int(b))
+                elif isinstance(b, str):
+                    if b not in names:
+                        raise RasterError(f"{self.path}: no band named {b!r}; the file has bands {names}")
+                    indexes.append(names.index(b) + 1)
+                else:
+                    raise RasterError(f"{self.path}: band {b!r} is neither a name nor a 1-based index")
+            self._set_grid(src)
+            self.dtype = np.result_type(*[src.dtypes[i - 1] for i in indexes]).name
+            self.nodata = [src.nodatavals[i - 1] for i in indexes]
+            self.band_names = [names[i - 1] for i in indexes]
+        self._files = [self.path]
+        self._reads = [(self.path, indexes, slice(0, len(indexes)))]
 
-  # -- handles --------------------------------------------------------------------------------------
+    def _init_template(self, bands):
+        if not bands:
+            pattern = self.path.replace("{band}", "*")
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise FileNotFoundError(f"no file matches the band template {self.path} ({pattern})")
+            head, tail = self.path.split("{band}", 1)
+            bands = sorted((m[len(head):len(m) - len(tail)] for m in matches), key=_natural_key)
+        for b in bands:
+            if not isinstance(b, str):
+                raise RasterError(f"{self.path}: a band template needs band names, got {b!r}")
+        self._files = [self.path.replace("{band}", b) for b in bands]
+        dtypes, self.nodata = [], []
+        for i, f in enumerate(self._files):
+            if not os.path.exists(f):
+                raise FileNotFoundError(f"band {bands[i]!r} of template {self.path}: file not found: {f}")
+            with _open(f) as src:
+                if i == 0:
+                    self._set_grid(src)
+                    first = f
+                elif (src.height, src.width) != (self.height, self.width) or (
+                    src.transform != self.transform or src.crs != self.crs):
+                    raise RasterError(
+                        f"band files disagree on the pixel grid: {first} is {self.height}x{self.width} "
+                        f"{self.crs} {tuple(self.transform)[:6]} but {f} is {src.height}x{src.width} "
+                        f"{src.crs} {tuple(src.transform)[:6]}")
+                dtypes.append(src.dtypes[0])
+                self.nodata.append(src.nodatavals[0])
+        self.dtype = np.result_type(*dtypes).name
+        self.band_names = list(bands)
+        # An int index + 2-D out is rasterio's cheapest call for a single band.
+        self._reads = [(f, 1, i) for i, f in enumerate(self._files)]
 
-  def _handle(self, path):
-    # GDAL dataset handles are not thread-safe and must not cross a fork, so they are cached per
-    # thread and per process: opened once, reused for every later window.
-    local = self._local
-    if getattr(local, "pid", None) != os.getpid():
-      local.pid, local.handles = os.getpid(), {}
-    src = local.handles.get(path)
-    if src is None:
-      src = local.handles[path] = _open(path)
-    return src
+    def _set_grid(self, src):
+        self.height, self.width = src.height, src.width
+        self.crs, self.transform = src.crs, src.transform
 
-  def close(self):
-    """Closes this thread's handles (others close when their thread or the Scene goes away)."""
-    for src in getattr(self._local, "handles", {}).values():
-      src.close()
-    self._local = threading.local()
+    # -- handles --------------------------------------------------------------------------------------
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    del state["_local"]  # handles never travel into worker processes
-    return state
+    def _handle(self, path):
+        # GDAL dataset handles are not thread-safe and must not cross a fork, so they are cached per
+        # thread and per process: opened once, reused for every later window.
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.handles = os.getpid(), {}
+        src = local.handles.get(path)
+        if src is None:
+            src = local.handles[path] = _open(path)
+        return src
 
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._local = threading.local()
+    def close(self):
+        """Closes this thread's handles (others close when their thread or the Scene goes away)."""
+        for src in getattr(self._local, "handles", {}).values():
+            src.close()
+        self._local = threading.local()
 
-  def __repr__(self):
-    return (f"Scene({self.path!r}, bands={self.band_names}, {self.height}x{self.width}, "
-            f"{self.crs}, {self.dtype})")
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_local"]  # handles never travel into worker processes
+        return state
 
-  @property
-  def files(self) -> list[str]:
-    return list(self._files)
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
-  @property
-  def num_channels(self) -> int:
-    return len(self.band_names)
+    def __repr__(self):
+        return (f"Scene({self.path!r}, bands={self.band_names}, {self.height}x{self.width}, "
+                f"{self.crs}, {self.dtype})")
 
-  # -- reading --------------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
 
-  def _valid(self, raw: np.ndarray) -> np.ndarray:
-    """Band-first raw (C, h, w) -> valid (h, w): no band at its nodata value, no NaN."""
-    valid = np.ones(raw.shape[1:], bool)
-    for ch, v in self._nodata_checks:
-      valid &= raw[ch] != v
-    if self._float_src:
-      valid &= ~np.isnan(raw).any(axis=0)
-    return valid
+    @property
+    def num_channels(self) -> int:
+        return len(self.band_names)
 
-  def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Reads `window` -> (image float32 (h, w, C), valid bool (h, w)); invalid pixels are 0.
+    # -- reading --------------------------------------------------------------------------------------
 
-    `out`: an (h, w, C) float32 array to fill (e.g. a slot of a batch), saving a copy.
-    """
-    h, w = int(window.height), int(window.width)
-    # GDAL fills a band-first buffer in the file's own dtype: its fastest path (no per-pixel
-    # conversion, no strided writes). One numpy pass then casts it into channels-last float32.
-    raw = np.empty((len(self.band_names), h, w), self.dtype)
-    for path, indexes, channels in self._reads:
-      self._handle(path).read(indexes, window=window, out=raw[channels])
-    image = np.empty((h, w, raw.shape[0]), np.float32) if out is None else out
-    image[...] = raw.transpose(1, 2, 0)
-    valid = self._valid(raw)
-    if not valid.all():
-      image[~valid] = 0.0
-    return image, valid
+    def _valid(self, raw: np.ndarray) -> np.ndarray:
+        """Band-first raw (C, h, w) -> valid (h, w): no band at its nodata value, no NaN."""
+        valid = np.ones(raw.shape[1:], bool)
+        for v, chs in self._nodata_checks:
+            valid &= (raw[chs] != v).all(axis=0)
+        if self._float_src:
+            valid &= ~np.isnan(raw).any(axis=0)
+        return valid
 
-  def validity_overview(self, max_size: int = 512) -> tuple[np.ndarray, tuple[float, float]]:
-    """Validity at reduced resolution -> (mask (oh, ow) bool, (row_scale, col_scale)).
+    def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reads `window` -> (image float32 (h, w, C), valid bool (h, w)); invalid pixels are 0.
 
-    Full-resolution pixel (r, c) corresponds to overview cell (r / row_scale, c / col_scale).
-    Nearest resampling, so each cell is one real pixel's validity (computed once, then cached).
-    """
-    if self._overview is not None and self._overview[0] == max_size:
-      return self._overview[1], self._overview[2]
-    f = max(1.0, max(self.height, self.width) / max_size)
-    oh, ow = max(1, math.ceil(self.height / f)), max(1, math.ceil(self.width / f))
-    raw = np.empty((len(self.band_names), oh, ow), self.dtype)
-    for path, indexes, channels in self._reads:
-      self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
-    mask = self._valid(raw)
-    scales = (self.height / oh, self.width / ow)
-    self._overview = (max_size, mask, scales)
-    return mask, scales
+        `out`: an (h, w, C) float32 array to fill (e.g. a slot of a batch), saving a copy.
+        """
+        h, w = int(window.height), int(window.width)
+        # GDAL fills a band-first buffer in the file's own dtype: its fastest path (no per-pixel
+        # conversion, no strided writes). One numpy pass then casts it into channels-last float32.
+        raw = np.empty((len(self.band_names), h, w), self.dtype)
+        for path, indexes, channels in self._reads:
+            self._handle(path).read(indexes, window=window, out=raw[channels])
+        image = np.empty((h, w, raw.shape[0]), np.float32) if out is None else out
+        image[...] = raw.transpose(1, 2, 0)
+        valid = self._valid(raw)
+        if not valid.all():
+            image[~valid] = 0.0
+        return image, valid
 
-  def check(self) -> "Scene":
-    """Raises RasterError if the scene has no valid pixel (a reduced-resolution check)."""
-    mask, _ = self.validity_overview()
-    if not mask.any():
-      raise RasterError(
-          f"{self.path}: every pixel is nodata/NaN (bands {self.band_names}, nodata "
-          f"{self.nodata}); pass the right `nodata` or drop this file")
-    return self
+    def validity_overview(self, max_size: int = 512) -> tuple[np.ndarray, tuple[float, float]]:
+        """Validity at reduced resolution -> (mask (oh, ow) bool, (row_scale, col_scale)).
 
-  def read_all(self) -> tuple[np.ndarray, np.ndarray]:
-    """The whole scene (tests and small rasters only)."""
-    return self.read(Window(0, 0, self.width, self.height))
+        Full-resolution pixel (r, c) corresponds to overview cell (r / row_scale, c / col_scale).
+        Nearest resampling, so each cell is one real pixel's validity (computed once, then cached).
+        """
+        if self._overview is not None and self._overview[0] == max_size:
+            return self._overview[1], self._overview[2]
+        f = max(1.0, max(self.height, self.width) / max_size)
+        oh, ow = max(1, math.ceil(self.height / f)), max(1, math.ceil(self.width / f))
+        raw = np.empty((len(self.band_names), oh, ow), self.dtype)
+        for path, indexes, channels in self._reads:
+            self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
+        mask = self._valid(raw)
+        scales = (self.height / oh, self.width / ow)
+        self._overview = (max_size, mask, scales)
+        return mask, scales
+
+    def check(self) -> "Scene":
+        """Raises RasterError if the scene has no valid pixel (a reduced-resolution check)."""
+        mask, _ = self.validity_overview()
+        if not mask.any():
+            raise RasterError(
+                f"{self.path}: every pixel is nodata/NaN (bands {self.band_names}, nodata "
+                f"{self.nodata}); pass the right `nodata` or drop this file")
+        return self
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole scene (tests and small rasters only)."""
+        return self.read(Window(0, 0, self.width, self.height))
 
 
 def expand_paths(paths: Sequence[str] | str) -> list[str]:
-  """Expands globs (sorted); templates with ``{band}`` pass through. Missing -> FileNotFoundError."""
-  if isinstance(paths, (str, os.PathLike)):
-    paths = [paths]
-  out = []
-  for p in map(str, paths):
-    if "{band}" in p or not glob.has_magic(p):
-      if "{band}" not in p and not os.path.exists(p):
-        raise FileNotFoundError(f"raster file not found: {p}")
-      out.append(p)
-      continue
-    matches = sorted(glob.glob(p))
-    if not matches:
-      raise FileNotFoundError(f"no file matches the pattern {p}")
-    out.extend(matches)
-  if not out:
-    raise FileNotFoundError("no raster paths given")
-  return out
+    """Expands globs (sorted); templates with ``{band}`` pass through. Missing -> FileNotFoundError."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out = []
+    for p in map(str, paths):
+        if "{band}" in p or not glob.has_magic(p):
+            if "{band}" not in p and not os.path.exists(p):
+                raise FileNotFoundError(f"raster file not found: {p}")
+            out.append(p)
+            continue
+        matches = sorted(glob.glob(p))
+        if not matches:
+            raise FileNotFoundError(f"no file matches the pattern {p}")
+        out.extend(matches)
+    if not out:
+        raise FileNotFoundError("no raster paths given")
+    return out
 
 
 def open_scenes(paths: Sequence[str] | str, bands: BandSpec = (), nodata=None) -> list[Scene]:
-  """Scenes for every path / glob / template; all must have the same number of channels."""
-  scenes = [Scene(p, bands=bands, nodata=nodata) for p in expand_paths(paths)]
-  ref = scenes[0]
-  for s in scenes[1:]:
-    if s.num_channels != ref.num_channels:
-      raise RasterError(
-          f"{s.path} has {s.num_channels} channels {s.band_names} but {ref.path} has "
-          f"{ref.num_channels} {ref.band_names}; select the same bands in every file")
-  return scenes
+    """Scenes for every path / glob / template; all must have the same number of channels."""
+    scenes = [Scene(p, bands=bands, nodata=nodata) for p in expand_paths(paths)]
+    ref = scenes[0]
+    for s in scenes[1:]:
+        if s.num_channels != ref.num_channels:
+            raise RasterError(
+                f"{s.path} has {s.num_channels} channels {s.band_names} but {ref.path} has "
+                f"{ref.num_channels} {ref.band_names}; select the same bands in every file")
+    return scenes

@@ -27,10 +27,10 @@ QA_FILL, QA_CLOUD, QA_SHADOW, QA_CLEAR = 1, 2, 4, 8
 
 @dataclasses.dataclass(frozen=True)
 class Sensor:
-  name: str
-  bands: tuple[str, ...]
-  wavelengths_nm: tuple[float, ...]  # band centres
-  gsd_m: float
+    name: str
+    bands: tuple[str, ...]
+    wavelengths_nm: tuple[float, ...]  # band centres
+    gsd_m: float
 
 
 SENSORS = {
@@ -58,187 +58,187 @@ _SPECTRA = {
 
 
 def _spectrum(name: str, sensor: Sensor) -> np.ndarray:
-  return np.interp(sensor.wavelengths_nm, _ANCHORS, _SPECTRA[name]).astype(np.float32)
+    return np.interp(sensor.wavelengths_nm, _ANCHORS, _SPECTRA[name]).astype(np.float32)
 
 
 def _smooth(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
-  """Gaussian-filtered white noise (FFT), standardised: organic patches about `sigma` px wide."""
-  noise = rng.standard_normal((h, w))
-  fy = np.fft.fftfreq(h)[:, None]
-  fx = np.fft.rfftfreq(w)[None, :]
-  kernel = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fx ** 2 + fy ** 2))
-  f = np.fft.irfft2(np.fft.rfft2(noise) * kernel, s=(h, w))
-  return ((f - f.mean()) / (f.std() + 1e-12)).astype(np.float32)
+    """Gaussian-filtered white noise (FFT), standardised: organic patches about `sigma` px wide."""
+    noise = rng.standard_normal((h, w))
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    kernel = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fx ** 2 + fy ** 2))
+    f = np.fft.irfft2(np.fft.rfft2(noise) * kernel, s=(h, w))
+    return ((f - f.mean()) / (f.std() + 1e-12)).astype(np.float32)
 
 
 @dataclasses.dataclass
 class _Land:
-  labels: np.ndarray  # (h, w) uint8 class ids 1..6
-  cover: np.ndarray  # (h, w) green vegetation fraction at peak season
-  texture: np.ndarray  # (h, w) multiplicative brightness
-  turbidity: np.ndarray  # (h, w) 0..1, water only
+    labels: np.ndarray  # (h, w) uint8 class ids 1..6
+    cover: np.ndarray  # (h, w) green vegetation fraction at peak season
+    texture: np.ndarray  # (h, w) multiplicative brightness
+    turbidity: np.ndarray  # (h, w) 0..1, water only
 
 
 def _landscape(seed: int, h: int, w: int) -> _Land:
-  rng = np.random.default_rng((seed, 0))
-  elev = _smooth(rng, h, w, max(h, w) / 8)
-  # Class scores: the largest wins; biases set rough proportions, elevation pushes forest uphill.
-  scores = np.stack([
-      _smooth(rng, h, w, 14) + 0.6 * elev + 0.2,  # forest
-      _smooth(rng, h, w, 10) - 0.1,  # grassland
-      _smooth(rng, h, w, 20) - 0.4 * elev + 0.3,  # cropland
-      _smooth(rng, h, w, 8) - 0.7,  # urban
-      _smooth(rng, h, w, 6) - 0.9,  # bare soil
-  ])
-  labels = (np.argmax(scores, axis=0) + FOREST).astype(np.uint8)
-  labels[elev < np.quantile(elev, 0.08)] = WATER  # lakes in the lowest ground
+    rng = np.random.default_rng((seed, 0))
+    elev = _smooth(rng, h, w, max(h, w) / 8)
+    # Class scores: the largest wins; biases set rough proportions, elevation pushes forest uphill.
+    scores = np.stack([
+        _smooth(rng, h, w, 14) + 0.6 * elev + 0.2,  # forest
+        _smooth(rng, h, w, 10) - 0.1,  # grassland
+        _smooth(rng, h, w, 20) - 0.4 * elev + 0.3,  # cropland
+        _smooth(rng, h, w, 8) - 0.7,  # urban
+        _smooth(rng, h, w, 6) - 0.9,  # bare soil
+    ])
+    labels = (np.argmax(scores, axis=0) + FOREST).astype(np.uint8)
+    labels[elev < np.quantile(elev, 0.08)] = WATER  # lakes in the lowest ground
 
-  # Cropland is a rotated grid of parcels, each at its own growth stage.
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  theta = rng.uniform(0, np.pi / 2)
-  u = xx * np.cos(theta) + yy * np.sin(theta)
-  v = -xx * np.sin(theta) + yy * np.cos(theta)
-  pu, pv = rng.uniform(16, 28), rng.uniform(8, 14)
-  parcel = (np.floor(u / pu).astype(np.int64) * 100003 + np.floor(v / pv).astype(np.int64))
-  _, inverse = np.unique(parcel, return_inverse=True)
-  stage = rng.uniform(0.15, 1.0, size=inverse.max() + 1).astype(np.float32)[inverse.reshape(h, w)]
+    # Cropland is a rotated grid of parcels, each at its own growth stage.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, np.pi / 2)
+    u = xx * np.cos(theta) + yy * np.sin(theta)
+    v = -xx * np.sin(theta) + yy * np.cos(theta)
+    pu, pv = rng.uniform(16, 28), rng.uniform(8, 14)
+    parcel = (np.floor(u / pu).astype(np.int64) * 100003 + np.floor(v / pv).astype(np.int64))
+    _, inverse = np.unique(parcel, return_inverse=True)
+    stage = rng.uniform(0.15, 1.0, size=inverse.max() + 1).astype(np.float32)[inverse.reshape(h, w)]
 
-  fine = _smooth(rng, h, w, 2)
-  cover = np.select(
-      [labels == FOREST, labels == GRASS, labels == CROP, labels == URBAN, labels == BARE],
-      [0.9 + 0.08 * fine, 0.75 + 0.1 * fine, stage, 0.15 + 0.1 * fine, 0.05 + 0.03 * fine], 0.0)
-  texture = 1.0 + 0.07 * _smooth(rng, h, w, 3) + 0.03 * rng.standard_normal((h, w))
-  turbidity = np.clip(0.5 + 0.3 * _smooth(rng, h, w, 12), 0, 1)
-  return _Land(labels, np.clip(cover, 0, 1).astype(np.float32), texture.astype(np.float32),
-               turbidity.astype(np.float32))
+    fine = _smooth(rng, h, w, 2)
+    cover = np.select(
+        [labels == FOREST, labels == GRASS, labels == CROP, labels == URBAN, labels == BARE],
+        [0.9 + 0.08 * fine, 0.75 + 0.1 * fine, stage, 0.15 + 0.1 * fine, 0.05 + 0.03 * fine], 0.0)
+    texture = 1.0 + 0.07 * _smooth(rng, h, w, 3) + 0.03 * rng.standard_normal((h, w))
+    turbidity = np.clip(0.5 + 0.3 * _smooth(rng, h, w, 12), 0, 1)
+    return _Land(labels, np.clip(cover, 0, 1).astype(np.float32), texture.astype(np.float32),
+                 turbidity.astype(np.float32))
 
 
 def _season(date: str, crs: str = "") -> float:
-  """0 in mid-winter .. 1 in mid-summer: scales green cover of grass, crops and (less) forest."""
-  doy = datetime.date.fromisoformat(date).timetuple().tm_yday
-  if str(crs).upper().startswith("EPSG:327"):  # southern-hemisphere UTM: seasons flip
-    doy += 182
-  return float(0.5 - 0.5 * np.cos(2 * np.pi * (doy - 15) / 365.0))
+    """0 in mid-winter .. 1 in mid-summer: scales green cover of grass, crops and (less) forest."""
+    doy = datetime.date.fromisoformat(date).timetuple().tm_yday
+    if str(crs).upper().startswith("EPSG:327"):  # southern-hemisphere UTM: seasons flip
+        doy += 182
+    return float(0.5 - 0.5 * np.cos(2 * np.pi * (doy - 15) / 365.0))
 
 
 def _fill_mask(seed: int, h: int, w: int) -> np.ndarray:
-  """Nodata beyond a tilted, slightly ragged swath edge along one side."""
-  rng = np.random.default_rng((seed, 2))
-  tilt = np.tan(np.deg2rad(rng.uniform(6, 18)))
-  rows = np.arange(h, dtype=np.float32)
-  ragged = 1.5 * _smooth(rng, 1, h, 3)[0]
-  edge = w * rng.uniform(0.06, 0.16) + tilt * (rows - h / 2) + ragged
-  fill = np.arange(w)[None, :] < edge[:, None]
-  return fill[:, ::-1] if rng.random() < 0.5 else fill
+    """Nodata beyond a tilted, slightly ragged swath edge along one side."""
+    rng = np.random.default_rng((seed, 2))
+    tilt = np.tan(np.deg2rad(rng.uniform(6, 18)))
+    rows = np.arange(h, dtype=np.float32)
+    ragged = 1.5 * _smooth(rng, 1, h, 3)[0]
+    edge = w * rng.uniform(0.06, 0.16) + tilt * (rows - h / 2) + ragged
+    fill = np.arange(w)[None, :] < edge[:, None]
+    return fill[:, ::-1] if rng.random() < 0.5 else fill
 
 
 def _clouds(rng: np.random.Generator, h: int, w: int, fraction: float, fill: np.ndarray):
-  """-> (cloud mask, opacity, shadow mask); `fraction` of the data pixels are flagged cloudy."""
-  if fraction <= 0:
-    z = np.zeros((h, w), bool)
-    return z, np.zeros((h, w), np.float32), z
-  field = _smooth(rng, h, w, 16) + 0.35 * _smooth(rng, h, w, 4)
-  thr = np.quantile(field[~fill], 1.0 - min(fraction, 1.0))
-  cloud = field > thr
-  opacity = np.where(cloud, np.clip(0.4 + (field - thr) / 0.6, 0, 1), 0).astype(np.float32)
-  # Shadows: the cloud mask displaced away from the sun, on the ground only.
-  ang = rng.uniform(0, 2 * np.pi)
-  dist = rng.uniform(0.04, 0.08) * max(h, w)
-  dy, dx = int(round(dist * np.sin(ang))), int(round(dist * np.cos(ang)))
-  shifted = np.zeros_like(cloud)
-  shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-      cloud[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-  return cloud, opacity, shifted & ~cloud
+    """-> (cloud mask, opacity, shadow mask); `fraction` of the data pixels are flagged cloudy."""
+    if fraction <= 0:
+        z = np.zeros((h, w), bool)
+        return z, np.zeros((h, w), np.float32), z
+    field = _smooth(rng, h, w, 16) + 0.35 * _smooth(rng, h, w, 4)
+    thr = np.quantile(field[~fill], 1.0 - min(fraction, 1.0))
+    cloud = field > thr
+    opacity = np.where(cloud, np.clip(0.4 + (field - thr) / 0.6, 0, 1), 0).astype(np.float32)
+    # Shadows: the cloud mask displaced away from the sun, on the ground only.
+    ang = rng.uniform(0, 2 * np.pi)
+    dist = rng.uniform(0.04, 0.08) * max(h, w)
+    dy, dx = int(round(dist * np.sin(ang))), int(round(dist * np.cos(ang)))
+    shifted = np.zeros_like(cloud)
+    shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        cloud[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return cloud, opacity, shifted & ~cloud
 
 
 def _render(land: _Land, sensor: Sensor, season: float, cloud_rng, cloud_fraction: float,
             fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """-> (bands uint16 (C, h, w), qa uint16 (h, w))."""
-  h, w = land.labels.shape
-  spec = {k: _spectrum(k, sensor) for k in _SPECTRA}
-  lab = land.labels
-  green = land.cover * np.select([lab == FOREST, lab == URBAN], [0.7 + 0.3 * season, 1.0],
-                                 0.2 + 0.8 * season)
-  canopy = np.select([lab == FOREST, lab == CROP], [1.0, 2.0], 0.0)  # which canopy spectrum
-  refl = np.empty((len(sensor.bands), h, w), np.float32)
-  for b in range(len(sensor.bands)):
-    veg = np.choose(canopy.astype(np.int64), [spec["grass"][b], spec["forest"][b], spec["crop"][b]])
-    background = np.where(lab == URBAN, spec["urban"][b], spec["soil"][b])
-    surface = green * veg + (1 - green) * background
-    water = spec["water"][b] + land.turbidity * spec["turbid"][b]
-    refl[b] = np.where(lab == WATER, water, surface) * land.texture
-  cloud, opacity, shadow = _clouds(cloud_rng, h, w, cloud_fraction, fill)
-  # Shadowed ground sees only diffuse skylight: blue keeps more than SWIR.
-  dark = np.interp(sensor.wavelengths_nm, [400, 2300], [0.45, 0.25]).astype(np.float32)
-  refl = np.where(shadow[None], refl * dark[:, None, None], refl)
-  bright = (0.85 + 0.1 * np.clip(opacity, 0, 1))[None]
-  refl = (1 - opacity[None]) * refl + opacity[None] * spec["cloud"][:, None, None] * bright
-  dn = np.clip(np.round(refl * 10000), 1, 65535).astype(np.uint16)  # 0 is reserved for nodata
-  dn[:, fill] = 0
-  qa = np.full((h, w), QA_CLEAR, np.uint16)
-  qa[cloud] = QA_CLOUD
-  qa[shadow] = QA_SHADOW
-  qa[fill] = QA_FILL
-  return dn, qa
+    """-> (bands uint16 (C, h, w), qa uint16 (h, w))."""
+    h, w = land.labels.shape
+    spec = {k: _spectrum(k, sensor) for k in _SPECTRA}
+    lab = land.labels
+    green = land.cover * np.select([lab == FOREST, lab == URBAN], [0.7 + 0.3 * season, 1.0],
+                                   0.2 + 0.8 * season)
+    canopy = np.select([lab == FOREST, lab == CROP], [1.0, 2.0], 0.0)  # which canopy spectrum
+    refl = np.empty((len(sensor.bands), h, w), np.float32)
+    for b in range(len(sensor.bands)):
+        veg = np.choose(canopy.astype(np.int64), [spec["grass"][b], spec["forest"][b], spec["crop"][b]])
+        background = np.where(lab == URBAN, spec["urban"][b], spec["soil"][b])
+        surface = green * veg + (1 - green) * background
+        water = spec["water"][b] + land.turbidity * spec["turbid"][b]
+        refl[b] = np.where(lab == WATER, water, surface) * land.texture
+    cloud, opacity, shadow = _clouds(cloud_rng, h, w, cloud_fraction, fill)
+    # Shadowed ground sees only diffuse skylight: blue keeps more than SWIR.
+    dark = np.interp(sensor.wavelengths_nm, [400, 2300], [0.45, 0.25]).astype(np.float32)
+    refl = np.where(shadow[None], refl * dark[:, None, None], refl)
+    bright = (0.85 + 0.1 * np.clip(opacity, 0, 1))[None]
+    refl = (1 - opacity[None]) * refl + opacity[None] * spec["cloud"][:, None, None] * bright
+    dn = np.clip(np.round(refl * 10000), 1, 65535).astype(np.uint16)  # 0 is reserved for nodata
+    dn[:, fill] = 0
+    qa = np.full((h, w), QA_CLEAR, np.uint16)
+    qa[cloud] = QA_CLOUD
+    qa[shadow] = QA_SHADOW
+    qa[fill] = QA_FILL
+    return dn, qa
 
 
 def _write_atomic_tif(path: str, array: np.ndarray, profile: dict, descriptions, tags, band_tags=()):
-  """Writes a GeoTIFF to a unique temp name, then renames: never a half-written file at `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tif")
-  os.close(fd)
-  try:
-    with rasterio.open(tmp, "w", **profile) as dst:
-      dst.write(array)
-      for i, d in enumerate(descriptions):
-        dst.set_band_description(i + 1, d)
-      dst.update_tags(**tags)
-      for i, t in enumerate(band_tags):
-        dst.update_tags(i + 1, **t)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+    """Writes a GeoTIFF to a unique temp name, then renames: never a half-written file at `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tif")
+    os.close(fd)
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(array)
+            for i, d in enumerate(descriptions):
+                dst.set_band_description(i + 1, d)
+            dst.update_tags(**tags)
+            for i, t in enumerate(band_tags):
+                dst.update_tags(i + 1, **t)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _profile(count, h, w, crs, origin, gsd, dtype, nodata):
-  return dict(driver="GTiff", count=count, height=h, width=w, dtype=dtype, nodata=nodata,
-              crs=crs, transform=Affine(gsd, 0.0, origin[0], 0.0, -gsd, origin[1]),  # north-up
-              tiled=True, blockxsize=128, blockysize=128, interleave="pixel")
+    return dict(driver="GTiff", count=count, height=h, width=w, dtype=dtype, nodata=nodata,
+                crs=crs, transform=Affine(gsd, 0.0, origin[0], 0.0, -gsd, origin[1]),  # north-up
+                tiled=True, blockxsize=128, blockysize=128, interleave="pixel")
 
 
 def _write_labels(path, land, fill, crs, origin, gsd):
-  labels = np.where(fill, 0, land.labels).astype(np.uint8)[None]
-  return _write_atomic_tif(path, labels, _profile(1, *labels.shape[1:], crs, origin, gsd, "uint8", 0),
-                           ["landcover"], {"classes": ",".join(CLASSES)})
+    labels = np.where(fill, 0, land.labels).astype(np.uint8)[None]
+    return _write_atomic_tif(path, labels, _profile(1, *labels.shape[1:], crs, origin, gsd, "uint8", 0),
+                             ["landcover"], {"classes": ",".join(CLASSES)})
 
 
 def _write(path, dn, qa, sensor, crs, origin, date):
-  c, h, w = dn.shape
-  return _write_atomic_tif(
-      str(path), np.concatenate([dn, qa[None]]),
-      _profile(c + 1, h, w, crs, origin, sensor.gsd_m, "uint16", 0),
-      list(sensor.bands) + ["QA"],
-      {"date": date, "sensor": sensor.name, "scale": "reflectance x 10000",
-       "QA_bits": "0 fill, 1 cloud, 2 cloud shadow, 3 clear"},
-      [{"wavelength_nm": str(wl)} for wl in sensor.wavelengths_nm] + [{}])
+    c, h, w = dn.shape
+    return _write_atomic_tif(
+        str(path), np.concatenate([dn, qa[None]]),
+        _profile(c + 1, h, w, crs, origin, sensor.gsd_m, "uint16", 0),
+        list(sensor.bands) + ["QA"],
+        {"date": date, "sensor": sensor.name, "scale": "reflectance x 10000",
+         "QA_bits": "0 fill, 1 cloud, 2 cloud shadow, 3 clear"},
+        [{"wavelength_nm": str(wl)} for wl in sensor.wavelengths_nm] + [{}])
 
 
 def write_scene(path, *, seed: int, height: int, width: int, sensor: str = "sentinel2",
                 crs: str = "EPSG:32633", origin=(500000.0, 5200000.0), date: str = "2021-06-15",
                 cloud_fraction: float = 0.15, nodata_border: bool = True, labels_path=None) -> str:
-  """Writes one synthetic scene (and optionally its land-cover labels) -> `path`."""
-  sens = SENSORS[sensor]
-  land = _landscape(seed, height, width)
-  fill = _fill_mask(seed, height, width) if nodata_border else np.zeros((height, width), bool)
-  dn, qa = _render(land, sens, _season(date, crs), np.random.default_rng((seed, 1)), cloud_fraction,
-                   fill)
-  if labels_path is not None:
-    _write_labels(str(labels_path), land, fill, crs, origin, sens.gsd_m)
-  return _write(path, dn, qa, sens, crs, origin, date)
+    """Writes one synthetic scene (and optionally its land-cover labels) -> `path`."""
+    sens = SENSORS[sensor]
+    land = _landscape(seed, height, width)
+    fill = _fill_mask(seed, height, width) if nodata_border else np.zeros((height, width), bool)
+    dn, qa = _render(land, sens, _season(date, crs), np.random.default_rng((seed, 1)), cloud_fraction,
+                     fill)
+    if labels_path is not None:
+        _write_labels(str(labels_path), land, fill, crs, origin, sens.gsd_m)
+    return _write(path, dn, qa, sens, crs, origin, date)
 
 
 def write_time_series(directory, *, seed: int, n_dates: int = 8, height: int = 256,
@@ -246,24 +246,24 @@ def write_time_series(directory, *, seed: int, n_dates: int = 8, height: int = 2
                       origin=(500000.0, 5200000.0), start_date: str = "2021-01-15",
                       cloud_fraction: float = 0.2, nodata_border: bool = True,
                       labels: bool = True) -> list[str]:
-  """One scene per date over a year on one grid: the seasonal NDVI cycle, clouds differing by date.
+    """One scene per date over a year on one grid: the seasonal NDVI cycle, clouds differing by date.
 
-  Files are `<directory>/ts_<date>.tif` (plus `labels.tif` when `labels`); returns the scenes.
-  """
-  sens = SENSORS[sensor]
-  land = _landscape(seed, height, width)
-  fill = _fill_mask(seed, height, width) if nodata_border else np.zeros((height, width), bool)
-  start = datetime.date.fromisoformat(start_date)
-  paths = []
-  for i in range(n_dates):
-    date = (start + datetime.timedelta(days=round(i * 365 / n_dates))).isoformat()
-    rng = np.random.default_rng((seed, 1, i))
-    frac = float(min(0.9, rng.uniform(0, 2 * cloud_fraction)))  # some dates clear, some cloudy
-    dn, qa = _render(land, sens, _season(date, crs), rng, frac, fill)
-    paths.append(_write(os.path.join(directory, f"ts_{date}.tif"), dn, qa, sens, crs, origin, date))
-  if labels:
-    _write_labels(os.path.join(directory, "labels.tif"), land, fill, crs, origin, sens.gsd_m)
-  return paths
+    Files are `<directory>/ts_<date>.tif` (plus `labels.tif` when `labels`); returns the scenes.
+    """
+    sens = SENSORS[sensor]
+    land = _landscape(seed, height, width)
+    fill = _fill_mask(seed, height, width) if nodata_border else np.zeros((height, width), bool)
+    start = datetime.date.fromisoformat(start_date)
+    paths = []
+    for i in range(n_dates):
+        date = (start + datetime.timedelta(days=round(i * 365 / n_dates))).isoformat()
+        rng = np.random.default_rng((seed, 1, i))
+        frac = float(min(0.9, rng.uniform(0, 2 * cloud_fraction)))  # some dates clear, some cloudy
+        dn, qa = _render(land, sens, _season(date, crs), rng, frac, fill)
+        paths.append(_write(os.path.join(directory, f"ts_{date}.tif"), dn, qa, sens, crs, origin, date))
+    if labels:
+        _write_labels(os.path.join(directory, "labels.tif"), land, fill, crs, origin, sens.gsd_m)
+    return paths
 
 
 # name, seed, height, width, crs, origin, date (southern summer for the EPSG:32755 scene)
@@ -275,22 +275,22 @@ _DEFAULT_SCENES = (
 
 
 def default_dir() -> pathlib.Path:
-  root = os.environ.get("EOJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eojax")
-  return pathlib.Path(root) / "synthetic" / "v1"
+    root = os.environ.get("EOJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eojax")
+    return pathlib.Path(root) / "synthetic" / "v1"
 
 
 def default_dataset(directory=None) -> list[str]:
-  """The three default Sentinel-2-like scenes (different sizes and CRSs), written once.
+    """The three default Sentinel-2-like scenes (different sizes and CRSs), written once.
 
-  Idempotent and race-safe: a file that exists is complete (atomic rename), and two processes
-  writing at once write identical bytes. Also writes `<name>_labels.tif` next to each scene.
-  """
-  directory = pathlib.Path(directory) if directory is not None else default_dir()
-  paths = []
-  for name, seed, h, w, crs, origin, date in _DEFAULT_SCENES:
-    path = directory / f"{name}.tif"
-    if not path.exists():
-      write_scene(path, seed=seed, height=h, width=w, crs=crs, origin=origin, date=date,
-                  labels_path=directory / f"{name}_labels.tif")
-    paths.append(str(path))
-  return paths
+    Idempotent and race-safe: a file that exists is complete (atomic rename), and two processes
+    writing at once write identical bytes. Also writes `<name>_labels.tif` next to each scene.
+    """
+    directory = pathlib.Path(directory) if directory is not None else default_dir()
+    paths = []
+    for name, seed, h, w, crs, origin, date in _DEFAULT_SCENES:
+        path = directory / f"{name}.tif"
+        if not path.exists():
+            write_scene(path, seed=seed, height=h, width=w, crs=crs, origin=origin, date=date,
+                        labels_path=directory / f"{name}_labels.tif")
+        paths.append(str(path))
+    return paths
