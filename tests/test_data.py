@@ -17,16 +17,13 @@ from eojax.data.windows import (GridWindowSampler, RandomWindowSampler, grid_off
 S2_BANDS = synthetic.SENSORS["sentinel2"].bands
 
 
-def _write_tif(path, array, nodata=None, dtype=None, descriptions=None, crs="EPSG:32633"):
+def _write_tif(path, array, nodata=None):
     """(C, H, W) array -> GeoTIFF."""
-    array = np.asarray(array)
     c, h, w = array.shape
-    with rasterio.open(path, "w", driver="GTiff", count=c, height=h, width=w,
-                       dtype=dtype or array.dtype, nodata=nodata, crs=crs,
+    with rasterio.open(path, "w", driver="GTiff", count=c, height=h, width=w, dtype=array.dtype,
+                       nodata=nodata, crs="EPSG:32633",
                        transform=Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5200000.0)) as dst:
         dst.write(array)
-        for i, d in enumerate(descriptions or []):
-            dst.set_band_description(i + 1, d)
     return str(path)
 
 

@@ -79,7 +79,8 @@ class Scene:
             if len(nodata) != c:
                 raise RasterError(f"{self.path}: {len(nodata)} nodata values given for {c} bands")
             self.nodata = [None if v is None else float(v) for v in nodata]
-        self._float_src = np.issubdtype(np.dtype(self.dtype), np.floating)
+        self._np_dtype = np.dtype(self.dtype)
+        self._float_src = np.issubdtype(self._np_dtype, np.floating)
         # Nodata compared in the read dtype, grouped by value: [(value, channels)], channels being
         # a slice when all bands share the value (the common case: one vectorised comparison).
         groups: dict = {}
@@ -218,7 +219,7 @@ class Scene:
         h, w = int(window.height), int(window.width)
         # GDAL fills a band-first buffer in the file's own dtype: its fastest path (no per-pixel
         # conversion, no strided writes). One numpy pass then casts it into channels-last float32.
-        raw = np.empty((len(self.band_names), h, w), self.dtype)
+        raw = np.empty((len(self.band_names), h, w), self._np_dtype)
         for path, indexes, channels in self._reads:
             self._handle(path).read(indexes, window=window, out=raw[channels])
         image = np.empty((h, w, raw.shape[0]), np.float32) if out is None else out
@@ -238,7 +239,7 @@ class Scene:
             return self._overview[1], self._overview[2]
         f = max(1.0, max(self.height, self.width) / max_size)
         oh, ow = max(1, math.ceil(self.height / f)), max(1, math.ceil(self.width / f))
-        raw = np.empty((len(self.band_names), oh, ow), self.dtype)
+        raw = np.empty((len(self.band_names), oh, ow), self._np_dtype)
         for path, indexes, channels in self._reads:
             self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
         mask = self._valid(raw)

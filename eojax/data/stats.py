@@ -88,6 +88,7 @@ def _write_atomic(path: pathlib.Path, text: str):
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
         os.replace(tmp, path)  # readers see the old file or the whole new one, never half
     except BaseException:
         os.unlink(tmp)

@@ -196,6 +196,7 @@ def _write_atomic_tif(path: str, array: np.ndarray, profile: dict, descriptions,
             dst.update_tags(**tags)
             for i, t in enumerate(band_tags):
                 dst.update_tags(i + 1, **t)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
