@@ -112,11 +112,14 @@ def grid_window_dataset(scenes: Sequence[Scene], *, size: int, stride: int,
 class _HostBatches(grain.MapDataset):
     """This host's batches: its share of every epoch, shuffled per epoch, padded to equal lengths.
 
-    Epoch e is a permutation of the parent's N indices (seeded by (seed, e)); host p takes positions
-    p, p + P, p + 2P, ... of it, so hosts never overlap and together cover the epoch. Every host gets
-    `per_epoch` elements per epoch (lockstep multi-host steps): N // P when dropping the remainder,
-    otherwise ceil(N / P) rounded up to whole batches, the extra slots being zero padding with
-    weight 0. Batch b holds share positions b*B .. b*B + B - 1 (epochs follow each other).
+    Epoch e is a permutation of the parent's N indices (seeded by (seed, e)), cut into global batches
+    of P * B elements (P hosts, B per host); host p's batch t is block p of global batch t, i.e.
+    positions t*P*B + p*B ... t*P*B + p*B + B - 1. So hosts never overlap, together cover the epoch,
+    and the global batch (hosts' rows concatenated in process order, as
+    jax.make_array_from_process_local_data does) is the same for any number of hosts: a run can be
+    resumed on a different host count and see the same data. Every host gets `per_epoch` elements per
+    epoch (lockstep multi-host steps): whole global batches only when dropping the remainder, otherwise
+    rounded up, the extra slots being zero padding with weight 0.
     """
 
     def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
@@ -158,7 +161,8 @@ class _HostBatches(grain.MapDataset):
     def source_index(self, position: int) -> int | None:
         """Share position -> index into the parent (epoch e's element j is e * N + j), None = pad."""
         epoch, k = divmod(position, self._per_epoch)
-        g = self._p + k * self._count
+        t, r = divmod(k, self._b)
+        g = (t * self._count + self._p) * self._b + r
         if g >= self._n:
             return None
         return epoch * self._n + (int(self._perm(epoch)[g]) if self._shuffle else g)
@@ -188,21 +192,22 @@ def make_iter_dataset(ds: grain.MapDataset, *, batch_size: int, process_index: i
     n = len(ds)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    global_batch = batch_size * process_count
     if drop_remainder:
-        per_epoch = n // process_count
-        if num_epochs is not None and per_epoch * num_epochs < batch_size:
-            raise ValueError(f"{n} elements over {process_count} hosts make no batch of {batch_size}")
+        per_epoch = n // global_batch * batch_size
     else:
-        per_epoch = math.ceil(math.ceil(n / process_count) / batch_size) * batch_size
+        per_epoch = math.ceil(n / global_batch) * batch_size
     if per_epoch == 0:
-        raise ValueError(f"{n} elements cannot be split over {process_count} hosts")
+        raise ValueError(f"{n} elements make no global batch of {batch_size} x {process_count} hosts")
     # Batches are built on the MapDataset, so batch k is a pure function of k: identical whether
     # it is produced by a thread, a worker process or after a restore.
     batches = _HostBatches(ds, batch_size=batch_size, process_index=process_index,
                            process_count=process_count, shuffle=shuffle, seed=seed,
                            num_epochs=num_epochs, per_epoch=per_epoch)
     if num_threads is None:
-        num_threads = min(2, os.cpu_count() or 1)  # GDAL reads and numpy copies release the GIL
+        # GDAL reads and numpy copies release the GIL, so threads overlap reading with training;
+        # up to half the cores (1 on a 2-core laptop: more readers there only fight for the CPU).
+        num_threads = max(1, min(4, (os.cpu_count() or 2) // 2))
     it_ds = batches.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads if prefetch_buffer > 0 else 0, prefetch_buffer_size=prefetch_buffer))
     if worker_count > 0:

@@ -82,6 +82,12 @@ def _user_cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "stats"
 
 
+def _writable(directory: pathlib.Path) -> bool:
+    """Writable and not marked read-only: root may write anywhere, but a folder whose mode has no
+    write bit (shared, archived data) is treated as read-only for everyone."""
+    return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
+
+
 def _write_atomic(path: pathlib.Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
@@ -118,6 +124,8 @@ def load_or_compute_stats(scenes: Sequence[Scene],
                 pass  # a damaged cache is recomputed and overwritten
     stats = compute_stats(scenes)
     for p in candidates:
+        if p.parent.exists() and not _writable(p.parent):
+            continue
         try:
             _write_atomic(p, stats.to_json())
             return stats, str(p)
