@@ -125,6 +125,20 @@ def load_params(path: str, abstract_params: Any) -> Any:
     return restored["params"]
 
 
+def read_state(step_dir: str) -> Any:
+    """The saved train state of one checkpoint step as numpy arrays, whatever mesh or process count
+    wrote it (for inspection, tests and conversions)."""
+    state_dir = os.path.join(step_dir, "state")
+    if not os.path.isdir(state_dir):
+        raise FileNotFoundError(f"no checkpoint state under {step_dir}")
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(state_dir)
+    meta = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return host_numpy(checkpointer.restore(state_dir, target))
+
+
 def host_numpy(tree: Any) -> Any:
     """Gathers a (possibly sharded) tree to host numpy, e.g. for comparisons in tests."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

@@ -5,8 +5,7 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-
+from eojax import checkpoint as ckpt_lib
 from eojax import metric_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,8 +14,7 @@ ARGS = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_
 
 
 def _params(workdir, step):
-    tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-    return tree["params"]
+    return ckpt_lib.read_state(os.path.join(workdir, "checkpoints", str(step)))["params"]
 
 
 def test_two_processes_train_like_one(tmp_path):

@@ -89,8 +89,7 @@ def _cli(workdir, *extra, env_extra=None, check=True):
 
 
 def _saved_tree(workdir, step):
-    import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return ckpt_lib.read_state(os.path.join(workdir, "checkpoints", str(step)))
 
 
 def _next_batch_after(workdir, step):
