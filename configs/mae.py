@@ -8,8 +8,9 @@ from GeoTIFFs with rasterio; with `input.paths` empty it uses eojax's synthetic 
   --config.input.paths="('/data/s2/*.tif',)" --config.input.bands="('B2','B3','B4','B8')"
 
 Arguments (comma separated): runlocal, variant=<mu|tiny|small|base|large|huge>, patch=<int>.
-`:runlocal` is a micro model on 32x32 windows: ~40 s on a 2-core CPU (most of it compilation);
-expect the train loss to fall from ~1.0 to ~0.6. The default (ViT-S/8-ish at 96 px) is the bench shape.
+`:runlocal` is a micro model on 32x32 windows, 100 steps of batch 16: ~35 s on a 2-core CPU (most of
+it compilation); expect the train loss to fall from ~1.0 to ~0.75-0.8 and the eval loss to ~0.84.
+The default (ViT-S width, 6 layers, 96 px, patch 8) is the bench shape.
 """
 from eojax import config_lib, optim
 
@@ -53,17 +54,17 @@ def get_config(arg=None):
     config.optim.clip_norm = 1.0
 
     if arg.runlocal:
-        config.total_steps = 30
+        config.total_steps = 100
         config.batch_size = 16
-        config.log_every = 5
-        config.eval_every = 0
+        config.log_every = 10
+        config.eval_every = 50
         config.eval_steps = 2
-        config.checkpoint_every = 10
+        config.checkpoint_every = 50
         config.input.window = 32
         config.input.num_windows = 256
         config.input.eval_stride = 64
         config.model.update(variant="mu", width=64, depth=2, heads=4, decoder_width=32, decoder_depth=1,
                             decoder_heads=2)
-        config.optim.lr = 1e-3
-        config.optim.warmup_steps = 5
+        config.optim.lr = 2e-3
+        config.optim.warmup_steps = 10
     return config

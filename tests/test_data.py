@@ -9,7 +9,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from eojax.data import pipeline, stats as stats_lib, synthetic
+from eojax.data import device, pipeline, stats as stats_lib, synthetic
 from eojax.data.raster import RasterError, Scene, open_scenes
 from eojax.data.windows import (GridWindowSampler, RandomWindowSampler, grid_offsets,
                                 grid_windows)
@@ -42,11 +42,10 @@ def scenes(scenes_dir):
 
 
 def _direct_read(path, band_indexes, window, nodata=0):
-    """Reference: plain rasterio read, channels-last, nodata -> invalid -> 0."""
+    """Reference: plain rasterio read (band-first, file dtype); valid = no band at nodata."""
     with rasterio.open(path) as src:
-        raw = src.read(band_indexes, window=window).transpose(1, 2, 0).astype(np.float32)
-    valid = (raw != nodata).all(-1)
-    return np.where(valid[..., None], raw, 0), valid
+        raw = src.read(band_indexes, window=window)
+    return raw, (raw != nodata).all(0)
 
 
 # -- raster -------------------------------------------------------------------------------------------
@@ -57,12 +56,12 @@ def test_pipeline_windows_equal_direct_rasterio_reads(scenes):
     it = pipeline.make_iterator(ds, batch_size=8, num_epochs=1)
     seen = 0
     for batch in it:
-        assert batch["image"].shape == (8, 32, 32, 10) and batch["image"].dtype == np.float32
+        assert batch["pixels"].shape == (8, 10, 32, 32) and batch["pixels"].dtype == np.uint16
         for k in range(8):
             s = scenes[batch["scene"][k]]
             win = Window(int(batch["col"][k]), int(batch["row"][k]), 32, 32)
-            image, valid = _direct_read(s.path, list(range(1, 11)), win)
-            np.testing.assert_array_equal(batch["image"][k], image)
+            raw, valid = _direct_read(s.path, list(range(1, 11)), win)
+            np.testing.assert_array_equal(batch["pixels"][k], raw)
             np.testing.assert_array_equal(batch["valid"][k], valid)
             seen += 1
     assert seen == 24
@@ -291,7 +290,7 @@ def test_global_batch_does_not_depend_on_the_host_count(scenes):
                                        num_epochs=1)) for p in range(2)]
     assert len(one) == len(two[0]) == len(two[1]) > 1
     for t, batch in enumerate(one):
-        for k in ("image", "valid", "scene", "row", "col"):
+        for k in ("pixels", "valid", "scene", "row", "col"):
             np.testing.assert_array_equal(batch[k], np.concatenate([two[0][t][k], two[1][t][k]]))
 
 
@@ -353,13 +352,14 @@ def test_make_image_input_train_and_eval(scenes_dir, tmp_path, monkeypatch):
     assert info["num_channels"] == 4 and info["band_names"] == list(S2_BANDS[:4])
     for _ in range(6):  # endless, static shapes
         b = next(it)
-        assert b["image"].shape == (4, 32, 32, 4) and b["weight"].tolist() == [1] * 4
-    v = b["image"][b["valid"]]
+        assert b["pixels"].shape == (4, 4, 32, 32) and b["weight"].tolist() == [1] * 4
+    image = np.asarray(device.to_model_input(b["pixels"], b["valid"], info["stats"]))
+    v = image[b["valid"]]
     assert abs(v.mean()) < 1.5 and 0.2 < v.std() < 3  # normalised
     ev, info = pipeline.make_image_input(cfg, split="eval", batch_size=5, process_index=0,
                                          process_count=1, seed=0)
     batches = list(ev)
-    assert all(b["image"].shape == (5, 32, 32, 4) for b in batches)
+    assert all(b["pixels"].shape == (5, 4, 32, 32) for b in batches)
     weights = np.concatenate([b["weight"] for b in batches])
     assert weights.sum() == info["num_windows"] and len(weights) == -(-info["num_windows"] // 5) * 5
     pad = batches[-1]["weight"] == 0
@@ -374,7 +374,7 @@ def test_default_config_uses_synthetic_scenes(tmp_path, monkeypatch):
                                          worker_count=0))
     it, info = pipeline.make_image_input(cfg, split="train", batch_size=2, seed=0)
     assert info["band_names"] == list(S2_BANDS) and len(info["scenes"]) == 3
-    assert next(it)["image"].shape == (2, 32, 32, 10)
+    assert next(it)["pixels"].shape == (2, 10, 32, 32)
 
 
 # -- statistics ---------------------------------------------------------------------------------------
@@ -387,9 +387,9 @@ def test_stats_equal_numpy_over_valid_pixels(scenes):
     assert st.count.tolist() == [len(pix)] * 10
     back = stats_lib.BandStats.from_json(st.to_json())
     np.testing.assert_array_equal(back.mean, st.mean)
-    norm = stats_lib.Normalizer(st)
-    image, valid = scenes[0].read_all()
-    out = norm(image, valid)
+    raw, valid = scenes[0].read_pixels(Window(0, 0, scenes[0].width, scenes[0].height))
+    out = np.asarray(device.to_model_input(raw[None], valid[None], st))[0]  # as the train step does
+    image = raw.transpose(1, 2, 0).astype(np.float64)
     np.testing.assert_allclose(out[valid], (image[valid] - st.mean) / st.std, rtol=1e-4, atol=1e-5)
     assert (out[~valid] == 0).all()
 

@@ -7,13 +7,13 @@ scene / row / col (B,) int32, weight (B,) float32 (0 marks padding).
 from eojax.data.pipeline import (grid_window_dataset, make_image_input, make_iter_dataset,
                                  make_iterator, random_window_dataset)
 from eojax.data.raster import RasterError, Scene, open_scenes
-from eojax.data.stats import BandStats, Normalizer, compute_stats, load_or_compute_stats
+from eojax.data.stats import BandStats, compute_stats, load_or_compute_stats
 from eojax.data.synthetic import SENSORS, default_dataset, write_scene, write_time_series
 from eojax.data.windows import (GridWindowSampler, RandomWindowSampler, grid_offsets,
                                 grid_windows)
 
 __all__ = [
-    "BandStats", "GridWindowSampler", "Normalizer", "RandomWindowSampler", "RasterError", "SENSORS",
+    "BandStats", "GridWindowSampler", "RandomWindowSampler", "RasterError", "SENSORS",
     "Scene", "compute_stats", "default_dataset", "grid_offsets", "grid_windows",
     "grid_window_dataset", "load_or_compute_stats", "make_image_input", "make_iter_dataset",
     "make_iterator", "open_scenes", "random_window_dataset", "write_scene", "write_time_series",

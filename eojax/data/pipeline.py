@@ -21,18 +21,23 @@ from rasterio.windows import Window
 
 from eojax.data import synthetic
 from eojax.data.raster import Scene, open_scenes
-from eojax.data.stats import Normalizer, load_or_compute_stats
+from eojax.data.stats import load_or_compute_stats
 from eojax.data.windows import GridWindowSampler, RandomWindowSampler
 
 
 class _WindowDataset(grain.MapDataset):
-    """Element i: the size x size window `pick(i)` -> (scene index, Window) read from its scene."""
+    """Element i: the size x size window `pick(i)` -> (scene index, Window) read from its scene.
+
+    Elements hold the raw pixels, band-first, in one dtype common to all scenes; normalisation and
+    the move to channels-last happen on the device (eojax.data.device), where they are nearly free.
+    """
 
     def __init__(self, scenes: Sequence[Scene], pick: Callable[[int], tuple[int, Window]],
-                 length: int, size: int, normalizer: Normalizer | None):
+                 length: int, size: int):
         super().__init__()
         self._scenes, self._pick, self._length = list(scenes), pick, length
-        self._size, self._normalizer = int(size), normalizer
+        self._size = int(size)
+        self.dtype = np.result_type(*[np.dtype(sc.dtype) for sc in self._scenes])
 
     def __len__(self) -> int:
         return self._length
@@ -51,18 +56,16 @@ class _WindowDataset(grain.MapDataset):
         n, c, size = len(indices), self._scenes[0].num_channels, (self._size, self._size)
         picks = [None if i is None else self._pick(i) for i in indices]
         # np.empty: every real slot is overwritten; padding slots are zeroed below.
-        out = {"image": np.empty((n, *size, c), np.float32), "valid": np.empty((n, *size), bool),
+        out = {"pixels": np.empty((n, c, *size), self.dtype), "valid": np.empty((n, *size), bool),
                "scene": np.zeros(n, np.int32), "row": np.zeros(n, np.int32),
                "col": np.zeros(n, np.int32), "weight": np.zeros(n, np.float32)}
         for k, p in enumerate(picks):
             if p is None:
-                out["image"][k], out["valid"][k] = 0.0, False
+                out["pixels"][k], out["valid"][k] = 0, False
                 continue
             i, win = p
             # Each window lands in its batch slot directly: no per-element arrays, no stacking copy.
-            _, out["valid"][k] = self._scenes[i].read(win, out=out["image"][k])
-            if self._normalizer is not None:
-                self._normalizer.apply_(out["image"][k], out["valid"][k])
+            _, out["valid"][k] = self._scenes[i].read_pixels(win, out=out["pixels"][k])
             out["scene"][k], out["row"][k], out["col"][k] = i, win.row_off, win.col_off
             out["weight"][k] = 1.0
         return out
@@ -87,26 +90,25 @@ class _GridPick:
 
 
 def random_window_dataset(scenes: Sequence[Scene], *, size: int, num_windows: int, seed: int,
-                          min_valid_fraction: float = 0.5,
-                          normalizer: Normalizer | None = None) -> grain.MapDataset:
+                          min_valid_fraction: float = 0.5) -> grain.MapDataset:
     """`num_windows` random windows per epoch (see RandomWindowSampler for the rule).
 
     Element i's window is drawn from `np.random.default_rng((seed, i))`: deterministic, and since
     Grain addresses epoch e's element j as e * num_windows + j, every epoch draws new windows.
-    Elements: image (size, size, C) float32, valid (size, size) bool, scene / row / col int32.
+    Elements: pixels (C, size, size) in the scenes' common dtype, valid (size, size) bool,
+    scene / row / col int32.
     """
     if num_windows <= 0:
         raise ValueError(f"num_windows must be positive, got {num_windows}")
     sampler = RandomWindowSampler(scenes, size, min_valid_fraction)
-    return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), size, normalizer)
+    return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), size)
 
 
 def grid_window_dataset(scenes: Sequence[Scene], *, size: int, stride: int,
-                        min_valid_fraction: float = 0.0,
-                        normalizer: Normalizer | None = None) -> grain.MapDataset:
+                        min_valid_fraction: float = 0.0) -> grain.MapDataset:
     """Every grid window (row-major, scene by scene) meeting `min_valid_fraction`."""
     sampler = GridWindowSampler(scenes, size, stride, min_valid_fraction)
-    return _WindowDataset(scenes, _GridPick(sampler), len(sampler), size, normalizer)
+    return _WindowDataset(scenes, _GridPick(sampler), len(sampler), size)
 
 
 class _HostBatches(grain.MapDataset):
@@ -275,32 +277,32 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
     checkpointable iterator. split='eval': every grid window once, in order, the last batch padded
     (weight 0); returns a re-iterable IterDataset (each `iter()` is a fresh pass).
     Empty `paths` means the synthetic default scenes (Sentinel-2 bands, see synthetic.py).
-    info: num_channels, band_names, stats (BandStats or None), scenes, num_windows.
+    Batches carry raw `pixels` (B, C, H, W); `eojax.data.device.to_model_input(pixels, valid,
+    info["stats"])` makes the normalised channels-last model input inside the jitted step.
+    info: num_channels, band_names, stats (BandStats or None), scenes, num_windows, dtype.
     """
     scenes = _scenes_from_cfg(input_cfg)
     stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
-    normalizer = Normalizer(stats) if stats is not None else None
     size = int(_cfg(input_cfg, "window", 64))
     min_valid = float(_cfg(input_cfg, "min_valid_fraction", 0.5))
     workers = int(_cfg(input_cfg, "worker_count", 0))
     if split == "train":
         num_windows = int(_cfg(input_cfg, "num_windows", 1024))
         ds = random_window_dataset(scenes, size=size, num_windows=num_windows, seed=seed,
-                                   min_valid_fraction=min_valid, normalizer=normalizer)
+                                   min_valid_fraction=min_valid)
         batches = make_iterator(ds, batch_size=batch_size, process_index=process_index,
                                 process_count=process_count, shuffle=True, seed=seed, num_epochs=None,
                                 drop_remainder=True, worker_count=workers)
     elif split == "eval":
         stride = int(_cfg(input_cfg, "eval_stride", 0)) or size
-        ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid,
-                                 normalizer=normalizer)
+        ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid)
         batches = make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
                                     process_count=process_count, shuffle=False, num_epochs=1,
                                     drop_remainder=False, worker_count=workers)
     else:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     info = dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names),
-                stats=stats, scenes=scenes, num_windows=len(ds))
+                stats=stats, scenes=scenes, num_windows=len(ds), dtype=ds.dtype)
     return batches, info
 
 

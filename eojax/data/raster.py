@@ -211,22 +211,32 @@ class Scene:
             valid &= ~np.isnan(raw).any(axis=0)
         return valid
 
-    def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Reads `window` -> (image float32 (h, w, C), valid bool (h, w)); invalid pixels are 0.
+    def read_pixels(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reads `window` -> (pixels (C, h, w) band-first, valid bool (h, w)), values untouched.
 
-        `out`: an (h, w, C) float32 array to fill (e.g. a slot of a batch), saving a copy.
+        GDAL fills a band-first buffer in the file's own dtype: its fastest path (no per-pixel
+        conversion, no strided writes). `out`: a (C, h, w) array to fill, e.g. a slot of a batch;
+        if its dtype differs from the file's, the values are cast into it after the validity test.
         """
         h, w = int(window.height), int(window.width)
-        # GDAL fills a band-first buffer in the file's own dtype: its fastest path (no per-pixel
-        # conversion, no strided writes). One numpy pass then casts it into channels-last float32.
-        raw = np.empty((len(self.band_names), h, w), self._np_dtype)
+        if out is not None and out.dtype == self._np_dtype:
+            raw = out
+        else:
+            raw = np.empty((len(self.band_names), h, w), self._np_dtype)
         for path, indexes, channels in self._reads:
             self._handle(path).read(indexes, window=window, out=raw[channels])
-        image = np.empty((h, w, raw.shape[0]), np.float32) if out is None else out
-        image[...] = raw.transpose(1, 2, 0)
         valid = self._valid(raw)
-        if not valid.all():
-            image[~valid] = 0.0
+        if out is not None and raw is not out:
+            out[...] = raw
+            raw = out
+        return raw, valid
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Reads `window` -> (image float32 (h, w, C) channels-last, valid bool (h, w)); invalid pixels
+        are 0. Convenient for analysis; the training pipeline ships `read_pixels` output instead."""
+        raw, valid = self.read_pixels(window)
+        image = np.ascontiguousarray(raw.transpose(1, 2, 0), dtype=np.float32)
+        image[~valid] = 0.0
         return image, valid
 
     def validity_overview(self, max_size: int = 512) -> tuple[np.ndarray, tuple[float, float]]:

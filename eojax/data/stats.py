@@ -132,26 +132,3 @@ def load_or_compute_stats(scenes: Sequence[Scene],
         except OSError:
             continue
     raise OSError(f"cannot write the statistics cache to any of {[str(p) for p in candidates]}")
-
-
-class Normalizer:
-    """(image - mean) / std per band; invalid pixels stay 0. Bands with std 0 are only centred."""
-
-    def __init__(self, stats: BandStats):
-        self.stats = stats
-        self.mean = np.asarray(stats.mean, np.float32)
-        std = np.asarray(stats.std, np.float32)
-        self.inv_std = np.where(std > 0, 1.0 / np.where(std > 0, std, 1), 1).astype(np.float32)
-
-    def __call__(self, image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        return self.apply_(np.array(image, np.float32), valid)
-
-    def apply_(self, image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """In place on a float32 (..., C) array (the pipeline's batch slots)."""
-        image -= self.mean
-        image *= self.inv_std
-        image[~valid] = 0.0
-        return image
-
-    def denormalize(self, image: np.ndarray) -> np.ndarray:
-        return image / self.inv_std + self.mean

@@ -9,7 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from eojax import viz
-from eojax.data import pipeline
+from eojax.data import device, pipeline
 from eojax.models import mae as mae_lib
 from eojax.tasks.base import Task
 
@@ -61,25 +61,30 @@ class MAETask(Task):
 
     def dummy_batch(self, batch_size):
         w, c = self.config.input.window, self.info["num_channels"]
-        return {"image": jax.ShapeDtypeStruct((batch_size, w, w, c), jnp.float32),
+        return {"pixels": jax.ShapeDtypeStruct((batch_size, c, w, w), self.info["dtype"]),
                 "valid": jax.ShapeDtypeStruct((batch_size, w, w), jnp.bool_),
                 "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
+    def image(self, batch):
+        """Raw band-first pixels -> normalised channels-last model input (inside the jitted step)."""
+        return device.to_model_input(batch["pixels"], batch["valid"], self.info["stats"])
+
     def init(self, rng, batch):
         params_rng, mask_rng = jax.random.split(rng)
-        variables = self.model.init({"params": params_rng, "mask": mask_rng}, batch["image"], train=False)
+        variables = self.model.init({"params": params_rng, "mask": mask_rng}, self.image(batch), train=False)
         return variables["params"]
 
     # -- loss and evaluation -------------------------------------------------------------------------
     def _forward(self, params, batch, rng, train, mask_ratio=None):
         mask_rng, dropout_rng = jax.random.split(rng)
-        out = self.model.apply({"params": params}, batch["image"], train=train, mask_ratio=mask_ratio,
+        image = self.image(batch)
+        out = self.model.apply({"params": params}, image, train=train, mask_ratio=mask_ratio,
                                rngs={"mask": mask_rng, "dropout": dropout_rng})
         # Padding rows of a partial eval batch carry weight 0: they count as all-invalid.
         valid = batch["valid"] & (batch["weight"][:, None, None] > 0)
-        loss, aux = mae_lib.mae_loss(out["pred"], batch["image"], valid, out["mask"],
+        loss, aux = mae_lib.mae_loss(out["pred"], image, valid, out["mask"],
                                      self.model.patch_size, self.config.model.norm_pix_loss)
-        return loss, aux, out
+        return loss, aux, dict(out, image=image)
 
     def loss_fn(self, params, batch, rng, train):
         loss, aux, _ = self._forward(params, batch, rng, train)
@@ -96,11 +101,11 @@ class MAETask(Task):
     # -- pictures ----------------------------------------------------------------------------------
     def write_pictures(self, params, batch, workdir, step):
         """original / masked / reconstructed tiles as one PNG (RGB from the band names when it can)."""
-        n = min(4, batch["image"].shape[0])
+        n = min(4, batch["valid"].shape[0])
         rng = jax.random.key(self.config.seed + 1)
         _, _, out = jax.jit(lambda p, b: self._forward(p, b, rng, False))(params, batch)
         fetched = multihost_utils.process_allgather(
-            {"image": batch["image"], "valid": batch["valid"], "pred": out["pred"], "mask": out["mask"]},
+            {"image": out["image"], "valid": batch["valid"], "pred": out["pred"], "mask": out["mask"]},
             tiled=True)
         if jax.process_index() != 0:
             return []
