@@ -35,9 +35,11 @@ def to_rgb8(image: np.ndarray, band_names: Sequence[str], valid: np.ndarray | No
     return (out * 255).round().astype(np.uint8)
 
 
-def save_grid_png(path: str, rows: list[list[np.ndarray]], pad: int = 2, scale: int = 2) -> str:
-    """Tiles (H, W, 3) uint8 images in rows; each tile is enlarged `scale` times (nearest)."""
+def save_grid_png(path: str, rows: list[list[np.ndarray]], pad: int = 2, scale: int = 0) -> str:
+    """Tiles (H, W, 3) uint8 images in rows; each tile is enlarged `scale` times (nearest; 0 = enough
+    for tiles of at least 128 pixels, so small test windows stay readable)."""
     h, w = rows[0][0].shape[:2]
+    scale = scale or max(1, 128 // max(h, w))
     ncol = max(len(r) for r in rows)
     canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i, row in enumerate(rows):

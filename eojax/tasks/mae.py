@@ -110,15 +110,18 @@ class MAETask(Task):
         if jax.process_index() != 0:
             return []
         p = self.model.patch_size
-        image = np.asarray(fetched["image"][:n])
+        # The tiles with the most valid data: nodata corners make poor pictures.
+        pick = np.argsort(-np.asarray(fetched["valid"]).mean(axis=(1, 2)), kind="stable")[:n]
+        fetched = {k: np.asarray(v)[pick] for k, v in fetched.items()}
+        image = fetched["image"]
         h, w, c = image.shape[1:]
-        recon = np.asarray(mae_lib.unpatchify(fetched["pred"][:n], p, h, w, c))
+        recon = np.asarray(mae_lib.unpatchify(fetched["pred"], p, h, w, c))
         if self.config.model.norm_pix_loss:
-            recon = _denormalize_patches(recon, image, np.asarray(fetched["valid"][:n]), p)
+            recon = _denormalize_patches(recon, image, fetched["valid"], p)
         mask_px = np.asarray(mae_lib.unpatchify(
-            np.repeat(fetched["mask"][:n, :, None], p * p, axis=2), p, h, w, 1))[..., 0]
+            np.repeat(fetched["mask"][:, :, None], p * p, axis=2), p, h, w, 1))[..., 0]
         path = os.path.join(workdir, f"mae_reconstruction_step{step}.png")
-        viz.save_reconstruction_png(path, image, np.asarray(fetched["valid"][:n]), mask_px > 0.5, recon,
+        viz.save_reconstruction_png(path, image, fetched["valid"], mask_px > 0.5, recon,
                                     self.info["band_names"])
         return [path]
 
