@@ -107,33 +107,35 @@ def load_params(path: str, abstract_params: Any) -> Any:
             steps = sorted(int(n) for n in os.listdir(candidate) if n.isdigit())
             path = os.path.join(candidate, str(steps[-1]))
             break
-    state_dir = os.path.join(path, "state")
-    if not os.path.isdir(state_dir):
-        raise FileNotFoundError(f"config.init_from: no checkpoint state under {path}")
-    checkpointer = ocp.StandardCheckpointer()
-    saved = checkpointer.metadata(state_dir)
-    saved_tree = getattr(saved, "item_metadata", saved)
-    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    _, state_dir, saved_tree = _open_state(path, "config.init_from: ")
     if "params" not in saved_tree:
         raise CheckpointMismatchError(f"config.init_from: {state_dir} holds no 'params'")
     check_compatible(saved_tree["params"], abstract_params, f"config.init_from {path}")
-    # Restore only the params subtree; other entries are skipped by giving no target for them.
-    target = jax.tree.map(lambda _: ocp.PLACEHOLDER, dict(saved_tree))
-    target["params"] = abstract_params
-    restored = checkpointer.restore(state_dir, target)
+    # Partial restore: only the params subtree is read (the optimizer state may be large).
+    target = {"params": abstract_params}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None)),
+                                abstract_params)
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args={"params": restore_args}, partial_restore=True))
     logging.info("initialised params from %s", path)
     return restored["params"]
+
+
+def _open_state(step_dir: str, what: str = ""):
+    """-> (checkpointer, state folder, metadata tree) of one checkpoint step."""
+    state_dir = os.path.join(step_dir, "state")
+    if not os.path.isdir(state_dir):
+        raise FileNotFoundError(f"{what}no checkpoint state under {step_dir}")
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(state_dir)
+    meta = getattr(meta, "item_metadata", meta)
+    return checkpointer, state_dir, getattr(meta, "tree", meta)
 
 
 def read_state(step_dir: str) -> Any:
     """The saved train state of one checkpoint step as numpy arrays, whatever mesh or process count
     wrote it (for inspection, tests and conversions)."""
-    state_dir = os.path.join(step_dir, "state")
-    if not os.path.isdir(state_dir):
-        raise FileNotFoundError(f"no checkpoint state under {step_dir}")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(state_dir)
-    meta = getattr(meta, "item_metadata", meta)
+    checkpointer, state_dir, meta = _open_state(step_dir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
     return host_numpy(checkpointer.restore(state_dir, target))

@@ -187,3 +187,25 @@ def test_real_landsat8_scene_trains(test_data):
     assert run.task.info["band_names"] == ["B2", "B3", "B4", "B5", "B6", "B7"]
     assert all(np.isfinite(losses))
     assert int(state.step) == 4
+
+
+def test_init_from_another_run_loads_its_params(tmp_path):
+    """config.init_from: a pretrained run's params start a new run; its optimizer state does not."""
+    config = mae_config(mesh=(("data", 1), ("fsdp", 1), ("model", 1)))
+    run, state, _ = run_steps(config, jax.devices()[:1], n=2)
+    saver = ckpt_lib.Checkpointer(str(tmp_path / "pre" / "checkpoints"))
+    saver.save(2, state, force=True)
+    saver.close()
+
+    fresh = train.setup(mae_config(mesh=(("data", 1), ("fsdp", 1), ("model", 1)),
+                                   init_from=str(tmp_path / "pre")), devices=jax.devices()[:1])
+    loaded = train.restore_or_init(fresh, ckpt_lib.Checkpointer(str(tmp_path / "new" / "checkpoints")))
+    assert int(loaded.step) == 0  # a new run, not a resume
+    for x, y in zip(jax.tree.leaves(ckpt_lib.host_numpy(loaded.params)), jax.tree.leaves(ckpt_lib.host_numpy(state.params))):
+        np.testing.assert_array_equal(x, y)
+
+    other = train.setup(mae_config(**{"mesh": (("data", 1), ("fsdp", 1), ("model", 1)),
+                                      "init_from": str(tmp_path / "pre"), "model.width": 96}),
+                        devices=jax.devices()[:1])
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different model"):
+        train.restore_or_init(other, ckpt_lib.Checkpointer(str(tmp_path / "other" / "checkpoints")))
