@@ -263,7 +263,9 @@ def main() -> None:
               f"({inp['step_s'] * 1e3:.1f} ms per batch of {args.batch}) vs the step's "
               f"{ej['step']['images_per_s']:.1f} images/s")
     if isinstance(ej, dict) and isinstance(tr, dict):
-        print(f"ratio eojax/torch (images/s, step only): {tr['step']['step_s'] / ej['step']['step_s']:.2f}x")
+        print(f"ratio eojax/torch (images/s, step only): {tr['step']['step_s'] / ej['step']['step_s']:.2f}x "
+              f"from the medians, {tr['step']['min_step_s'] / ej['step']['min_step_s']:.2f}x from the best steps "
+              f"(the steadier of the two when other processes share the cores)")
     for fw, r in results.items():
         if isinstance(r, str) and "\n" in r:
             print(f"\n{r}")

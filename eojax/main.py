@@ -3,6 +3,7 @@
   eojax train --config=configs/mae.py:runlocal --workdir=/tmp/mae [--config.total_steps=100 ...]
   eojax eval  --config=configs/mae.py:runlocal --workdir=/tmp/mae
   eojax stats --config=configs/mae.py:runlocal      # per-band statistics of config.input, cached
+  eojax export --config=configs/mae.py:runlocal --workdir=/tmp/mae   # per-window embeddings -> GeoTIFF
 
 `python -m eojax.main ...` is the same program.
 """
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "stats")
+COMMANDS = ("train", "eval", "stats", "export")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:runlocal",
                                           lock_config=True)
@@ -52,6 +53,9 @@ def main(argv: list[str]) -> None:
             f.write(config.to_json_best_effort(indent=2))
         result = train.train_and_evaluate(config, workdir)
         summary = {"train": result["train"], "eval": result["eval"], "pictures": result["pictures"]}
+    elif command == "export":
+        from eojax.infer import features
+        summary = {"features": features.export_run_features(config, workdir)}
     else:
         summary = {"eval": train.evaluate_checkpoint(config, workdir)}
     print(json.dumps(summary, indent=2))

@@ -53,5 +53,9 @@ class Task:
         count = max(float(sums.get("count", 0.0)), 1e-12)
         return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
 
+    def embed(self, params, batch) -> jax.Array:
+        """(B, D) embedding per example, for `eojax export` (encoder families)."""
+        raise NotApplicableError(f"the '{self.name}' task has no encoder embedding to export")
+
     def write_pictures(self, params, batch, workdir: str, step: int) -> list[str]:
         return []

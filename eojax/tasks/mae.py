@@ -95,6 +95,12 @@ class MAETask(Task):
         loss, aux, _ = self._forward(params, batch, rng, train=False)
         return {"loss_sum": loss * aux["loss_weight"], "count": aux["loss_weight"]}
 
+    def embed(self, params, batch):
+        """Per-window embedding for feature export: the encoder on every patch (no masking), patch
+        tokens averaged."""
+        _, _, out = self._forward(params, batch, jax.random.key(0), train=False, mask_ratio=0.0)
+        return jnp.mean(out["latent"][:, self.model.use_cls_token:], axis=1)
+
     def train_flops_per_example(self) -> float:
         return mae_lib.flops_per_image(self.model_kwargs(), training=True)
 

@@ -1,0 +1,1 @@
+"""Inference: feature export, sliding-window prediction, sampling."""

@@ -1,0 +1,108 @@
+"""Per-window embeddings of a whole raster, written as a georeferenced GeoTIFF.
+
+The encoder runs over a regular grid of windows (offsets 0, stride, 2*stride, ... while the window
+fits). Output pixel (i, j) is the window at (i*stride, j*stride); it is georeferenced as the
+stride x stride cell centred on that window, so with stride == window the output tiles the input
+exactly and each embedding sits over the ground it describes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.windows import Window
+
+from eojax.data.raster import RasterError
+
+
+def feature_grid(height: int, width: int, window: int, stride: int) -> tuple[list[int], list[int]]:
+    """Regular window offsets (rows, cols); raises if not even one window fits."""
+    if height < window or width < window:
+        raise RasterError(f"raster {height}x{width} is smaller than the {window}-pixel window")
+    rows = list(range(0, height - window + 1, stride))
+    cols = list(range(0, width - window + 1, stride))
+    return rows, cols
+
+
+def feature_transform(transform: Affine, window: int, stride: int) -> Affine:
+    """Input transform -> output transform: one output pixel per stride, centred on its window."""
+    shift = (window - stride) / 2.0
+    return transform @ Affine.translation(shift, shift) @ Affine.scale(stride)
+
+
+def export_features(scene, embed: Callable[[np.ndarray, np.ndarray], np.ndarray], out_path: str, *,
+                    window: int, stride: int, batch_size: int = 32,
+                    min_valid_fraction: float = 0.0) -> str:
+    """Runs `embed(pixels (B, C, w, w), valid (B, w, w)) -> (B, D)` over `scene` (a Scene or
+    StackedScene) and writes a float32 GeoTIFF with D bands, the scene's CRS and the feature
+    transform. Windows whose valid fraction is below `min_valid_fraction` (or zero) are NaN.
+    Batches are padded to `batch_size` so `embed` compiles once.
+    """
+    rows, cols = feature_grid(scene.height, scene.width, window, stride)
+    positions = [(r, c) for r in rows for c in cols]
+    out, dim = None, None
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start:start + batch_size]
+        pixels = np.zeros((batch_size, scene.num_channels, window, window), np.dtype(scene.dtype))
+        valid = np.zeros((batch_size, window, window), bool)
+        for k, (r, c) in enumerate(chunk):
+            _, valid[k] = scene.read_pixels(Window(c, r, window, window), out=pixels[k])
+        emb = np.asarray(embed(pixels, valid), np.float32)[:len(chunk)]
+        if out is None:
+            dim = emb.shape[-1]
+            out = np.full((dim, len(rows), len(cols)), np.nan, np.float32)
+        fractions = valid[:len(chunk)].mean(axis=(1, 2))
+        for k, (r, c) in enumerate(chunk):
+            if fractions[k] > 0 and fractions[k] >= min_valid_fraction:
+                out[:, r // stride, c // stride] = emb[k]
+    profile = dict(driver="GTiff", width=len(cols), height=len(rows), count=dim, dtype="float32",
+                   crs=scene.crs, transform=feature_transform(scene.transform, window, stride),
+                   nodata=float("nan"), compress="deflate")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".partial"
+    with rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(out)
+        dst.descriptions = tuple(f"emb{i}" for i in range(dim))
+        dst.update_tags(window=window, stride=stride, source=scene.path)
+    os.replace(tmp, out_path)  # a crash never leaves a half-written feature file behind
+    logging.info("wrote %dx%d embeddings of width %d to %s", len(rows), len(cols), dim, out_path)
+    return out_path
+
+
+def export_run_features(config, workdir: str, out_dir: str | None = None) -> list[str]:
+    """`eojax export`: the latest checkpoint's encoder over every scene of `config.input`; one
+    feature GeoTIFF per scene in `out_dir` (default <workdir>/features)."""
+    import jax
+
+    from eojax import checkpoint as ckpt_lib
+    from eojax import train
+
+    if jax.process_count() > 1:
+        raise RuntimeError("eojax export runs as a single process (it reads whole rasters itself)")
+    run = train.setup(config)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory} to export features from")
+    params = checkpointer.restore(step, run.abstract_state).params
+    checkpointer.close()
+    embed_step = jax.jit(run.task.embed)
+
+    def embed(pixels, valid):
+        weight = np.ones(len(pixels), np.float32)  # padding rows are dropped by export_features
+        batch = run.global_batch({"pixels": pixels, "valid": valid, "weight": weight})
+        return jax.device_get(embed_step(params, batch))
+
+    out_dir = out_dir or os.path.join(workdir, "features")
+    window = config.input.window
+    stride = config.input.get("eval_stride", 0) or window
+    paths = []
+    for scene in run.task.info["scenes"]:
+        stem = os.path.splitext(os.path.basename(scene.path.replace("{band}", "stack")))[0]
+        paths.append(export_features(scene, embed, os.path.join(out_dir, f"{stem}_features.tif"),
+                                     window=window, stride=stride, batch_size=config.batch_size))
+    return paths
