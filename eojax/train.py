@@ -119,7 +119,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
 
     def init_state():
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jit_create(init_rng)
+            lowered = jit_create.lower(init_rng)
+            # Init runs once: on CPU, optimising its program costs more time than running it.
+            options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else {}
+            return lowered.compile(compiler_options=options)(init_rng)
 
     batch_shardings = parallel.global_batch_shardings(dummy, mesh, rules)
     step_fn = _make_train_step(task, optimizer, accum, step_rng)
