@@ -25,17 +25,7 @@ def get_config(arg=None):
     config.eval_every = 2_000
     config.checkpoint_every = 1_000
 
-    config.input = dict(
-        paths=(),  # GeoTIFFs, globs or '{band}' templates; empty = synthetic default scenes
-        bands=(),  # names or 1-based indices; empty = all bands (synthetic: the 10 spectral bands)
-        nodata=None,  # override the files' nodata value
-        window=96,
-        num_windows=4096,  # random windows per epoch
-        min_valid_fraction=0.5,  # windows with less valid data are redrawn (see data/windows.py)
-        normalize=True,  # per-band mean/std over valid pixels, cached next to the data
-        eval_stride=96,
-        worker_count=0,
-    )
+    config.input = config_lib.image_input_defaults()
 
     # Shape keys at 0 take the variant's own size.
     config.model = dict(

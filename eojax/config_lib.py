@@ -76,3 +76,25 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 0, "process_id": -1})
     return c
+
+
+def image_input_defaults(**overrides) -> ml_collections.ConfigDict:
+    """`config.input` of the image families: GeoTIFF windows read on the fly (eojax.data.pipeline)."""
+    c = ml_collections.ConfigDict(dict(
+        paths=(),  # GeoTIFFs, globs or '{band}' templates; empty = synthetic default scenes
+        bands=(),  # names or 1-based indices; empty = all bands (synthetic: the 10 spectral bands)
+        nodata=ml_collections.config_dict.placeholder(float),  # override the files' nodata value
+        window=96,
+        num_windows=4096,  # random windows per epoch
+        min_valid_fraction=0.5,  # windows with less valid data are redrawn (data/windows.py)
+        normalize=True,  # per-band statistics over valid pixels, cached next to the data
+        normalize_mode="standard",  # or 'satmae_minmax': clip((x - (mean - 2 std)) / (4 std), 0, 1)
+        eval_stride=96,
+        worker_count=0,
+        stack=False,  # True: each path is a layer warped onto one grid (different resolutions / CRSs)
+        resampling="bilinear",  # per-path tuple or one name, when stacking
+        reference=ml_collections.config_dict.placeholder(str),  # the grid to stack onto (default: finest)
+        scales=(1,),  # (1, 2, 4): also real 2x and 4x windows as targets (SatMAE++ multi-scale)
+    ))
+    c.update(overrides)
+    return c

@@ -35,6 +35,11 @@ def to_rgb8(image: np.ndarray, band_names: Sequence[str], valid: np.ndarray | No
     return (out * 255).round().astype(np.uint8)
 
 
+def resize_nearest(tile: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> (size, size, 3) by pixel repetition, to show scales side by side."""
+    return np.asarray(Image.fromarray(tile).resize((size, size), Image.NEAREST))
+
+
 def save_grid_png(path: str, rows: list[list[np.ndarray]], pad: int = 2, scale: int = 0) -> str:
     """Tiles (H, W, 3) uint8 images in rows; each tile is enlarged `scale` times (nearest; 0 = enough
     for tiles of at least 128 pixels, so small test windows stay readable)."""

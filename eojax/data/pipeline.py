@@ -20,24 +20,44 @@ import numpy as np
 from rasterio.windows import Window
 
 from eojax.data import synthetic
-from eojax.data.raster import Scene, open_scenes
+from eojax.data.multiscale import check_scales, read_multiscale, scale_key
+from eojax.data.raster import Scene, expand_paths, open_scenes
+from eojax.data.stack import StackedScene
 from eojax.data.stats import load_or_compute_stats
 from eojax.data.windows import GridWindowSampler, RandomWindowSampler
 
 
 class _WindowDataset(grain.MapDataset):
-    """Element i: the size x size window `pick(i)` -> (scene index, Window) read from its scene.
+    """Element i: the window `pick(i)` -> (scene index, Window) read from its scene.
 
     Elements hold the raw pixels, band-first, in one dtype common to all scenes; normalisation and
     the move to channels-last happen on the device (eojax.data.device), where they are nearly free.
+    With `scales` other than (1,), the picked window is size * max(scales) pixels at native
+    resolution and every scale s gets `pixels[_<s>x]` (size * s) and `valid[_<s>x]`, all float32
+    (see eojax.data.multiscale for the averaging rule).
     """
 
     def __init__(self, scenes: Sequence[Scene], pick: Callable[[int], tuple[int, Window]],
-                 length: int, size: int):
+                 length: int, size: int, scales: Sequence[int] = (1,)):
         super().__init__()
         self._scenes, self._pick, self._length = list(scenes), pick, length
-        self._size = int(size)
-        self.dtype = np.result_type(*[np.dtype(sc.dtype) for sc in self._scenes])
+        self._size, self._scales = int(size), check_scales(scales)
+        if self._scales == (1,):
+            self.dtype = np.result_type(*[np.dtype(sc.dtype) for sc in self._scenes])
+        else:
+            self.dtype = np.dtype(np.float32)  # block means are fractional
+
+    @property
+    def element_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-element shape and dtype of every array key (a batch adds a leading axis)."""
+        c, spec = self._scenes[0].num_channels, {}
+        for s in self._scales:
+            n = self._size * s
+            spec[scale_key("pixels", s)] = ((c, n, n), self.dtype)
+            spec[scale_key("valid", s)] = ((n, n), np.dtype(bool))
+        spec.update(scene=((), np.dtype(np.int32)), row=((), np.dtype(np.int32)),
+                    col=((), np.dtype(np.int32)))
+        return spec
 
     def __len__(self) -> int:
         return self._length
@@ -53,19 +73,24 @@ class _WindowDataset(grain.MapDataset):
 
     def read_batch(self, indices: Sequence[int | None]) -> dict[str, np.ndarray]:
         """Elements `indices` (None = zero padding, weight 0) read straight into one batch."""
-        n, c, size = len(indices), self._scenes[0].num_channels, (self._size, self._size)
+        n = len(indices)
         picks = [None if i is None else self._pick(i) for i in indices]
         # np.empty: every real slot is overwritten; padding slots are zeroed below.
-        out = {"pixels": np.empty((n, c, *size), self.dtype), "valid": np.empty((n, *size), bool),
-               "scene": np.zeros(n, np.int32), "row": np.zeros(n, np.int32),
-               "col": np.zeros(n, np.int32), "weight": np.zeros(n, np.float32)}
+        out = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.element_spec.items()}
+        out.update(scene=np.zeros(n, np.int32), row=np.zeros(n, np.int32), col=np.zeros(n, np.int32),
+                   weight=np.zeros(n, np.float32))
+        arrays = [k for k in out if k.startswith(("pixels", "valid"))]
         for k, p in enumerate(picks):
             if p is None:
-                out["pixels"][k], out["valid"][k] = 0, False
+                for key in arrays:
+                    out[key][k] = 0
                 continue
             i, win = p
             # Each window lands in its batch slot directly: no per-element arrays, no stacking copy.
-            _, out["valid"][k] = self._scenes[i].read_pixels(win, out=out["pixels"][k])
+            if self._scales == (1,):
+                _, out["valid"][k] = self._scenes[i].read_pixels(win, out=out["pixels"][k])
+            else:
+                read_multiscale(self._scenes[i], win, self._scales, out, k)
             out["scene"][k], out["row"][k], out["col"][k] = i, win.row_off, win.col_off
             out["weight"][k] = 1.0
         return out
@@ -90,25 +115,31 @@ class _GridPick:
 
 
 def random_window_dataset(scenes: Sequence[Scene], *, size: int, num_windows: int, seed: int,
-                          min_valid_fraction: float = 0.5) -> grain.MapDataset:
+                          min_valid_fraction: float = 0.5,
+                          scales: Sequence[int] = (1,)) -> grain.MapDataset:
     """`num_windows` random windows per epoch (see RandomWindowSampler for the rule).
 
     Element i's window is drawn from `np.random.default_rng((seed, i))`: deterministic, and since
     Grain addresses epoch e's element j as e * num_windows + j, every epoch draws new windows.
     Elements: pixels (C, size, size) in the scenes' common dtype, valid (size, size) bool,
-    scene / row / col int32.
+    scene / row / col int32. With `scales`, windows of size * max(scales) native pixels are drawn
+    (the validity rule applies to them) and each scale gets its own pixels / valid keys.
     """
     if num_windows <= 0:
         raise ValueError(f"num_windows must be positive, got {num_windows}")
-    sampler = RandomWindowSampler(scenes, size, min_valid_fraction)
-    return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), size)
+    scales = check_scales(scales)
+    sampler = RandomWindowSampler(scenes, size * scales[-1], min_valid_fraction)
+    return _WindowDataset(scenes, _RandomPick(sampler, seed), int(num_windows), size, scales)
 
 
 def grid_window_dataset(scenes: Sequence[Scene], *, size: int, stride: int,
-                        min_valid_fraction: float = 0.0) -> grain.MapDataset:
-    """Every grid window (row-major, scene by scene) meeting `min_valid_fraction`."""
-    sampler = GridWindowSampler(scenes, size, stride, min_valid_fraction)
-    return _WindowDataset(scenes, _GridPick(sampler), len(sampler), size)
+                        min_valid_fraction: float = 0.0,
+                        scales: Sequence[int] = (1,)) -> grain.MapDataset:
+    """Every grid window (row-major, scene by scene) meeting `min_valid_fraction`. With `scales`,
+    the native windows are size * max(scales) pixels at a stride of stride * max(scales)."""
+    scales = check_scales(scales)
+    sampler = GridWindowSampler(scenes, size * scales[-1], stride * scales[-1], min_valid_fraction)
+    return _WindowDataset(scenes, _GridPick(sampler), len(sampler), size, scales)
 
 
 class _HostBatches(grain.MapDataset):
@@ -245,10 +276,31 @@ def _cfg(cfg, name, default):
     return default if v is None else v
 
 
+def _stacked_scene_from_cfg(input_cfg, paths, bands) -> StackedScene:
+    """`input.sources` (dicts path / bands / resampling / nodata / names) or every path of
+    `input.paths` as one source -> one StackedScene on the reference grid."""
+    sources = [dict(s) for s in _cfg(input_cfg, "sources", ())]
+    if not sources:
+        if not paths:
+            raise ValueError("input.stack needs input.paths (one source per path) or input.sources")
+        sources = [{"path": p, "bands": bands} for p in expand_paths(paths)]
+    nodata = _cfg(input_cfg, "nodata", None)
+    if nodata is not None:
+        for s in sources:
+            s.setdefault("nodata", nodata)
+    return StackedScene(sources, reference=_cfg(input_cfg, "reference", None),
+                        resampling=_cfg(input_cfg, "resampling", "bilinear"))
+
+
 def _scenes_from_cfg(input_cfg) -> list[Scene]:
     paths, bands = _cfg(input_cfg, "paths", ()), _cfg(input_cfg, "bands", ())
     paths = (paths,) if isinstance(paths, str) else tuple(paths)
     bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
+    stacking = _cfg(input_cfg, "stack", False) or _cfg(input_cfg, "sources", ())
+    if stacking:
+        if not paths and not _cfg(input_cfg, "sources", ()):
+            paths = tuple(synthetic.write_geophysics_grids())  # default GRID-MAE data
+        return [_stacked_scene_from_cfg(input_cfg, paths, bands).check()]
     if not paths:
         paths = tuple(synthetic.default_dataset())
         bands = bands or synthetic.SENSORS["sentinel2"].bands
@@ -279,31 +331,41 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
     Empty `paths` means the synthetic default scenes (Sentinel-2 bands, see synthetic.py).
     Batches carry raw `pixels` (B, C, H, W); `eojax.data.device.to_model_input(pixels, valid,
     info["stats"])` makes the normalised channels-last model input inside the jitted step.
-    info: num_channels, band_names, stats (BandStats or None), scenes, num_windows, dtype.
+
+    Keys of `input` beyond the basics: `stack` (True: the paths are the layers of one StackedScene,
+    warped onto the grid of `reference`, default the finest; `resampling` one name or one per path)
+    or `sources` (list of dicts path / bands / resampling / nodata / names, implies stacking);
+    `scales` (default (1,); e.g. (1, 2, 4) adds pixels_2x / pixels_4x of real native pixels, see
+    eojax.data.multiscale).
+    info: num_channels, band_names, stats (BandStats or None), scenes, num_windows, dtype, scales,
+    source_channels (channel-index tuples, one per stacked source; one tuple of all channels
+    otherwise), element_spec (key -> (per-element shape, dtype)).
     """
     scenes = _scenes_from_cfg(input_cfg)
     stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
     size = int(_cfg(input_cfg, "window", 64))
+    scales = check_scales(_cfg(input_cfg, "scales", (1,)))
     min_valid = float(_cfg(input_cfg, "min_valid_fraction", 0.5))
     workers = int(_cfg(input_cfg, "worker_count", 0))
     if split == "train":
         num_windows = int(_cfg(input_cfg, "num_windows", 1024))
         ds = random_window_dataset(scenes, size=size, num_windows=num_windows, seed=seed,
-                                   min_valid_fraction=min_valid)
+                                   min_valid_fraction=min_valid, scales=scales)
         batches = make_iterator(ds, batch_size=batch_size, process_index=process_index,
                                 process_count=process_count, shuffle=True, seed=seed, num_epochs=None,
                                 drop_remainder=True, worker_count=workers)
     elif split == "eval":
         stride = int(_cfg(input_cfg, "eval_stride", 0)) or size
-        ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid)
+        ds = grid_window_dataset(scenes, size=size, stride=stride, min_valid_fraction=min_valid,
+                                 scales=scales)
         batches = make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
                                     process_count=process_count, shuffle=False, num_epochs=1,
                                     drop_remainder=False, worker_count=workers)
     else:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    source_channels = (list(scenes[0].source_channels) if isinstance(scenes[0], StackedScene)
+                       else [tuple(range(scenes[0].num_channels))])
     info = dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names),
-                stats=stats, scenes=scenes, num_windows=len(ds), dtype=ds.dtype)
+                stats=stats, scenes=scenes, num_windows=len(ds), dtype=ds.dtype, scales=scales,
+                source_channels=source_channels, element_spec=ds.element_spec)
     return batches, info
-
-
-

@@ -52,7 +52,50 @@ def _open(path: str):
     return src
 
 
-class Scene:
+class _WindowReading:
+    """What every scene-like reader shares, given `read_pixels`, `validity_overview`, `band_names`,
+    `nodata`, `path`, `_files` and a per-thread `_local` (Scene here, StackedScene in stack.py)."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_local"]  # handles never travel into worker processes
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.band_names)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Reads `window` -> (image float32 (h, w, C) channels-last, valid bool (h, w)); invalid pixels
+        are 0. Convenient for analysis; the training pipeline ships `read_pixels` output instead."""
+        raw, valid = self.read_pixels(window)
+        image = np.ascontiguousarray(raw.transpose(1, 2, 0), dtype=np.float32)
+        image[~valid] = 0.0
+        return image, valid
+
+    def check(self):
+        """Raises RasterError if the scene has no valid pixel (a reduced-resolution check)."""
+        mask, _ = self.validity_overview()
+        if not mask.any():
+            raise RasterError(
+                f"{self.path}: every pixel is nodata/NaN (bands {self.band_names}, nodata "
+                f"{self.nodata}); pass the right `nodata` or drop this file")
+        return self
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole scene (tests and small rasters only)."""
+        return self.read(Window(0, 0, self.width, self.height))
+
+
+class Scene(_WindowReading):
     """C bands of one raster on one pixel grid, read lazily window by window.
 
     Args:
@@ -179,26 +222,9 @@ class Scene:
             src.close()
         self._local = threading.local()
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_local"]  # handles never travel into worker processes
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
-
     def __repr__(self):
         return (f"Scene({self.path!r}, bands={self.band_names}, {self.height}x{self.width}, "
                 f"{self.crs}, {self.dtype})")
-
-    @property
-    def files(self) -> list[str]:
-        return list(self._files)
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.band_names)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -231,14 +257,6 @@ class Scene:
             raw = out
         return raw, valid
 
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Reads `window` -> (image float32 (h, w, C) channels-last, valid bool (h, w)); invalid pixels
-        are 0. Convenient for analysis; the training pipeline ships `read_pixels` output instead."""
-        raw, valid = self.read_pixels(window)
-        image = np.ascontiguousarray(raw.transpose(1, 2, 0), dtype=np.float32)
-        image[~valid] = 0.0
-        return image, valid
-
     def validity_overview(self, max_size: int = 512) -> tuple[np.ndarray, tuple[float, float]]:
         """Validity at reduced resolution -> (mask (oh, ow) bool, (row_scale, col_scale)).
 
@@ -256,19 +274,6 @@ class Scene:
         scales = (self.height / oh, self.width / ow)
         self._overview = (max_size, mask, scales)
         return mask, scales
-
-    def check(self) -> "Scene":
-        """Raises RasterError if the scene has no valid pixel (a reduced-resolution check)."""
-        mask, _ = self.validity_overview()
-        if not mask.any():
-            raise RasterError(
-                f"{self.path}: every pixel is nodata/NaN (bands {self.band_names}, nodata "
-                f"{self.nodata}); pass the right `nodata` or drop this file")
-        return self
-
-    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole scene (tests and small rasters only)."""
-        return self.read(Window(0, 0, self.width, self.height))
 
 
 def expand_paths(paths: Sequence[str] | str) -> list[str]:

@@ -74,6 +74,8 @@ def stats_key(scenes: Sequence[Scene]) -> str:
             st = os.stat(f)
             h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         h.update(f"bands={scene.band_names}|nodata={scene.nodata}\n".encode())
+        if hasattr(scene, "grid_key"):  # a stack's statistics also depend on its grid and resampling
+            h.update(scene.grid_key().encode())
     return h.hexdigest()[:20]
 
 

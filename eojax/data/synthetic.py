@@ -16,6 +16,7 @@ import tempfile
 
 import numpy as np
 import rasterio
+import rasterio.warp
 from affine import Affine
 
 # Land-cover classes of the label rasters (0 = nodata).
@@ -293,5 +294,35 @@ def default_dataset(directory=None) -> list[str]:
         if not path.exists():
             write_scene(path, seed=seed, height=h, width=w, crs=crs, origin=origin, date=date,
                         labels_path=directory / f"{name}_labels.tif")
+        paths.append(str(path))
+    return paths
+
+
+# Two potential-field surveys over one area: gravity on a 100 m grid in UTM and magnetics on a
+# 200 m grid in another projection, each with irregular coverage (NaN outside the survey).
+_GRIDS = (("gravity_100m", "mGal", 100.0, "EPSG:32633", 224),
+          ("magnetics_200m", "nT", 200.0, "EPSG:3035", 120))
+_GRID_AREA = ("EPSG:32633", 500000.0, 5177600.0, 522400.0, 5200000.0)  # the surveyed area
+
+
+def write_geophysics_grids(directory=None, *, seed: int = 7) -> list[str]:
+    """Default GRID-MAE data: two single-band float32 grids of different resolutions and CRSs,
+    smooth anomalies plus a regional trend, NaN outside an irregular survey outline. Written once."""
+    directory = pathlib.Path(directory) if directory is not None else default_dir()
+    paths = []
+    for k, (name, unit, gsd, crs, size) in enumerate(_GRIDS):
+        path = directory / f"{name}.tif"
+        if not path.exists():
+            left, _, _, top = rasterio.warp.transform_bounds(_GRID_AREA[0], crs, *_GRID_AREA[1:])
+            origin = (round(left, -2), round(top, -2))
+            rng = np.random.default_rng((seed, k))
+            field = 20.0 * _smooth(rng, size, size, 6.0) + 5.0 * _smooth(rng, size, size, 1.5)
+            field += np.linspace(-30.0, 30.0, size, dtype=np.float32)[None, :]  # regional trend
+            outline = _smooth(rng, size, size, 12.0) + 1.2 * (1 - np.hypot(*np.meshgrid(
+                np.linspace(-1, 1, size), np.linspace(-1, 1, size))))
+            field[outline < -0.4] = np.nan  # irregular survey coverage
+            profile = _profile(1, size, size, crs, origin, gsd, "float32", float("nan"))
+            _write_atomic_tif(str(path), field[None].astype(np.float32), profile, (name,),
+                              {"unit": unit, "source": "eojax synthetic"})
         paths.append(str(path))
     return paths

@@ -12,3 +12,11 @@ from eojax.models.layers import (
 )
 from eojax.models.mae import MAE, flops_per_image, mae_config, mae_loss, random_masking
 from eojax.models.vit import VARIANTS, PatchEmbed, ViTEncoder, patchify, unpatchify, vit_config
+from eojax.models.satmae import (
+    GROUPS_S2_10,
+    GroupChannelMAE,
+    GroupChannelViT,
+    groupmae_loss,
+    interpolate_pos_embed,
+    satmae_config,
+)

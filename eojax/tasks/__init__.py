@@ -7,6 +7,7 @@ from eojax.tasks.base import NotApplicableError, Task
 
 _TASKS = {
     "mae": "eojax.tasks.mae:MAETask",
+    "group_mae": "eojax.tasks.group_mae:GroupMAETask",
 }
 
 

@@ -60,35 +60,44 @@ class MAETask(Task):
         return self._model
 
     def dummy_batch(self, batch_size):
-        w, c = self.config.input.window, self.info["num_channels"]
-        return {"pixels": jax.ShapeDtypeStruct((batch_size, c, w, w), self.info["dtype"]),
-                "valid": jax.ShapeDtypeStruct((batch_size, w, w), jnp.bool_),
-                "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+        # Pixel arrays (every scale) as the pipeline makes them, plus the per-row weight.
+        spec = {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+                for k, (shape, dtype) in self.info["element_spec"].items()
+                if k.startswith(("pixels", "valid"))}
+        spec["weight"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+        return spec
 
-    def image(self, batch):
-        """Raw band-first pixels -> normalised channels-last model input (inside the jitted step)."""
-        return device.to_model_input(batch["pixels"], batch["valid"], self.info["stats"])
+    def images(self, batch) -> dict:
+        """Raw band-first pixels -> normalised channels-last model input (inside the jitted step);
+        'image', and 'image_2x' / 'image_4x' for multi-scale batches."""
+        return device.model_inputs(batch, self.info["stats"], mode=self.config.input.normalize_mode)
 
     def init(self, rng, batch):
         params_rng, mask_rng = jax.random.split(rng)
-        variables = self.model.init({"params": params_rng, "mask": mask_rng}, self.image(batch), train=False)
+        variables = self.model.init({"params": params_rng, "mask": mask_rng}, self.images(batch)["image"],
+                                    train=False)
         return variables["params"]
 
     # -- loss and evaluation -------------------------------------------------------------------------
     def _forward(self, params, batch, rng, train, mask_ratio=None):
         mask_rng, dropout_rng = jax.random.split(rng)
-        image = self.image(batch)
-        out = self.model.apply({"params": params}, image, train=train, mask_ratio=mask_ratio,
+        images = self.images(batch)
+        out = self.model.apply({"params": params}, images["image"], train=train, mask_ratio=mask_ratio,
                                rngs={"mask": mask_rng, "dropout": dropout_rng})
         # Padding rows of a partial eval batch carry weight 0: they count as all-invalid.
-        valid = batch["valid"] & (batch["weight"][:, None, None] > 0)
-        loss, aux = mae_lib.mae_loss(out["pred"], image, valid, out["mask"],
-                                     self.model.patch_size, self.config.model.norm_pix_loss)
-        return loss, aux, dict(out, image=image)
+        real = batch["weight"] > 0
+        valid = {k: v & real.reshape((-1,) + (1,) * (v.ndim - 1)) for k, v in batch.items()
+                 if k.startswith("valid")}
+        loss, aux = self.loss(out, images, valid)
+        return loss, aux, dict(out, **images)
+
+    def loss(self, out, images, valid):
+        return mae_lib.mae_loss(out["pred"], images["image"], valid["valid"], out["mask"],
+                                self.model.patch_size, self.config.model.norm_pix_loss)
 
     def loss_fn(self, params, batch, rng, train):
         loss, aux, _ = self._forward(params, batch, rng, train)
-        return loss, {"masked_valid_fraction": aux["masked_valid_fraction"]}
+        return loss, {k: v for k, v in aux.items() if k != "loss_weight"}
 
     def eval_fn(self, params, batch, rng):
         # A fixed masking rng: eval losses of different checkpoints see the same masks.
@@ -105,30 +114,38 @@ class MAETask(Task):
         return mae_lib.flops_per_image(self.model_kwargs(), training=True)
 
     # -- pictures ----------------------------------------------------------------------------------
-    def write_pictures(self, params, batch, workdir, step):
-        """original / masked / reconstructed tiles as one PNG (RGB from the band names when it can)."""
-        n = min(4, batch["valid"].shape[0])
+    def reconstruction(self, out):
+        """(B, H, W, C) reconstruction in model-input units (before undoing norm-pix)."""
+        h, w, c = out["image"].shape[1:]
+        return mae_lib.unpatchify(out["pred"], self.model.patch_size, h, w, c)
+
+    def _picture_arrays(self, params, batch, n):
+        """The n most-valid tiles of `batch` through the model, fetched to host numpy (process 0)."""
         rng = jax.random.key(self.config.seed + 1)
-        _, _, out = jax.jit(lambda p, b: self._forward(p, b, rng, False))(params, batch)
-        fetched = multihost_utils.process_allgather(
-            {"image": out["image"], "valid": batch["valid"], "pred": out["pred"], "mask": out["mask"]},
-            tiled=True)
-        if jax.process_index() != 0:
-            return []
-        p = self.model.patch_size
+        out = jax.jit(lambda p, b: self._forward(p, b, rng, False)[2])(params, batch)
+        arrays = {k: v for k, v in out.items() if k.startswith(("image", "up"))}
+        arrays.update({k: v for k, v in batch.items() if k.startswith("valid")})
+        arrays.update(mask=out["mask"], recon=self.reconstruction(out))
+        fetched = multihost_utils.process_allgather(arrays, tiled=True)
         # The tiles with the most valid data: nodata corners make poor pictures.
         pick = np.argsort(-np.asarray(fetched["valid"]).mean(axis=(1, 2)), kind="stable")[:n]
-        fetched = {k: np.asarray(v)[pick] for k, v in fetched.items()}
-        image = fetched["image"]
-        h, w, c = image.shape[1:]
-        recon = np.asarray(mae_lib.unpatchify(fetched["pred"], p, h, w, c))
+        return {k: np.asarray(v)[pick] for k, v in fetched.items()}
+
+    def write_pictures(self, params, batch, workdir, step):
+        """original / masked / reconstructed tiles as one PNG (RGB from the band names when it can)."""
+        f = self._picture_arrays(params, batch, min(4, batch["valid"].shape[0]))
+        if jax.process_index() != 0:
+            return []
+        p, image, valid = self.model.patch_size, f["image"], f["valid"]
+        h, w, _ = image.shape[1:]
+        recon = f["recon"]
         if self.config.model.norm_pix_loss:
-            recon = _denormalize_patches(recon, image, fetched["valid"], p)
-        mask_px = np.asarray(mae_lib.unpatchify(
-            np.repeat(fetched["mask"][:, :, None], p * p, axis=2), p, h, w, 1))[..., 0]
-        path = os.path.join(workdir, f"mae_reconstruction_step{step}.png")
-        viz.save_reconstruction_png(path, image, fetched["valid"], mask_px > 0.5, recon,
-                                    self.info["band_names"])
+            recon = _denormalize_patches(recon, image, valid, p)
+        # Masked pixels: a pixel is masked if its patch is masked in every band group.
+        mask = f["mask"].reshape(len(image), -1, (h // p) * (w // p)).min(axis=1)
+        mask_px = np.repeat(np.repeat(mask.reshape(-1, h // p, w // p), p, 1), p, 2) > 0.5
+        path = os.path.join(workdir, f"{self.name}_reconstruction_step{step}.png")
+        viz.save_reconstruction_png(path, image, valid, mask_px, recon, self.info["band_names"])
         return [path]
 
 
