@@ -73,6 +73,15 @@ def export_features(scene, embed: Callable[[np.ndarray, np.ndarray], np.ndarray]
     return out_path
 
 
+def _stem(scene) -> str:
+    """Output name: the file's stem; a '{band}' template without the placeholder; a stack's stems
+    joined by '+'."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in scene.files]
+    if "{band}" in scene.path:
+        return os.path.splitext(os.path.basename(scene.path))[0].replace("{band}", "").strip("_-")
+    return "+".join(stems)
+
+
 def export_run_features(config, workdir: str, out_dir: str | None = None) -> list[str]:
     """`eojax export`: the latest checkpoint's encoder over every scene of `config.input`; one
     feature GeoTIFF per scene in `out_dir` (default <workdir>/features)."""
@@ -102,7 +111,6 @@ def export_run_features(config, workdir: str, out_dir: str | None = None) -> lis
     stride = config.input.get("eval_stride", 0) or window
     paths = []
     for scene in run.task.info["scenes"]:
-        stem = os.path.splitext(os.path.basename(scene.path.replace("{band}", "stack")))[0]
-        paths.append(export_features(scene, embed, os.path.join(out_dir, f"{stem}_features.tif"),
+        paths.append(export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"),
                                      window=window, stride=stride, batch_size=config.batch_size))
     return paths

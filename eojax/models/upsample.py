@@ -53,6 +53,48 @@ class ChannelNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+# Sub-pixel form of a k4 s2 p1 transposed conv: output phase a (row 2m + a) reads input rows m-1, m,
+# m+1 through these taps of the 4x4 kernel (None = no tap); the same holds for columns.
+_PHASE_TAPS = ((3, 1, None), (None, 2, 0))
+
+
+class ConvTranspose4x2(nn.Module):
+    """torch ConvTranspose2d(kernel 4, stride 2, padding 1) with a (4, 4, out, in) kernel, computed
+    as one 3x3 convolution to 4 * out channels followed by a pixel shuffle. Same numbers as the
+    dilated-input form, but a plain convolution: 4x faster on CPU, where XLA's input-dilated
+    convolutions fall off the fast path, and no multiplications by inserted zeros anywhere."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cin, cout = x.shape[-1], self.features
+        kernel = self.param("kernel", layers.partitioned(nn.initializers.xavier_uniform(),
+                                                         (None, None, "channels", None)),
+                            (4, 4, cout, cin), self.param_dtype)
+        bias = self.param("bias", layers.partitioned(nn.initializers.zeros, ("channels",)), (cout,),
+                          self.param_dtype)
+        zero = jnp.zeros((cin, cout), kernel.dtype)
+        rows = []
+        for dy in range(3):
+            cols = []
+            for dx in range(3):
+                # Input offset (dy - 1, dx - 1) feeds output phase (a, b) through one tap, or none.
+                phases = [zero if _PHASE_TAPS[a][dy] is None or _PHASE_TAPS[b][dx] is None
+                          else kernel[_PHASE_TAPS[a][dy], _PHASE_TAPS[b][dx]].T
+                          for a in (0, 1) for b in (0, 1)]
+                cols.append(jnp.concatenate(phases, axis=-1))  # (in, 4 * out), ordered (a, b, out)
+            rows.append(jnp.stack(cols))
+        x, k3, bias = nn.dtypes.promote_dtype(x, jnp.stack(rows), bias, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(x, k3, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        b, h, w, _ = y.shape
+        y = y.reshape(b, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
+        return y + bias
+
+
 class UpsampleBlock(nn.Module):
     """(B, H, W, M) -> (features (B, 2H, 2W, M), image (B, 2H, 2W, out_channels))."""
 
@@ -65,14 +107,7 @@ class UpsampleBlock(nn.Module):
         m = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv = functools.partial(_conv, **kw)
-        # torch ConvTranspose2d(k=4, s=2, p=1) == input dilated by 2, padded k-1-p = 2 per side, then a
-        # 4x4 conv; transpose_kernel=True makes the kernel act exactly like torch's (kh, kw, out, in).
-        x = nn.ConvTranspose(
-            m, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), transpose_kernel=True,
-            kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
-                                           (None, None, "channels", None)),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)),
-            name="up_conv", **kw)(x)
+        x = ConvTranspose4x2(m, name="up_conv", **kw)(x)
         x = nn.with_logical_constraint(x, BHWC)
         x = nn.leaky_relu(ChannelNorm(name="up_norm", **kw)(x), negative_slope=0.01)
         h = nn.relu(conv(m, 3, name="res_conv1")(x))
@@ -103,8 +138,8 @@ class MultiScaleHead(nn.Module):
 def multiscale_flops(height: int, width: int, channels: int, ratio: int = 4) -> float:
     """Forward FLOPs (2 per multiply-add) of MultiScaleHead on one (height, width, channels) image.
 
-    Useful multiply-adds only: a k4 s2 transposed conv does 16 * M * M per INPUT pixel (an XLA
-    implementation through input dilation spends 4x that on zeros). Norms and activations ignored.
+    Useful multiply-adds only: a k4 s2 transposed conv does 16 * M * M per INPUT pixel (its sub-pixel
+    form spends 36 per input pixel, 20 of them on zero taps). Norms and activations ignored.
     """
     c, m = channels, channels * ratio
     hw = height * width

@@ -88,4 +88,4 @@ class GroupMAETask(MAETask):
                     row.append(viz.resize_nearest(viz.to_rgb8(f[up][i], names, valid, ref=target), size))
             rows.append(row)
         path = os.path.join(workdir, f"{self.name}_multiscale_step{step}.png")
-        return paths + [viz.save_grid_png(path, rows, scale=1)]
+        return paths + [viz.save_grid_png(path, rows, scale=max(1, 256 // size))]
