@@ -15,32 +15,22 @@ images/s = batch / median, and MFU = analytic model FLOPs per step / median / me
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARK = "BENCH_RESULT "
+from _common import MARK, load_config, print_table, run_child, single_device_env, summary, time_steps
+
 SHAPE = dict(image=96, bands=10, patch=8, width=384, depth=6, heads=6, mlp=1536,
              dec_width=192, dec_depth=2, dec_heads=6, dec_mlp=768, mask_ratio=0.75)
 CONFIG_TEXT = "96px 10b p8 enc384x6 dec192x2 mask.75 f32 AdamW"
 
 
-def _summary(times: list[float], batch: int) -> dict:
-    med = statistics.median(times)
-    return {"step_s": med, "min_step_s": min(times), "images_per_s": batch / med, "n": len(times)}
-
-
 # -- eojax (child) ---------------------------------------------------------------------------------
 def _mae_config(batch: int, num_windows: int):
-    spec = importlib.util.spec_from_file_location("mae_config", os.path.join(REPO, "configs", "mae.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()  # the default model is the bench shape (variant small, depth 6, 192x2 decoder)
+    config = load_config("mae")  # the default model is the bench shape (variant small, depth 6, 192x2 decoder)
     config.batch_size = batch
     config.input.window = SHAPE["image"]
     config.input.num_windows = num_windows
@@ -68,16 +58,8 @@ def run_eojax(args) -> dict:
     # the step's cost does not depend on the pixel values.
     pool = [run.next_batch() for _ in range(min(4, args.steps + args.warmup))]
     jax.block_until_ready(pool)
-    for i in range(args.warmup):
-        state, metrics = run.train_step(state, pool[i % len(pool)])
-        jax.block_until_ready((state, metrics))
-    times = []
-    for i in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = run.train_step(state, pool[i % len(pool)])
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-    step_only = _summary(times, args.batch)
+    state, metrics, times = time_steps(run, state, pool, args.steps, args.warmup)
+    step_only = summary(times, args.batch)
 
     # End to end: the trainer's own loop body, next_batch() (Grain read + normalise + device_put)
     # included.
@@ -87,7 +69,7 @@ def run_eojax(args) -> dict:
         state, metrics = run.train_step(state, run.next_batch())
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
-    end_to_end = _summary(times, args.batch)
+    end_to_end = summary(times, args.batch)
 
     # The input pipeline alone, to compare with what the step consumes. Total time over many batches,
     # not a median: the first couple come out of Grain's prefetch buffer almost for free.
@@ -137,7 +119,7 @@ def run_torch(args) -> dict:
         t = time.perf_counter()
         loss = step(pool[i % len(pool)])
         times.append(time.perf_counter() - t)
-    return {"framework": "torch", "step": _summary(times, args.batch), "last_loss": float(loss),
+    return {"framework": "torch", "step": summary(times, args.batch), "last_loss": float(loss),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
@@ -149,26 +131,15 @@ def _child(framework: str, args) -> dict | str:
         probe = subprocess.run([sys.executable, "-c", "import torch, transformers"], capture_output=True)
         if probe.returncode:
             return "torch not importable (pip install torch to compare)"
-    env = dict(os.environ)
-    # One CPU device, as a user's single-host run gets: drop an inherited simulated-device count.
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    if framework == "eojax":
-        flags += args.xla_flags.split()
-    env["XLA_FLAGS"] = " ".join(flags)
+    env = single_device_env(args.xla_flags if framework == "eojax" else "")
     if framework == "torch":
         # OpenMP threads spin at barriers by default; when other processes share the cores, a spinning
         # thread waits on a descheduled one and torch's step got ~4x slower here (5-8 s vs 1.2-1.3 s).
         # Passive waiting gives the reference its fair number on a shared machine; set the variable
         # yourself to override (ACTIVE may be a few % faster on an idle, dedicated machine).
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return f"{framework} run failed (rc {proc.returncode}):\n    " + "\n    ".join(tail)
+    return run_child(__file__, ["--child", framework, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                "--batch", str(args.batch)], env, framework)
 
 
 def _model_flops(batch: int) -> float:
@@ -248,13 +219,7 @@ def main() -> None:
     elif tr is not None:
         rows.append(("torch", "-", "-", "-", "-", tr.splitlines()[0]))
 
-    head = ("framework", "images/s", "step ms", "best ms", "MFU", "config")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    fmt = " | ".join(f"{{:<{w}}}" if i in (0, 5) else f"{{:>{w}}}" for i, w in enumerate(widths))
-    print(fmt.format(*head))
-    print("-+-".join("-" * w for w in widths))
-    for r in rows:
-        print(fmt.format(*r))
+    print_table(("framework", "images/s", "step ms", "best ms", "MFU", "config"), rows)
     print(f"\nstep ms = median of per-step times (each blocked on its result), best of {args.rounds} fresh-process "
           f"round(s); images/s and MFU from it; best ms = fastest single step.")
     if isinstance(ej, dict):

@@ -1,8 +1,6 @@
 """The one trainer: sharded steps, resume after SIGKILL, bad configs and checkpoints, non-finite stops."""
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,53 +9,17 @@ import pytest
 from eojax import checkpoint as ckpt_lib
 from eojax import train
 from eojax.tasks import NotApplicableError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAE_CONFIG = os.path.join(REPO, "configs", "mae.py")
+from helpers import (ONE_DEVICE, assert_sharded_run_matches, cli, load_config, one_device_reference,
+                     run_steps, saved_tree)
 
 
 def mae_config(**overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("mae_config", MAE_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
-    config.progress_bar = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-def run_steps(config, devices, n=3):
-    run = train.setup(config, devices=devices)
-    state = run.init_state()
-    losses = []
-    for _ in range(n):
-        state, metrics = run.train_step(state, run.next_batch())
-        losses.append(float(metrics["loss"]))
-    return run, state, losses
-
-
-def _max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return load_config("mae", **overrides)
 
 
 @pytest.fixture(scope="module")
 def single_device_run():
-    config = mae_config(mesh=(("data", 1), ("fsdp", 1), ("model", 1)))
-    _, state, losses = run_steps(config, jax.devices()[:1])
-    return ckpt_lib.host_numpy(state.params), losses
-
-
-def _sharded_leaves(tree, axis):
-    return [x for x in jax.tree.leaves(tree)
-            if any(axis == a or (isinstance(a, tuple) and axis in a) for a in x.sharding.spec)
-            and x.addressable_shards[0].data.shape != x.shape]
+    return one_device_reference("mae")
 
 
 @pytest.mark.parametrize("mesh,axis", [
@@ -66,30 +28,15 @@ def _sharded_leaves(tree, axis):
 ])
 def test_sharded_step_matches_one_device(single_device_run, mesh, axis):
     assert jax.device_count() == 8
-    ref_params, ref_losses = single_device_run
-    run, state, losses = run_steps(mae_config(mesh=mesh), jax.devices())
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
-    assert _max_diff(ckpt_lib.host_numpy(state.params), ref_params) < 1e-5
-    # The numbers agreeing is not enough: the parameters and Adam moments must really be split.
-    sharded = _sharded_leaves(state.params, axis)
-    assert len(sharded) >= 4, f"no parameter is sharded over {axis}"
-    assert len(_sharded_leaves(state.opt_state, axis)) >= len(sharded)
+    assert_sharded_run_matches("mae", mesh, axis, single_device_run)
 
 
 def _cli(workdir, *extra, env_extra=None, check=True):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "eojax.main", "train", f"--config={MAE_CONFIG}:runlocal",
-           f"--workdir={workdir}", "--config.total_steps=6", "--config.checkpoint_every=3",
-           "--config.progress_bar=False", "--config.eval_steps=1", *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+    return cli("train", "mae:runlocal", workdir, "--config.total_steps=6", "--config.checkpoint_every=3",
+               "--config.eval_steps=1", *extra, env_extra=env_extra, check=check)
 
 
-def _saved_tree(workdir, step):
-    return ckpt_lib.read_state(os.path.join(workdir, "checkpoints", str(step)))
+_saved_tree = saved_tree
 
 
 def _next_batch_after(workdir, step):
@@ -169,7 +116,7 @@ def test_sophia_g_is_not_applicable_to_mae():
 
 def test_sophia_h_trains_mae_and_logs_win_rate():
     config = mae_config(**{"optim.name": "sophia_h", "optim.sophia.update_every": 1,
-                           "mesh": (("data", 1), ("fsdp", 1), ("model", 1))})
+                           "mesh": ONE_DEVICE})
     run = train.setup(config, devices=jax.devices()[:1])
     state = run.init_state()
     for _ in range(2):
@@ -191,20 +138,20 @@ def test_real_landsat8_scene_trains(test_data):
 
 def test_init_from_another_run_loads_its_params(tmp_path):
     """config.init_from: a pretrained run's params start a new run; its optimizer state does not."""
-    config = mae_config(mesh=(("data", 1), ("fsdp", 1), ("model", 1)))
+    config = mae_config(mesh=ONE_DEVICE)
     run, state, _ = run_steps(config, jax.devices()[:1], n=2)
     saver = ckpt_lib.Checkpointer(str(tmp_path / "pre" / "checkpoints"))
     saver.save(2, state, force=True)
     saver.close()
 
-    fresh = train.setup(mae_config(mesh=(("data", 1), ("fsdp", 1), ("model", 1)),
+    fresh = train.setup(mae_config(mesh=ONE_DEVICE,
                                    init_from=str(tmp_path / "pre")), devices=jax.devices()[:1])
     loaded = train.restore_or_init(fresh, ckpt_lib.Checkpointer(str(tmp_path / "new" / "checkpoints")))
     assert int(loaded.step) == 0  # a new run, not a resume
     for x, y in zip(jax.tree.leaves(ckpt_lib.host_numpy(loaded.params)), jax.tree.leaves(ckpt_lib.host_numpy(state.params))):
         np.testing.assert_array_equal(x, y)
 
-    other = train.setup(mae_config(**{"mesh": (("data", 1), ("fsdp", 1), ("model", 1)),
+    other = train.setup(mae_config(**{"mesh": ONE_DEVICE,
                                       "init_from": str(tmp_path / "pre"), "model.width": 96}),
                         devices=jax.devices()[:1])
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different model"):

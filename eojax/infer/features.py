@@ -88,7 +88,7 @@ def export_run_features(config, workdir: str, out_dir: str | None = None) -> lis
     import jax
 
     from eojax import checkpoint as ckpt_lib
-    from eojax import train
+    from eojax import parallel, train
 
     if jax.process_count() > 1:
         raise RuntimeError("eojax export runs as a single process (it reads whole rasters itself)")
@@ -102,8 +102,7 @@ def export_run_features(config, workdir: str, out_dir: str | None = None) -> lis
     embed_step = jax.jit(run.task.embed)
 
     def embed(pixels, valid):
-        weight = np.ones(len(pixels), np.float32)  # padding rows are dropped by export_features
-        batch = run.global_batch({"pixels": pixels, "valid": valid, "weight": weight})
+        batch = parallel.make_global_batch({"pixels": pixels, "valid": valid}, run.mesh, run.rules)
         return jax.device_get(embed_step(params, batch))
 
     out_dir = out_dir or os.path.join(workdir, "features")

@@ -6,6 +6,7 @@ geophysics grid its own group (configs/gridmae.py, `model.groups = 'per_source'`
 """
 from __future__ import annotations
 
+import ast
 import os
 
 import jax
@@ -26,6 +27,8 @@ class GroupMAETask(MAETask):
         """config.model.groups: 'per_source' (one group per stacked grid), 'sentinel2_10' (SatMAE++'s
         grouping of the 10 S2 bands), 'all' (one group), or a tuple of groups of band names/indices."""
         spec, names = self.config.model.groups, self.info["band_names"]
+        if isinstance(spec, str) and spec.lstrip().startswith(("(", "[")):
+            spec = ast.literal_eval(spec)  # a tuple given on the command line arrives as text
         if spec == "per_source":
             return tuple(tuple(g) for g in self.info["source_channels"])
         if spec == "sentinel2_10":
@@ -35,6 +38,9 @@ class GroupMAETask(MAETask):
             return satmae.GROUPS_S2_10
         if spec == "all":
             return (tuple(range(len(names))),)
+        unknown = [b for g in spec for b in g if isinstance(b, str) and b not in names]
+        if unknown:
+            raise ValueError(f"model.groups names bands {unknown} the input does not have: {names}")
         groups = tuple(tuple(names.index(b) if isinstance(b, str) else int(b) for b in g) for g in spec)
         flat = sorted(i for g in groups for i in g)
         if flat != list(range(len(names))):

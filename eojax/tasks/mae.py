@@ -106,8 +106,12 @@ class MAETask(Task):
 
     def embed(self, params, batch):
         """Per-window embedding for feature export: the encoder on every patch (no masking), patch
-        tokens averaged."""
-        _, _, out = self._forward(params, batch, jax.random.key(0), train=False, mask_ratio=0.0)
+        tokens averaged. Takes native-resolution `pixels` / `valid` only (a multi-scale model is
+        trained on downsampled windows but, as in SatMAE++ fine-tuning, applied to native ones)."""
+        image = device.to_model_input(batch["pixels"], batch["valid"], self.info["stats"],
+                                      mode=self.config.input.normalize_mode)
+        out = self.model.apply({"params": params}, image, train=False, mask_ratio=0.0,
+                               rngs={"mask": jax.random.key(0)})
         return jnp.mean(out["latent"][:, self.model.use_cls_token:], axis=1)
 
     def train_flops_per_example(self) -> float:

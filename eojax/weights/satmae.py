@@ -1,0 +1,520 @@
+"""SatMAE++ (techmn/satmae_pp) PyTorch state dicts <-> eojax GroupChannelMAE / GroupChannelViT params.
+
+Reference layouts (told apart by `channel_cls_embed`, which only the second has):
+  mae  MaskedAutoencoderGroupChannelViT (models_mae_group_channels.py): pretraining checkpoints.
+  vit  GroupChannelsVisionTransformer (models_vit_group_channels.py): fine-tuning checkpoints; their
+       classifier (head, fc_norm) has no eojax counterpart and is only ever ignored.
+
+torch key -> eojax path (MAE tree; the GroupChannelViT tree is the `encoder/` subtree), D width, p patch:
+  cls_token (1,1,D)                      encoder/cls_token (+ pos_embed[:, :1] | channel_cls_embed, vit)
+  patch_embed.i.proj.weight (D,Cg,p,p)   encoder/patch_embed_i/proj/kernel (p*p*Cg, D), (row, col, band)
+  blocks.k.norm1|norm2.weight / .bias    encoder/blocks/block_k/norm1|norm2/ln/scale / bias
+  blocks.k.attn.qkv.weight (3D, D)       .../attn/query|key|value/kernel (D, H, D/H); bias (3D) likewise
+  blocks.k.attn.proj.weight (D, D)       .../attn/out/kernel (H, D/H, D); bias (D,)
+  blocks.k.mlp.fc1|fc2.weight (out, in)  .../mlp/fc1|fc2/kernel (in, out)
+  norm.*                                 encoder/norm/ln/*
+  decoder_embed.*, mask_token            decoder_embed/*, mask_token
+  decoder_blocks.k.*, decoder_norm.*     decoder/block_k/*, decoder_norm/ln/*
+  decoder_pred.i.weight (Cg*p*p, Dd)     decoder_pred_i/kernel (Dd, p*p*Cg): (band, row, col) -> (row, col, band)
+  proj_up_conv.weight (M, C, 1, 1)       multiscale_head/proj_up_conv/kernel (1, 1, C, M); proj_up_norm.*
+  up_blockb.up_conv.weight (M, M, 4, 4)  multiscale_head/up_blockb/up_conv/kernel (4, 4, out, in)
+  up_blockb.res_block.conv1|conv2.weight .../res_conv1|res_conv2/kernel (3, 3, in, out)
+  up_blockb.up_norm|res_norm.*, proj_out .../up_norm|res_norm/ln/*, proj_out (3, 3, M, C)
+With scan=True the blocks are stacked under `layers` after the mapping.
+
+Fixed embeddings (pos_embed, channel_embed, decoder_pos_embed, decoder_channel_embed) are not eojax
+parameters: eojax recomputes the same sin-cos for whatever grid it runs on, so the checkpoint's grid
+(rows of pos_embed) is irrelevant and nothing is interpolated. Their widths must match (D - c, c) and
+their values must be the sin-cos; fine-tuning trains them (and interpolates pos_embed to a new grid),
+so a drifted embedding fails a strict import and is listed as ignored otherwise. The vit layout adds
+pos_embed[0] and channel_cls_embed to the cls token; eojax adds nothing, so they are folded into it.
+
+Decoder caveat: the reference concatenates the group predictions in group order and trains them
+against band order, so its decoder_pred.i output j learns band (offset_i + j); eojax places it at band
+groups[i][j]. Weights are copied unchanged, so with non-contiguous groups (the default S2 grouping)
+an imported pretraining decoder misplaces some bands. The encoder (what fine-tuning uses) is exact.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from eojax.checkpoint import CheckpointMismatchError, check_compatible
+from eojax.models.satmae import (GroupChannelMAE, GroupChannelViT, _check_groups,
+                                 decoder_pos_group_embed, pos_group_embed)
+from eojax.models.vit import _pair
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
+_TOL = 1e-4  # the reference computes its sin-cos in float32, eojax in float64
+_KEYS = ("image_size", "patch_size", "groups", "width", "depth", "heads", "mlp_dim", "group_embed_dim",
+         "decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_dim",
+         "decoder_group_embed_dim", "multiscale", "multiscale_ratio", "use_cls_token", "scan",
+         "param_dtype")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------
+def load_state_dict(path) -> dict[str, np.ndarray]:
+    """A flat {torch key: array} from .safetensors, .npz, or (torch installed) .pth / .pt / .bin.
+
+    A {'model': state_dict, ...} or {'state_dict': ...} wrapper (what the training scripts save) is
+    unwrapped, and a DDP 'module.' prefix stripped. Nothing is ever unpickled beyond what
+    torch.load(weights_only=True) allows.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SatMAE++ checkpoint {path} does not exist")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            obj = load_file(path)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=True) as z:  # raises on object (pickled) arrays
+                obj = {k: z[k] for k in z.files}
+        else:
+            obj = _torch_load(path)
+    except ImportError:
+        raise
+    except Exception as e:  # every reader has its own exception types; name the file in all cases
+        raise ValueError(f"{path} is not a readable {suffix} checkpoint: {type(e).__name__}: {e}") from e
+    return _unwrap(obj, path)
+
+
+def _torch_load(path: str):
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{path}: reading a PyTorch checkpoint needs torch, which is not installed. Convert it to "
+            ".safetensors where torch is: safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True)['model'], 'ckpt.safetensors')") from e
+    # The training scripts also pickle their argparse.Namespace (a plain attribute bag, allowed);
+    # weights_only refuses every other non-tensor class.
+    allow = getattr(torch.serialization, "safe_globals", None)
+    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
+    if all(str(k).startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    out, bad = {}, []
+    for k, v in obj.items():
+        if hasattr(v, "detach"):  # a torch tensor; numpy has no bfloat16, float32 holds it exactly
+            v = v.detach().cpu()
+            v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+        if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+            out[str(k)] = v
+        else:
+            bad.append(f"{k} ({type(v).__name__})")
+    if bad:
+        raise ValueError(f"{path}: state dict entries that are not numeric arrays: {bad[:10]}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The key table
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # torch state-dict key
+    shape: tuple  # its torch shape
+    paths: tuple  # the eojax params it fills (three for a fused qkv)
+    to_jax: Callable  # torch array -> tuple of eojax arrays
+    to_torch: Callable  # eojax arrays -> torch array
+
+
+def _same(key, shape, path):
+    return _Entry(key, tuple(shape), (path,), lambda a: (a,), lambda a: a)
+
+
+def _mapped(key, shape, path, fwd, inv):
+    return _Entry(key, tuple(shape), (path,), lambda a: (fwd(a),), inv)
+
+
+def _ln(tk, jp, n):
+    return [_same(f"{tk}.weight", (n,), jp + ("ln", "scale")), _same(f"{tk}.bias", (n,), jp + ("ln", "bias"))]
+
+
+def _linear(tk, jp, n_in, n_out):  # torch (out, in) -> flax (in, out)
+    return [_mapped(f"{tk}.weight", (n_out, n_in), jp + ("kernel",), lambda w: w.T, lambda k: k.T),
+            _same(f"{tk}.bias", (n_out,), jp + ("bias",))]
+
+
+def _conv(tk, jp, cin, cout, k, transposed=False):
+    # Conv2d (out, in, kh, kw) -> (kh, kw, in, out); ConvTranspose2d (in, out, kh, kw) -> (kh, kw,
+    # out, in), the torch-scatter kernel of ConvTranspose4x2. The same axis permutation in both.
+    shape = (cin, cout, k, k) if transposed else (cout, cin, k, k)
+    return [_mapped(f"{tk}.weight", shape, jp + ("kernel",), lambda w: w.transpose(2, 3, 1, 0),
+                    lambda a: a.transpose(3, 2, 0, 1)),
+            _same(f"{tk}.bias", (cout,), jp + ("bias",))]
+
+
+def _patch(tk, jp, d, cg, p):  # Conv2d (D, Cg, p, p) -> Dense (p*p*Cg, D) in patchify order
+    return [_mapped(f"{tk}.weight", (d, cg, p, p), jp + ("kernel",),
+                    lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * cg, d),
+                    lambda a: a.reshape(p, p, cg, d).transpose(3, 2, 0, 1)),
+            _same(f"{tk}.bias", (d,), jp + ("bias",))]
+
+
+def _pred(tk, jp, dd, cg, p):  # Linear (Cg*p*p, Dd), outputs (band, row, col) -> (Dd, p*p*Cg) (row, col, band)
+    return [_mapped(f"{tk}.weight", (cg * p * p, dd), jp + ("kernel",),
+                    lambda w: w.reshape(cg, p, p, dd).transpose(3, 1, 2, 0).reshape(dd, -1),
+                    lambda a: a.reshape(dd, p, p, cg).transpose(3, 1, 2, 0).reshape(-1, dd)),
+            _mapped(f"{tk}.bias", (cg * p * p,), jp + ("bias",),
+                    lambda b: b.reshape(cg, p, p).transpose(1, 2, 0).reshape(-1),
+                    lambda a: a.reshape(p, p, cg).transpose(2, 0, 1).reshape(-1))]
+
+
+def _block(tk, jp, d, heads, mlp):
+    """timm Block (qkv_bias=True) -> eojax EncoderBlock. timm's qkv output is (3, heads, head_dim)
+    and proj's input (heads, head_dim), both row-major."""
+    hd = d // heads
+    att = jp + ("attn",)
+    qkv = ("query", "key", "value")
+    return [
+        *_ln(f"{tk}.norm1", jp + ("norm1",), d),
+        _Entry(f"{tk}.attn.qkv.weight", (3 * d, d), tuple(att + (n, "kernel") for n in qkv),
+               lambda w: tuple(part.T.reshape(d, heads, hd) for part in w.reshape(3, d, d)),
+               lambda *ks: np.concatenate([k.reshape(d, d).T for k in ks])),
+        _Entry(f"{tk}.attn.qkv.bias", (3 * d,), tuple(att + (n, "bias") for n in qkv),
+               lambda b: tuple(b.reshape(3, heads, hd)),
+               lambda *bs: np.concatenate([b.reshape(-1) for b in bs])),
+        _mapped(f"{tk}.attn.proj.weight", (d, d), att + ("out", "kernel"),
+                lambda w: w.T.reshape(heads, hd, d), lambda k: k.reshape(d, d).T),
+        _same(f"{tk}.attn.proj.bias", (d,), att + ("out", "bias")),
+        *_ln(f"{tk}.norm2", jp + ("norm2",), d),
+        *_linear(f"{tk}.mlp.fc1", jp + ("mlp", "fc1"), d, mlp),
+        *_linear(f"{tk}.mlp.fc2", jp + ("mlp", "fc2"), mlp, d),
+    ]
+
+
+def _config(model_kwargs: Mapping, target: str | None):
+    """Model fields (defaults filled in) and the target tree: 'mae' or 'vit' (None: 'mae' when any
+    GroupChannelMAE-only field is given)."""
+    mae_f, vit_f = GroupChannelMAE.__dataclass_fields__, GroupChannelViT.__dataclass_fields__
+    unknown = sorted(set(model_kwargs) - set(mae_f))
+    if unknown:
+        raise TypeError(f"model_kwargs has fields GroupChannelMAE does not: {unknown}")
+    if target is None:
+        target = "mae" if any(k not in vit_f for k in model_kwargs) else "vit"
+    if target not in ("mae", "vit"):
+        raise ValueError(f"target must be 'mae' or 'vit', got {target!r}")
+    cfg = {k: mae_f[k].default for k in _KEYS}
+    cfg.update({k: v for k, v in model_kwargs.items() if k in _KEYS})
+    cfg["groups"] = tuple(tuple(int(c) for c in g) for g in cfg["groups"])
+    cfg["channels"] = _check_groups(cfg["groups"])
+    cfg["mlp_dim"] = cfg["mlp_dim"] or 4 * cfg["width"]
+    cfg["decoder_mlp_dim"] = cfg["decoder_mlp_dim"] or 4 * cfg["decoder_width"]
+    h, w = _pair(cfg["image_size"])
+    cfg["grid"] = (h // cfg["patch_size"], w // cfg["patch_size"])
+    return cfg, target
+
+
+def _entries(cfg, target) -> list[_Entry]:
+    d, p, groups = cfg["width"], cfg["patch_size"], cfg["groups"]
+    enc = ("encoder",) if target == "mae" else ()
+    out = [_same("cls_token", (1, 1, d), enc + ("cls_token",))] if cfg["use_cls_token"] else []
+    for i, g in enumerate(groups):
+        out += _patch(f"patch_embed.{i}.proj", enc + (f"patch_embed_{i}", "proj"), d, len(g), p)
+    for k in range(cfg["depth"]):
+        out += _block(f"blocks.{k}", enc + ("blocks", f"block_{k}"), d, cfg["heads"], cfg["mlp_dim"])
+    out += _ln("norm", enc + ("norm",), d)
+    if target == "vit":
+        return out
+    dd = cfg["decoder_width"]
+    out += _linear("decoder_embed", ("decoder_embed",), d, dd)
+    out.append(_same("mask_token", (1, 1, dd), ("mask_token",)))
+    for k in range(cfg["decoder_depth"]):
+        out += _block(f"decoder_blocks.{k}", ("decoder", f"block_{k}"), dd, cfg["decoder_heads"],
+                      cfg["decoder_mlp_dim"])
+    out += _ln("decoder_norm", ("decoder_norm",), dd)
+    for i, g in enumerate(groups):
+        out += _pred(f"decoder_pred.{i}", (f"decoder_pred_{i}",), dd, len(g), p)
+    if cfg["multiscale"]:
+        c, head = cfg["channels"], ("multiscale_head",)
+        m = c * cfg["multiscale_ratio"]
+        out += _conv("proj_up_conv", head + ("proj_up_conv",), c, m, 1)
+        out += _ln("proj_up_norm", head + ("proj_up_norm",), m)
+        for b in (1, 2):
+            tk, jp = f"up_block{b}", head + (f"up_block{b}",)
+            out += _conv(f"{tk}.up_conv", jp + ("up_conv",), m, m, 4, transposed=True)
+            out += _ln(f"{tk}.up_norm", jp + ("up_norm",), m)
+            out += _conv(f"{tk}.res_block.conv1", jp + ("res_conv1",), m, m, 3)
+            out += _conv(f"{tk}.res_block.conv2", jp + ("res_conv2",), m, m, 3)
+            out += _ln(f"{tk}.res_norm", jp + ("res_norm",), m)
+            out += _conv(f"{tk}.proj_out", jp + ("proj_out",), m, c, 3)
+    return out
+
+
+def _fixed(cfg, target, layout, grid) -> dict[str, np.ndarray]:
+    """The reference's fixed embeddings for a grid (a zero cls row first), from eojax's own ones."""
+    d, c, g = cfg["width"], cfg["group_embed_dim"], len(cfg["groups"])
+    pe = pos_group_embed(d, c, g, *grid)  # (G, N, D): [position (D - c), group (c)]
+    out = {"pos_embed": np.concatenate([np.zeros((1, d - c), np.float32), pe[0, :, :d - c]])[None],
+           "channel_embed": np.ascontiguousarray(pe[None, :, 0, d - c:])}
+    if layout == "vit":
+        out["channel_cls_embed"] = np.zeros((1, 1, c), np.float32)
+    if target == "mae":
+        dd, dc, n = cfg["decoder_width"], cfg["decoder_group_embed_dim"], grid[0] * grid[1]
+        dpe = decoder_pos_group_embed(dd, dc, g, *grid)  # row 0: [zeros, group G], then (group, loc)
+        out["decoder_pos_embed"] = np.concatenate([dpe[:1, :dd - dc], dpe[1:1 + n, :dd - dc]])[None]
+        out["decoder_channel_embed"] = np.concatenate([dpe[1::n, dd - dc:], dpe[:1, dd - dc:]])[None]
+    return out
+
+
+def _grid_of(rows: int, cfg) -> tuple[int, int] | None:
+    n = rows - 1
+    if cfg["grid"][0] * cfg["grid"][1] == n:
+        return cfg["grid"]
+    s = math.isqrt(max(n, 0))
+    return (s, s) if s > 0 and s * s == n else None  # the reference's grids are square
+
+
+def _fixed_problems(sd, cfg, target, layout) -> tuple[list[str], dict[str, str]]:
+    """(shape problems, {key: why its values cannot be used}) of the fixed embeddings."""
+    d, c, g = cfg["width"], cfg["group_embed_dim"], len(cfg["groups"])
+    dd, dc = cfg["decoder_width"], cfg["decoder_group_embed_dim"]
+    want = {"pos_embed": (None, d - c), "channel_embed": (g, c)}  # (rows or None = any grid, width)
+    if layout == "vit":
+        want["channel_cls_embed"] = (1, c)
+    if target == "mae":
+        want.update(decoder_pos_embed=(None, dd - dc), decoder_channel_embed=(g + 1, dc))
+    problems, drift = [], {}
+    for key, (rows, width) in want.items():
+        a = sd.get(key)
+        if a is None:
+            problems.append(f"missing in checkpoint: {key} (1, {rows or 'N + 1'}, {width})")
+            continue
+        if a.ndim != 3 or a.shape[0] != 1 or a.shape[2] != width or (rows and a.shape[1] != rows):
+            problems.append(f"shape of {key}: checkpoint {a.shape} vs model (1, {rows or 'N + 1'}, {width})")
+            continue
+        if key == "channel_cls_embed":
+            continue  # trainable, folded into cls_token
+        grid = _grid_of(a.shape[1], cfg) if rows is None else cfg["grid"]
+        if grid is None:
+            drift[key] = f"{a.shape[1] - 1} positions are not a square grid; cannot check the sin-cos"
+            continue
+        ref = _fixed(cfg, target, layout, grid)[key]
+        lo = 1 if key == "pos_embed" and layout == "vit" else 0  # vit: row 0 is folded into cls
+        err = float(np.max(np.abs(a[:, lo:].astype(np.float64) - ref[:, lo:]), initial=0.0))
+        if not err <= _TOL:
+            drift[key] = (f"differs from the fixed sin-cos by up to {err:.3g} (trained or interpolated);"
+                          " eojax always uses the sin-cos")
+    return problems, drift
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------------
+def _why_ignored(key: str, cfg, target) -> str:
+    if key.startswith(("proj_up_", "up_block")) and target == "mae":
+        return "multi-scale head: the model has multiscale=False"
+    if key.startswith(("decoder", "mask_token", "proj_up_", "up_block")):
+        return "decoder / multi-scale head of the pretraining model: not part of GroupChannelViT"
+    if key.startswith(("head.", "fc_norm.")):
+        return "classifier of a fine-tuned model: no eojax counterpart"
+    return "not in this model"
+
+
+def _raise(problems: list[str], what: str):
+    shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
+    raise CheckpointMismatchError(f"{what} does not fit the model ({len(problems)} differences):\n  {shown}")
+
+
+def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str | None = None,
+                      strict: bool = True) -> tuple[dict, dict[str, str]]:
+    """SatMAE++ state dict -> (eojax params, {ignored key: why}).
+
+    model_kwargs: GroupChannelMAE or GroupChannelViT keyword arguments (satmae_config output);
+    target: 'mae' (GroupChannelMAE tree) or 'vit' (GroupChannelViT tree); None infers it from
+    model_kwargs. Every missing key, shape mismatch, group of another band count, and (strict)
+    unexpected key or drifted fixed embedding is gathered into one CheckpointMismatchError before
+    anything is returned. strict=False ignores unexpected keys (the decoder when importing a
+    pretraining checkpoint into a GroupChannelViT, a classifier head) and drifted embeddings.
+    """
+    cfg, target = _config(model_kwargs, target)
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    layout = "vit" if "channel_cls_embed" in sd else "mae"
+    entries = _entries(cfg, target)
+    p, groups = cfg["patch_size"], cfg["groups"]
+    problems, skip = [], set()
+    n_ckpt = len({k.split(".")[1] for k in sd if k.startswith("patch_embed.")})
+    if n_ckpt and n_ckpt != len(groups):
+        problems.append(f"the checkpoint has {n_ckpt} band groups, the model {len(groups)}: {groups}")
+    for i, g in enumerate(groups):  # band counts per group, named, before the generic shape list
+        w, pred = sd.get(f"patch_embed.{i}.proj.weight"), sd.get(f"decoder_pred.{i}.weight")
+        got = w.shape[1] if w is not None and w.ndim == 4 else None
+        if got is None and target == "mae" and pred is not None and pred.ndim == 2:
+            got = pred.shape[0] / (p * p)
+        if got is not None and got != len(g):
+            problems.append(f"group {i} {g}: the checkpoint's group {i} has {got:g} bands, the model's "
+                            f"{len(g)}; a checkpoint's band groups cannot be changed on import")
+            skip |= {f"patch_embed.{i}.proj.weight", f"decoder_pred.{i}.weight", f"decoder_pred.{i}.bias"}
+    for e in entries:
+        if e.key not in sd:
+            problems.append(f"missing in checkpoint: {e.key} {e.shape}")
+        elif sd[e.key].shape != e.shape and e.key not in skip:
+            problems.append(f"shape of {e.key}: checkpoint {sd[e.key].shape} vs model {e.shape}")
+    if "norm.weight" not in sd and "fc_norm.weight" in sd:
+        problems.append("fc_norm but no norm: a global-pool classifier, whose norm follows the pooling; "
+                        "GroupChannelViT normalises the tokens, so it cannot take this checkpoint")
+    fixed_problems, ignored = _fixed_problems(sd, cfg, target, layout)
+    problems += fixed_problems
+    fixed_keys = {"pos_embed", "channel_embed", "channel_cls_embed", "decoder_pos_embed",
+                  "decoder_channel_embed"} if target == "mae" else {"pos_embed", "channel_embed",
+                                                                     "channel_cls_embed"}
+    known = {e.key for e in entries} | fixed_keys
+    for key in sorted(set(sd) - known):
+        ignored[key] = _why_ignored(key, cfg, target)
+    if strict:
+        problems += [f"not in this model: {k} {sd[k].shape}" for k in sorted(set(sd) - known)]
+        problems += [f"{k}: {why}" for k, why in ignored.items() if k in fixed_keys]
+        ignored = {}
+    if problems:
+        _raise(problems, "SatMAE++ checkpoint")
+
+    dtype = np.dtype(cfg["param_dtype"])
+    flat = {}
+    for e in entries:
+        for path, a in zip(e.paths, e.to_jax(sd[e.key])):
+            flat[path] = a
+    if layout == "vit" and cfg["use_cls_token"]:  # the reference adds these to its cls token
+        cls_path = entries[0].paths[0]
+        extra = np.concatenate([sd["pos_embed"][:, :1], sd["channel_cls_embed"]], axis=-1)
+        flat[cls_path] = flat[cls_path] + extra.astype(flat[cls_path].dtype)
+    flat = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in flat.items()}
+    return _stack(_nest(flat), cfg, target), ignored
+
+
+def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | None = None
+                    ) -> dict[str, np.ndarray]:
+    """eojax params -> SatMAE++ state dict: the pretraining (mae) layout for a GroupChannelMAE tree,
+    the fine-tuning (vit, no classifier) layout for a GroupChannelViT tree; fixed embeddings for the
+    model's grid are included, as the reference's state_dict has them."""
+    cfg, target = _config(model_kwargs, target)
+    if set(params) == {"params"}:
+        params = params["params"]
+    flat = _flatten(_unstack(params, cfg, target))
+    entries = _entries(cfg, target)
+    problems = []
+    want = {}
+    for e in entries:  # expected eojax shapes, from the torch ones (broadcast views: no memory)
+        outs = e.to_jax(np.broadcast_to(np.float32(0), e.shape))
+        want.update({path: tuple(a.shape) for path, a in zip(e.paths, outs)})
+    name = "/".join
+    problems += [f"missing in params: {name(k)} {want[k]}" for k in sorted(set(want) - set(flat))]
+    problems += [f"not in this model: {name(k)} {np.shape(flat[k])}" for k in sorted(set(flat) - set(want))]
+    problems += [f"shape of {name(k)}: params {np.shape(flat[k])} vs model {want[k]}"
+                 for k in sorted(set(want) & set(flat)) if tuple(np.shape(flat[k])) != want[k]]
+    if problems:
+        _raise(problems, "eojax params")
+    sd = {e.key: np.ascontiguousarray(e.to_torch(*[np.asarray(flat[p]) for p in e.paths]))
+          for e in entries}
+    sd.update(_fixed(cfg, target, target, cfg["grid"]))
+    return sd
+
+
+def _nest(flat: Mapping) -> dict:
+    tree: dict = {}
+    for path, a in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = a
+    return tree
+
+
+def _flatten(tree: Mapping, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _encoders(tree, cfg, target):
+    """(parent dict, key, depth) of each block stack in the tree."""
+    enc = tree["encoder"] if target == "mae" else tree
+    out = [(enc, "blocks", cfg["depth"])]
+    return out + ([(tree, "decoder", cfg["decoder_depth"])] if target == "mae" else [])
+
+
+def _stack(tree, cfg, target):
+    if cfg["scan"]:  # scanned blocks: one 'layers' tree with a leading depth axis
+        for parent, key, depth in _encoders(tree, cfg, target):
+            blocks = [parent[key][f"block_{i}"] for i in range(depth)]
+            parent[key] = {"layers": jax.tree.map(lambda *a: np.stack(a), *blocks)}
+    return tree
+
+
+def _unstack(params, cfg, target):
+    tree = jax.tree.map(np.asarray, nn.meta.unbox(dict(params)))
+    tree = _nest(_flatten(tree))  # plain, mutable dicts
+    if cfg["scan"]:
+        for parent, key, depth in _encoders(tree, cfg, target):
+            layers = parent.get(key, {}).get("layers")
+            if layers is not None:
+                parent[key] = {f"block_{i}": jax.tree.map(lambda a, i=i: a[i], layers)
+                               for i in range(depth)}
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# config.init_from
+# --------------------------------------------------------------------------------------------------
+def is_checkpoint_file(path) -> bool:
+    """Whether config.init_from names a file this module reads (else: an eojax run folder)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in SUFFIXES
+
+
+def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict: bool = True) -> Any:
+    """Params for `config.init_from` from a SatMAE++ .safetensors / .npz / .pth file.
+
+    abstract_params: the model's params as ShapeDtypeStructs (their shardings, if any, are used);
+    a tree with 'encoder' is a GroupChannelMAE, otherwise a GroupChannelViT. Shapes and names are
+    checked against it (CheckpointMismatchError); arrays are cast to its dtypes. strict=False drops
+    the decoder of a pretraining checkpoint (and a classifier head); what was dropped is logged.
+    """
+    sd = load_state_dict(path)
+    wrapped = set(abstract_params) == {"params"}
+    abstract = abstract_params["params"] if wrapped else abstract_params
+    target = "mae" if "encoder" in abstract else "vit"
+    params, ignored = satmae_from_torch(sd, model_kwargs, target=target, strict=strict)
+    check_compatible(params, abstract, f"SatMAE++ checkpoint {path}")
+    for key, why in ignored.items():
+        logging.info("init_from %s: ignored %s (%s)", path, key, why)
+
+    def place(a, spec):
+        a = np.asarray(a, dtype=spec.dtype)
+        sharding = getattr(spec, "sharding", None)
+        if sharding is None:
+            return jnp.asarray(a)
+        # Every process holds the whole array; each device takes its own slice (multi-host safe).
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    placed = jax.tree.map(place, params, abstract)
+    logging.info("initialised params from SatMAE++ checkpoint %s", path)
+    return {"params": placed} if wrapped else placed
