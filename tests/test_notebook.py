@@ -1,4 +1,4 @@
-"""colab/quickstart.ipynb runs top to bottom in a kernel of this venv and trains something real."""
+"""Every notebook in colab/ runs top to bottom in a kernel of this venv and trains something real."""
 import glob
 import json
 import os
@@ -11,11 +11,38 @@ nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(REPO, "colab", "quickstart.ipynb")
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
 KERNEL = "eojax-test-venv"
 
 
-def _kernelspec(root, workdir) -> None:
+def _check_gridmae(workdir, printed):
+    """The embedding GeoTIFF is georeferenced on the stacked grid (the gravity grid's UTM 33N) and the
+    notebook printed its CRS."""
+    import rasterio
+
+    (path,) = glob.glob(str(workdir / "features" / "*_features.tif"))
+    with rasterio.open(path) as src:
+        assert src.crs.to_string() == "EPSG:32633", src.crs
+        assert src.count > 3 and src.height > 1 and src.width > 1, (src.count, src.shape)
+    assert "CRS: EPSG:32633" in printed
+
+
+# Per notebook: the pictures the run must write into its workdir, the train metrics that must fall
+# (first logged value -> last), and anything more to check with (workdir, printed text).
+EXPECTED = {
+    "quickstart": dict(pngs=("mae_reconstruction_step*.png",), falling=("loss",)),
+    "satmae": dict(pngs=("group_mae_reconstruction_step*.png", "group_mae_multiscale_step*.png"),
+                   falling=("loss", "mse", "l1_2x", "l1_4x")),
+    "gridmae": dict(pngs=("group_mae_reconstruction_step*.png",), falling=("loss",), check=_check_gridmae),
+}
+
+
+def _workdir_variable(name: str) -> str:
+    """The variable a notebook reads its workdir from: EOJAX_<NAME>_WORKDIR."""
+    return f"EOJAX_{name.upper()}_WORKDIR"
+
+
+def _kernelspec(root, env: dict) -> None:
     """A kernelspec for *this* interpreter (the venv), found through JUPYTER_PATH: a fresh CI machine
     has no registered kernel, and a user-level 'python3' one could point at another Python."""
     spec_dir = os.path.join(root, "kernels", KERNEL)
@@ -26,35 +53,42 @@ def _kernelspec(root, workdir) -> None:
         "language": "python",
         # Overrides what the kernel inherits from pytest (conftest asks for 8 devices).
         "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-                "EOJAX_QUICKSTART_WORKDIR": str(workdir), "MPLBACKEND": "module://matplotlib_inline.backend_inline"},
+                "MPLBACKEND": "module://matplotlib_inline.backend_inline", **env},
     }
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
         json.dump(spec, f)
 
 
-def test_quickstart_notebook(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: os.path.splitext(os.path.basename(p))[0])
+def test_notebook(path, tmp_path, monkeypatch):
+    name = os.path.splitext(os.path.basename(path))[0]
+    expected = EXPECTED.get(name)
+    assert expected is not None, f"colab/{name}.ipynb has no entry in EXPECTED: say what its run must produce"
     workdir = tmp_path / "run"
-    _kernelspec(str(tmp_path / "jupyter"), workdir)
+    _kernelspec(str(tmp_path / "jupyter"), {_workdir_variable(name): str(workdir)})
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(path, as_version=4)
     assert nb.metadata.kernelspec.name == "python3"  # what Colab and a plain Jupyter expect
     client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=600, startup_timeout=120,
                                      resources={"metadata": {"path": REPO}})
     client.execute()  # raises CellExecutionError naming the cell if any cell fails
 
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, errors
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    printed = "".join(o.get("text", "") for o in outputs)
     assert str(workdir) in printed  # the notebook used the folder this test chose
     assert "[CpuDevice(id=0), CpuDevice(id=1)]" in printed  # and the kernel got the test's environment
 
-    pngs = glob.glob(str(workdir / "mae_reconstruction_step*.png"))
-    assert pngs, f"no reconstruction PNG in {workdir}"
-    assert any(o.output_type == "display_data" and "image/png" in o.data
-               for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for pattern in expected["pngs"]:
+        assert glob.glob(str(workdir / pattern)), f"no {pattern} in {workdir}"
+    assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)
 
     from eojax import metric_writer
     rows = metric_writer.read_metrics(str(workdir))
     assert len(rows) >= 2, rows
-    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    for key in expected["falling"]:
+        assert rows[-1][key] < rows[0][key], (key, [r[key] for r in rows])
+    if "check" in expected:
+        expected["check"](workdir, printed)

@@ -360,6 +360,8 @@ def test_mismatch_errors_list_everything(mae_params):
         satmae_from_torch(sd, dict(CFG, groups=((0, 1, 2), (3, 4, 5, 6, 7), (8, 9))))
     assert "group 0 (0, 1, 2): the checkpoint's group 0 has 4 bands, the model's 3" in str(e.value)
     assert "group 1 (3, 4, 5, 6, 7)" in str(e.value) and "group 2" not in str(e.value)
+    with pytest.raises(CheckpointMismatchError, match="group 1 .* has 4 bands, the model's 5"):
+        satmae_from_torch(sd, dict(VIT, groups=((0, 1, 2), (3, 4, 5, 6, 7), (8, 9))), strict=False)
     with pytest.raises(CheckpointMismatchError, match="not in this model: decoder_embed.weight"):
         satmae_from_torch(sd, dict(VIT), target="vit")
     # Export checks the tree too.

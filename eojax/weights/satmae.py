@@ -364,7 +364,7 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
         problems.append(f"the checkpoint has {n_ckpt} band groups, the model {len(groups)}: {groups}")
     for i, g in enumerate(groups):  # band counts per group, named, before the generic shape list
         w, pred = sd.get(f"patch_embed.{i}.proj.weight"), sd.get(f"decoder_pred.{i}.weight")
-        got = None
+        got = w.shape[1] if w is not None and w.ndim == 4 else None
         if got is None and target == "mae" and pred is not None and pred.ndim == 2:
             got = pred.shape[0] / (p * p)
         if got is not None and got != len(g):
