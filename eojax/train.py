@@ -225,7 +225,11 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
         return checkpointer.restore(step, run.abstract_state, run.train_iter)
     state = run.init_state()
     if run.config.init_from:
-        params = ckpt_lib.load_params(run.config.init_from, run.abstract_state.params)
+        path = run.config.init_from
+        if os.path.isfile(path):  # a published checkpoint file: the family knows its layout
+            params = run.task.load_pretrained(path, run.abstract_state.params)
+        else:  # another eojax run
+            params = ckpt_lib.load_params(path, run.abstract_state.params)
         state = state.replace(params=params)
     return state
 

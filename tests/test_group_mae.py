@@ -75,3 +75,25 @@ def test_satmae_sharded_matches_one_device(satmae_reference, mesh, axis):
 @pytest.mark.parametrize("mesh,axis", MESHES)
 def test_gridmae_sharded_matches_one_device(gridmae_reference, mesh, axis):
     assert_sharded_run_matches("gridmae", mesh, axis, gridmae_reference, n=2, param_atol=1e-4, batch_size=8)
+
+
+def test_init_from_a_satmae_pytorch_layout_file(tmp_path):
+    """config.init_from=<file in the published SatMAE++ state-dict layout> starts the run from it."""
+    from safetensors.numpy import save_file
+
+    from eojax import checkpoint as ckpt_lib
+    from eojax import train
+    from eojax.weights import satmae as satmae_weights
+    from helpers import ONE_DEVICE, load_config
+
+    config = load_config("satmae", mesh=ONE_DEVICE, batch_size=8, seed=1)
+    donor = train.setup(config, devices=jax.devices()[:1])
+    params = ckpt_lib.host_numpy(donor.init_state().params)
+    path = str(tmp_path / "satmae_pp.safetensors")
+    save_file(satmae_weights.satmae_to_torch(params, donor.task.model_kwargs()), path)
+
+    run = train.setup(load_config("satmae", mesh=ONE_DEVICE, batch_size=8, seed=2, init_from=path),
+                      devices=jax.devices()[:1])
+    state = train.restore_or_init(run, ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")))
+    for a, b in zip(jax.tree.leaves(ckpt_lib.host_numpy(state.params)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)

@@ -7,6 +7,7 @@ import argparse
 import math
 import sys
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,37 @@ def test_round_trip_vit_and_scan(mae_params, tmp_path):
     _assert_trees_equal(satmae_from_torch(sd_scan, scan_cfg)[0], scanned)
 
 
+def test_vit_large_table_matches_model_shapes():
+    """At the published sizes (ViT-L, 96 px, patch 8): reference key shapes, and the eojax shapes
+    the table produces equal the model's (no arrays are made)."""
+    from eojax.weights.satmae import _config, _entries, _fixed
+    cfg = satmae_config("large")
+    c, target = _config(cfg, None)
+    entries = _entries(c, target)
+    torch_shapes = {e.key: e.shape for e in entries}
+    torch_shapes.update({k: v.shape for k, v in _fixed(c, target, target, c["grid"]).items()})
+    # cls, mask tokens + 4 fixed; patch embeds; blocks; norm; decoder_embed; decoder blocks;
+    # decoder_norm; decoder_pred; proj_up conv + norm; 2 upsample blocks of 6 weight/bias pairs.
+    n = 6 + 3 * 2 + 24 * 12 + 2 + 2 + 8 * 12 + 2 + 3 * 2 + 4 + 2 * 12
+    assert target == "mae" and len(torch_shapes) == n == 436
+    assert torch_shapes["blocks.23.attn.qkv.weight"] == (3072, 1024)
+    assert torch_shapes["blocks.23.mlp.fc1.weight"] == (4096, 1024)
+    assert torch_shapes["decoder_blocks.7.mlp.fc2.weight"] == (512, 2048)
+    assert torch_shapes["patch_embed.2.proj.weight"] == (1024, 2, 8, 8)
+    assert torch_shapes["decoder_pred.0.weight"] == (256, 512)
+    assert torch_shapes["up_block2.up_conv.weight"] == (40, 40, 4, 4)
+    assert (torch_shapes["pos_embed"], torch_shapes["channel_embed"]) == ((1, 145, 768), (1, 3, 256))
+    assert torch_shapes["decoder_pos_embed"] == (1, 145, 384)
+    assert torch_shapes["decoder_channel_embed"] == (1, 4, 128)
+    model = nn.unbox(jax.eval_shape(GroupChannelMAE(**cfg).init, RNGS, jnp.zeros((1, 96, 96, 10))))
+    want = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(model["params"]).items()}
+    got = {}
+    for e in entries:
+        outs = e.to_jax(np.broadcast_to(np.float32(0), e.shape))
+        got.update({"/".join(p): a.shape for p, a in zip(e.paths, outs)})
+    assert got == want
+
+
 def test_pth_checkpoint(mae_params, tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: .pth reading is optional")
     sd = satmae_to_torch(mae_params, CFG)
@@ -275,6 +307,12 @@ def test_layouts_match_reference_operations():
                            ("decoder_blocks.0", params["decoder"]["block_0"], 128)]:
         got = layers.EncoderBlock(heads=2, mlp_dim=mlp).apply({"params": tree}, x[None])
         _close(got[0], _timm_block(x, sd, pre, heads=2))
+    # qkv alone: timm's fused x @ W.T + b, split in three, == eojax's query / key / value.
+    attn = params["encoder"]["blocks"]["block_0"]["attn"]
+    fused = x @ sd["blocks.0.attn.qkv.weight"].T + sd["blocks.0.attn.qkv.bias"]
+    for j, name in enumerate(("query", "key", "value")):
+        got = np.tensordot(x, attn[name]["kernel"], 1) + attn[name]["bias"]
+        _close(got.reshape(7, 32), fused[:, 32 * j:32 * (j + 1)])
     # decoder_pred: the reference's (band, row, col) outputs through its unpatchify == eojax's
     # Dense through eojax's unpatchify, for each group.
     y = rng.standard_normal((16, 32)).astype(np.float32)
@@ -373,13 +411,36 @@ def test_mismatch_errors_list_everything(mae_params):
     assert "shape of mask_token: params (1, 1, 48) vs model (1, 1, 32)" in str(e.value)
 
 
+def test_wrappers_unwrapped(tmp_path):
+    sd = _reference_state_dict(seed=7)
+    np.savez(tmp_path / "ddp.npz", **{f"module.{k}": v for k, v in sd.items()})  # a DDP state dict
+    got = load_state_dict(tmp_path / "ddp.npz")
+    assert set(got) == set(sd)
+    np.testing.assert_array_equal(got["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+
+
+def test_bfloat16_safetensors_read_as_float32(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+    sd = _reference_state_dict(seed=8)
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}, str(tmp_path / "bf16.safetensors"))
+    got = load_state_dict(tmp_path / "bf16.safetensors")["blocks.0.attn.qkv.weight"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, sd["blocks.0.attn.qkv.weight"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_state_dict(tmp_path / "nope.safetensors")
-    for suffix in (".safetensors", ".npz", ".pth"):
+    try:
+        __import__("torch")
+        pth_error = ValueError
+    except ImportError:
+        pth_error = ImportError  # the "convert it to safetensors" message
+    for suffix, error in ((".safetensors", ValueError), (".npz", ValueError), (".pth", pth_error)):
         path = tmp_path / f"junk{suffix}"
         path.write_bytes(b"this is neither format " * 10)
-        with pytest.raises(ValueError, match=f"junk\\{suffix}"):
+        with pytest.raises(error, match=f"junk\\{suffix}"):
             load_state_dict(path)
     (tmp_path / "ckpt.txt").write_text("x")
     with pytest.raises(ValueError, match="unknown checkpoint format '.txt'"):

@@ -53,6 +53,11 @@ class Task:
         count = max(float(sums.get("count", 0.0)), 1e-12)
         return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
 
+    def load_pretrained(self, path: str, abstract_params):
+        """Params from a published checkpoint file (`config.init_from=<file>`), in this family's layout."""
+        raise NotApplicableError(f"the '{self.name}' task imports no checkpoint files ({path}); "
+                                 "config.init_from takes an eojax run folder here")
+
     def embed(self, params, batch) -> jax.Array:
         """(B, D) embedding per example, for `eojax export` (encoder families)."""
         raise NotApplicableError(f"the '{self.name}' task has no encoder embedding to export")

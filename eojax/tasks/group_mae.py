@@ -71,6 +71,13 @@ class GroupMAETask(MAETask):
             self.config.model.norm_pix_loss, targets2=images.get("image_2x"), valid2=valid.get("valid_2x"),
             targets4=images.get("image_4x"), valid4=valid.get("valid_4x"))
 
+    def load_pretrained(self, path, abstract_params):
+        """A published SatMAE++ checkpoint (.safetensors / .npz / .pth). Parts this model lacks (a
+        multi-scale head, a classifier) are dropped with a warning; anything missing or misshapen is
+        an error naming the keys."""
+        from eojax.weights import satmae as satmae_weights
+        return satmae_weights.load_pretrained(path, abstract_params, self.model_kwargs(), strict=False)
+
     def train_flops_per_example(self) -> float:
         return satmae.flops_per_image(self.model_kwargs(), training=True)
 

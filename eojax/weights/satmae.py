@@ -32,22 +32,23 @@ pos_embed[0] and channel_cls_embed to the cls token; eojax adds nothing, so they
 Decoder caveat: the reference concatenates the group predictions in group order and trains them
 against band order, so its decoder_pred.i output j learns band (offset_i + j); eojax places it at band
 groups[i][j]. Weights are copied unchanged, so with non-contiguous groups (the default S2 grouping)
-an imported pretraining decoder misplaces some bands. The encoder (what fine-tuning uses) is exact.
+an imported pretraining decoder misplaces some bands (and feeds them so to the multi-scale head).
+The encoder (what fine-tuning uses) is exact.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
+from flax import linen as nn, traverse_util
 
 from eojax.checkpoint import CheckpointMismatchError, check_compatible
 from eojax.models.satmae import (GroupChannelMAE, GroupChannelViT, _check_groups,
@@ -123,6 +124,8 @@ def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
         if hasattr(v, "detach"):  # a torch tensor; numpy has no bfloat16, float32 holds it exactly
             v = v.detach().cpu()
             v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+        if isinstance(v, np.ndarray) and v.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            v = v.astype(np.float32)  # ml_dtypes floats (safetensors bf16): exact in float32
         if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
             out[str(k)] = v
         else:
@@ -135,20 +138,12 @@ def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # The key table
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Entry:
-    key: str  # torch state-dict key
-    shape: tuple  # its torch shape
-    paths: tuple  # the eojax params it fills (three for a fused qkv)
-    to_jax: Callable  # torch array -> tuple of eojax arrays
-    to_torch: Callable  # eojax arrays -> torch array
+# One torch key: its torch shape, the eojax params it fills (three for a fused qkv), and the maps
+# torch array -> tuple of eojax arrays (to_jax) and eojax arrays -> torch array (to_torch).
+_Entry = collections.namedtuple("_Entry", "key shape paths to_jax to_torch")
 
 
-def _same(key, shape, path):
-    return _Entry(key, tuple(shape), (path,), lambda a: (a,), lambda a: a)
-
-
-def _mapped(key, shape, path, fwd, inv):
+def _same(key, shape, path, fwd=lambda a: a, inv=lambda a: a):
     return _Entry(key, tuple(shape), (path,), lambda a: (fwd(a),), inv)
 
 
@@ -157,7 +152,7 @@ def _ln(tk, jp, n):
 
 
 def _linear(tk, jp, n_in, n_out):  # torch (out, in) -> flax (in, out)
-    return [_mapped(f"{tk}.weight", (n_out, n_in), jp + ("kernel",), lambda w: w.T, lambda k: k.T),
+    return [_same(f"{tk}.weight", (n_out, n_in), jp + ("kernel",), lambda w: w.T, lambda k: k.T),
             _same(f"{tk}.bias", (n_out,), jp + ("bias",))]
 
 
@@ -165,23 +160,23 @@ def _conv(tk, jp, cin, cout, k, transposed=False):
     # Conv2d (out, in, kh, kw) -> (kh, kw, in, out); ConvTranspose2d (in, out, kh, kw) -> (kh, kw,
     # out, in), the torch-scatter kernel of ConvTranspose4x2. The same axis permutation in both.
     shape = (cin, cout, k, k) if transposed else (cout, cin, k, k)
-    return [_mapped(f"{tk}.weight", shape, jp + ("kernel",), lambda w: w.transpose(2, 3, 1, 0),
+    return [_same(f"{tk}.weight", shape, jp + ("kernel",), lambda w: w.transpose(2, 3, 1, 0),
                     lambda a: a.transpose(3, 2, 0, 1)),
             _same(f"{tk}.bias", (cout,), jp + ("bias",))]
 
 
 def _patch(tk, jp, d, cg, p):  # Conv2d (D, Cg, p, p) -> Dense (p*p*Cg, D) in patchify order
-    return [_mapped(f"{tk}.weight", (d, cg, p, p), jp + ("kernel",),
+    return [_same(f"{tk}.weight", (d, cg, p, p), jp + ("kernel",),
                     lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * cg, d),
                     lambda a: a.reshape(p, p, cg, d).transpose(3, 2, 0, 1)),
             _same(f"{tk}.bias", (d,), jp + ("bias",))]
 
 
 def _pred(tk, jp, dd, cg, p):  # Linear (Cg*p*p, Dd), outputs (band, row, col) -> (Dd, p*p*Cg) (row, col, band)
-    return [_mapped(f"{tk}.weight", (cg * p * p, dd), jp + ("kernel",),
+    return [_same(f"{tk}.weight", (cg * p * p, dd), jp + ("kernel",),
                     lambda w: w.reshape(cg, p, p, dd).transpose(3, 1, 2, 0).reshape(dd, -1),
                     lambda a: a.reshape(dd, p, p, cg).transpose(3, 1, 2, 0).reshape(-1, dd)),
-            _mapped(f"{tk}.bias", (cg * p * p,), jp + ("bias",),
+            _same(f"{tk}.bias", (cg * p * p,), jp + ("bias",),
                     lambda b: b.reshape(cg, p, p).transpose(1, 2, 0).reshape(-1),
                     lambda a: a.reshape(p, p, cg).transpose(2, 0, 1).reshape(-1))]
 
@@ -200,7 +195,7 @@ def _block(tk, jp, d, heads, mlp):
         _Entry(f"{tk}.attn.qkv.bias", (3 * d,), tuple(att + (n, "bias") for n in qkv),
                lambda b: tuple(b.reshape(3, heads, hd)),
                lambda *bs: np.concatenate([b.reshape(-1) for b in bs])),
-        _mapped(f"{tk}.attn.proj.weight", (d, d), att + ("out", "kernel"),
+        _same(f"{tk}.attn.proj.weight", (d, d), att + ("out", "kernel"),
                 lambda w: w.T.reshape(heads, hd, d), lambda k: k.reshape(d, d).T),
         _same(f"{tk}.attn.proj.bias", (d,), att + ("out", "bias")),
         *_ln(f"{tk}.norm2", jp + ("norm2",), d),
@@ -283,39 +278,26 @@ def _fixed(cfg, target, layout, grid) -> dict[str, np.ndarray]:
     return out
 
 
-def _grid_of(rows: int, cfg) -> tuple[int, int] | None:
-    n = rows - 1
-    if cfg["grid"][0] * cfg["grid"][1] == n:
-        return cfg["grid"]
-    s = math.isqrt(max(n, 0))
-    return (s, s) if s > 0 and s * s == n else None  # the reference's grids are square
-
-
 def _fixed_problems(sd, cfg, target, layout) -> tuple[list[str], dict[str, str]]:
     """(shape problems, {key: why its values cannot be used}) of the fixed embeddings."""
-    d, c, g = cfg["width"], cfg["group_embed_dim"], len(cfg["groups"])
-    dd, dc = cfg["decoder_width"], cfg["decoder_group_embed_dim"]
-    want = {"pos_embed": (None, d - c), "channel_embed": (g, c)}  # (rows or None = any grid, width)
-    if layout == "vit":
-        want["channel_cls_embed"] = (1, c)
-    if target == "mae":
-        want.update(decoder_pos_embed=(None, dd - dc), decoder_channel_embed=(g + 1, dc))
     problems, drift = [], {}
-    for key, (rows, width) in want.items():
-        a = sd.get(key)
+    for key, ref in _fixed(cfg, target, layout, cfg["grid"]).items():
+        a, any_grid = sd.get(key), key.endswith("pos_embed")
+        want = f"(1, {'N + 1' if any_grid else ref.shape[1]}, {ref.shape[2]})"
         if a is None:
-            problems.append(f"missing in checkpoint: {key} (1, {rows or 'N + 1'}, {width})")
+            problems.append(f"missing in checkpoint: {key} {want}")
             continue
-        if a.ndim != 3 or a.shape[0] != 1 or a.shape[2] != width or (rows and a.shape[1] != rows):
-            problems.append(f"shape of {key}: checkpoint {a.shape} vs model (1, {rows or 'N + 1'}, {width})")
+        if a.ndim != 3 or a.shape[::2] != (1, ref.shape[2]) or not (any_grid or a.shape == ref.shape):
+            problems.append(f"shape of {key}: checkpoint {a.shape} vs model {want}")
             continue
         if key == "channel_cls_embed":
             continue  # trainable, folded into cls_token
-        grid = _grid_of(a.shape[1], cfg) if rows is None else cfg["grid"]
-        if grid is None:
-            drift[key] = f"{a.shape[1] - 1} positions are not a square grid; cannot check the sin-cos"
-            continue
-        ref = _fixed(cfg, target, layout, grid)[key]
+        if a.shape != ref.shape:  # another grid: compare with its sin-cos (the reference's are square)
+            s = math.isqrt(a.shape[1] - 1)
+            if s * s != a.shape[1] - 1 or s == 0:
+                drift[key] = f"{a.shape[1] - 1} positions are not a square grid; cannot check the sin-cos"
+                continue
+            ref = _fixed(cfg, target, layout, (s, s))[key]
         lo = 1 if key == "pos_embed" and layout == "vit" else 0  # vit: row 0 is folded into cls
         err = float(np.max(np.abs(a[:, lo:].astype(np.float64) - ref[:, lo:]), initial=0.0))
         if not err <= _TOL:
@@ -327,19 +309,33 @@ def _fixed_problems(sd, cfg, target, layout) -> tuple[list[str], dict[str, str]]
 # --------------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------------
-def _why_ignored(key: str, cfg, target) -> str:
-    if key.startswith(("proj_up_", "up_block")) and target == "mae":
-        return "multi-scale head: the model has multiscale=False"
-    if key.startswith(("decoder", "mask_token", "proj_up_", "up_block")):
-        return "decoder / multi-scale head of the pretraining model: not part of GroupChannelViT"
-    if key.startswith(("head.", "fc_norm.")):
-        return "classifier of a fine-tuned model: no eojax counterpart"
-    return "not in this model"
+_WHY = ((("proj_up_", "up_block", "decoder", "mask_token"),
+         "decoder / multi-scale head of the pretraining model: not in this model"),
+        (("head.", "fc_norm."), "classifier of a fine-tuned model: no eojax counterpart"))
 
 
 def _raise(problems: list[str], what: str):
     shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
     raise CheckpointMismatchError(f"{what} does not fit the model ({len(problems)} differences):\n  {shown}")
+
+
+def _group_problems(sd, cfg, target) -> tuple[list[str], set[str]]:
+    """Band groups of another size, named (before the generic shape list), and the keys they cover."""
+    p, groups = cfg["patch_size"], cfg["groups"]
+    problems, keys = [], set()
+    n_ckpt = len({k.split(".")[1] for k in sd if k.startswith("patch_embed.")})
+    if n_ckpt and n_ckpt != len(groups):
+        problems.append(f"the checkpoint has {n_ckpt} band groups, the model {len(groups)}: {groups}")
+    for i, g in enumerate(groups):
+        w, pred = sd.get(f"patch_embed.{i}.proj.weight"), sd.get(f"decoder_pred.{i}.weight")
+        got = w.shape[1] if w is not None and w.ndim == 4 else None
+        if got is None and target == "mae" and pred is not None and pred.ndim == 2:
+            got = pred.shape[0] / (p * p)
+        if got is not None and got != len(g):
+            problems.append(f"group {i} {g}: the checkpoint's group {i} has {got:g} bands, the model's "
+                            f"{len(g)}; a checkpoint's band groups cannot be changed on import")
+            keys |= {f"patch_embed.{i}.proj.weight", f"decoder_pred.{i}.weight", f"decoder_pred.{i}.bias"}
+    return problems, keys
 
 
 def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str | None = None,
@@ -357,20 +353,7 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     layout = "vit" if "channel_cls_embed" in sd else "mae"
     entries = _entries(cfg, target)
-    p, groups = cfg["patch_size"], cfg["groups"]
-    problems, skip = [], set()
-    n_ckpt = len({k.split(".")[1] for k in sd if k.startswith("patch_embed.")})
-    if n_ckpt and n_ckpt != len(groups):
-        problems.append(f"the checkpoint has {n_ckpt} band groups, the model {len(groups)}: {groups}")
-    for i, g in enumerate(groups):  # band counts per group, named, before the generic shape list
-        w, pred = sd.get(f"patch_embed.{i}.proj.weight"), sd.get(f"decoder_pred.{i}.weight")
-        got = w.shape[1] if w is not None and w.ndim == 4 else None
-        if got is None and target == "mae" and pred is not None and pred.ndim == 2:
-            got = pred.shape[0] / (p * p)
-        if got is not None and got != len(g):
-            problems.append(f"group {i} {g}: the checkpoint's group {i} has {got:g} bands, the model's "
-                            f"{len(g)}; a checkpoint's band groups cannot be changed on import")
-            skip |= {f"patch_embed.{i}.proj.weight", f"decoder_pred.{i}.weight", f"decoder_pred.{i}.bias"}
+    problems, skip = _group_problems(sd, cfg, target)
     for e in entries:
         if e.key not in sd:
             problems.append(f"missing in checkpoint: {e.key} {e.shape}")
@@ -379,32 +362,29 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
     if "norm.weight" not in sd and "fc_norm.weight" in sd:
         problems.append("fc_norm but no norm: a global-pool classifier, whose norm follows the pooling; "
                         "GroupChannelViT normalises the tokens, so it cannot take this checkpoint")
-    fixed_problems, ignored = _fixed_problems(sd, cfg, target, layout)
+    fixed_problems, drift = _fixed_problems(sd, cfg, target, layout)
     problems += fixed_problems
-    fixed_keys = {"pos_embed", "channel_embed", "channel_cls_embed", "decoder_pos_embed",
-                  "decoder_channel_embed"} if target == "mae" else {"pos_embed", "channel_embed",
-                                                                     "channel_cls_embed"}
-    known = {e.key for e in entries} | fixed_keys
-    for key in sorted(set(sd) - known):
-        ignored[key] = _why_ignored(key, cfg, target)
+    fixed = {"pos_embed", "channel_embed", "channel_cls_embed"}
+    fixed |= {"decoder_pos_embed", "decoder_channel_embed"} if target == "mae" else set()
+    unexpected = sorted(set(sd) - fixed - {e.key for e in entries})
     if strict:
-        problems += [f"not in this model: {k} {sd[k].shape}" for k in sorted(set(sd) - known)]
-        problems += [f"{k}: {why}" for k, why in ignored.items() if k in fixed_keys]
-        ignored = {}
+        problems += [f"not in this model: {k} {sd[k].shape}" for k in unexpected]
+        problems += [f"{k}: {why}" for k, why in drift.items()]
     if problems:
         _raise(problems, "SatMAE++ checkpoint")
+    ignored = {} if strict else dict(drift)
+    for k in [] if strict else unexpected:
+        ignored[k] = next((why for pre, why in _WHY if k.startswith(pre)), "not in this model")
 
-    dtype = np.dtype(cfg["param_dtype"])
     flat = {}
     for e in entries:
-        for path, a in zip(e.paths, e.to_jax(sd[e.key])):
-            flat[path] = a
+        flat.update(zip(e.paths, e.to_jax(sd[e.key])))
     if layout == "vit" and cfg["use_cls_token"]:  # the reference adds these to its cls token
-        cls_path = entries[0].paths[0]
-        extra = np.concatenate([sd["pos_embed"][:, :1], sd["channel_cls_embed"]], axis=-1)
-        flat[cls_path] = flat[cls_path] + extra.astype(flat[cls_path].dtype)
+        cls = entries[0].paths[0]
+        flat[cls] = flat[cls] + np.concatenate([sd["pos_embed"][:, :1], sd["channel_cls_embed"]], -1)
+    dtype = np.dtype(cfg["param_dtype"])
     flat = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in flat.items()}
-    return _stack(_nest(flat), cfg, target), ignored
+    return traverse_util.unflatten_dict(_scan_layout(flat, cfg, target, stack=True)), ignored
 
 
 def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | None = None
@@ -413,73 +393,45 @@ def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | Non
     the fine-tuning (vit, no classifier) layout for a GroupChannelViT tree; fixed embeddings for the
     model's grid are included, as the reference's state_dict has them."""
     cfg, target = _config(model_kwargs, target)
-    if set(params) == {"params"}:
-        params = params["params"]
-    flat = _flatten(_unstack(params, cfg, target))
-    entries = _entries(cfg, target)
-    problems = []
-    want = {}
+    params = nn.meta.unbox(params)
+    params = params["params"] if set(params) == {"params"} else params
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
+    flat = _scan_layout(flat, cfg, target, stack=False)
+    entries, want = _entries(cfg, target), {}
     for e in entries:  # expected eojax shapes, from the torch ones (broadcast views: no memory)
-        outs = e.to_jax(np.broadcast_to(np.float32(0), e.shape))
-        want.update({path: tuple(a.shape) for path, a in zip(e.paths, outs)})
+        want.update(zip(e.paths, (a.shape for a in e.to_jax(np.broadcast_to(np.float32(0), e.shape)))))
     name = "/".join
-    problems += [f"missing in params: {name(k)} {want[k]}" for k in sorted(set(want) - set(flat))]
-    problems += [f"not in this model: {name(k)} {np.shape(flat[k])}" for k in sorted(set(flat) - set(want))]
-    problems += [f"shape of {name(k)}: params {np.shape(flat[k])} vs model {want[k]}"
-                 for k in sorted(set(want) & set(flat)) if tuple(np.shape(flat[k])) != want[k]]
+    problems = [f"missing in params: {name(k)} {want[k]}" for k in sorted(set(want) - set(flat))]
+    problems += [f"not in this model: {name(k)} {flat[k].shape}" for k in sorted(set(flat) - set(want))]
+    problems += [f"shape of {name(k)}: params {flat[k].shape} vs model {want[k]}"
+                 for k in sorted(set(want) & set(flat)) if flat[k].shape != want[k]]
     if problems:
         _raise(problems, "eojax params")
-    sd = {e.key: np.ascontiguousarray(e.to_torch(*[np.asarray(flat[p]) for p in e.paths]))
-          for e in entries}
+    sd = {e.key: np.ascontiguousarray(e.to_torch(*[flat[p] for p in e.paths])) for e in entries}
     sd.update(_fixed(cfg, target, target, cfg["grid"]))
     return sd
 
 
-def _nest(flat: Mapping) -> dict:
-    tree: dict = {}
-    for path, a in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = a
-    return tree
-
-
-def _flatten(tree: Mapping, prefix=()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
+def _scan_layout(flat: dict, cfg, target, stack: bool) -> dict:
+    """Flat params between blocks named block_i and scan's stacked 'layers' (leading depth axis)."""
+    if not cfg["scan"]:
+        return flat
+    enc = ("encoder",) if target == "mae" else ()
+    stacks = [(enc + ("blocks",), cfg["depth"])]
+    stacks += [(("decoder",), cfg["decoder_depth"])] if target == "mae" else []
+    out = dict(flat)
+    for pre, depth in stacks:
+        n = len(pre)
+        if stack:
+            rests = {k[n + 1:] for k in flat if k[:n] == pre and k[n].startswith("block_")}
+            for r in rests:
+                out[pre + ("layers",) + r] = np.stack([out.pop(pre + (f"block_{i}",) + r)
+                                                       for i in range(depth)])
+            continue
+        for k in [k for k in flat if k[:n + 1] == pre + ("layers",) and flat[k].shape[:1] == (depth,)]:
+            a = out.pop(k)  # a leaf of another depth stays, and is reported as not in the model
+            out.update({pre + (f"block_{i}",) + k[n + 1:]: a[i] for i in range(depth)})
     return out
-
-
-def _encoders(tree, cfg, target):
-    """(parent dict, key, depth) of each block stack in the tree."""
-    enc = tree["encoder"] if target == "mae" else tree
-    out = [(enc, "blocks", cfg["depth"])]
-    return out + ([(tree, "decoder", cfg["decoder_depth"])] if target == "mae" else [])
-
-
-def _stack(tree, cfg, target):
-    if cfg["scan"]:  # scanned blocks: one 'layers' tree with a leading depth axis
-        for parent, key, depth in _encoders(tree, cfg, target):
-            blocks = [parent[key][f"block_{i}"] for i in range(depth)]
-            parent[key] = {"layers": jax.tree.map(lambda *a: np.stack(a), *blocks)}
-    return tree
-
-
-def _unstack(params, cfg, target):
-    tree = jax.tree.map(np.asarray, nn.meta.unbox(dict(params)))
-    tree = _nest(_flatten(tree))  # plain, mutable dicts
-    if cfg["scan"]:
-        for parent, key, depth in _encoders(tree, cfg, target):
-            layers = parent.get(key, {}).get("layers")
-            if layers is not None:
-                parent[key] = {f"block_{i}": jax.tree.map(lambda a, i=i: a[i], layers)
-                               for i in range(depth)}
-    return tree
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,7 +446,7 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
     """Params for `config.init_from` from a SatMAE++ .safetensors / .npz / .pth file.
 
     abstract_params: the model's params as ShapeDtypeStructs (their shardings, if any, are used);
-    a tree with 'encoder' is a GroupChannelMAE, otherwise a GroupChannelViT. Shapes and names are
+    a tree with 'encoder' is a GroupChannelMAE, otherwise a GroupChannelViT. Names and shapes are
     checked against it (CheckpointMismatchError); arrays are cast to its dtypes. strict=False drops
     the decoder of a pretraining checkpoint (and a classifier head); what was dropped is logged.
     """
@@ -504,8 +456,12 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
     target = "mae" if "encoder" in abstract else "vit"
     params, ignored = satmae_from_torch(sd, model_kwargs, target=target, strict=strict)
     check_compatible(params, abstract, f"SatMAE++ checkpoint {path}")
+    by_reason: dict[str, list[str]] = {}
     for key, why in ignored.items():
-        logging.info("init_from %s: ignored %s (%s)", path, key, why)
+        by_reason.setdefault(why, []).append(key)
+    for why, keys in by_reason.items():  # one line per reason: a ViT-L decoder is ~150 keys
+        logging.warning("init_from %s: ignored %d keys (%s): %s%s", path, len(keys), why,
+                        ", ".join(keys[:6]), ", ..." if len(keys) > 6 else "")
 
     def place(a, spec):
         a = np.asarray(a, dtype=spec.dtype)
@@ -515,6 +471,8 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
         # Every process holds the whole array; each device takes its own slice (multi-host safe).
         return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
-    placed = jax.tree.map(place, params, abstract)
+    flat = traverse_util.flatten_dict(params)
+    placed = jax.tree_util.tree_map_with_path(  # by path: abstract may be a FrozenDict
+        lambda path, spec: place(flat[tuple(k.key for k in path)], spec), abstract)
     logging.info("initialised params from SatMAE++ checkpoint %s", path)
     return {"params": placed} if wrapped else placed
