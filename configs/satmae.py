@@ -12,6 +12,8 @@ Arguments: runlocal, variant=<mu|tiny|base|large> (paper: base / large at 96 px,
 spatial_mask (mask the same locations in every group), single_scale (no multi-scale head).
 Your own data: --config.input.paths="('/data/s2/*.tif',)" --config.input.bands="(...10 names...)",
 or other bands with --config.model.groups="(('B2','B3','B4'),('B5','B6','B7'))".
+The default config reads 384 px native windows, so it needs scenes of at least 384 x 384 pixels (the
+synthetic default scenes are smaller: use your own data; the error names the window size).
 `:runlocal` is a micro model on 16 px inputs (64 px native windows) of the synthetic Sentinel-2
 scenes, 60 steps: ~1 min on a 2-core CPU; the loss falls from ~1.0 to ~0.7.
 """
