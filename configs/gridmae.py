@@ -16,7 +16,7 @@ Europe) grids are used. Real grids: --config.input.paths="('/data/grav.tif','/da
 `:runlocal` is a micro model on 32 px windows, 60 steps: ~20 s on a 2-core CPU; the loss falls
 from ~1.0 to ~0.7 (eval ~0.73).
 """
-from eojax import config_lib, optim
+from eojax import config_lib
 
 
 def get_config(arg=None):
@@ -39,25 +39,12 @@ def get_config(arg=None):
         decoder_depth=0, decoder_heads=0, decoder_group_embed_dim=0, dropout=0.0, dtype="float32",
         param_dtype="float32", scan=False, remat=False)
 
-    config.optim = optim.default_config()
-    config.optim.name = "adamw"
-    config.optim.lr = 1.5e-4 * config.batch_size / 256
-    config.optim.b2 = 0.95
-    config.optim.weight_decay = 0.05
-    config.optim.warmup_steps = 1_000
-    config.optim.clip_norm = 1.0
+    config.optim = config_lib.mae_adamw(lr=1.5e-4 * config.batch_size / 256, warmup_steps=1_000)
 
     if arg.runlocal:
-        config.total_steps = 60
-        config.batch_size = 16
-        config.log_every = 10
-        config.eval_every = 0
-        config.eval_steps = 2
-        config.checkpoint_every = 30
+        config_lib.make_runlocal(config, total_steps=60, checkpoint_every=30)
         config.input.window = 32
         config.input.eval_stride = 32
         config.input.num_windows = 256
         config.model.update(variant="mu", patch_size=8)
-        config.optim.lr = 2e-3
-        config.optim.warmup_steps = 6
     return config

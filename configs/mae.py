@@ -12,7 +12,7 @@ Arguments (comma separated): runlocal, variant=<mu|tiny|small|base|large|huge>, 
 it compilation); expect the train loss to fall from ~1.0 to ~0.75-0.8 and the eval loss to ~0.84.
 The default (ViT-S width, 6 layers, 96 px, patch 8) is the bench shape.
 """
-from eojax import config_lib, optim
+from eojax import config_lib
 
 
 def get_config(arg=None):
@@ -35,26 +35,14 @@ def get_config(arg=None):
     if arg.variant == "small":  # eojax's default: ViT-S width, 6 layers, 192 x 2 decoder (the bench shape)
         config.model.update(depth=6, decoder_width=192, decoder_depth=2, decoder_heads=6)
 
-    config.optim = optim.default_config()
-    config.optim.name = "adamw"
-    config.optim.lr = 1.5e-4 * config.batch_size / 256  # MAE's base lr scaling
-    config.optim.b2 = 0.95
-    config.optim.weight_decay = 0.05
-    config.optim.warmup_steps = 1_000
-    config.optim.clip_norm = 1.0
+    config.optim = config_lib.mae_adamw(lr=1.5e-4 * config.batch_size / 256, warmup_steps=1_000)  # MAE's base lr scaling
 
     if arg.runlocal:
-        config.total_steps = 100
-        config.batch_size = 16
-        config.log_every = 10
-        config.eval_every = 50
-        config.eval_steps = 2
-        config.checkpoint_every = 50
+        config_lib.make_runlocal(config, total_steps=100, checkpoint_every=50, eval_every=50,
+                                 warmup_steps=10)
         config.input.window = 32
         config.input.num_windows = 256
         config.input.eval_stride = 64
         config.model.update(variant="mu", width=64, depth=2, heads=4, decoder_width=32, decoder_depth=1,
                             decoder_heads=2)
-        config.optim.lr = 2e-3
-        config.optim.warmup_steps = 10
     return config

@@ -17,7 +17,7 @@ synthetic default scenes are smaller: use your own data; the error names the win
 `:runlocal` is a micro model on 16 px inputs (64 px native windows) of the synthetic Sentinel-2
 scenes, 60 steps: ~1 min on a 2-core CPU; the loss falls from ~1.0 to ~0.7.
 """
-from eojax import config_lib, optim
+from eojax import config_lib
 
 
 def get_config(arg=None):
@@ -41,25 +41,12 @@ def get_config(arg=None):
         group_embed_dim=0, decoder_width=0, decoder_depth=0, decoder_heads=0, decoder_group_embed_dim=0,
         dropout=0.0, dtype="float32", param_dtype="float32", scan=False, remat=False)
 
-    config.optim = optim.default_config()
-    config.optim.name = "adamw"
-    config.optim.lr = 1e-4 * config.batch_size / 256  # SatMAE's blr scaling
-    config.optim.b2 = 0.95
-    config.optim.weight_decay = 0.05
-    config.optim.warmup_steps = 2_000
-    config.optim.clip_norm = 1.0
+    config.optim = config_lib.mae_adamw(lr=1e-4 * config.batch_size / 256, warmup_steps=2_000)  # SatMAE's blr scaling
 
     if arg.runlocal:
-        config.total_steps = 60
-        config.batch_size = 16
-        config.log_every = 10
-        config.eval_every = 0
-        config.eval_steps = 2
-        config.checkpoint_every = 30
+        config_lib.make_runlocal(config, total_steps=60, checkpoint_every=30)
         config.input.window = 16
         config.input.num_windows = 256
         config.input.eval_stride = 16
         config.model.update(variant="mu", patch_size=4)
-        config.optim.lr = 2e-3
-        config.optim.warmup_steps = 6
     return config

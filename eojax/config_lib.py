@@ -98,3 +98,20 @@ def image_input_defaults(**overrides) -> ml_collections.ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def mae_adamw(lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
+    """The MAE-family optimizer: AdamW (b2 0.95, weight decay 0.05), warmup + cosine, clip 1.0."""
+    from eojax import optim  # the configs' import of config_lib stays light
+
+    c = optim.default_config()
+    c.update(name="adamw", lr=lr, b2=0.95, weight_decay=0.05, warmup_steps=warmup_steps, clip_norm=1.0)
+    return c
+
+
+def make_runlocal(config: ml_collections.ConfigDict, *, total_steps: int, checkpoint_every: int,
+                  eval_every: int = 0, lr: float = 2e-3, warmup_steps: int = 6) -> None:
+    """The `runlocal` trainer settings shared by every family: batch 16, frequent logs, a short eval."""
+    config.update(total_steps=total_steps, batch_size=16, log_every=10, eval_every=eval_every,
+                  eval_steps=2, checkpoint_every=checkpoint_every)
+    config.optim.update(lr=lr, warmup_steps=warmup_steps)
