@@ -59,9 +59,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
         if not force and (self.every <= 0 or step % self.every):
             return False

@@ -15,9 +15,6 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-_DISTRIBUTED_ENV = ("EOJAX_COORDINATOR", "EOJAX_NUM_PROCESSES", "EOJAX_PROCESS_ID")
-
-
 def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
                                  process_id: int = -1) -> bool:
     """Calls `jax.distributed.initialize` when this is one process of several.
