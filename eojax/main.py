@@ -4,6 +4,9 @@
   eojax eval  --config=configs/mae.py:runlocal --workdir=/tmp/mae
   eojax stats --config=configs/mae.py:runlocal      # per-band statistics of config.input, cached
   eojax export --config=configs/mae.py:runlocal --workdir=/tmp/mae   # per-window embeddings -> GeoTIFF
+  eojax infer [FAMILY] --config=configs/diffusion.py:runlocal --workdir=/tmp/diff --prompt="a river"
+        # the family's inference on the latest checkpoint: --prompt (repeatable), --input, --output,
+        # --num_samples, --seed; FAMILY, when given, must be the config's task
 
 `python -m eojax.main ...` is the same program.
 """
@@ -17,25 +20,34 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "stats", "export")
+COMMANDS = ("train", "eval", "stats", "export", "infer")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:runlocal",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "infer: a text prompt (repeatable).")
+_INPUT = flags.DEFINE_string("input", "", "infer: an input file (e.g. a GeoTIFF to predict on).")
+_OUTPUT = flags.DEFINE_string("output", "", "infer: output folder (default <workdir>/infer).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "infer: samples per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "infer: random seed.")
 
 
-def _command(argv: list[str]) -> str:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+def _command(argv: list[str]) -> tuple[str, str | None]:
+    """-> (command, family); only `infer` takes a family word (checked against config.task)."""
+    ok = len(argv) == 2 and argv[1] in COMMANDS or len(argv) == 3 and argv[1] == "infer"
+    if not ok:
         raise app.UsageError(f"usage: eojax {{{'|'.join(COMMANDS)}}} --config=FILE[:ARG] [--workdir=DIR] "
                              f"[--config.key=value ...]; got {' '.join(argv[1:]) or 'no command'}")
-    return argv[1]
+    return argv[1], (argv[2] if len(argv) == 3 else None)
 
 
 def main(argv: list[str]) -> None:
-    command = _command(argv)
+    command, family = _command(argv)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/mae.py:runlocal")
+    if family is not None and family != config.task:
+        raise app.UsageError(f"eojax infer {family}: the config trains task {config.task!r}, not {family!r}")
     logging.getLogger().setLevel(logging.INFO)
 
     if command == "stats":
@@ -52,10 +64,16 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         result = train.train_and_evaluate(config, workdir)
-        summary = {"train": result["train"], "eval": result["eval"], "pictures": result["pictures"]}
+        summary = {k: result[k] for k in ("train", "eval", "test", "best", "pictures")}
     elif command == "export":
         from eojax.infer import features
         summary = {"features": features.export_run_features(config, workdir)}
+    elif command == "infer":
+        run, params = train.load_for_inference(config, workdir)
+        options = {"prompt": list(_PROMPT.value), "input": _INPUT.value, "num_samples": _NUM_SAMPLES.value,
+                   "output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "infer")),
+                   "seed": _SEED.value}
+        summary = {"infer": run.task.infer(params, workdir, options)}
     else:
         summary = {"eval": train.evaluate_checkpoint(config, workdir)}
     print(json.dumps(summary, indent=2))

@@ -6,9 +6,11 @@ It runs the phases of docs/architecture.md in order and knows nothing about any 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -203,18 +205,69 @@ def _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardin
     return float((cost or {}).get("flops", 0.0))
 
 
-def evaluate(run: Run, params) -> dict[str, float]:
-    data = run.task.eval_input(jax.process_index(), jax.process_count())
+def evaluate(run: Run, params, split: str = "eval") -> dict[str, float]:
+    """eval_fn summed over the split's batches (arrays of any shape, e.g. a confusion matrix, summed
+    elementwise in float64; eval_step's outputs are global, so the sums cover every host), then
+    finalize_eval. `eval_steps` limits the eval split only: a test split is always read whole."""
+    make = run.task.eval_input if split == "eval" else run.task.test_input
+    data = make(jax.process_index(), jax.process_count())
     if data is None:
         return {}
-    sums: dict[str, float] = {}
+    sums: dict[str, np.ndarray] = {}
     for i, local in enumerate(data):
-        if run.config.eval_steps and i >= run.config.eval_steps:
+        if split == "eval" and run.config.eval_steps and i >= run.config.eval_steps:
             break
         out = jax.device_get(run.eval_step(params, run.global_batch(local)))
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            v = np.asarray(v, np.float64)
+            sums[k] = sums[k] + v if k in sums else v
     return run.task.finalize_eval(sums) if sums else {}
+
+
+def eval_params(run: Run, state: TrainState):
+    """The parameters to evaluate and sample with: the EMA when optim.ema_decay > 0."""
+    return run.optimizer.eval_params(state.params, state.opt_state)
+
+
+class BestKeeper:
+    """Keeps the parameters of the best eval so far (`config.best_metric`) in <workdir>/best."""
+
+    def __init__(self, config, workdir: str):
+        self.metric, self.mode = config.best_metric, config.best_mode
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"config.best_mode={self.mode!r} must be 'max' or 'min'")
+        self.directory = os.path.join(workdir, "best")
+        self.record_path = os.path.join(self.directory, "best.json")
+        self.record = None
+        if self.metric and os.path.exists(self.record_path):  # a resumed run remembers its best
+            with open(self.record_path) as f:
+                self.record = json.load(f)
+
+    def update(self, step: int, metrics: dict, params) -> bool:
+        if not self.metric:
+            return False
+        if self.metric not in metrics:
+            raise KeyError(f"config.best_metric={self.metric!r} is not an eval metric; "
+                           f"eval gives {sorted(metrics)}")
+        value = float(metrics[self.metric])
+        if self.record is not None:
+            better = value > self.record["value"] if self.mode == "max" else value < self.record["value"]
+            if not better:
+                return False
+        keeper = ckpt_lib.Checkpointer(self.directory, keep=1, async_save=False)
+        keeper.save(step, {"params": params}, force=True)
+        keeper.close()
+        self.record = {"step": step, "metric": self.metric, "value": value}
+        if jax.process_index() == 0:
+            with open(self.record_path, "w") as f:
+                json.dump(self.record, f)
+        return True
+
+    def params(self, abstract_params):
+        """The best params, or None when no best was kept."""
+        if self.record is None:
+            return None
+        return ckpt_lib.load_params(self.directory, abstract_params)
 
 
 def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState:
@@ -251,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                          every=config.checkpoint_every)
     writer = metric_writer.MetricWriter(workdir)
+    best = BestKeeper(config, workdir)
     state = restore_or_init(run, checkpointer)
     first_step = int(state.step)
     peak = metric_writer.peak_flops_per_device(config.peak_tflops)
@@ -285,16 +339,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last_good = step
             _debug_kill(step, checkpointer, during_save=True)
         if config.eval_every and step % config.eval_every == 0 and not is_last:
-            writer.write(step, evaluate(run, state.params), prefix="eval")
+            params = eval_params(run, state)
+            metrics = evaluate(run, params)
+            writer.write(step, metrics, prefix="eval")
+            best.update(step, metrics, params)
     progress.close()
     checkpointer.close()
 
-    eval_metrics = evaluate(run, state.params)
+    final_params = eval_params(run, state)
+    eval_metrics = evaluate(run, final_params)
     if eval_metrics:
         writer.write(int(state.step), eval_metrics, prefix="eval")
-    pictures = run.task.write_pictures(state.params, _picture_batch(run), workdir, int(state.step))
+        best.update(int(state.step), eval_metrics, final_params)
+    test_params = best.params(run.abstract_state.params) if config.best_metric else None
+    test_metrics = evaluate(run, final_params if test_params is None else test_params, split="test")
+    if test_metrics:
+        writer.write(int(state.step), test_metrics, prefix="test")
+    pictures = run.task.write_pictures(final_params, _picture_batch(run), workdir, int(state.step))
     writer.close()
-    return {"train": last, "eval": eval_metrics, "pictures": pictures, "state": state}
+    result = {"train": last, "eval": eval_metrics, "test": test_metrics, "best": best.record,
+              "pictures": pictures}
+    _write_results(run, workdir, result)
+    return dict(result, state=state)
+
+
+def _git_revision() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_results(run: Run, workdir: str, result: dict) -> None:
+    """<workdir>/results.json: what was run on what, and what came out (one record per run)."""
+    if jax.process_index() != 0:
+        return
+    record = {"config": json.loads(run.config.to_json_best_effort()), "git_revision": _git_revision(),
+              "data_fingerprint": run.task.data_fingerprint(), "seed": run.config.seed,
+              "devices": jax.device_count(), "processes": jax.process_count(),
+              **{k: result[k] for k in ("train", "eval", "test", "best")}}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(record, f, indent=2, default=str)
 
 
 def _picture_batch(run: Run) -> dict:
@@ -326,8 +416,8 @@ class _NoProgress:
     def close(self): pass
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """`eojax eval`: the latest checkpoint of `workdir` on the task's eval input."""
+def load_for_inference(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, Any]:
+    """(run, eval params of the latest checkpoint of `workdir`), for `eojax eval` / `eojax infer`."""
     parallel.maybe_initialize_distributed(**config.distributed)
     run = setup(config)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -336,4 +426,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
     state = checkpointer.restore(step, run.abstract_state)
     checkpointer.close()
-    return evaluate(run, state.params)
+    return run, eval_params(run, state)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """`eojax eval`: the latest checkpoint of `workdir` on the task's eval input (and test split)."""
+    run, params = load_for_inference(config, workdir)
+    out = evaluate(run, params)
+    test = evaluate(run, params, split="test")
+    return dict(out, **{f"test_{k}": v for k, v in test.items()})

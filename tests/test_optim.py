@@ -368,3 +368,52 @@ def test_gnb_rejects_a_bare_loss():
     params = {"w": jnp.ones(3)}
     with pytest.raises(ValueError, match="number of label tokens"):
         opt.tx.update(params, opt.tx.init(params), params, sampled_obj_fn=lambda p, r: jnp.sum(p["w"]))
+
+
+def test_lr_scales_multiply_each_groups_update():
+    """optim.lr_scales: the first matching pattern's factor multiplies that parameter's whole AdamW update
+    (decoupled weight decay included), as a per-group lr would: checked against numpy Adam step 1."""
+    params = {"encoder": {"kernel": jnp.full((3,), 2.0)}, "head": {"kernel": jnp.full((2,), 2.0),
+                                                                 "log_kappa": jnp.full((2,), 2.0)}}
+    grads = {"encoder": {"kernel": jnp.array([0.5, -1.0, 2.0])},
+             "head": {"kernel": jnp.array([0.3, -0.1]), "log_kappa": jnp.array([1.0, -4.0])}}
+    lr, wd = 0.1, 0.01
+    opt = optim.build(make_cfg(lr=lr, schedule="constant", weight_decay=wd, no_decay=("kappa",),
+                               lr_scales=(("^encoder/", 0.1), ("kappa", 10.0), ("^(encoder|head)/", 3.0))), 5)
+    updates, _ = opt.tx.update(grads, opt.tx.init(params), params)
+    for (group, name), factor, decay in [(("encoder", "kernel"), 0.1, wd), (("head", "kernel"), 3.0, wd),
+                                         (("head", "log_kappa"), 10.0, 0.0)]:
+        g, p = np.asarray(grads[group][name]), np.asarray(params[group][name])
+        adam = (0.1 * g / (1 - 0.9)) / (np.sqrt(0.001 * g * g / (1 - 0.999)) + 1e-8)  # bias-corrected step 1
+        np.testing.assert_allclose(updates[group][name], -factor * lr * (adam + decay * p), rtol=1e-5)
+
+
+def test_lr_scales_bad_values_are_named():
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match="lr_scales"):
+        optim.build(make_cfg(lr_scales=(("w", 0.0),)), 5)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        optim.build(make_cfg(lr_scales=(("nothing", 2.0),)), 5).tx.init(params)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sophia_h"])
+def test_ema_follows_the_params_with_warmed_up_decay(name):
+    """optim.ema_decay: eval_params is the EMA of the parameters after each update, with the decay
+    min(d, (1 + n) / (10 + n)); recomputed by hand from the parameter trajectory."""
+    x, y = softmax_problem(n=64)
+    params, loss, sampled = two_layer(x, y)
+    opt = optim.build(make_cfg(name=name, lr=0.05, schedule="constant", ema_decay=0.5), 10)
+    state = opt.tx.init(params)
+    kw = {"obj_fn": loss} if name == "sophia_h" else {}
+    ema = jax.tree.map(np.asarray, params)
+    for n in range(4):
+        updates, state = opt.tx.update(jax.grad(loss)(params), state, params, **kw)
+        params = optax.apply_updates(params, updates)
+        d = min(0.5, (1 + n) / (10 + n))
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), ema, params)
+    got = opt.eval_params(params, state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(jax.tree.leaves(got)[0], jax.tree.leaves(params)[0])
+    no_ema = optim.build(make_cfg(lr=0.05), 10)
+    assert no_ema.eval_params(params, no_ema.tx.init(params)) is params

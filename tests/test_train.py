@@ -183,3 +183,67 @@ def test_gradient_accumulation_averages_micro_batches():
     updates, _ = run.optimizer.tx.update(mean_grad, run.optimizer.tx.init(params0), params0)
     expected = optax.apply_updates(params0, updates)
     assert max_diff(ckpt_lib.host_numpy(new_state.params), expected) < 1e-5
+
+
+class MAEWithTestSplit(__import__("eojax.tasks.mae", fromlist=["MAETask"]).MAETask):
+    """The MAE task plus a test split (its eval windows) and an array-valued eval output: valid pixels
+    per image row, a (H,) vector the trainer must sum elementwise over the batches."""
+
+    def test_input(self, process_index, process_count):
+        return self.eval_input(process_index, process_count)
+
+    def eval_fn(self, params, batch, rng):
+        real = (batch["weight"] > 0)[:, None, None]
+        return dict(super().eval_fn(params, batch, rng),
+                    valid_per_row=(batch["valid"] & real).sum(axis=(0, 2)).astype(np.float32))
+
+    def finalize_eval(self, sums):
+        self.last_valid_per_row = sums["valid_per_row"]
+        return dict(super().finalize_eval(sums), valid_pixels=float(sums["valid_per_row"].sum()))
+
+
+def test_best_checkpoint_test_split_and_results_record(tmp_path, monkeypatch):
+    """config.best_metric keeps the best eval's params in <workdir>/best; the test split is evaluated on
+    them; eval outputs of any shape are summed elementwise; results.json records the run."""
+    import json
+
+    from eojax import tasks
+
+    monkeypatch.setitem(tasks._TASKS, "mae_test_split", f"{__name__}:MAEWithTestSplit")
+    config = mae_config(**{"task": "mae_test_split", "mesh": (("data", -1), ("fsdp", 1), ("model", 1)),
+                           "total_steps": 6, "eval_every": 2, "eval_steps": 0, "checkpoint_every": 6,
+                           # "max" of the falling loss picks an early eval, so best != final params.
+                           "best_metric": "loss", "best_mode": "max"})
+    result = train.train_and_evaluate(config, str(tmp_path))
+
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [e for e in lines if e["split"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    best = max(evals, key=lambda e: e["loss"])
+    assert best["step"] != 6
+    assert result["best"] == {"step": best["step"], "metric": "loss", "value": best["loss"]}
+    assert json.load(open(tmp_path / "best" / "best.json")) == result["best"]
+
+    # The test metrics are those of the best params, recomputed here from the saved best checkpoint.
+    run = train.setup(config)
+    params = ckpt_lib.load_params(str(tmp_path / "best"), run.abstract_state.params)
+    again = train.evaluate(run, params, split="test")
+    assert result["test"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
+    assert result["test"]["loss"] != pytest.approx(result["eval"]["loss"], rel=1e-6)
+    # Array sums: the (H,) valid-pixel counts equal a direct numpy count over the test windows.
+    direct = sum(b["valid"][b["weight"] > 0].sum(axis=(0, 2)) for b in run.task.test_input(0, 1))
+    np.testing.assert_array_equal(run.task.last_valid_per_row, direct)
+    assert result["test"]["valid_pixels"] == float(direct.sum())
+
+    record = json.load(open(tmp_path / "results.json"))
+    assert record["config"]["task"] == "mae_test_split" and record["seed"] == config.seed
+    assert record["test"] == result["test"] and record["eval"] == result["eval"]
+    assert record["git_revision"] and len(record["git_revision"].split("+")[0]) == 40
+
+
+def test_infer_command_restores_the_run_and_names_a_task_without_inference(tmp_path):
+    _cli(tmp_path, "--config.total_steps=2")
+    proc = cli("infer", "mae:runlocal", tmp_path, check=False)
+    assert proc.returncode != 0 and "has no `eojax infer` entry point" in proc.stderr
+    proc = cli("infer", "mae:runlocal", tmp_path, "diffusion", check=False)
+    assert proc.returncode != 0 and "trains task 'mae', not 'diffusion'" in proc.stderr

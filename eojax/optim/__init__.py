@@ -21,14 +21,24 @@ A freeze pattern that matches no parameter is an error (a typo would silently tr
 
 SGD weight decay is coupled (added to the gradient before momentum, as torch.optim.SGD); AdamW and
 Sophia decay is decoupled (lr * wd * param, as optax.adamw and the Sophia reference code).
+
+Parameter groups (`lr_scales`): (regex, factor) pairs; a parameter's whole update (its learning rate,
+decoupled weight decay included) is multiplied by the factor of the first pattern that matches it, as
+torch's per-group lr does; e.g. (('^encoder/', 0.1),) fine-tunes a pretrained encoder gently.
+
+EMA (`ema_decay` > 0): the optimizer state also keeps an exponential moving average of the parameters
+(after each update), so it is sharded like them and checkpointed with the run; `eval_params` returns it.
+The decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the n updates so far, so early averages
+are not dominated by the random initialisation.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -65,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
         no_decay=("bias$", "scale$", "embed[^/]*$", "pos_emb[^/]*$", "(^|/)cls(_token)?$",
                   "mask_token"),
         freeze=(),                 # regexes of parameters that must not change
+        lr_scales=(),              # ((regex, factor), ...): per-group lr multipliers, first match wins
+        ema_decay=0.0,             # > 0: keep an EMA of the params (eval_params), e.g. 0.999
         accum_steps=1,             # gradient-accumulation micro-steps (done by the trainer)
         sophia=dict(gamma=0.01, clip=1.0, b1=0.965, b2=0.99, update_every=10, eps=1e-12,
                     seed=0),       # seed: PRNG of the Hutchinson / GNB estimators
@@ -80,12 +92,15 @@ class Optimizer:
         sampled from the model, label-token count) (Sophia-G).
     schedule: step -> lr (for logging; tx applies it itself).
     diagnostics: (opt_state, params) -> dict of scalar metrics ({} for AdamW / SGD).
+    eval_params(params, opt_state): the parameters to evaluate, sample and export with: the EMA when
+        optim.ema_decay > 0, else `params` itself.
     """
     tx: optax.GradientTransformationExtraArgs
     schedule: Callable[[Any], jax.Array]
     diagnostics: Callable[[Any, Any], dict]
     needs: tuple[str, ...]
     name: str
+    eval_params: Callable[[Any, Any], Any] = lambda params, opt_state: params
 
 
 # ---------------------------------------------------------------- parameter paths and masks
@@ -139,6 +154,8 @@ def _merged(cfg) -> ml_collections.ConfigDict:
                 _set(out.sophia, k, v, f"sophia.{k}")
         elif key in ("step_boundaries", "no_decay", "freeze") and isinstance(value, (list, tuple)):
             out[key] = tuple(value)
+        elif key == "lr_scales" and isinstance(value, (list, tuple)):
+            out[key] = tuple(tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in value)
         else:
             _set(out, key, value, key)
     return out
@@ -194,6 +211,15 @@ def _validate(c: ml_collections.ConfigDict, total_steps: int):
                 re.compile(p)
             except re.error as e:
                 raise ValueError(f"optim.{key} pattern {p!r} is not a valid regex: {e}") from None
+    for pair in c.lr_scales:
+        _require(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                 and isinstance(pair[1], (int, float)) and pair[1] > 0, "lr_scales", c.lr_scales,
+                 "((regex, factor > 0), ...); use optim.freeze for a factor of 0")
+        try:
+            re.compile(pair[0])
+        except re.error as e:
+            raise ValueError(f"optim.lr_scales pattern {pair[0]!r} is not a valid regex: {e}") from None
+    _require(0 <= c.ema_decay < 1, "ema_decay", c.ema_decay, "a number in [0, 1) (0 = off)")
     s = c.sophia
     _require(s.gamma > 0, "sophia.gamma", s.gamma, "a number > 0")
     _require(s.clip > 0, "sophia.clip", s.clip, "a number > 0")
@@ -227,8 +253,8 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
         if c.freeze:
             labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "train", frozen(params))
             tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-        return Optimizer(tx=optax.with_extra_args_support(tx), schedule=schedule,
-                         diagnostics=lambda opt_state, params=None: {}, needs=(), name=c.name)
+        return _finish(c, optax.with_extra_args_support(tx), schedule,
+                       diagnostics=lambda opt_state, params=None: {}, needs=())
 
     s = c.sophia
     key = jax.random.PRNGKey(s.seed)
@@ -247,5 +273,59 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
             include = jax.tree.map(lambda f: not f, frozen(params))
         return {"sophia_win_rate": sophia_lib.win_rate(state, s.b1, s.gamma, s.eps, s.clip, include)}
 
-    return Optimizer(tx=tx, schedule=schedule, diagnostics=diagnostics, needs=_NEEDS[c.name],
-                     name=c.name)
+    return _finish(c, tx, schedule, diagnostics=diagnostics, needs=_NEEDS[c.name])
+
+
+def _finish(c, tx, schedule, diagnostics, needs) -> Optimizer:
+    """Adds the parameter-group lr factors and the EMA around the optimizer's own chain."""
+    if c.lr_scales:
+        tx = optax.chain(tx, _scale_by_group(c.lr_scales))
+    eval_params = lambda params, opt_state: params
+    if c.ema_decay > 0:
+        tx = _with_ema(tx, c.ema_decay)
+        eval_params = lambda params, opt_state: opt_state.ema
+    return Optimizer(tx=tx, schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name,
+                     eval_params=eval_params)
+
+
+def _scale_by_group(lr_scales) -> optax.GradientTransformation:
+    patterns = [(re.compile(p), float(f)) for p, f in lr_scales]
+
+    def factor(path: str) -> float:
+        return next((f for p, f in patterns if p.search(path)), 1.0)
+
+    def init(params):
+        paths = jax.tree.leaves(param_paths(params))
+        for p, _ in patterns:
+            if not any(p.search(x) for x in paths):
+                raise ValueError(f"optim.lr_scales pattern {p.pattern!r} matches no parameter; "
+                                 f"parameters look like {paths[:5]}")
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        factors = jax.tree.map(factor, param_paths(updates))
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
+class EmaState(NamedTuple):
+    inner: Any
+    count: jax.Array
+    ema: Any
+
+
+def _with_ema(tx, decay: float) -> optax.GradientTransformationExtraArgs:
+    def init(params):
+        return EmaState(inner=tx.init(params), count=jnp.zeros((), jnp.int32),
+                        ema=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update(updates, state, params=None, **extra):
+        updates, inner = tx.update(updates, state.inner, params, **extra)
+        new_params = optax.apply_updates(params, updates)
+        n = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, new_params)
+        return updates, EmaState(inner=inner, count=state.count + 1, ema=ema)
+
+    return optax.GradientTransformationExtraArgs(init, update)

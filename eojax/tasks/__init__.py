@@ -8,6 +8,10 @@ from eojax.tasks.base import NotApplicableError, Task
 _TASKS = {
     "mae": "eojax.tasks.mae:MAETask",
     "group_mae": "eojax.tasks.group_mae:GroupMAETask",
+    "seg": "eojax.tasks.seg:SegTask",
+    "vsat": "eojax.tasks.vsat:VSatTask",
+    "diffusion": "eojax.tasks.diffusion:DiffusionTask",
+    "geo": "eojax.tasks.geo:GeoTask",
 }
 
 

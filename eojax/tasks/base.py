@@ -26,6 +26,10 @@ class Task:
     def eval_input(self, process_index: int, process_count: int) -> Iterable[dict] | None:
         return None
 
+    def test_input(self, process_index: int, process_count: int) -> Iterable[dict] | None:
+        """A held-out test split, evaluated once at the end on the best (or final) parameters."""
+        return None
+
     @property
     def model(self):
         raise NotImplementedError
@@ -48,8 +52,9 @@ class Task:
     def eval_fn(self, params, batch, rng) -> dict[str, jax.Array]:
         raise NotImplementedError
 
-    def finalize_eval(self, sums: dict[str, float]) -> dict[str, float]:
-        """Default: every `<k>_sum` divided by `count`."""
+    def finalize_eval(self, sums: dict[str, Any]) -> dict[str, float]:
+        """`sums`: eval_fn's outputs summed over all eval batches (numpy, any shape).
+        Default: every `<k>_sum` divided by `count`."""
         count = max(float(sums.get("count", 0.0)), 1e-12)
         return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
 
@@ -64,3 +69,13 @@ class Task:
 
     def write_pictures(self, params, batch, workdir: str, step: int) -> list[str]:
         return []
+
+    def infer(self, params, workdir: str, options: dict) -> dict:
+        """`eojax infer`: the family's inference on the trained parameters; options has prompt (list),
+        input, output, num_samples, seed. Returns a JSON-able summary."""
+        raise NotApplicableError(f"the '{self.name}' task has no `eojax infer` entry point")
+
+    def data_fingerprint(self) -> Any:
+        """Something that identifies the training data (e.g. a hash of file names and sizes), recorded
+        in results.json; None when the task cannot tell."""
+        return None
