@@ -326,3 +326,145 @@ def write_geophysics_grids(directory=None, *, seed: int = 7) -> list[str]:
                               {"unit": unit, "source": "eojax synthetic"})
         paths.append(str(path))
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Caption / image pairs for the diffusion family: crops of synthetic landscapes whose captions name
+# their dominant land cover (and the runner-up when it covers a sizeable share).
+_CAPTION_MAIN = {
+    WATER: ("a lake", "a large lake", "open water"),
+    FOREST: ("a dense forest", "a forest", "thick woodland"),
+    GRASS: ("open grassland", "a green meadow", "grassland"),
+    CROP: ("farmland", "fields of crops", "cultivated fields"),
+    URBAN: ("a town", "a built-up area", "a dense town"),
+    BARE: ("bare soil", "bare ground", "dry bare land"),
+}
+_CAPTION_NEXT = {
+    WATER: ("next to a lake", "beside a lake"), FOREST: ("next to a forest", "beside a forest"),
+    GRASS: ("with some grassland", "next to a meadow"), CROP: ("near farmland", "beside some fields"),
+    URBAN: ("with a small town", "near some buildings"), BARE: ("with bare soil", "near bare ground"),
+}
+
+
+def _caption_scene(labels: np.ndarray, rng: np.random.Generator, n: int = 5) -> tuple[str, list[str]]:
+    """-> (class name of the dominant cover, n captions in varied wording)."""
+    frac = np.bincount(labels.ravel(), minlength=len(CLASSES))[1:] / labels.size
+    order = np.argsort(-frac, kind="stable") + 1
+    first, second = int(order[0]), int(order[1])
+    captions = []
+    for _ in range(n):
+        text = str(rng.choice(_CAPTION_MAIN[first]))
+        if frac[second - 1] >= 0.2:
+            text += " " + str(rng.choice(_CAPTION_NEXT[second]))
+        captions.append(text)
+    return CLASSES[first], captions
+
+
+def write_caption_dataset(directory, *, n: int, size: int = 32, seed: int = 0, layout: str = "rsicd",
+                          bands: str = "rgb") -> str:
+    """Writes `n` synthetic caption/image pairs (written once; returns the annotation file).
+
+    Each image is a (2 size)-pixel crop of a 384 x 384 landscape (16 crops per landscape), averaged
+    down to size x size. bands='rgb': 8-bit true-colour PNGs (B4, B3, B2, gamma-stretched);
+    'sentinel2': 10-band uint16 GeoTIFFs (reflectance x 10000). layout='rsicd': `captions.json`
+    (COCO style, 5 captions per image) and `images/<class>_<i>.<ext>`; 'metadata_jsonl':
+    `metadata.jsonl` with one {"file_name", "text"} line per image (HF imagefolder).
+    """
+    if layout not in ("rsicd", "metadata_jsonl"):
+        raise ValueError(f"layout must be 'rsicd' or 'metadata_jsonl', got {layout!r}")
+    if bands not in ("rgb", "sentinel2"):
+        raise ValueError(f"bands must be 'rgb' or 'sentinel2', got {bands!r}")
+    directory = pathlib.Path(directory)
+    index = directory / ("captions.json" if layout == "rsicd" else "metadata.jsonl")
+    if index.exists():
+        return str(index)
+    import json
+
+    from PIL import Image
+
+    sens, crop, per_scene, big = SENSORS["sentinel2"], 2 * size, 16, 384
+    rgb = [sens.bands.index(b) for b in ("B4", "B3", "B2")]
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        k, j = divmod(i, per_scene)
+        if j == 0:
+            land = _landscape(seed * 1_000_003 + k, big, big)
+            dn, _ = _render(land, sens, 0.8, np.random.default_rng((seed, k, 1)), 0.0,
+                            np.zeros((big, big), bool))
+        rng = np.random.default_rng((seed, i, 3))
+        r0, c0 = rng.integers(0, big - crop, size=2)
+        labels = land.labels[r0:r0 + crop, c0:c0 + crop]
+        cls, captions = _caption_scene(labels, rng)
+        pixels = dn[:, r0:r0 + crop, c0:c0 + crop].astype(np.float32)
+        pixels = pixels.reshape(len(sens.bands), size, 2, size, 2).mean(axis=(2, 4))
+        name = f"{cls}_{i:05d}"
+        if bands == "rgb":
+            img = np.clip(pixels[rgb] / 3000.0, 0, 1) ** 0.6
+            file_name = f"images/{name}.png"
+            Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(directory / file_name)
+        else:
+            file_name = f"images/{name}.tif"
+            profile = _profile(len(sens.bands), size, size, "EPSG:32633", (500000.0 + 640 * i, 5200000.0),
+                               sens.gsd_m * 2, "uint16", 0)
+            _write_atomic_tif(str(directory / file_name), np.clip(pixels.round(), 1, 65535).astype(np.uint16),
+                              profile, sens.bands, {"sensor": sens.name, "scale": "reflectance x 10000"})
+        entries.append((i, file_name, captions))
+    tmp = index.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        if layout == "rsicd":
+            json.dump({"images": [{"id": i, "file_name": fn.split("/", 1)[1], "width": size, "height": size}
+                                  for i, fn, _ in entries],
+                       "annotations": [{"id": 5 * i + m, "image_id": i, "caption": c}
+                                       for i, _, caps in entries for m, c in enumerate(caps)]}, f)
+        else:
+            for _, fn, caps in entries:
+                f.write(json.dumps({"file_name": fn, "text": caps[0]}) + "\n")
+    os.replace(tmp, index)
+    return str(index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HLS Burn Scars-like chips (segmentation): `<name>_merged.tif` (6 HLS bands, float32 reflectance)
+# + `<name>.mask.tif` (int16: 1 burn scar, 0 not burned, -1 missing = cloud).
+# ---------------------------------------------------------------------------------------------------
+HLS_BURN_SCARS = Sensor("hls", ("B2", "B3", "B4", "B8A", "B11", "B12"),
+                        (490., 560., 665., 865., 1610., 2190.), 30.0)
+# Freshly burned ground (char and ash): dark in the visible, low NIR, brighter in SWIR than vegetation,
+# so NBR = (NIR - SWIR2) / (NIR + SWIR2) turns negative, the signal burn-scar mappers use.
+_BURNED = [.035, .040, .045, .055, .060, .070, .080, .090, .095, .170, .190]
+
+
+def write_burn_scar_chips(directory, *, n: int, size: int = 512, seed: int = 0) -> list[str]:
+    """Writes n chips in the HLS Burn Scars layout into `directory` -> the image paths.
+
+    Each chip is a synthetic landscape (seeded by (seed, i)) in which smooth blobs of vegetated land
+    burned; clouds are marked missing (-1) in the mask. Same arguments -> identical files.
+    """
+    paths = []
+    for i in range(n):
+        chip_seed = 100_003 * (seed + 1) + i
+        rng = np.random.default_rng((chip_seed, 5))
+        land = _landscape(chip_seed, size, size)
+        dn, qa = _render(land, HLS_BURN_SCARS, 0.8, np.random.default_rng((chip_seed, 1)),
+                         float(rng.uniform(0.0, 0.1)), np.zeros((size, size), bool))
+        refl = dn.astype(np.float32) / 10000.0
+        field = _smooth(rng, size, size, size / 12)
+        burnable = (land.labels != WATER) & (land.labels != URBAN)
+        burn = (field > np.quantile(field, 1.0 - rng.uniform(0.05, 0.3))) & burnable
+        burned = np.interp(HLS_BURN_SCARS.wavelengths_nm, _ANCHORS, _BURNED).astype(np.float32)
+        refl = np.where(burn[None], burned[:, None, None] * land.texture[None], refl)
+        cloud = (qa & QA_CLOUD) > 0
+        refl = np.where(cloud[None], dn.astype(np.float32) / 10000.0, refl)  # clouds hide the ground
+        mask = np.where(cloud, -1, burn.astype(np.int16)).astype(np.int16)
+        name = f"subsetted_{size}x{size}_HLS.S30.T10S{chr(65 + seed % 26)}H.{2018001 + i}.v1.4"
+        origin = (500000.0 + 30.0 * size * i, 4200000.0)
+        image_path = os.path.join(str(directory), f"{name}_merged.tif")
+        _write_atomic_tif(image_path, refl.astype(np.float32),
+                          _profile(6, size, size, "EPSG:32610", origin, 30.0, "float32", 9999.0),
+                          HLS_BURN_SCARS.bands, {"sensor": "HLS S30 (synthetic)", "scale": "reflectance"})
+        _write_atomic_tif(os.path.join(str(directory), f"{name}.mask.tif"), mask[None],
+                          _profile(1, size, size, "EPSG:32610", origin, 30.0, "int16", None),
+                          ["burn_scar"], {"classes": "-1 missing, 0 not burned, 1 burn scar"})
+        paths.append(image_path)
+    return paths

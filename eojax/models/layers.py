@@ -61,15 +61,17 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 class LayerNorm(nn.Module):
     """LayerNorm whose statistics and affine run in float32 (bf16 statistics are too coarse), then
-    cast back to the compute dtype. eps 1e-6 as MAE / timm ViTs."""
+    cast back to the compute dtype. eps 1e-6 as MAE / timm ViTs (torch's default 1e-5 for models
+    that use a plain nn.LayerNorm, e.g. Prithvi, CROMA)."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x):
         y = nn.LayerNorm(
-            epsilon=1e-6,
+            epsilon=self.epsilon,
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
             scale_init=partitioned(nn.initializers.ones, ("embed",)),
@@ -112,27 +114,34 @@ class Attention(nn.Module):
 
     `implementation` is passed through: None/'xla' everywhere, 'cudnn' for flash attention on GPUs
     (needs bf16/fp16 and a head dim that is a multiple of 8).
+
+    `bias` (optional, broadcastable to (batch, heads, length, length)) is added to the logits, e.g.
+    CROMA's 2D-ALiBi distance penalty. qkv_bias=False drops the query/key/value biases (CROMA).
     """
 
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    qkv_bias: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, bias=None):
         width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
         head_dim = width // self.heads
         def proj(name):
             y = HeadDense((self.heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                          dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias,
+                          name=name)(x)
             return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = proj("query"), proj("key"), proj("value")
+        if bias is not None:
+            bias = bias.astype(q.dtype)
         # Logits and softmax run in float32 inside jax's XLA path even for bf16 inputs.
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        o = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "kv"))
         return HeadDense((width,), 2, ("heads", "kv", "embed"), ("embed",),
                          dtype=self.dtype, param_dtype=self.param_dtype, name="out")(o)
@@ -150,6 +159,7 @@ class HeadDense(nn.Module):
     bias_names: tuple
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -158,6 +168,9 @@ class HeadDense(nn.Module):
             1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", partitioned(init, self.kernel_names),
                             tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
+        if not self.use_bias:
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            return jnp.tensordot(x, kernel, axes=n_in)
         bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names), self.features,
                           self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -165,7 +178,7 @@ class HeadDense(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x), bias); x + mlp(LN(x))."""
 
     heads: int
     mlp_dim: int
@@ -173,20 +186,24 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
     scanned: bool = False  # return (x, None), the (carry, output) pair nn.scan expects
+    emit: bool = False  # scanned: return (x, x), so the scan stacks every block's output
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, bias=None):
         x = nn.with_logical_constraint(x.astype(self.dtype), BLE)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(name="norm1", **kw)(x)
-        h = Attention(self.heads, implementation=self.attention_impl, name="attn", **kw)(h)
+        h = LayerNorm(name="norm1", epsilon=self.norm_eps, **kw)(x)
+        h = Attention(self.heads, implementation=self.attention_impl, qkv_bias=self.qkv_bias,
+                      name="attn", **kw)(h, bias)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         x = nn.with_logical_constraint(x + h, BLE)
-        h = LayerNorm(name="norm2", **kw)(x)
+        h = LayerNorm(name="norm2", epsilon=self.norm_eps, **kw)(x)
         h = Mlp(self.mlp_dim, self.dropout, name="mlp", **kw)(h, train)
         x = nn.with_logical_constraint(x + h, BLE)
-        return (x, None) if self.scanned else x
+        return (x, x if self.emit else None) if self.scanned else x
 
 
 class Encoder(nn.Module):
@@ -197,6 +214,10 @@ class Encoder(nn.Module):
     scan=False: blocks named 'block_0' ... 'block_{depth-1}'. `stack_layers` / `unstack_layers`
       convert params between the two layouts.
     remat=True: each block is rematerialised in the backward pass (nothing saved but its input).
+
+    `bias` is added to every block's attention logits. With `return_layers` (0-based block indices)
+    the call returns the list of those blocks' outputs instead of the last one (feature pyramids
+    for dense heads); every block still runs, so the parameter tree is the same either way.
     """
 
     depth: int
@@ -208,9 +229,15 @@ class Encoder(nn.Module):
     scan: bool = False
     remat: bool = False
     attention_impl: str | None = None
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, bias=None, return_layers=None):
+        if return_layers is not None:
+            bad = [i for i in return_layers if not 0 <= int(i) < self.depth]
+            if bad:
+                raise ValueError(f"return_layers {tuple(return_layers)}: {bad} not in 0..{self.depth - 1}")
         block_cls = EncoderBlock
         if self.remat:
             # static_argnums counts self as 0, so 2 is `train` (a Python bool that picks dropout).
@@ -224,6 +251,8 @@ class Encoder(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             attention_impl=self.attention_impl,
+            qkv_bias=self.qkv_bias,
+            norm_eps=self.norm_eps,
             scanned=self.scan,
         )
         if self.scan:
@@ -235,11 +264,13 @@ class Encoder(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
             )
-            x, _ = stack(name="layers", **kw)(x, train)
-            return x
+            x, every = stack(name="layers", emit=return_layers is not None, **kw)(x, train, bias)
+            return x if return_layers is None else [every[int(i)] for i in return_layers]
+        outputs = []
         for i in range(self.depth):
-            x = block_cls(name=f"block_{i}", **kw)(x, train)
-        return x
+            x = block_cls(name=f"block_{i}", **kw)(x, train, bias)
+            outputs.append(x)
+        return x if return_layers is None else [outputs[int(i)] for i in return_layers]
 
 
 # --------------------------------------------------------------------------------------------------

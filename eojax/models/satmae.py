@@ -29,7 +29,7 @@ from flax import linen as nn
 from eojax.models import layers
 from eojax.models.mae import num_kept, random_masking
 from eojax.models.upsample import MultiScaleHead, multiscale_flops
-from eojax.models.vit import PatchEmbed, _pair, patchify, unpatchify
+from eojax.models.vit import PatchEmbed, _pair, block_maps, patchify, unpatchify
 
 Dtype = Any
 
@@ -156,6 +156,17 @@ class GroupChannelViT(nn.Module):
         x = self.embed(images)
         x = x.reshape(x.shape[0], -1, self.width)
         return self.encode(self.prepend_cls(x), train)
+
+    def features(self, images, layers: Sequence[int] = (3, 5, 7, 11), train: bool = False):
+        """Outputs of blocks `layers` (0-based) as (B, H/p, W/p, width) maps: the G group tokens of
+        a location are averaged into one vector (a dense head needs one map; the mean keeps the
+        width, concatenation would multiply it by G). The last block gets the final LayerNorm."""
+        x = self.embed(images)
+        b, g, n, d = x.shape
+        gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
+        return block_maps(self.blocks, self.norm, self.prepend_cls(x.reshape(b, g * n, d)), layers,
+                          self.depth, train, self.num_prefix_tokens,
+                          lambda t: t.reshape(b, g, gh, gw, d).mean(axis=1))
 
 
 class GroupChannelMAE(nn.Module):

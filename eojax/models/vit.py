@@ -56,6 +56,16 @@ def unpatchify(patches, p: int, h: int, w: int, c: int):
     return x.reshape(b, h, w, c)
 
 
+def block_maps(blocks, norm, tokens, layers, depth: int, train: bool, prefix: int, to_map):
+    """Run `blocks` (a layers.Encoder) on tokens and return `to_map(output)` of blocks `layers`,
+    prefix (cls) tokens dropped. The final `norm` is applied to the last block's output (and always
+    called, so the parameter tree is the encoder's whether or not the last block is requested)."""
+    layers = tuple(int(i) for i in layers)
+    outs = blocks(tokens, train, return_layers=layers + (depth - 1,))
+    last = norm(outs[-1])
+    return [to_map((last if i == depth - 1 else o)[:, prefix:]) for i, o in zip(layers, outs)]
+
+
 class PatchEmbed(nn.Module):
     """Patchify + Dense: the same map as a conv with kernel = stride = patch_size. The kernel's input
     rows follow patchify's (row, col, channel) order; the pixel dim is never sharded (None)."""
@@ -161,3 +171,14 @@ class ViTEncoder(nn.Module):
 
     def __call__(self, images, train: bool = False):
         return self.encode(self.prepend_cls(self.embed(images)), train)
+
+    def features(self, images, layers: Sequence[int] = (3, 5, 7, 11), train: bool = False):
+        """Outputs of blocks `layers` (0-based) as (B, H/p, W/p, width) maps, cls token dropped.
+
+        Intermediate blocks are returned as they are; the last block gets the final LayerNorm, so
+        it equals what `__call__` returns. Same parameters as `__call__`.
+        """
+        gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
+        return block_maps(self.blocks, self.norm, self.prepend_cls(self.embed(images)), layers,
+                          self.depth, train, self.num_prefix_tokens,
+                          lambda t: t.reshape(t.shape[0], gh, gw, t.shape[-1]))
