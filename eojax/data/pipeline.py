@@ -24,7 +24,7 @@ from eojax.data.multiscale import check_scales, read_multiscale, scale_key
 from eojax.data.raster import Scene, expand_paths, open_scenes
 from eojax.data.stack import StackedScene
 from eojax.data.stats import load_or_compute_stats
-from eojax.data.windows import GridWindowSampler, RandomWindowSampler
+from eojax.data.windows import GridWindowSampler, RandomWindowSampler, counter_uniforms
 
 
 class _WindowDataset(grain.MapDataset):
@@ -74,12 +74,16 @@ class _WindowDataset(grain.MapDataset):
     def read_batch(self, indices: Sequence[int | None]) -> dict[str, np.ndarray]:
         """Elements `indices` (None = zero padding, weight 0) read straight into one batch."""
         n = len(indices)
-        picks = [None if i is None else self._pick(i) for i in indices]
+        picks = self._pick.batch(indices)
         # np.empty: every real slot is overwritten; padding slots are zeroed below.
         out = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.element_spec.items()}
         out.update(scene=np.zeros(n, np.int32), row=np.zeros(n, np.int32), col=np.zeros(n, np.int32),
                    weight=np.zeros(n, np.float32))
         arrays = [k for k in out if k.startswith(("pixels", "valid"))]
+        # Plain scenes in the batch dtype: read every window, then test validity scene by scene
+        # over all its windows at once (one vectorised pass instead of one per window).
+        batch_valid = self._scales == (1,) and all(
+            type(sc) is Scene and np.dtype(sc.dtype) == self.dtype for sc in self._scenes)
         for k, p in enumerate(picks):
             if p is None:
                 for key in arrays:
@@ -87,28 +91,60 @@ class _WindowDataset(grain.MapDataset):
                 continue
             i, win = p
             # Each window lands in its batch slot directly: no per-element arrays, no stacking copy.
-            if self._scales == (1,):
+            if batch_valid:
+                self._scenes[i].read_raw(win, out["pixels"][k])
+            elif self._scales == (1,):
                 _, out["valid"][k] = self._scenes[i].read_pixels(win, out=out["pixels"][k])
             else:
                 read_multiscale(self._scenes[i], win, self._scales, out, k)
             out["scene"][k], out["row"][k], out["col"][k] = i, win.row_off, win.col_off
             out["weight"][k] = 1.0
+        if batch_valid:
+            # Scenes sharing one validity rule (nodata values, float or not) are tested together.
+            groups: dict = {}
+            for k, p in enumerate(picks):
+                if p is not None:
+                    groups.setdefault(self._scenes[p[0]].validity_rule, (p[0], []))[1].append(k)
+            for i, rows in groups.values():
+                if len(rows) == n:  # the whole batch: no gather / scatter copies
+                    out["valid"] = self._scenes[i].valid_mask(out["pixels"])
+                else:
+                    out["valid"][rows] = self._scenes[i].valid_mask(out["pixels"][rows])
         return out
 
 
 class _RandomPick:
-    """Picklable (seed, i) -> window draw, for Grain worker processes."""
+    """Picklable (seed, i) -> window draw, for Grain worker processes. Element i's window depends
+    only on (seed, i) (counter-based uniforms), and a batch of them is drawn in one vectorised call."""
 
     def __init__(self, sampler: RandomWindowSampler, seed: int):
         self.sampler, self.seed = sampler, int(seed)
 
+    def batch(self, indices: Sequence[int | None]) -> list[tuple[int, Window] | None]:
+        real = [i for i in indices if i is not None]
+        if not real:
+            return [None] * len(indices)
+        u = counter_uniforms(self.seed, np.asarray(real, np.uint64), self.sampler.draws_per_window)
+        size, picks = self.sampler.size, []
+        drawn = zip(*(a.tolist() for a in self.sampler.choose(u)))
+        for i in indices:
+            if i is None:
+                picks.append(None)
+            else:
+                scene, row, col = next(drawn)
+                picks.append((scene, Window(col, row, size, size)))
+        return picks
+
     def __call__(self, index: int):
-        return self.sampler.sample(np.random.default_rng((self.seed, index)))
+        return self.batch([index])[0]
 
 
 class _GridPick:
     def __init__(self, sampler: GridWindowSampler):
         self.windows = sampler.windows
+
+    def batch(self, indices: Sequence[int | None]) -> list[tuple[int, Window] | None]:
+        return [None if i is None else self(i) for i in indices]
 
     def __call__(self, index: int):
         return self.windows[index % len(self.windows)]
@@ -119,7 +155,8 @@ def random_window_dataset(scenes: Sequence[Scene], *, size: int, num_windows: in
                           scales: Sequence[int] = (1,)) -> grain.MapDataset:
     """`num_windows` random windows per epoch (see RandomWindowSampler for the rule).
 
-    Element i's window is drawn from `np.random.default_rng((seed, i))`: deterministic, and since
+    Element i's window is drawn from uniforms that depend only on (seed, i) (windows.counter_uniforms):
+    deterministic, and since
     Grain addresses epoch e's element j as e * num_windows + j, every epoch draws new windows.
     Elements: pixels (C, size, size) in the scenes' common dtype, valid (size, size) bool,
     scene / row / col int32. With `scales`, windows of size * max(scales) native pixels are drawn

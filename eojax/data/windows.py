@@ -64,16 +64,6 @@ class _ValidityIndex:
         total = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0]
         return total / ((r1 - r0) * (c1 - c0))
 
-    def fraction_at(self, row: int, col: int, size: int) -> float:
-        """`fraction` for one window in plain Python (the per-sample path: no numpy overhead)."""
-        r0 = min(max(math.floor(row / self.rs + 0.5), 0), self.oh - 1)
-        r1 = min(max(math.floor((row + size) / self.rs + 0.5), r0 + 1), self.oh)
-        c0 = min(max(math.floor(col / self.cs + 0.5), 0), self.ow - 1)
-        c1 = min(max(math.floor((col + size) / self.cs + 0.5), c0 + 1), self.ow)
-        s = self.integral
-        total = int(s[r1, c1]) - int(s[r0, c1]) - int(s[r1, c0]) + int(s[r0, c0])
-        return total / ((r1 - r0) * (c1 - c0))
-
 
 def _names(scenes: Sequence[Scene]) -> str:
     return ", ".join(s.path for s in scenes)
@@ -114,22 +104,73 @@ class RandomWindowSampler:
         weights = np.array([self._index[i].valid_pixels for i in self.scene_ids])
         self.probs = weights / weights.sum()
         self._cum = np.cumsum(self.probs)
+        # Every kept scene's integral image in one flat array, so a batch of candidate windows from
+        # any scenes is scored in one vectorised pass.
+        idx = [self._index[i] for i in self.scene_ids]
+        self._span = np.array([(self.scenes[i].height - size + 1, self.scenes[i].width - size + 1)
+                               for i in self.scene_ids])
+        self._scale = np.array([(x.rs, x.cs) for x in idx])
+        self._cells = np.array([(x.oh, x.ow) for x in idx])
+        self._flat = np.concatenate([x.integral.ravel() for x in idx])
+        self._base = np.cumsum([0] + [x.integral.size for x in idx])[:-1]
+
+    @property
+    def draws_per_window(self) -> int:
+        """Uniform numbers one window consumes: the scene, then (row, col) for each of the tries."""
+        return 1 + 2 * (self.max_tries + 1)
 
     def sample(self, rng: np.random.Generator) -> tuple[int, Window]:
         """One draw -> (scene_index into the `scenes` given, Window)."""
-        k = min(int(np.searchsorted(self._cum, rng.random(), side="right")), len(self.scene_ids) - 1)
-        i = int(self.scene_ids[k])
-        scene, idx, size = self.scenes[i], self._index[i], self.size
-        best, best_frac = None, -1.0
-        for _ in range(self.max_tries + 1):
-            r = int(rng.integers(0, scene.height - size + 1))
-            c = int(rng.integers(0, scene.width - size + 1))
-            frac = idx.fraction_at(r, c, size)
-            if frac >= self.min_valid_fraction:
-                return i, Window(c, r, size, size)
-            if frac > best_frac:
-                best, best_frac = (r, c), frac
-        return i, Window(best[1], best[0], size, size)
+        (i,), (r,), (c,) = self.choose(rng.random((1, self.draws_per_window)))
+        return int(i), Window(int(c), int(r), self.size, self.size)
+
+    def choose(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rule applied to uniforms u (n, draws_per_window) in [0, 1), vectorised over windows
+        and tries -> (scene indices, rows, cols), each (n,)."""
+        k = np.minimum(np.searchsorted(self._cum, u[:, 0], side="right"), len(self.scene_ids) - 1)
+        span = self._span[k]
+        rows = (u[:, 1::2] * span[:, :1]).astype(np.int64)  # (n, tries): uniform top-left corners
+        cols = (u[:, 2::2] * span[:, 1:]).astype(np.int64)
+        # Most windows pass within a few tries: score those first, the rest only where none passed.
+        first = min(4, rows.shape[1])
+        frac = np.full(rows.shape, -1.0)
+        frac[:, :first] = self._fraction(k[:, None], rows[:, :first], cols[:, :first])
+        todo = np.flatnonzero(~(frac[:, :first] >= self.min_valid_fraction).any(axis=1))
+        if len(todo) and first < rows.shape[1]:
+            frac[todo, first:] = self._fraction(k[todo, None], rows[todo, first:], cols[todo, first:])
+        ok = frac >= self.min_valid_fraction
+        # The first acceptable try, else the best one seen (the first of equals).
+        pick = np.where(ok.any(axis=1), ok.argmax(axis=1), frac.argmax(axis=1))
+        n = np.arange(len(u))
+        return self.scene_ids[k], rows[n, pick], cols[n, pick]
+
+
+    def _fraction(self, k, rows, cols) -> np.ndarray:
+        """_ValidityIndex.fraction for windows of kept scene k (arrays broadcast), all scenes at once."""
+        (rs, cs), (oh, ow) = np.moveaxis(self._scale[k], -1, 0), np.moveaxis(self._cells[k], -1, 0)
+        r0 = np.clip(np.floor(rows / rs + 0.5).astype(np.int64), 0, oh - 1)
+        r1 = np.clip(np.floor((rows + self.size) / rs + 0.5).astype(np.int64), r0 + 1, oh)
+        c0 = np.clip(np.floor(cols / cs + 0.5).astype(np.int64), 0, ow - 1)
+        c1 = np.clip(np.floor((cols + self.size) / cs + 0.5).astype(np.int64), c0 + 1, ow)
+        at = lambda r, c: self._flat[self._base[k] + r * (ow + 1) + c]
+        return (at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)) / ((r1 - r0) * (c1 - c0))
+
+
+def counter_uniforms(seed: int, index: np.ndarray, n: int) -> np.ndarray:
+    """(len(index), n) uniforms in [0, 1) that depend only on (seed, index, j): a counter-based
+    generator (SplitMix64's mixer on seed, index and position), so element i's draws are the same
+    whichever batch, thread or process computes them, for ~1/20 of the cost of a numpy Generator per
+    element."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+             + np.asarray(index, np.uint64)[:, None] * np.uint64(0xD1B54A32D192ED03)
+             + np.arange(n, dtype=np.uint64)[None, :] * np.uint64(0x8CB92BA72F3D8DD7))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _best_fraction(idx: _ValidityIndex, scene: Scene, size: int) -> float:
