@@ -90,6 +90,15 @@ class Checkpointer:
         self._manager.close()
 
 
+def is_eojax_checkpoint(path: str) -> bool:
+    """A run folder, its checkpoints/ folder, or one step folder written by eojax."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, "state")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return True
+    return any(n.isdigit() and os.path.isdir(os.path.join(path, n, "state")) for n in os.listdir(path))
+
+
 def load_params(path: str, abstract_params: Any) -> Any:
     """Parameters from another run for `config.init_from`.
 

@@ -279,10 +279,12 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
     state = run.init_state()
     if run.config.init_from:
         path = run.config.init_from
-        if os.path.isfile(path):  # a published checkpoint file: the family knows its layout
-            params = run.task.load_pretrained(path, run.abstract_state.params)
-        else:  # another eojax run
+        if ckpt_lib.is_eojax_checkpoint(path):  # another eojax run (or one of its checkpoints)
             params = ckpt_lib.load_params(path, run.abstract_state.params)
+        else:  # a published checkpoint file or folder (e.g. a Hugging Face one): the family's layout
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"config.init_from: {path} does not exist")
+            params = run.task.load_pretrained(path, run.abstract_state.params)
         state = state.replace(params=params)
     return state
 

@@ -59,7 +59,8 @@ class Task:
         return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
 
     def load_pretrained(self, path: str, abstract_params):
-        """Params from a published checkpoint file (`config.init_from=<file>`), in this family's layout."""
+        """Params from a published checkpoint (`config.init_from=<file or non-eojax folder>`), in this
+        family's layout."""
         raise NotApplicableError(f"the '{self.name}' task imports no checkpoint files ({path}); "
                                  "config.init_from takes an eojax run folder here")
 
