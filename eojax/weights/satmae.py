@@ -37,26 +37,25 @@ The encoder (what fine-tuning uses) is exact.
 """
 from __future__ import annotations
 
-import argparse
-import collections
-import contextlib
 import logging
 import math
 import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn, traverse_util
 
-from eojax.checkpoint import CheckpointMismatchError, check_compatible
+from eojax.checkpoint import check_compatible
+from eojax.weights import common
+from eojax.weights.common import SUFFIXES
+from eojax.weights.common import Entry as _Entry, conv as _conv, linear as _linear, ln as _ln
+from eojax.weights.common import patch as _patch, raise_problems as _raise, same as _same
+from eojax.weights.common import timm_block as _block
 from eojax.models.satmae import (GroupChannelMAE, GroupChannelViT, _check_groups,
                                  decoder_pos_group_embed, pos_group_embed)
 from eojax.models.vit import _pair
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
 _TOL = 1e-4  # the reference computes its sin-cos in float32, eojax in float64
 _KEYS = ("image_size", "patch_size", "groups", "width", "depth", "heads", "mlp_dim", "group_embed_dim",
          "decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_dim",
@@ -64,114 +63,14 @@ _KEYS = ("image_size", "patch_size", "groups", "width", "depth", "heads", "mlp_d
          "param_dtype")
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading files
-# --------------------------------------------------------------------------------------------------
 def load_state_dict(path) -> dict[str, np.ndarray]:
-    """A flat {torch key: array} from .safetensors, .npz, or (torch installed) .pth / .pt / .bin.
-
-    A {'model': state_dict, ...} or {'state_dict': ...} wrapper (what the training scripts save) is
-    unwrapped, and a DDP 'module.' prefix stripped. Nothing is ever unpickled beyond what
-    torch.load(weights_only=True) allows.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SatMAE++ checkpoint {path} does not exist")
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.numpy import load_file
-            obj = load_file(path)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:  # raises on object (pickled) arrays
-                obj = {k: z[k] for k in z.files}
-        else:
-            obj = _torch_load(path)
-    except ImportError:
-        raise
-    except Exception as e:  # every reader has its own exception types; name the file in all cases
-        raise ValueError(f"{path} is not a readable {suffix} checkpoint: {type(e).__name__}: {e}") from e
-    return _unwrap(obj, path)
-
-
-def _torch_load(path: str):
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"{path}: reading a PyTorch checkpoint needs torch, which is not installed. Convert it to "
-            ".safetensors where torch is: safetensors.torch.save_file(torch.load(path, "
-            "weights_only=True)['model'], 'ckpt.safetensors')") from e
-    # The training scripts also pickle their argparse.Namespace (a plain attribute bag, allowed);
-    # weights_only refuses every other non-tensor class.
-    allow = getattr(torch.serialization, "safe_globals", None)
-    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
-    for key in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
-    if all(str(k).startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    out, bad = {}, []
-    for k, v in obj.items():
-        if hasattr(v, "detach"):  # a torch tensor; numpy has no bfloat16, float32 holds it exactly
-            v = v.detach().cpu()
-            v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
-        if isinstance(v, np.ndarray) and v.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-            v = v.astype(np.float32)  # ml_dtypes floats (safetensors bf16): exact in float32
-        if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
-            out[str(k)] = v
-        else:
-            bad.append(f"{k} ({type(v).__name__})")
-    if bad:
-        raise ValueError(f"{path}: state dict entries that are not numeric arrays: {bad[:10]}")
-    return out
+    """A flat {torch key: array} from a SatMAE++ .safetensors / .npz / .pth (common.load_state_dict)."""
+    return common.load_state_dict(path, "SatMAE++ checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------
-# The key table
+# The key table (entries from eojax.weights.common; the decoder head is SatMAE++'s own)
 # --------------------------------------------------------------------------------------------------
-# One torch key: its torch shape, the eojax params it fills (three for a fused qkv), and the maps
-# torch array -> tuple of eojax arrays (to_jax) and eojax arrays -> torch array (to_torch).
-_Entry = collections.namedtuple("_Entry", "key shape paths to_jax to_torch")
-
-
-def _same(key, shape, path, fwd=lambda a: a, inv=lambda a: a):
-    return _Entry(key, tuple(shape), (path,), lambda a: (fwd(a),), inv)
-
-
-def _ln(tk, jp, n):
-    return [_same(f"{tk}.weight", (n,), jp + ("ln", "scale")), _same(f"{tk}.bias", (n,), jp + ("ln", "bias"))]
-
-
-def _linear(tk, jp, n_in, n_out):  # torch (out, in) -> flax (in, out)
-    return [_same(f"{tk}.weight", (n_out, n_in), jp + ("kernel",), lambda w: w.T, lambda k: k.T),
-            _same(f"{tk}.bias", (n_out,), jp + ("bias",))]
-
-
-def _conv(tk, jp, cin, cout, k, transposed=False):
-    # Conv2d (out, in, kh, kw) -> (kh, kw, in, out); ConvTranspose2d (in, out, kh, kw) -> (kh, kw,
-    # out, in), the torch-scatter kernel of ConvTranspose4x2. The same axis permutation in both.
-    shape = (cin, cout, k, k) if transposed else (cout, cin, k, k)
-    return [_same(f"{tk}.weight", shape, jp + ("kernel",), lambda w: w.transpose(2, 3, 1, 0),
-                    lambda a: a.transpose(3, 2, 0, 1)),
-            _same(f"{tk}.bias", (cout,), jp + ("bias",))]
-
-
-def _patch(tk, jp, d, cg, p):  # Conv2d (D, Cg, p, p) -> Dense (p*p*Cg, D) in patchify order
-    return [_same(f"{tk}.weight", (d, cg, p, p), jp + ("kernel",),
-                    lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * cg, d),
-                    lambda a: a.reshape(p, p, cg, d).transpose(3, 2, 0, 1)),
-            _same(f"{tk}.bias", (d,), jp + ("bias",))]
-
-
 def _pred(tk, jp, dd, cg, p):  # Linear (Cg*p*p, Dd), outputs (band, row, col) -> (Dd, p*p*Cg) (row, col, band)
     return [_same(f"{tk}.weight", (cg * p * p, dd), jp + ("kernel",),
                     lambda w: w.reshape(cg, p, p, dd).transpose(3, 1, 2, 0).reshape(dd, -1),
@@ -179,29 +78,6 @@ def _pred(tk, jp, dd, cg, p):  # Linear (Cg*p*p, Dd), outputs (band, row, col) -
             _same(f"{tk}.bias", (cg * p * p,), jp + ("bias",),
                     lambda b: b.reshape(cg, p, p).transpose(1, 2, 0).reshape(-1),
                     lambda a: a.reshape(p, p, cg).transpose(2, 0, 1).reshape(-1))]
-
-
-def _block(tk, jp, d, heads, mlp):
-    """timm Block (qkv_bias=True) -> eojax EncoderBlock. timm's qkv output is (3, heads, head_dim)
-    and proj's input (heads, head_dim), both row-major."""
-    hd = d // heads
-    att = jp + ("attn",)
-    qkv = ("query", "key", "value")
-    return [
-        *_ln(f"{tk}.norm1", jp + ("norm1",), d),
-        _Entry(f"{tk}.attn.qkv.weight", (3 * d, d), tuple(att + (n, "kernel") for n in qkv),
-               lambda w: tuple(part.T.reshape(d, heads, hd) for part in w.reshape(3, d, d)),
-               lambda *ks: np.concatenate([k.reshape(d, d).T for k in ks])),
-        _Entry(f"{tk}.attn.qkv.bias", (3 * d,), tuple(att + (n, "bias") for n in qkv),
-               lambda b: tuple(b.reshape(3, heads, hd)),
-               lambda *bs: np.concatenate([b.reshape(-1) for b in bs])),
-        _same(f"{tk}.attn.proj.weight", (d, d), att + ("out", "kernel"),
-                lambda w: w.T.reshape(heads, hd, d), lambda k: k.reshape(d, d).T),
-        _same(f"{tk}.attn.proj.bias", (d,), att + ("out", "bias")),
-        *_ln(f"{tk}.norm2", jp + ("norm2",), d),
-        *_linear(f"{tk}.mlp.fc1", jp + ("mlp", "fc1"), d, mlp),
-        *_linear(f"{tk}.mlp.fc2", jp + ("mlp", "fc2"), mlp, d),
-    ]
 
 
 def _config(model_kwargs: Mapping, target: str | None):
@@ -314,11 +190,6 @@ _WHY = ((("proj_up_", "up_block", "decoder", "mask_token"),
         (("head.", "fc_norm."), "classifier of a fine-tuned model: no eojax counterpart"))
 
 
-def _raise(problems: list[str], what: str):
-    shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
-    raise CheckpointMismatchError(f"{what} does not fit the model ({len(problems)} differences):\n  {shown}")
-
-
 def _group_problems(sd, cfg, target) -> tuple[list[str], set[str]]:
     """Band groups of another size, named (before the generic shape list), and the keys they cover."""
     p, groups = cfg["patch_size"], cfg["groups"]
@@ -419,19 +290,9 @@ def _scan_layout(flat: dict, cfg, target, stack: bool) -> dict:
     enc = ("encoder",) if target == "mae" else ()
     stacks = [(enc + ("blocks",), cfg["depth"])]
     stacks += [(("decoder",), cfg["decoder_depth"])] if target == "mae" else []
-    out = dict(flat)
     for pre, depth in stacks:
-        n = len(pre)
-        if stack:
-            rests = {k[n + 1:] for k in flat if k[:n] == pre and k[n].startswith("block_")}
-            for r in rests:
-                out[pre + ("layers",) + r] = np.stack([out.pop(pre + (f"block_{i}",) + r)
-                                                       for i in range(depth)])
-            continue
-        for k in [k for k in flat if k[:n + 1] == pre + ("layers",) and flat[k].shape[:1] == (depth,)]:
-            a = out.pop(k)  # a leaf of another depth stays, and is reported as not in the model
-            out.update({pre + (f"block_{i}",) + k[n + 1:]: a[i] for i in range(depth)})
-    return out
+        flat = common.stack_blocks(flat, pre, depth) if stack else common.unstack_blocks(flat, pre, depth)
+    return flat
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,16 +324,6 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
         logging.warning("init_from %s: ignored %d keys (%s): %s%s", path, len(keys), why,
                         ", ".join(keys[:6]), ", ..." if len(keys) > 6 else "")
 
-    def place(a, spec):
-        a = np.asarray(a, dtype=spec.dtype)
-        sharding = getattr(spec, "sharding", None)
-        if sharding is None:
-            return jnp.asarray(a)
-        # Every process holds the whole array; each device takes its own slice (multi-host safe).
-        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-
-    flat = traverse_util.flatten_dict(params)
-    placed = jax.tree_util.tree_map_with_path(  # by path: abstract may be a FrozenDict
-        lambda path, spec: place(flat[tuple(k.key for k in path)], spec), abstract)
+    placed = common.place(traverse_util.flatten_dict(params), abstract)
     logging.info("initialised params from SatMAE++ checkpoint %s", path)
     return {"params": placed} if wrapped else placed

@@ -1,0 +1,68 @@
+"""Encoders for dense prediction: name -> flax module returning a list of (B, h, w, D) maps.
+
+    enc = build("prithvi", variant="base", input_bands=("B2", "B3", "B4", "B8A", "B11", "B12"))
+    maps = enc.apply(params, images)          # [(B, 14, 14, 768)] * 4 for 224 px, layers (3,5,7,11)
+
+Every module keeps all its parameters under its own name, so a model that holds it as `encoder`
+freezes it with the optimizer's freeze regex '^encoder/'. Weight import from the published PyTorch
+checkpoints lives in eojax.weights.{prithvi,dofa,croma}; "mae" / "satmae" load eojax runs directly.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+from flax import linen as nn
+
+from eojax.models.encoders.base import DEFAULT_LAYERS  # noqa: F401  (re-export)
+
+# name -> (module, class, variants attribute, how a variant dict is filtered)
+_REGISTRY = {
+    "mae": ("eojax.models.encoders.mae", "MAEEncoder", "eojax.models.vit", "VARIANTS"),
+    "satmae": ("eojax.models.encoders.mae", "SatMAEEncoder", "eojax.models.satmae", "VARIANTS"),
+    "prithvi": ("eojax.models.encoders.prithvi", "Prithvi", "eojax.models.encoders.prithvi", "VARIANTS"),
+    "dofa": ("eojax.models.encoders.dofa", "DOFA", "eojax.models.encoders.dofa", "VARIANTS"),
+    "croma": ("eojax.models.encoders.croma", "CROMA", "eojax.models.encoders.croma", "VARIANTS"),
+}
+NAMES = tuple(_REGISTRY)
+__all__ = ["DEFAULT_LAYERS", "NAMES", "build", "encoder_class", "variants"]
+
+
+def encoder_class(name: str) -> type[nn.Module]:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown encoder {name!r}; known: {', '.join(NAMES)}")
+    mod, cls, _, _ = _REGISTRY[name]
+    return getattr(importlib.import_module(mod), cls)
+
+
+def variants(name: str) -> dict:
+    encoder_class(name)
+    _, _, mod, attr = _REGISTRY[name]
+    return getattr(importlib.import_module(mod), attr)
+
+
+def build(name: str, variant: str | None = None, **kwargs) -> nn.Module:
+    """The encoder `name` with the sizes of `variant` (e.g. 'mu' for tests, 'base'), overridden by
+    kwargs (any field of the encoder class: layers, image_size, input_bands, dtype, scan, ...).
+    A model too shallow for the default layers (3, 5, 7, 11) gets four spread over its depth."""
+    cls = encoder_class(name)
+    fields = {f for f in cls.__dataclass_fields__ if f not in ("parent", "name")}
+    cfg = {}
+    if variant is not None:
+        table = variants(name)
+        if variant not in table:
+            raise KeyError(f"unknown {name} variant {variant!r}; known: {sorted(table)}")
+        cfg = {k: v for k, v in table[variant].items() if k in fields}  # SatMAE: drop decoder sizes
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"encoder {name!r} has no fields {unknown}; it has {sorted(fields)}")
+    cfg.update(kwargs)
+    depth = cfg.get("depth", cls.__dataclass_fields__["depth"].default)
+    if "layers" not in cfg and max(DEFAULT_LAYERS) >= depth:  # a shallow model: spread 4 over it
+        cfg["layers"] = tuple(sorted({math.ceil(depth * (i + 1) / 4) - 1 for i in range(4)}))
+    if "layers" in cfg:
+        cfg["layers"] = tuple(int(i) for i in cfg["layers"])
+    for key in ("input_bands", "wavelengths"):
+        if cfg.get(key) is not None:
+            cfg[key] = tuple(cfg[key])
+    return cls(**cfg)

@@ -1,0 +1,108 @@
+"""Pieces shared by the segmentation encoders: band names, missing-band filling, grid embeddings.
+
+Every encoder here maps channels-last images to a list of (B, h, w, D) feature maps, one per entry
+of its `layers` field (0-based block indices, as PANGAEA's output_layers), and exposes
+`patch_size`, `embed_dim` and `bands` (the band names it was pretrained on; None when any band set
+works, as DOFA).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_LAYERS = (3, 5, 7, 11)
+
+# Other names for Sentinel-2 bands: HLS (Prithvi's pretraining data) calls them by colour.
+BAND_ALIASES = {
+    "BLUE": "B2", "GREEN": "B3", "RED": "B4", "NIR_NARROW": "B8A", "SWIR_1": "B11", "SWIR_2": "B12",
+    "B02": "B2", "B03": "B3", "B04": "B4", "B05": "B5", "B06": "B6", "B07": "B7", "B08": "B8",
+    "B01": "B1", "B09": "B9",
+}
+
+# Central wavelengths in micrometres (DOFA's wave list; Sentinel-2 MSI and Sentinel-1 C-band).
+WAVELENGTHS_UM = {
+    "B1": 0.443, "B2": 0.493, "B3": 0.56, "B4": 0.665, "B5": 0.704, "B6": 0.74, "B7": 0.783,
+    "B8": 0.842, "B8A": 0.865, "B9": 0.945, "B10": 1.375, "B11": 1.61, "B12": 2.19,
+    "VV": 3.75, "VH": 3.75,
+}
+
+
+def canonical_band(name: str) -> str:
+    up = str(name).strip().upper()
+    return BAND_ALIASES.get(up, up)
+
+
+def band_plan(expected: Sequence[str], provided: Sequence[str] | None, model: str
+              ) -> tuple[list[int | None], list[str], list[str]]:
+    """How to build the encoder's band stack from the data's bands.
+
+    Returns (source, missing, unused): source[i] is the index in the data of the encoder's band i,
+    or None when the data lacks it (it is zero-filled, i.e. set to the normalised mean); unused are
+    the data's bands the encoder has no slot for. provided=None means exactly `expected`.
+    """
+    if provided is None:
+        return list(range(len(expected))), [], []
+    provided = [canonical_band(b) for b in provided]
+    dupes = sorted({b for b in provided if provided.count(b) > 1})
+    if dupes:
+        raise ValueError(f"{model}: input_bands {tuple(provided)} name {dupes} more than once")
+    index = {b: i for i, b in enumerate(provided)}
+    source = [index.get(canonical_band(b)) for b in expected]
+    missing = [b for b, s in zip(expected, source) if s is None]
+    unused = [b for b in provided if b not in {canonical_band(e) for e in expected}]
+    if len(missing) == len(expected):
+        raise ValueError(f"{model}: none of the data's bands {tuple(provided)} is one of the "
+                         f"encoder's {tuple(expected)}")
+    return source, missing, unused
+
+
+def arrange_bands(images, expected: Sequence[str], provided: Sequence[str] | None, model: str):
+    """(..., len(provided)) -> (..., len(expected)) in the encoder's band order, missing bands zero.
+    Warns (once per trace) which bands are zero-filled and which are dropped."""
+    n = len(expected) if provided is None else len(provided)
+    if images.shape[-1] != n:
+        what = "its bands" if provided is None else f"input_bands {tuple(provided)}"
+        raise ValueError(f"{model}: images have {images.shape[-1]} channels (last axis of "
+                         f"{images.shape}) but {what} say {n}")
+    source, missing, unused = band_plan(expected, provided, model)
+    if missing:
+        logging.warning("%s: the data lacks bands %s; they are zero-filled", model, missing)
+    if unused:
+        logging.warning("%s: the encoder has no slot for bands %s; they are dropped", model, unused)
+    if source == list(range(n)) and n == len(expected):
+        return images
+    zero = jnp.zeros(images.shape[:-1], images.dtype)
+    return jnp.stack([zero if s is None else images[..., s] for s in source], axis=-1)
+
+
+def resize_grid_embed(pe, src: Sequence[int], dst: Sequence[int]):
+    """(prod(src), D) embedding of a row-major token grid -> (prod(dst), D), resampled bicubically
+    over every grid axis (jax.image.resize: Keys cubic a = -0.5, half-pixel centres, no antialias,
+    so shrinking 3 frames to 1 picks the middle frame). Identity when the grids agree."""
+    src, dst = tuple(int(s) for s in src), tuple(int(s) for s in dst)
+    if src == dst:
+        return pe
+    if pe.shape[0] != int(np.prod(src)):
+        raise ValueError(f"position embedding of {pe.shape[0]} rows is not a {src} grid")
+    grid = jnp.asarray(pe).reshape(*src, pe.shape[-1])
+    out = jax.image.resize(grid.astype(jnp.float32), (*dst, pe.shape[-1]), "bicubic",
+                           antialias=False)
+    return out.reshape(-1, pe.shape[-1]).astype(pe.dtype)
+
+
+def check_layers(layers: Sequence[int], depth: int, model: str) -> tuple[int, ...]:
+    layers = tuple(int(i) for i in layers)
+    bad = [i for i in layers if not 0 <= i < depth]
+    if not layers or bad:
+        raise ValueError(f"{model}: layers {layers} must be block indices in 0..{depth - 1}")
+    return layers
+
+
+def grid_of(size: int, patch: int, what: str) -> int:
+    if size % patch:
+        raise ValueError(f"{what}: image size {size} is not divisible by patch size {patch}")
+    return size // patch

@@ -1,0 +1,129 @@
+"""Prithvi-100M (NASA/IBM, v1) encoder: a ViT-B/16 over HLS time series.
+
+Patches are 3D tubelets (tubelet_size frames x 16 x 16 px x 6 bands) embedded by one linear map (the
+reference's Conv3d with stride = kernel); tokens are ordered (frame, row, col) and get a 3D sin-cos
+position (channels split 6/16 width, 6/16 height, 4/16 time, in that order) and a cls token; timm
+pre-norm blocks with torch's LayerNorm eps 1e-5. As the PANGAEA wrapper, the feature maps are the
+chosen blocks' tokens without the final norm (the checkpoint's `norm` is not used); multi-temporal
+tokens are averaged over time into one map per layer.
+
+pos_embed is a parameter (so a checkpoint's exact values are used) that is never trained
+(stop_gradient; the optimizer also skips it in weight decay), as the reference's frozen buffer. It is
+resampled bicubically when the input's (frames, rows, cols) grid differs from the configured one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from eojax.models.encoders.base import (DEFAULT_LAYERS, arrange_bands, check_layers, grid_of,
+                                        resize_grid_embed)
+from eojax.models.layers import Encoder, partitioned, sincos_1d
+
+Dtype = Any
+
+# HLS bands Prithvi was pretrained on (Sentinel-2 names; HLS: BLUE GREEN RED NIR_NARROW SWIR_1 SWIR_2).
+BANDS = ("B2", "B3", "B4", "B8A", "B11", "B12")
+
+VARIANTS = {
+    "mu": dict(image_size=32, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64, layers=(0, 1, 2, 3)),
+    "base": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12),  # Prithvi-100M
+}
+
+
+def sincos_3d(embed_dim: int, frames: int, rows: int, cols: int) -> np.ndarray:
+    """(frames * rows * cols, D) for tokens ordered (frame, row, col): [col (6D/16), row (6D/16),
+    frame (4D/16)] 1D sin-cos parts, as Prithvi's get_3d_sincos_pos_embed."""
+    if embed_dim % 16:
+        raise ValueError(f"3D sin-cos needs embed_dim divisible by 16, got {embed_dim}")
+    d_space, d_time = embed_dim // 16 * 6, embed_dim // 16 * 4
+    t, r, c = np.meshgrid(np.arange(frames), np.arange(rows), np.arange(cols), indexing="ij")
+    return np.concatenate([sincos_1d(d_space, c.reshape(-1)), sincos_1d(d_space, r.reshape(-1)),
+                           sincos_1d(d_time, t.reshape(-1))], axis=1)
+
+
+def tubelets(videos, t: int, p: int):
+    """(B, T, H, W, C) -> (B, (T/t)*(H/p)*(W/p), t*p*p*C): tokens (frame, row, col), each tubelet's
+    pixels ordered (frame, row, col, band)."""
+    b, frames, h, w, c = videos.shape
+    x = videos.reshape(b, frames // t, t, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, (frames // t) * (h // p) * (w // p), t * p * p * c)
+
+
+class Prithvi(nn.Module):
+    """images (B, H, W, C) or (B, T, H, W, C), channels = input_bands -> [(B, H/p, W/p, width)]."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_frames: int = 1
+    tubelet_size: int = 1
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int | None = None
+    layers: tuple = DEFAULT_LAYERS
+    input_bands: tuple | None = None  # bands the data provides, by name; None: exactly BANDS
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str | None = None
+
+    bands = BANDS
+
+    @property
+    def embed_dim(self) -> int:
+        return self.width
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(frames, rows, cols) token grid of the configured input size."""
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(f"prithvi: num_frames {self.num_frames} is not a multiple of "
+                             f"tubelet_size {self.tubelet_size}")
+        g = grid_of(self.image_size, self.patch_size, "prithvi")
+        return self.num_frames // self.tubelet_size, g, g
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        layers = check_layers(self.layers, self.depth, "prithvi")
+        if images.ndim == 4:
+            images = images[:, None]
+        if images.ndim != 5:
+            raise ValueError(f"prithvi: expected (B, H, W, C) or (B, T, H, W, C), got {images.shape}")
+        x = arrange_bands(images, BANDS, self.input_bands, "prithvi").astype(self.dtype)
+        b, frames, h, w, _ = x.shape
+        if frames % self.tubelet_size:
+            raise ValueError(f"prithvi: {frames} frames are not a multiple of tubelet_size "
+                             f"{self.tubelet_size}")
+        grid = (frames // self.tubelet_size, grid_of(h, self.patch_size, "prithvi"),
+                grid_of(w, self.patch_size, "prithvi"))
+
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.width, kernel_init=partitioned(nn.initializers.xavier_uniform(), (None, "embed")),
+                     bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="patch_embed",
+                     **kw)(tubelets(x, self.tubelet_size, self.patch_size))
+        cls = self.param("cls_token", partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+                         (1, 1, self.width), self.param_dtype)
+        pos = self.param("pos_embed", partitioned(self._sincos_init, (None, None, "embed")),
+                         (1, 1 + int(np.prod(self.grid)), self.width), self.param_dtype)
+        pos = jax.lax.stop_gradient(pos[0]).astype(self.dtype)
+        x = x + resize_grid_embed(pos[1:], self.grid, grid)[None]
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype) + pos[:1], (b, 1, self.width)), x], 1)
+
+        blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
+                         dropout=self.dropout, scan=self.scan, remat=self.remat,
+                         attention_impl=self.attention_impl, norm_eps=1e-5, name="blocks", **kw)
+        outs = blocks(x, train, return_layers=layers)
+        return [o[:, 1:].reshape(b, *grid, self.width).mean(axis=1) for o in outs]
+
+    def _sincos_init(self, key, shape, dtype):
+        del key
+        pe = sincos_3d(self.width, *self.grid)
+        return jnp.asarray(np.concatenate([np.zeros((1, self.width), np.float32), pe])[None], dtype)

@@ -1,0 +1,313 @@
+"""Shared machinery for importing published PyTorch checkpoints: safe file reading, a key table that
+maps torch keys to eojax parameter paths (both ways), mismatch reporting, and placement on devices.
+
+A family module (satmae, prithvi, dofa, croma) writes its key table from the reference's module
+layout out of these entries; `convert` and `export` then do the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import logging
+import os
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn, traverse_util
+
+from eojax.checkpoint import CheckpointMismatchError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------
+def load_state_dict(path, what: str = "checkpoint") -> dict[str, np.ndarray]:
+    """A flat {torch key: array} from .safetensors, .npz, or (torch installed) .pth / .pt / .bin.
+
+    A {'model': state_dict, ...} or {'state_dict': ...} wrapper (what training scripts save) is
+    unwrapped, nested dicts of state dicts (CROMA's {'s2_encoder': {...}, ...}) are flattened with
+    '.', and a DDP 'module.' prefix stripped. Nothing is ever unpickled beyond what
+    torch.load(weights_only=True) allows.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            obj = load_file(path)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:  # raises on object (pickled) arrays
+                obj = {k: z[k] for k in z.files}
+        else:
+            obj = _torch_load(path)
+    except ImportError:
+        raise
+    except Exception as e:  # every reader has its own exception types; name the file in all cases
+        raise ValueError(f"{path} is not a readable {suffix} checkpoint: {type(e).__name__}: {e}") from e
+    return _unwrap(obj, path)
+
+
+def _torch_load(path: str):
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{path}: reading a PyTorch checkpoint needs torch, which is not installed. Convert it to "
+            ".safetensors where torch is: safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True)['model'], 'ckpt.safetensors')") from e
+    # Training scripts also pickle their argparse.Namespace (a plain attribute bag, allowed);
+    # weights_only refuses every other non-tensor class.
+    allow = getattr(torch.serialization, "safe_globals", None)
+    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _flatten(obj: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
+    obj = _flatten(obj)
+    if all(str(k).startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    out, bad = {}, []
+    for k, v in obj.items():
+        if hasattr(v, "detach"):  # a torch tensor; numpy has no bfloat16, float32 holds it exactly
+            v = v.detach().cpu()
+            v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+        if isinstance(v, np.ndarray) and v.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            v = v.astype(np.float32)  # ml_dtypes floats (safetensors bf16): exact in float32
+        if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+            out[str(k)] = v
+        else:
+            bad.append(f"{k} ({type(v).__name__})")
+    if bad:
+        raise ValueError(f"{path}: state dict entries that are not numeric arrays: {bad[:10]}")
+    return out
+
+
+def find_prefix(sd: Mapping[str, Any], anchor: str, what: str, prefer: str | None = None) -> str:
+    """The prefix before `anchor` (a key every checkpoint of the family has), e.g. 'encoder.' or
+    's2_encoder.'; '' when the keys are bare. With several anchors, `prefer` picks one (CROMA's
+    file has an s1_ and an s2_encoder); otherwise none or several are refused."""
+    hits = sorted(k[: -len(anchor)] for k in sd if k == anchor or k.endswith("." + anchor))
+    if len(hits) > 1 and prefer in hits:
+        return prefer
+    if len(hits) != 1:
+        found = f"{len(hits)} keys ending in {anchor!r}: {hits[:4]}" if hits else f"no key {anchor!r}"
+        raise CheckpointMismatchError(f"{what}: not this model's layout ({found})")
+    return hits[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The key table
+# --------------------------------------------------------------------------------------------------
+# One torch key: its torch shape, the eojax params it fills (three for a fused qkv), and the maps
+# torch array -> tuple of eojax arrays (to_jax) and eojax arrays -> torch array (to_torch).
+Entry = collections.namedtuple("Entry", "key shape paths to_jax to_torch")
+
+
+def same(key, shape, path, fwd=lambda a: a, inv=lambda a: a) -> Entry:
+    return Entry(key, tuple(shape), (path,), lambda a: (fwd(a),), inv)
+
+
+def ln(tk, jp, n) -> list[Entry]:
+    """torch LayerNorm -> eojax layers.LayerNorm (params under 'ln')."""
+    return [same(f"{tk}.weight", (n,), jp + ("ln", "scale")), same(f"{tk}.bias", (n,), jp + ("ln", "bias"))]
+
+
+def linear(tk, jp, n_in, n_out, bias=True) -> list[Entry]:
+    """torch Linear (out, in) -> flax Dense (in, out)."""
+    out = [same(f"{tk}.weight", (n_out, n_in), jp + ("kernel",), lambda w: w.T, lambda k: k.T)]
+    return out + ([same(f"{tk}.bias", (n_out,), jp + ("bias",))] if bias else [])
+
+
+def conv(tk, jp, cin, cout, k, transposed=False) -> list[Entry]:
+    # Conv2d (out, in, kh, kw) -> (kh, kw, in, out); ConvTranspose2d (in, out, kh, kw) -> (kh, kw,
+    # out, in), the torch-scatter kernel of ConvTranspose4x2. The same axis permutation in both.
+    shape = (cin, cout, k, k) if transposed else (cout, cin, k, k)
+    return [same(f"{tk}.weight", shape, jp + ("kernel",), lambda w: w.transpose(2, 3, 1, 0),
+                 lambda a: a.transpose(3, 2, 0, 1)),
+            same(f"{tk}.bias", (cout,), jp + ("bias",))]
+
+
+def patch(tk, jp, d, c, p, bias=True) -> list[Entry]:
+    """Conv2d (D, C, p, p) with stride p -> Dense (p*p*C, D) in patchify's (row, col, band) order."""
+    out = [same(f"{tk}.weight", (d, c, p, p), jp + ("kernel",),
+                lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c, d),
+                lambda a: a.reshape(p, p, c, d).transpose(3, 2, 0, 1))]
+    return out + ([same(f"{tk}.bias", (d,), jp + ("bias",))] if bias else [])
+
+
+def qkv(wkey, bkey, jp, d, heads) -> list[Entry]:
+    """A fused (3D, D) q/k/v projection (timm qkv, torch MultiheadAttention in_proj, CROMA to_qkv)
+    -> eojax query/key/value kernels (D, H, D/H); outputs are (3, heads, head_dim) row-major.
+    bkey None: no biases."""
+    hd = d // heads
+    names = ("query", "key", "value")
+    out = [Entry(wkey, (3 * d, d), tuple(jp + (n, "kernel") for n in names),
+                 lambda w: tuple(part.T.reshape(d, heads, hd) for part in w.reshape(3, d, d)),
+                 lambda *ks: np.concatenate([k.reshape(d, d).T for k in ks]))]
+    if bkey is not None:
+        out.append(Entry(bkey, (3 * d,), tuple(jp + (n, "bias") for n in names),
+                         lambda b: tuple(b.reshape(3, heads, hd)),
+                         lambda *bs: np.concatenate([b.reshape(-1) for b in bs])))
+    return out
+
+
+def attn_out(tk, jp, d, heads) -> list[Entry]:
+    """Attention output Linear (D, D) -> eojax out kernel (H, D/H, D)."""
+    hd = d // heads
+    return [same(f"{tk}.weight", (d, d), jp + ("kernel",),
+                 lambda w: w.T.reshape(heads, hd, d), lambda k: k.reshape(d, d).T),
+            same(f"{tk}.bias", (d,), jp + ("bias",))]
+
+
+def timm_block(tk, jp, d, heads, mlp) -> list[Entry]:
+    """timm Block (qkv_bias=True) -> eojax layers.EncoderBlock."""
+    att = jp + ("attn",)
+    return [*ln(f"{tk}.norm1", jp + ("norm1",), d),
+            *qkv(f"{tk}.attn.qkv.weight", f"{tk}.attn.qkv.bias", att, d, heads),
+            *attn_out(f"{tk}.attn.proj", att + ("out",), d, heads),
+            *ln(f"{tk}.norm2", jp + ("norm2",), d),
+            *linear(f"{tk}.mlp.fc1", jp + ("mlp", "fc1"), d, mlp),
+            *linear(f"{tk}.mlp.fc2", jp + ("mlp", "fc2"), mlp, d)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------------
+def raise_problems(problems: list[str], what: str):
+    shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
+    raise CheckpointMismatchError(f"{what} does not fit the model ({len(problems)} differences):\n  {shown}")
+
+
+def check_entries(sd: Mapping[str, np.ndarray], entries: Iterable[Entry], skip=()) -> list[str]:
+    """Missing keys and shape mismatches (key, checkpoint shape, model shape), in table order."""
+    problems = []
+    for e in entries:
+        if e.key not in sd:
+            problems.append(f"missing in checkpoint: {e.key} {e.shape}")
+        elif sd[e.key].shape != e.shape and e.key not in skip:
+            problems.append(f"shape of {e.key}: checkpoint {sd[e.key].shape} vs model {e.shape}")
+    return problems
+
+
+def convert(sd: Mapping[str, np.ndarray], entries: Iterable[Entry], dtype) -> dict[tuple, np.ndarray]:
+    """Flat {eojax path: array} from a checked state dict."""
+    flat = {}
+    for e in entries:
+        flat.update(zip(e.paths, e.to_jax(np.asarray(sd[e.key]))))
+    return {k: np.ascontiguousarray(v, dtype=np.dtype(dtype)) for k, v in flat.items()}
+
+
+def flat_params(params: Mapping) -> dict[tuple, np.ndarray]:
+    """Unboxed, unwrapped ({'params': ...} or not) params as a flat {path tuple: numpy array}."""
+    params = nn.meta.unbox(params)
+    params = params["params"] if set(params) == {"params"} else params
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
+
+
+def export(flat: Mapping[tuple, np.ndarray], entries: list[Entry], what: str = "eojax params"
+           ) -> dict[str, np.ndarray]:
+    """Flat eojax params -> {torch key: array}; every parameter must be in the table and vice versa."""
+    want = {}
+    for e in entries:  # expected eojax shapes, from the torch ones (broadcast views: no memory)
+        want.update(zip(e.paths, (a.shape for a in e.to_jax(np.broadcast_to(np.float32(0), e.shape)))))
+    name = "/".join
+    problems = [f"missing in params: {name(k)} {want[k]}" for k in sorted(set(want) - set(flat))]
+    problems += [f"not in this model: {name(k)} {flat[k].shape}" for k in sorted(set(flat) - set(want))]
+    problems += [f"shape of {name(k)}: params {flat[k].shape} vs model {want[k]}"
+                 for k in sorted(set(want) & set(flat)) if flat[k].shape != want[k]]
+    if problems:
+        raise_problems(problems, what)
+    return {e.key: np.ascontiguousarray(e.to_torch(*[flat[p] for p in e.paths])) for e in entries}
+
+
+def stack_blocks(flat: dict, prefix: tuple, depth: int) -> dict:
+    """block_i params -> scan's stacked 'layers' (leading depth axis) under `prefix`."""
+    n, out = len(prefix), dict(flat)
+    rests = {k[n + 1:] for k in flat if k[:n] == prefix and len(k) > n and k[n].startswith("block_")}
+    for r in rests:
+        out[prefix + ("layers",) + r] = np.stack([out.pop(prefix + (f"block_{i}",) + r)
+                                                  for i in range(depth)])
+    return out
+
+
+def unstack_blocks(flat: dict, prefix: tuple, depth: int) -> dict:
+    """Inverse of stack_blocks (a leaf of another depth stays, to be reported as not in the model)."""
+    n, out = len(prefix), dict(flat)
+    for k in [k for k in flat if k[:n + 1] == prefix + ("layers",) and flat[k].shape[:1] == (depth,)]:
+        a = out.pop(k)
+        out.update({prefix + (f"block_{i}",) + k[n + 1:]: a[i] for i in range(depth)})
+    return out
+
+
+def place(flat: Mapping[tuple, np.ndarray], abstract_params: Any) -> Any:
+    """A tree shaped like abstract_params (ShapeDtypeStructs, with shardings if any) filled from
+    flat; each device takes its own slice, so every process may hold the whole arrays."""
+    def put(path, spec):
+        a = np.asarray(flat[tuple(k.key for k in path)], dtype=spec.dtype)
+        sharding = getattr(spec, "sharding", None)
+        if sharding is None:
+            return jnp.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+    return jax.tree_util.tree_map_with_path(put, abstract_params)
+
+
+def log_report(what: str, report: Mapping[str, Any]) -> None:
+    """One warning line per kind of deviation (ignored keys grouped by reason)."""
+    by_reason: dict[str, list[str]] = {}
+    for key, why in report.get("ignored", {}).items():
+        by_reason.setdefault(why, []).append(key)
+    for why, keys in by_reason.items():
+        logging.warning("%s: ignored %d keys (%s): %s%s", what, len(keys), why, ", ".join(keys[:6]),
+                        ", ..." if len(keys) > 6 else "")
+    if report.get("zero_filled_bands"):
+        logging.warning("%s: the data lacks bands %s; the encoder zero-fills them", what,
+                        report["zero_filled_bands"])
+    if report.get("unused_bands"):
+        logging.warning("%s: the encoder has no slot for the data's bands %s; they are dropped", what,
+                        report["unused_bands"])
+    for key, (src, dst) in report.get("resized", {}).items():
+        logging.warning("%s: %s resampled from grid %s to %s", what, key, src, dst)
+
+
+def load_encoder(path, abstract_params: Any, encoder: nn.Module, *, strict: bool = True):
+    """(params, report) for any published-checkpoint encoder of eojax.models.encoders (Prithvi,
+    DOFA, CROMA, SatMAE++), placed like abstract_params (the encoder's own subtree)."""
+    import importlib
+    family = {"Prithvi": "prithvi", "DOFA": "dofa", "CROMA": "croma", "SatMAEEncoder": "satmae"}
+    name = family.get(type(encoder).__name__)
+    if name is None:
+        raise ValueError(f"no published-checkpoint import for {type(encoder).__name__}; eojax MAE "
+                         "runs load through config.init_from")
+    module = importlib.import_module(f"eojax.weights.{name}")
+    if name != "satmae":
+        return module.load_pretrained(path, abstract_params, encoder, strict=strict)
+    from eojax.models.satmae import GroupChannelViT
+    kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__
+              if f not in ("parent", "name")}
+    return module.load_pretrained(path, abstract_params, kwargs, strict=strict), {}

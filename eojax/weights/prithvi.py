@@ -1,0 +1,118 @@
+"""Prithvi-100M (NASA-IMPACT/hls-foundation-os, IBM/terratorch) state dicts <-> eojax Prithvi params.
+
+Accepted layouts: the pretraining MaskedAutoencoderViT (bare keys, decoder alongside), the same
+under an 'encoder.' prefix (terratorch's PrithviMAE / the Hugging Face release), or PANGAEA's
+encoder-only dict. torch key -> eojax path, D width, p patch, t tubelet, C = 6 bands:
+  patch_embed.proj.weight (D, C, t, p, p)   patch_embed/kernel (t*p*p*C, D), (frame, row, col, band)
+  patch_embed.proj.bias (D,)                patch_embed/bias
+  cls_token (1, 1, D)                       cls_token
+  pos_embed (1, 1 + T*h*w, D)               pos_embed, resampled when the grid differs
+  blocks.k.* (timm Block)                   blocks/block_k/* (scan: blocks/layers stacked)
+Ignored (reported): the final `norm` (PANGAEA's Prithvi features do not use it), mask_token and
+the decoder. The checkpoint's band count must be 6; bands the data lacks are zero-filled by the
+encoder at run time, and the report names them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from eojax.checkpoint import check_compatible
+from eojax.models.encoders.base import band_plan, resize_grid_embed
+from eojax.models.encoders.prithvi import BANDS, Prithvi
+from eojax.weights import common
+
+_IGNORED = ((("norm.",), "final norm: Prithvi's feature maps are taken before it (as PANGAEA)"),
+            (("mask_token", "decoder"), "decoder of the pretraining MAE: not in this model"))
+
+
+def _entries(enc: Prithvi, pre: str = "") -> list[common.Entry]:
+    d, p, t, c = enc.width, enc.patch_size, enc.tubelet_size, len(BANDS)
+    mlp = enc.mlp_dim or 4 * d
+    out = [common.same(f"{pre}patch_embed.proj.weight", (d, c, t, p, p), ("patch_embed", "kernel"),
+                       lambda w: w.transpose(2, 3, 4, 1, 0).reshape(t * p * p * c, d),
+                       lambda a: a.reshape(t, p, p, c, d).transpose(4, 3, 0, 1, 2)),
+           common.same(f"{pre}patch_embed.proj.bias", (d,), ("patch_embed", "bias")),
+           common.same(f"{pre}cls_token", (1, 1, d), ("cls_token",)),
+           common.same(f"{pre}pos_embed", (1, 1 + math.prod(enc.grid), d), ("pos_embed",))]
+    for k in range(enc.depth):
+        out += common.timm_block(f"{pre}blocks.{k}", ("blocks", f"block_{k}"), d, enc.heads, mlp)
+    return out
+
+
+def checkpoint_grid(rows: int, model_grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(frames, h, w) of a checkpoint's pos_embed with `rows` grid rows (cls excluded): the model's
+    spatial grid if it divides, else a square grid of the fewest frames."""
+    _, h, w = model_grid
+    if rows % (h * w) == 0:
+        return rows // (h * w), h, w
+    for frames in range(1, rows + 1):
+        s = math.isqrt(rows // frames)
+        if rows % frames == 0 and s * s * frames == rows:
+            return frames, s, s
+    raise ValueError(f"cannot read a (frames, h, w) grid from {rows} position rows")
+
+
+def prithvi_from_torch(state_dict: Mapping[str, np.ndarray], encoder: Prithvi, *, strict: bool = True
+                       ) -> tuple[dict, dict[str, Any]]:
+    """State dict -> (eojax params, report). The report holds 'ignored' {key: why}, 'resized'
+    {key: (checkpoint grid, model grid)}, 'zero_filled_bands' and 'unused_bands' (data bands).
+    Missing keys, shape mismatches (a pos_embed of another grid is resampled, not refused) and,
+    when strict, unknown keys raise one CheckpointMismatchError naming each key and both shapes."""
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    pre = common.find_prefix(sd, "patch_embed.proj.weight", "Prithvi checkpoint")
+    entries = _entries(encoder, pre)
+    pos_key = f"{pre}pos_embed"
+    problems = common.check_entries(sd, entries, skip={pos_key})
+    report: dict[str, Any] = {"ignored": {}, "resized": {}}
+    pe = sd.get(pos_key)
+    if pe is not None:
+        if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != encoder.width or pe.shape[1] < 2:
+            problems.append(f"shape of {pos_key}: checkpoint {pe.shape} vs model (1, 1 + T*h*w, "
+                            f"{encoder.width})")
+        elif pe.shape[1] != 1 + math.prod(encoder.grid):
+            src = checkpoint_grid(pe.shape[1] - 1, encoder.grid)
+            grid = np.asarray(resize_grid_embed(pe[0, 1:], src, encoder.grid))
+            sd[pos_key] = np.concatenate([pe[:, :1], grid[None]], axis=1)
+            report["resized"][pos_key] = (src, encoder.grid)
+    known = {e.key for e in entries}
+    for k in sorted(set(sd) - known):
+        rest = k[len(pre):] if k.startswith(pre) else k
+        why = next((w for starts, w in _IGNORED if rest.startswith(starts) or k.startswith(starts)), None)
+        if why is None and not k.startswith(pre):
+            why = "outside the encoder's prefix"
+        if why is None and strict:
+            problems.append(f"not in this model: {k} {sd[k].shape}")
+        else:
+            report["ignored"][k] = why or "not in this model"
+    if problems:
+        common.raise_problems(problems, "Prithvi checkpoint")
+    flat = common.convert(sd, entries, encoder.param_dtype)
+    if encoder.scan:
+        flat = common.stack_blocks(flat, ("blocks",), encoder.depth)
+    _, missing, unused = band_plan(BANDS, encoder.input_bands, "prithvi")
+    report.update(zero_filled_bands=missing, unused_bands=unused)
+    return traverse_util.unflatten_dict(flat), report
+
+
+def prithvi_to_torch(params: Mapping, encoder: Prithvi) -> dict[str, np.ndarray]:
+    """eojax Prithvi params -> the encoder part of the published layout (bare keys)."""
+    flat = common.flat_params(params)
+    if encoder.scan:
+        flat = common.unstack_blocks(flat, ("blocks",), encoder.depth)
+    return common.export(flat, _entries(encoder))
+
+
+def load_pretrained(path, abstract_params: Any, encoder: Prithvi, *, strict: bool = True):
+    """(params placed like abstract_params, report) from a Prithvi .safetensors / .npz / .pth."""
+    sd = common.load_state_dict(path, "Prithvi checkpoint")
+    params, report = prithvi_from_torch(sd, encoder, strict=strict)
+    wrapped = set(abstract_params) == {"params"}
+    abstract = abstract_params["params"] if wrapped else abstract_params
+    check_compatible(params, abstract, f"Prithvi checkpoint {path}")
+    common.log_report(f"Prithvi checkpoint {path}", report)
+    placed = common.place(traverse_util.flatten_dict(params), abstract)
+    return ({"params": placed} if wrapped else placed), report
