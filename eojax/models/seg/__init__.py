@@ -1,0 +1,53 @@
+"""Segmentation: decoders on the feature maps of any encoder in eojax.models.encoders.
+
+`SegmentationModel(encoder, decoder)` maps images (B, H, W, C) (or (B, T, H, W, C) for multi-temporal
+encoders) to float32 logits (B, H, W, num_classes) at the input resolution. The encoder returns a list
+of (B, h, w, D) maps (its `layers`); the decoder turns them into logits at some fraction of the image,
+which are upsampled bilinearly. With `freeze_encoder` the features pass through stop_gradient (no
+backward pass through the encoder) and the encoder runs in eval mode; the parameters themselves are
+frozen by the optimizer's freeze mask (config.optim.freeze = ('^encoder/',)).
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from eojax.models.seg.blocks import resize
+from eojax.models.seg.fcn import FCNDecoder
+from eojax.models.seg.linear import LinearDecoder
+from eojax.models.seg.muster import Muster
+from eojax.models.seg.pyramid import FeaturePyramid
+from eojax.models.seg.segformer import SegFormerHead
+from eojax.models.seg.upernet import UperNet
+
+DECODERS = {"linear": LinearDecoder, "fcn": FCNDecoder, "upernet": UperNet, "segformer": SegFormerHead,
+            "muster": Muster}
+
+
+def build_decoder(name: str, num_classes: int, **kwargs) -> nn.Module:
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; known: {sorted(DECODERS)}")
+    return DECODERS[name](num_classes=num_classes, **kwargs)
+
+
+class SegmentationModel(nn.Module):
+    encoder: nn.Module
+    decoder: nn.Module
+    freeze_encoder: bool = False
+
+    def features(self, images, train: bool = False) -> list:
+        feats = self.encoder(images, train=train and not self.freeze_encoder)
+        if self.freeze_encoder:
+            feats = [jax.lax.stop_gradient(f) for f in feats]
+        return list(feats)
+
+    def decode(self, feats, size, train: bool = False):
+        return resize(self.decoder(feats, train=train).astype(jnp.float32), size)
+
+    def __call__(self, images, train: bool = False):
+        return self.decode(self.features(images, train), images.shape[-3:-1], train)
+
+
+__all__ = ["DECODERS", "FeaturePyramid", "SegmentationModel", "build_decoder"]

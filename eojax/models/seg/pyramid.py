@@ -1,0 +1,36 @@
+"""Feature pyramid from a plain ViT (ViTDet / BEiT style, as PANGAEA's UperNet neck).
+
+Four same-resolution maps at 1/p of the image become 4x, 2x, 1x and 0.5x that resolution: two
+stride-2 transposed convs (with a norm + GELU between), one transposed conv, identity, 2x2 max-pool
+(floor, so an odd map of 15 gives 7).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from eojax.models.seg.blocks import Deconv2x2, constrain
+from eojax.models.upsample import ChannelNorm
+
+Dtype = Any
+
+
+class FeaturePyramid(nn.Module):
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence) -> list:
+        if len(features) != 4:
+            raise ValueError(f"the feature pyramid needs 4 encoder maps, got {len(features)}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        f0, f1, f2, f3 = features
+        d = f0.shape[-1]
+        x0 = Deconv2x2(d, name="up4_a", **kw)(f0)
+        x0 = nn.gelu(ChannelNorm(name="up4_norm", **kw)(x0), approximate=False)
+        x0 = Deconv2x2(d, name="up4_b", **kw)(x0)
+        x1 = Deconv2x2(d, name="up2", **kw)(f1)
+        x3 = nn.max_pool(f3, (2, 2), strides=(2, 2), padding="VALID")
+        return [constrain(x) for x in (x0, x1, f2, x3)]

@@ -1,0 +1,340 @@
+"""Semantic segmentation on frozen / fine-tuned / random encoders (PANGAEA protocol), and probe sweeps.
+
+Modes (config.model.mode): 'frozen' (encoder params frozen by the optimizer's freeze mask
+'^encoder/', features under stop_gradient), 'finetune' (everything trains; config.optim.lr_scales
+can give the encoder a lower lr), 'random' (like finetune, never loads pretrained weights).
+Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained`, delegating to
+eojax.weights.<encoder>) or from an eojax MAE / SatMAE++ run folder.
+
+Training reads random crops of the encoder's size; evaluation (and test) slides windows of that size
+over whole scenes and averages overlapping logits (seg_eval.sliding_window_logits). eval_fn returns
+a (C, C) confusion matrix that the trainer sums over all batches; finalize_eval derives the metrics.
+
+Sweep (config.sweep.k = K > 0, frozen mode): K decoders ("probes", e.g. linear probes) on the same
+frozen features, trained by the one trainer in one compiled step: the encoder runs once per batch,
+the probes run under jax.vmap over their stacked parameters, and the loss is the sum of the K probe
+losses (probes share no parameters, so each gets exactly its own gradient). Probe k starts from its
+own seed (sweep.probe_seed + k) and, with sweep.lr_factors, has its learning rate scaled by
+optim.lr_scales on '^probes/probe_k/'. Eval reports mean and spread of the K mIoUs.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from eojax import viz
+from eojax.data import device
+from eojax.data import segmentation as segdata
+from eojax.models import encoders
+from eojax.models import seg as seg_models
+from eojax.tasks import seg_eval
+from eojax.tasks.base import Task
+
+MODES = ("frozen", "finetune", "random")
+# Class colours of the overlays (class 0 transparent-ish grey, then red, yellow, cyan, ...).
+PALETTE = np.array([[80, 80, 80], [230, 40, 40], [250, 210, 30], [30, 200, 220], [150, 60, 220],
+                    [40, 200, 80], [240, 130, 30], [30, 90, 240]], np.uint8)
+
+
+class SegTask(Task):
+    name = "seg"
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        if m.mode not in MODES:
+            raise ValueError(f"config.model.mode={m.mode!r} is unknown; one of {MODES}")
+        self.k = int(config.sweep.k)
+        if self.k and m.mode != "frozen":
+            raise ValueError("config.sweep.k > 0 trains probes on frozen features: set model.mode='frozen'")
+        if self.k and config.optim.clip_norm > 0:
+            raise ValueError("config.sweep.k > 0 needs optim.clip_norm=0: a global-norm clip would couple "
+                             "the probes (each must train exactly as it would alone)")
+        if m.mode == "frozen" and "^encoder/" not in tuple(config.optim.freeze):
+            raise ValueError("model.mode='frozen' needs config.optim.freeze to contain '^encoder/' "
+                             "(configs/seg.py sets it)")
+        self._sets = None
+        self._model = None
+        self._stats = None
+
+    # -- data --------------------------------------------------------------------------------------
+    def pair_sets(self) -> dict:
+        """The splits' image / mask pairs, opened and checked (headers only)."""
+        if self._sets is None:
+            c, m = self.config.input, self.config.model
+            nodata = c.nodata
+            self._sets = {split: segdata.PairSet(pairs, c.bands, nodata, num_classes=m.num_classes,
+                                                 ignore_index=m.ignore_index, mask_values=c.mask_values)
+                          for split, pairs in segdata.splits_from_config(c).items()}
+        return self._sets
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            self._stats = segdata.band_stats(self.config.input, self.pair_sets()["train"]) or False
+        return self._stats or None
+
+    def _input(self, split, process_index, process_count):
+        sets = self.pair_sets()
+        if split not in sets:
+            return None
+        c = self.config
+        batch = c.batch_size if split == "train" else c.input.eval_batch_size
+        if batch % process_count:
+            raise ValueError(f"batch size {batch} ({split}) does not divide over {process_count} processes")
+        return segdata.make_input(c.input, sets[split], split=split, batch_size=batch // process_count,
+                                  process_index=process_index, process_count=process_count, seed=c.seed)
+
+    def train_input(self, process_index, process_count):
+        return self._input("train", process_index, process_count)
+
+    def eval_input(self, process_index, process_count):
+        return self._input("val", process_index, process_count)
+
+    def test_input(self, process_index, process_count):
+        return self._input("test", process_index, process_count)
+
+    def data_fingerprint(self):
+        return segdata.fingerprint(self.pair_sets())
+
+    # -- model -------------------------------------------------------------------------------------
+    @property
+    def band_names(self) -> list[str]:
+        return self.pair_sets()["train"].band_names
+
+    def _encoder(self):
+        m = self.config.model
+        fields = encoders.encoder_class(m.encoder).__dataclass_fields__
+        kwargs = dict(m.encoder_args)
+        derived = {"image_size": self.config.input.crop, "in_channels": len(self.band_names),
+                   "input_bands": tuple(self.band_names), "dtype": jnp.dtype(m.dtype)}
+        for key, value in derived.items():
+            if key in fields and key not in kwargs:
+                kwargs[key] = value
+        return encoders.build(m.encoder, m.encoder_variant or None, **kwargs)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.decoder
+
+    @property
+    def model(self) -> seg_models.SegmentationModel:
+        if self._model is None:
+            m = self.config.model
+            decoder = seg_models.build_decoder(m.decoder, m.num_classes, dtype=jnp.dtype(m.dtype),
+                                               **dict(m.decoder_args))
+            self._model = seg_models.SegmentationModel(self._encoder(), decoder,
+                                                       freeze_encoder=m.mode == "frozen")
+        return self._model
+
+    def dummy_batch(self, batch_size):
+        c, s = len(self.band_names), self.config.input.crop
+        dtype = self.pair_sets()["train"].scenes[0].dtype
+        return {"pixels": jax.ShapeDtypeStruct((batch_size, c, s, s), jnp.dtype(dtype)),
+                "valid": jax.ShapeDtypeStruct((batch_size, s, s), jnp.bool_),
+                "label": jax.ShapeDtypeStruct((batch_size, s, s), jnp.int32),
+                "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+    def images(self, batch):
+        return device.to_model_input(batch["pixels"], batch["valid"], self.stats,
+                                     dtype=jnp.dtype(self.config.model.dtype))
+
+    def _probe_ids(self) -> list[int]:
+        base = int(self.config.sweep.probe_seed)
+        return [base + k for k in range(self.k)] if self.k else [base]
+
+    def init(self, rng, batch):
+        images = self.images(batch)
+        params = self.model.init({"params": rng, "dropout": rng}, images, train=False)["params"]
+        feats = self.model.apply({"params": params}, images, method="features")
+        # Each decoder from its own seed, so sweep probe k starts exactly as a single run with probe_seed k.
+        decoders = {i: self.decoder.init(jax.random.fold_in(rng, 1_000_003 + i), feats)["params"]
+                    for i in self._probe_ids()}
+        if not self.k:
+            return {"encoder": params["encoder"], "decoder": decoders[self._probe_ids()[0]]}
+        return {"encoder": params["encoder"],
+                "probes": {f"probe_{k}": decoders[i] for k, i in enumerate(self._probe_ids())}}
+
+    def logits(self, params, images, rng=None, train=False):
+        """(B, H, W, C) -> logits (B, H, W, K) float32; in a sweep (P, B, H, W, K)."""
+        rng = jax.random.key(0) if rng is None else rng
+        if not self.k:  # the dropout rng of probe `probe_seed`, as in a sweep
+            return self.model.apply({"params": params}, images, train=train,
+                                    rngs={"dropout": jax.random.fold_in(rng, self._probe_ids()[0])})
+        feats = self.model.apply({"params": {"encoder": params["encoder"]}}, images, train,
+                                 method="features")
+        stacked = jax.tree.map(lambda *x: jnp.stack(x), *[params["probes"][f"probe_{k}"] for k in range(self.k)])
+        rngs = jnp.stack([jax.random.fold_in(rng, i) for i in self._probe_ids()])
+        size = images.shape[-3:-1]
+        decode = lambda p, r: self.model.apply({"params": {"decoder": p}}, feats, size, train,
+                                               method="decode", rngs={"dropout": r})
+        return jax.vmap(decode)(stacked, rngs)
+
+    # -- loss and evaluation -----------------------------------------------------------------------
+    def _keep(self, batch):
+        m = self.config.model
+        return (batch["label"] != m.ignore_index) & (batch["weight"] > 0)[:, None, None]
+
+    def _ce(self, logits, batch):
+        """Summed cross-entropy over kept pixels (no softmax before it: it takes logits)."""
+        keep = jnp.broadcast_to(self._keep(batch), logits.shape[:-1])  # (P,) B, H, W
+        labels = jnp.where(keep, batch["label"], 0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(jnp.where(keep, ce, 0.0), axis=(-3, -2, -1)), jnp.sum(keep)
+
+    def loss_fn(self, params, batch, rng, train):
+        logits = self.logits(params, self.images(batch), rng, train)
+        total, n = self._ce(logits, batch)
+        per = total / jnp.maximum(n, 1)  # mean over non-ignored pixels (per probe in a sweep)
+        if not self.k:
+            return per, {"pixels": n.astype(jnp.float32)}
+        return jnp.sum(per), {"probe_loss_mean": jnp.mean(per), "probe_loss_min": jnp.min(per)}
+
+    def predict_scenes(self, params, images):
+        """Sliding-window logits over whole scenes: (B, H, W, K) (sweep: (P, B, H, W, K))."""
+        c, m = self.config.input, self.config.model
+        stride = c.eval_stride or c.crop
+        if not self.k:
+            return seg_eval.sliding_window_logits(lambda x: self.logits(params, x), images, c.crop, stride)
+        ncls = m.num_classes
+
+        def stacked(x):  # probes side by side on the class axis, so windows are averaged once
+            y = self.logits(params, x)  # (P, N, w, w, K)
+            return jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], self.k * ncls)
+
+        out = seg_eval.sliding_window_logits(stacked, images, c.crop, stride)
+        return jnp.moveaxis(out.reshape(*out.shape[:-1], self.k, ncls), -2, 0)
+
+    def eval_fn(self, params, batch, rng):
+        m = self.config.model
+        logits = self.predict_scenes(params, self.images(batch))
+        total, n = self._ce(logits, batch)
+        pred = jnp.argmax(logits, axis=-1)
+        cm = lambda p: seg_eval.confusion_matrix(batch["label"], p, m.num_classes, m.ignore_index,
+                                                 batch["weight"])
+        confusion = cm(pred) if not self.k else jax.vmap(cm)(pred)
+        return {"confusion": confusion, "loss_sum": jnp.sum(total), "count": n.astype(jnp.float32)}
+
+    def finalize_eval(self, sums):
+        names = self.config.model.class_names or None
+        loss = float(sums["loss_sum"]) / max(float(sums["count"]), 1.0) / max(self.k, 1)
+        if not self.k:
+            return dict(seg_eval.metrics_from_confusion(sums["confusion"], names), loss=loss)
+        per = [seg_eval.metrics_from_confusion(c, names) for c in sums["confusion"]]
+        out = {"loss": loss}
+        for key in ("miou", "mf1", "accuracy"):
+            mean, std = seg_eval.mean_std([p[key] for p in per])
+            out[key], out[f"{key}_std"] = mean, std
+        out.update({f"miou_probe_{k}": p["miou"] for k, p in enumerate(per)})
+        return out
+
+    # -- pretrained weights --------------------------------------------------------------------------
+    def load_pretrained(self, path, abstract_params):
+        """Encoder weights from a checkpoint file, the decoder freshly initialised.
+
+        Prithvi / DOFA / CROMA / SatMAE++: the published PyTorch layouts through eojax.weights (band
+        matching, position-embedding resampling and shape checks happen there). eojax MAE: an .npz of
+        the encoder subtree of an eojax run ('/'-joined keys; `export_encoder` writes it)."""
+        m = self.config.model
+        if m.mode == "random":
+            raise ValueError(f"model.mode='random' trains from random weights; remove config.init_from={path!r}")
+        abstract = abstract_params["encoder"]
+        if m.encoder == "mae":
+            encoder = _load_npz_tree(path, abstract)
+        else:
+            from eojax.weights import common
+            encoder, _ = common.load_encoder(path, abstract, self.model.encoder)
+        return {**self._fresh_params(abstract_params), "encoder": encoder}
+
+    def _fresh_params(self, abstract_params):
+        """The trainer's initial params (same rng), created with the run's shardings."""
+        rng = jax.random.split(jax.random.key(self.config.seed))[0]
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.dummy_batch(self.config.batch_size))
+        shardings = jax.tree.map(lambda s: getattr(s, "sharding", None), abstract_params)
+        lowered = jax.jit(lambda r: nn.meta.unbox(self.init(r, zeros)), out_shardings=shardings).lower(rng)
+        # Runs once: on CPU, optimising the program costs more than running it (as the trainer's init).
+        options = {"xla_backend_optimization_level": 0} if jax.devices()[0].platform == "cpu" else {}
+        return lowered.compile(compiler_options=options)(rng)
+
+    # -- pictures and inference ----------------------------------------------------------------------
+    def _rgb(self, pixels, valid):
+        image = np.moveaxis(np.asarray(pixels, np.float32), 0, -1)
+        return viz.to_rgb8(image, self.band_names, valid)
+
+    def write_pictures(self, params, batch, workdir, step):
+        """image | truth | prediction | overlay, one row per scene (probe 0 in a sweep)."""
+        if not self.config.model.pictures:
+            return []
+        n = min(4, batch["pixels"].shape[0])
+        pred = jax.jit(lambda p, b: jnp.argmax(self.predict_scenes(p, self.images(b)), -1))(params, batch)
+        fetched = multihost_utils.process_allgather({"pred": pred, **batch}, tiled=True)
+        if jax.process_index() != 0:
+            return []
+        f = {k: np.asarray(v) for k, v in fetched.items()}
+        preds = f["pred"][0] if self.k else f["pred"]
+        rows = []
+        for i in range(n):
+            if f["weight"][i] <= 0:
+                continue
+            rgb = self._rgb(f["pixels"][i], f["valid"][i])
+            label = f["label"][i]
+            truth = np.where((label == self.config.model.ignore_index)[..., None], 0,
+                             PALETTE[np.clip(label, 0, len(PALETTE) - 1)])
+            rows.append([rgb, truth.astype(np.uint8), PALETTE[preds[i] % len(PALETTE)], overlay(rgb, preds[i])])
+        path = os.path.join(workdir, f"seg_prediction_step{step}.png")
+        return [viz.save_grid_png(path, rows)] if rows else []
+
+    def infer(self, params, workdir, options):
+        from eojax.tasks import seg_infer
+        return seg_infer.predict_geotiff(self, params, options, workdir)
+
+
+def overlay(rgb: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Class colours blended over an RGB picture; class 0 (background) left as it is."""
+    colour = PALETTE[classes % len(PALETTE)].astype(np.float32)
+    out = np.where((classes > 0)[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
+    return out.round().astype(np.uint8)
+
+
+def export_encoder(workdir: str, path: str, subtree: str = "encoder") -> str:
+    """The encoder params of an eojax run's latest checkpoint (e.g. a MAE pretraining run) -> .npz,
+    for `config.init_from` of a seg run with encoder 'mae'."""
+    from eojax import checkpoint as ckpt_lib
+    from eojax import optim
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = checkpointer.latest_step()
+    checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    params = ckpt_lib.read_state(os.path.join(workdir, "checkpoints", str(step)))["params"]
+    if subtree not in params:
+        raise KeyError(f"{workdir} params have no {subtree!r} subtree; they have {sorted(params)}")
+    tree = params[subtree]
+    flat = dict(zip(jax.tree.leaves(optim.param_paths(tree)), jax.tree.leaves(tree)))
+    np.savez(path, **flat)
+    return path
+
+
+def _load_npz_tree(path: str, abstract):
+    """An .npz of '/'-joined parameter paths -> a tree like `abstract`; every key and shape must match."""
+    from eojax import optim
+    if not str(path).endswith(".npz"):
+        raise ValueError(f"encoder 'mae' loads an .npz of eojax encoder params (export_encoder); got {path}")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    paths = optim.param_paths(abstract)
+    want = dict(zip(jax.tree.leaves(paths), jax.tree.leaves(abstract)))
+    problems = [f"missing {k}" for k in want if k not in arrays]
+    problems += [f"unexpected {k}" for k in arrays if k not in want]
+    problems += [f"{k}: file {arrays[k].shape} vs model {tuple(s.shape)}" for k, s in want.items()
+                 if k in arrays and arrays[k].shape != tuple(s.shape)]
+    if problems:
+        raise ValueError(f"{path} does not fit the encoder: " + "; ".join(problems[:8]))
+    return jax.tree.map(lambda p, s: jax.device_put(arrays[p].astype(s.dtype), getattr(s, "sharding", None)),
+                        paths, abstract)

@@ -1,0 +1,133 @@
+"""`eojax infer` for segmentation: sliding-window prediction over a GeoTIFF of any size, written row
+of windows by row of windows, so memory holds at most two rows of windows, never the whole scene.
+
+The windows and the averaging are those of evaluation (seg_eval.window_offsets, overlapping logits
+averaged per pixel): after row i of windows is predicted, every output row above the next row's
+start has seen all its windows and is final, so it is written (rasterio windowed writes) and dropped.
+Outputs (CRS and transform copied from the input): `<stem>_classes.tif` (uint8, 255 = no data),
+optionally `<stem>_probabilities.tif` (float32, one band per class), and `<stem>_overlay.png`.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio.windows import Window
+
+from eojax.data.raster import RasterError, Scene
+from eojax.tasks import seg_eval
+
+NODATA = 255
+
+
+def _open_input(task, path: str) -> Scene:
+    if not path:
+        raise ValueError("eojax infer for 'seg' needs --input=<GeoTIFF>")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input GeoTIFF not found: {path}")
+    names = task.band_names
+    with rasterio.open(path) as src:
+        described = [d for d in src.descriptions if d]
+        count = src.count
+    c = task.config.input
+    if described and all(n in described for n in names):
+        bands = names  # pick the training bands by name
+    elif count == len(names):
+        bands = c.bands or ()
+    else:
+        raise RasterError(f"{path} has {count} bands {described or ''}, the model was trained on "
+                          f"{len(names)} bands {names}")
+    return Scene(path, bands=bands, nodata=c.nodata)
+
+
+def predict_geotiff(task, params, options: dict, workdir: str) -> dict:
+    scene = _open_input(task, options.get("input", ""))
+    out_dir = options.get("output") or os.path.join(workdir, "infer")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(scene.path))[0]
+    window = task.config.input.crop
+    stride = task.config.input.eval_stride or window
+    k = task.config.model.num_classes
+    probabilities = bool(task.config.infer.probabilities)
+
+    @jax.jit
+    def predict(p, pixels, valid):
+        logits = task.logits(p, task.images({"pixels": pixels, "valid": valid}))
+        return logits[0] if task.k else logits  # a sweep predicts with probe 0
+
+    h, w = scene.height, scene.width
+    ys, xs = seg_eval.window_offsets(h, window, stride), seg_eval.window_offsets(w, window, stride)
+    profile = dict(driver="GTiff", height=h, width=w, crs=scene.crs, transform=scene.transform, tiled=True,
+                   blockxsize=256, blockysize=256)
+    paths = {"classes": os.path.join(out_dir, f"{stem}_classes.tif")}
+    if probabilities:
+        paths["probabilities"] = os.path.join(out_dir, f"{stem}_probabilities.tif")
+    dst = rasterio.open(paths["classes"], "w", count=1, dtype="uint8", nodata=NODATA, **profile)
+    prob = (rasterio.open(paths["probabilities"], "w", count=k, dtype="float32", nodata=np.nan, **profile)
+            if probabilities else None)
+    thumb_step = max(1, max(h, w) // 1024)
+    thumb_rows, class_counts = [], np.zeros(k, np.int64)
+    try:
+        base, total = 0, np.zeros((0, w, k), np.float32)
+        count = np.zeros((0, w), np.float32)
+        for i, y in enumerate(ys):
+            crops = [_read(scene, x, y, window) for x in xs]
+            logits = np.asarray(predict(params, np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])))
+            need = y + window - base
+            if need > total.shape[0]:
+                grow = need - total.shape[0]
+                total = np.concatenate([total, np.zeros((grow, w, k), np.float32)])
+                count = np.concatenate([count, np.zeros((grow, w), np.float32)])
+            for j, x in enumerate(xs):
+                hh, ww = min(window, h - y), min(window, w - x)
+                total[y - base:y - base + hh, x:x + ww] += logits[j, :hh, :ww]
+                count[y - base:y - base + hh, x:x + ww] += 1
+            done = ys[i + 1] if i + 1 < len(ys) else h
+            rows = done - base
+            mean = total[:rows] / count[:rows, :, None]
+            pixels, valid = scene.read_pixels(Window(0, base, w, rows))
+            classes = np.where(valid, np.argmax(mean, -1), NODATA).astype(np.uint8)
+            dst.write(classes[None], window=Window(0, base, w, rows))
+            if prob is not None:
+                p = np.exp(mean - mean.max(-1, keepdims=True))
+                p = np.where(valid[..., None], p / p.sum(-1, keepdims=True), np.nan)
+                prob.write(np.moveaxis(p, -1, 0).astype(np.float32), window=Window(0, base, w, rows))
+            class_counts += np.bincount(classes[valid].ravel(), minlength=k)[:k]
+            first = (-base) % thumb_step
+            thumb_rows.append((pixels[:, first::thumb_step, ::thumb_step], valid[first::thumb_step, ::thumb_step],
+                               classes[first::thumb_step, ::thumb_step]))
+            total, count, base = total[rows:], count[rows:], done
+    finally:
+        dst.close()
+        if prob is not None:
+            prob.close()
+    png = os.path.join(out_dir, f"{stem}_overlay.png")
+    _overlay_png(task, thumb_rows, png)
+    paths["overlay"] = png
+    n = max(int(class_counts.sum()), 1)
+    return {"input": scene.path, "outputs": paths, "size": [h, w], "windows": len(ys) * len(xs),
+            "class_fractions": {str(name): float(c) / n for name, c in
+                                zip(task.config.model.class_names or range(k), class_counts)}}
+
+
+def _read(scene: Scene, x: int, y: int, window: int):
+    """A window x window crop at (x, y), zero-padded (invalid) where the scene is smaller."""
+    hh, ww = min(window, scene.height - y), min(window, scene.width - x)
+    pixels, valid = scene.read_pixels(Window(x, y, ww, hh))
+    if (hh, ww) != (window, window):
+        pixels = np.pad(pixels, ((0, 0), (0, window - hh), (0, window - ww)))
+        valid = np.pad(valid, ((0, window - hh), (0, window - ww)))
+    return pixels, valid
+
+
+def _overlay_png(task, rows, path):
+    from eojax.tasks.seg import overlay
+
+    pixels = np.concatenate([r[0] for r in rows], axis=1)
+    valid = np.concatenate([r[1] for r in rows], axis=0)
+    classes = np.concatenate([r[2] for r in rows], axis=0)
+    rgb = task._rgb(pixels, valid)
+    Image.fromarray(overlay(rgb, np.where(classes == NODATA, 0, classes))).save(path)

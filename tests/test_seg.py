@@ -1,0 +1,267 @@
+"""Segmentation: decoder shapes, sliding windows, metrics, freezing, every decoder x mode, the probe
+sweep, GeoTIFF inference, one end-to-end run with best-checkpoint test and results.json."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from eojax import checkpoint as ckpt_lib
+from eojax import train
+from eojax.data import segmentation as segdata
+from eojax.models import encoders
+from eojax.models import seg
+from eojax.models.seg import muster
+from eojax.tasks import seg_eval
+from helpers import ONE_DEVICE, load_config
+
+DECODERS = ("linear", "fcn", "upernet", "segformer", "muster")
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory):
+    return segdata.synthetic_burnscars(tmp_path_factory.mktemp("burnscars"), size=64, n_train=10, n_test=4)
+
+
+def tiny_config(root, decoder="linear", mode="frozen", arg="", encoder="mae", **overrides):
+    """runlocal shrunk further: 32-px crops, a 1-block width-16 encoder, 8-channel decoders."""
+    overrides = {"mesh": ONE_DEVICE, "batch_size": 4, "peak_tflops": 1.0, **overrides}
+    c = load_config("seg", f"encoder={encoder},decoder={decoder},mode={mode},runlocal{arg}", **overrides)
+    c.input.update(root=str(root), crop=32, eval_batch_size=2)
+    c.model.encoder_args.update(depth=1, layers=(0, 0, 0, 0), width=16, mlp_dim=32)
+    if "channels" in c.model.decoder_args:
+        c.model.decoder_args.channels = 8
+    if decoder == "muster":  # one (unshifted) block per stage keeps compilation cheap; the shifted
+        c.model.decoder_args.depth = 1  # windows are covered by test_muster_shifted_window_mask
+    return c
+
+
+# ------------------------------------------------------------------ shapes (abstract: no compute)
+
+@pytest.mark.parametrize("grid,width,maps", [(14, 768, (56, 28, 14, 7)), (15, 768, (60, 30, 15, 7))],
+                         ids=["vitb16_224", "croma_p8_120"])
+def test_pyramid_and_decoder_shapes(grid, width, maps):
+    feats = [jax.ShapeDtypeStruct((2, grid, grid, width), jnp.float32)] * 4
+    init = lambda m: jax.eval_shape(lambda f: m.init_with_output(jax.random.key(0), f)[0], feats)
+    assert [o.shape[1] for o in init(seg.FeaturePyramid())] == list(maps)
+    for name in DECODERS:
+        out = init(seg.build_decoder(name, 3))
+        side = grid if name in ("linear", "fcn") else maps[0]
+        assert out.shape == (2, side, side, 3), (name, out.shape)
+
+
+def test_segmentation_model_on_vit_b_gives_logits_at_input_size():
+    enc = encoders.build("mae", "base", image_size=224, patch_size=16, in_channels=6)
+    model = seg.SegmentationModel(enc, seg.build_decoder("upernet", 2), freeze_encoder=True)
+    images = jax.ShapeDtypeStruct((2, 224, 224, 6), jnp.float32)
+    out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x)[0], images)
+    assert out.shape == (2, 224, 224, 2) and out.dtype == jnp.float32
+    assert [f.shape for f in jax.eval_shape(lambda x: enc.init_with_output(jax.random.key(0), x)[0], images)] \
+        == [(2, 14, 14, 768)] * 4
+
+
+# ------------------------------------------------------------------ sliding windows
+
+def test_window_offsets():
+    assert seg_eval.window_offsets(512, 224) == [0, 144, 288]
+    assert seg_eval.window_offsets(224, 224) == [0]
+    assert seg_eval.window_offsets(100, 224) == [0]
+    for size, win, stride in [(512, 224, 112), (901, 64, 48), (130, 32, 32)]:
+        offs = seg_eval.window_offsets(size, win, stride)
+        assert offs[0] == 0 and offs[-1] == size - win
+        assert max(np.diff(offs)) <= stride and len(offs) == math.ceil((size - win) / stride) + 1
+
+
+def _numpy_sliding(predict, image, window, offsets_y, offsets_x):
+    """Per pixel: the mean of the predictions of every window that covers it (brute force)."""
+    h, w, _ = image.shape
+    preds = {(y, x): predict(image[None, y:y + window, x:x + window])[0] for y in offsets_y for x in offsets_x}
+    out = np.zeros((h, w, next(iter(preds.values())).shape[-1]))
+    for r in range(h):
+        for c in range(w):
+            covering = [p[r - y, c - x] for (y, x), p in preds.items() if y <= r < y + window and x <= c < x + window]
+            out[r, c] = np.mean(covering, axis=0)
+    return out
+
+
+def test_sliding_window_averages_overlaps_like_numpy():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, 45, 38, 3)).astype(np.float32)
+    proj = rng.normal(size=(3, 4)).astype(np.float32)
+
+    def predict(x):  # depends on the window's content as a whole, so overlaps really differ
+        x = np.asarray(x)
+        return np.tanh(x @ proj + x.mean(axis=(1, 2), keepdims=True) @ proj)
+
+    got = np.asarray(seg_eval.sliding_window_logits(lambda x: jnp.asarray(predict(x)), jnp.asarray(image), 16, 12))
+    oy, ox = seg_eval.window_offsets(45, 16, 12), seg_eval.window_offsets(38, 16, 12)
+    for b in range(2):
+        np.testing.assert_allclose(got[b], _numpy_sliding(predict, image[b], 16, oy, ox), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ metrics
+
+def test_metrics_match_direct_numpy_with_ignore_index():
+    rng = np.random.default_rng(1)
+    k, ignore = 4, 255
+    labels = rng.integers(0, k, size=(3, 20, 20))
+    labels[rng.random(labels.shape) < 0.2] = ignore
+    preds = np.where(rng.random(labels.shape) < 0.6, labels % k, rng.integers(0, k, size=labels.shape))
+    weights = np.array([1.0, 1.0, 0.0])  # the last row is batch padding
+    cm = np.asarray(seg_eval.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), k, ignore, jnp.asarray(weights)))
+    m = seg_eval.metrics_from_confusion(cm, ["a", "b", "c", "d"])
+
+    y, p = labels[:2].ravel(), preds[:2].ravel()
+    keep = y != ignore
+    y, p = y[keep], p[keep]
+    assert cm.sum() == keep.sum()
+    ious = []
+    for c, name in enumerate("abcd"):
+        tp = np.sum((y == c) & (p == c))
+        fp = np.sum((y != c) & (p == c))
+        fn = np.sum((y == c) & (p != c))
+        ious.append(tp / (tp + fp + fn))
+        np.testing.assert_allclose(m[f"iou_{name}"], ious[-1])
+        np.testing.assert_allclose(m[f"precision_{name}"], tp / (tp + fp))
+        np.testing.assert_allclose(m[f"recall_{name}"], tp / (tp + fn))
+        np.testing.assert_allclose(m[f"f1_{name}"], 2 * tp / (2 * tp + fp + fn))
+    np.testing.assert_allclose(m["miou"], np.mean(ious))
+    np.testing.assert_allclose(m["accuracy"], np.mean(y == p))
+
+
+def test_precision_and_recall_are_not_swapped():
+    # truth: 10 pixels of class 1; prediction: class 1 on 20 pixels, 10 of them right.
+    cm = np.array([[70.0, 10.0], [0.0, 10.0]])
+    m = seg_eval.metrics_from_confusion(cm)
+    assert m["precision_1"] == pytest.approx(0.5) and m["recall_1"] == pytest.approx(1.0)
+    assert seg_eval.majority_baseline(cm)["miou"] == pytest.approx(0.5 * 80 / 90)
+
+
+def test_muster_shifted_window_mask():
+    mask = muster.window_mask(6, 6, 4, 2)[:, 0]  # 8x8 padded grid, 4 windows of 16 tokens
+    assert mask.shape == (4, 16, 32)
+    np.testing.assert_array_equal(mask[..., :16], mask[..., 16:])  # skip keys as decoder keys
+    # Top-left window after the roll holds real pixels (2..5, 2..5): one region, all visible.
+    assert mask[0, :, :16].all()
+    # Padding (rows / cols 6, 7 rolled to 4, 5) is never a key except for itself.
+    assert not mask[1, 0, 2] and mask[1, 2, 2]
+
+
+# ------------------------------------------------------------------ training through the one trainer
+
+def _run(config, steps=2):
+    run = train.setup(config, devices=jax.devices()[:1])
+    state0 = run.init_state()
+    before = ckpt_lib.host_numpy(state0.params)
+    state, losses = state0, []
+    for _ in range(steps):
+        state, metrics = run.train_step(state, run.next_batch())
+        losses.append(float(metrics["loss"]))
+    return run, before, ckpt_lib.host_numpy(state.params), losses
+
+
+def _changed(a, b):
+    return [float(np.max(np.abs(x - y))) > 0 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_trains(chips, decoder, mode):
+    _, before, after, losses = _run(tiny_config(chips, decoder, mode))
+    assert all(np.isfinite(losses)), losses
+    assert all(_changed(before["decoder"]["head"], after["decoder"]["head"]))  # the classifier moved
+    enc_changed = _changed(before["encoder"], after["encoder"])
+    if mode == "frozen":  # bit-identical, not merely close
+        for x, y in zip(jax.tree.leaves(before["encoder"]), jax.tree.leaves(after["encoder"])):
+            np.testing.assert_array_equal(x, y)
+    else:
+        assert sum(enc_changed) > len(enc_changed) // 2
+
+
+def test_sweep_matches_sequential_probes(chips):
+    """K=3 linear probes (own seeds and lrs) in one step == three single runs, first-step params."""
+    config = tiny_config(chips, arg=",sweep=3,sweep_lr", **{"optim.warmup_steps": 0})
+    _, _, swept, _ = _run(config, steps=1)
+    for k, factor in enumerate(config.sweep.lr_factors):
+        single = tiny_config(chips, **{"sweep.probe_seed": k, "optim.lr": config.optim.lr * factor,
+                                       "optim.warmup_steps": 0})
+        _, start, alone, _ = _run(single, steps=1)
+        assert any(_changed(alone["decoder"], start["decoder"]))
+        for x, y in zip(jax.tree.leaves(swept["probes"][f"probe_{k}"]), jax.tree.leaves(alone["decoder"])):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+        for x, y in zip(jax.tree.leaves(swept["encoder"]), jax.tree.leaves(alone["encoder"])):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_init_from_a_published_prithvi_checkpoint(chips, tmp_path):
+    """config.init_from=<file> goes through eojax.weights (Prithvi layout here); the decoder keeps the
+    trainer's own initialisation."""
+    from eojax.weights.prithvi import prithvi_to_torch
+    run = train.setup(tiny_config(chips, mode="finetune", encoder="prithvi"), devices=jax.devices()[:1])
+    abstract = run.abstract_state.params
+    rng = np.random.default_rng(0)
+    published = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), abstract["encoder"])
+    path = str(tmp_path / "prithvi_tiny.npz")
+    np.savez(path, **prithvi_to_torch(published, run.task.model.encoder))
+    params = ckpt_lib.host_numpy(run.task.load_pretrained(path, abstract))
+    for x, y in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(published)):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    fresh = ckpt_lib.host_numpy(run.init_state().params)
+    for x, y in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(fresh["decoder"])):
+        np.testing.assert_array_equal(x, y)
+    random_mode = tiny_config(chips, mode="random", encoder="prithvi")
+    from eojax.tasks.seg import SegTask
+    with pytest.raises(ValueError, match="random weights"):
+        SegTask(random_mode).load_pretrained(path, abstract)
+
+
+# ------------------------------------------------------------------ inference and end to end
+
+def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tmp_path):
+    config = tiny_config(chips)
+    config.infer.probabilities = True
+    run = train.setup(config, devices=jax.devices()[:1])
+    params = run.init_state().params
+    src_path = str(tmp_path / "scene.tif")
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(0.01, 0.4, size=(6, 75, 53)).astype(np.float32)
+    pixels[:, :3, :5] = 9999.0  # nodata corner
+    transform = Affine(30.0, 0.0, 612345.0, 0.0, -30.0, 4123450.0)
+    with rasterio.open(src_path, "w", driver="GTiff", height=75, width=53, count=6, dtype="float32",
+                       crs="EPSG:32611", transform=transform, nodata=9999.0) as dst:
+        dst.write(pixels)
+        for i, b in enumerate(segdata.BURNSCARS_BANDS):
+            dst.set_band_description(i + 1, b)
+    summary = run.task.infer(params, str(tmp_path), {"input": src_path, "output": str(tmp_path / "out")})
+    with rasterio.open(summary["outputs"]["classes"]) as out:
+        assert out.crs.to_string() == "EPSG:32611" and out.transform == transform
+        assert (out.height, out.width, out.dtypes[0], out.nodata) == (75, 53, "uint8", 255)
+        classes = out.read(1)
+    with rasterio.open(summary["outputs"]["probabilities"]) as prob:
+        assert prob.count == 2 and prob.transform == transform
+        np.testing.assert_allclose(np.nansum(prob.read(), axis=0)[3:], 1.0, rtol=1e-5)
+    # The same windows on the whole scene in memory give the same classes.
+    valid = pixels[0] != 9999.0
+    logits = jax.jit(lambda p, b: run.task.predict_scenes(p, run.task.images(b)))(
+        params, {"pixels": pixels[None], "valid": valid[None]})
+    expected = np.where(valid, np.argmax(np.asarray(logits)[0], -1), 255)
+    np.testing.assert_array_equal(classes, expected)
+    assert summary["windows"] == len(seg_eval.window_offsets(75, 32)) * len(seg_eval.window_offsets(53, 32))
+    assert summary["outputs"]["overlay"].endswith(".png")
+
+
+def test_end_to_end_best_checkpoint_test_split_and_results(chips, tmp_path):
+    config = tiny_config(chips, "linear", "frozen", total_steps=2, eval_every=0, checkpoint_every=2,
+                         batch_size=8, mesh=(("data", -1), ("fsdp", 1), ("model", 1)))  # all 8 devices
+    config.input.eval_batch_size = 8
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= result["eval"]["miou"] <= 1.0 and "iou_burn_scar" in result["test"]
+    assert result["best"]["metric"] == "miou" and (tmp_path / "best").is_dir()
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["test"]["miou"] == pytest.approx(result["test"]["miou"])
+    assert isinstance(record["data_fingerprint"], str) and record["config"]["model"]["decoder"] == "linear"
+    assert list(tmp_path.glob("seg_prediction_step*.png"))
