@@ -34,6 +34,14 @@ EXPECTED = {
     "satmae": dict(pngs=("group_mae_reconstruction_step*.png", "group_mae_multiscale_step*.png"),
                    falling=("loss", "mse", "l1_2x", "l1_4x")),
     "gridmae": dict(pngs=("group_mae_reconstruction_step*.png",), falling=("loss",), check=_check_gridmae),
+    "diffusion": dict(pngs=("diffusion_samples_step*.png",), falling=("loss",)),
+    "segmentation": dict(pngs=("mae_reconstruction_step*.png", "*_overlay.png"), falling=("loss",)),
+    "vsat": dict(pngs=("infer/infill_*.png",), falling=("loss",)),
+    # The geographic heads beat the training-mean baseline on great-circle error (results.json).
+    "geo": dict(pngs=("geo_map_step*.png",), falling=("loss",),
+                check=lambda workdir, printed: None if (
+                    (ev := json.load(open(workdir / "results.json"))["eval"])["km_median"] < ev["baseline_km_median"]
+                ) else pytest.fail(f"geo: median error {ev['km_median']} km is not below the baseline's")),
 }
 
 

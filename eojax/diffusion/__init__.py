@@ -1,0 +1,1 @@
+"""Diffusion building blocks: noise schedules, training targets and losses, samplers, Frechet distance."""

@@ -1,0 +1,374 @@
+"""Diffusion family: UNet shapes and the SD-1.5 parameter count, schedules, losses, samplers (DDIM
+determinism and inversion, guidance), Frechet distance vs scipy, caption readers, one trainer run."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+
+from eojax.data import captions as captions_lib
+from eojax.data import synthetic
+from eojax.diffusion import fid, losses, samplers, schedules
+from eojax.diffusion.model import space_to_depth_autoencoder
+from eojax.models import unet as unet_lib
+from eojax.models.text_encoder import WordTokenizer
+from helpers import cli, load_config
+
+
+# ------------------------------------------------------------------------------------------ UNet
+@pytest.mark.parametrize("kw,size,ctx", [
+    (dict(in_channels=3, out_channels=3, block_out_channels=(16, 32), attention=(False, True),
+          layers_per_block=1, heads=2, cross_attention_dim=24, norm_groups=8), 16, 5),
+    (dict(in_channels=4, out_channels=8, block_out_channels=(16, 16, 32), attention=(True, False, True),
+          layers_per_block=2, heads=4, cross_attention_dim=16, norm_groups=4), 8, 3),
+    (dict(in_channels=10, out_channels=10, block_out_channels=(32,), attention=(True,), layers_per_block=1,
+          heads=1, cross_attention_dim=8, norm_groups=32), 6, 7),
+])
+def test_unet_output_shapes(kw, size, ctx):
+    model = unet_lib.UNet(**kw)
+    x = jnp.zeros((2, size, size, kw["in_channels"]))
+    out = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2, ctx, kw["cross_attention_dim"])))[0])
+    assert out.shape == (2, size, size, kw["out_channels"])
+
+
+def test_unet_rejects_indivisible_image():
+    model = unet_lib.UNet(in_channels=3, out_channels=3, block_out_channels=(8, 8), attention=(False, False),
+                          layers_per_block=1, heads=2, cross_attention_dim=8, norm_groups=4)
+    with pytest.raises(ValueError, match="not divisible by 2"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 7, 7, 3)), jnp.zeros((1,)),
+                                          jnp.zeros((1, 2, 8))))
+
+
+def test_sd15_parameter_count_is_published_value():
+    """Stable Diffusion 1.5's UNet has 859,520,964 parameters; shapes only (jax.eval_shape)."""
+    cfg = load_config("diffusion", "sd15")
+    m = cfg.model
+    model = unet_lib.UNet(**unet_lib.sd15_config(cross_attention_dim=m.text_width))
+    assert tuple(m.block_out_channels) == (320, 640, 1280, 1280) and m.text_width == 768
+    assert unet_lib.count_params(model, 64) == 859_520_964
+
+
+def test_unet_layouts_match_diffusers_parameter_counts():
+    """Parameter counts equal diffusers' UNet2DConditionModel with the same arguments (stored fixture,
+    written by scripts/fixtures/make_diffusion_unet_params.py): same skips, shortcuts and blocks."""
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "diffusion_unet_params.json")) as f:
+        cases = json.load(f)["cases"]
+    for case in cases:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in case.items() if k != "params"}
+        assert unet_lib.count_params(unet_lib.UNet(**kw), 16, 4) == case["params"], kw
+
+
+def test_timestep_embedding_formula():
+    t = np.array([0.0, 1.0, 500.0])
+    emb = np.asarray(unet_lib.timestep_embedding(jnp.asarray(t), 8))
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+    np.testing.assert_allclose(emb, np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ schedules and losses
+def test_schedules_match_numpy_formulas():
+    lin = schedules.make_betas("linear", 1000)
+    np.testing.assert_allclose(lin[[0, -1]], [1e-4, 0.02])
+    np.testing.assert_allclose(np.diff(lin), (0.02 - 1e-4) / 999, rtol=1e-9)
+    sl = schedules.make_betas("scaled_linear", 1000, 0.00085, 0.012)
+    np.testing.assert_allclose(np.sqrt(sl), np.linspace(np.sqrt(0.00085), np.sqrt(0.012), 1000), rtol=1e-12)
+    cos = schedules.make_betas("cosine", 1000)
+    f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+    abar = np.cumprod(1 - cos)
+    ok = cos < 0.999  # before the clip, the product telescopes to f(t+1)/f(0)
+    np.testing.assert_allclose(abar[ok], (f(np.arange(1, 1001)) / f(0))[ok], rtol=1e-9)
+    assert cos.max() <= 0.999
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        schedules.make_betas("sigmoid", 10)
+
+
+def test_q_sample_matches_closed_form():
+    sched = schedules.Schedule(schedules.make_betas("linear", 1000))
+    rng = np.random.default_rng(0)
+    x0, eps = rng.normal(size=(4, 3, 3, 2)), rng.normal(size=(4, 3, 3, 2))
+    t = np.array([0, 10, 500, 999])
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t][:, None, None, None]
+    expected = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
+    got = sched.q_sample(jnp.asarray(x0, jnp.float32), jnp.asarray(t), jnp.asarray(eps, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sched.snr(jnp.asarray(t))), (abar / (1 - abar)).ravel(), rtol=1e-4)
+
+
+def test_min_snr_weights_and_v_target():
+    snr = jnp.array([0.01, 1.0, 5.0, 100.0])
+    np.testing.assert_allclose(losses.min_snr_weight(snr, 5.0, "epsilon"), [1.0, 1.0, 1.0, 0.05], rtol=1e-6)
+    np.testing.assert_allclose(losses.min_snr_weight(snr, 5.0, "v_prediction"),
+                               [0.01 / 1.01, 0.5, 5 / 6, 5 / 101], rtol=1e-6)
+    np.testing.assert_allclose(losses.min_snr_weight(snr, 0.0, "epsilon"), 1.0)
+    # The weights equalise what they claim to: w_eps * |eps err|^2 == w_v * |v err|^2 == min(snr, g) * |x0 err|^2
+    sched = schedules.Schedule(schedules.make_betas("cosine", 1000))
+    rng = np.random.default_rng(1)
+    x0, eps = jnp.asarray(rng.normal(size=(3, 4))), jnp.asarray(rng.normal(size=(3, 4)))
+    t = jnp.array([5, 300, 900])
+    x_t = sched.q_sample(x0, t, eps)
+    guess_x0 = x0 + 0.1 * jnp.asarray(rng.normal(size=(3, 4)))
+    a = sched.abar(t)[:, None]
+    guess_eps = (x_t - jnp.sqrt(a) * guess_x0) / jnp.sqrt(1 - a)
+    guess_v = jnp.sqrt(a) * guess_eps - jnp.sqrt(1 - a) * guess_x0
+    s = sched.snr(t)
+    x0_loss = jnp.minimum(s, 5.0) * jnp.sum((guess_x0 - x0) ** 2, 1)
+    for pred, guess in (("epsilon", guess_eps), ("v_prediction", guess_v)):
+        tgt = losses.target(pred, sched, x0, eps, t)
+        np.testing.assert_allclose(losses.min_snr_weight(s, 5.0, pred) * jnp.sum((guess - tgt) ** 2, 1), x0_loss,
+                                   rtol=2e-3)
+        e, x = losses.to_eps_x0(pred, sched, x_t, tgt, t)  # the exact target gives back eps and x0
+        np.testing.assert_allclose(e, eps, atol=2e-3)
+        np.testing.assert_allclose(x, x0, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------- samplers
+MU, STD = 0.5, 0.3
+LINEAR = schedules.Schedule(schedules.make_betas("linear", 1000))
+
+
+def _gaussian_eps(params, x, t, cond):
+    """The exact E[eps | x_t] for data ~ N(MU, STD^2 I): the optimal denoiser."""
+    a = LINEAR.abar(t).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * STD ** 2 + 1 - a)
+
+
+@pytest.mark.parametrize("name", samplers.NAMES)
+def test_samplers_reach_the_data_distribution(name):
+    """With the exact denoiser of a Gaussian, each sampler's output has the data mean and std."""
+    x_T = jax.random.normal(jax.random.key(0), (4000, 2))
+    fn = jax.jit(functools.partial(samplers.sample, _gaussian_eps, LINEAR, "epsilon", name=name, num_steps=250))
+    x = np.asarray(fn(None, x_T, jax.random.key(1), None))
+    assert abs(x.mean() - MU) < 0.01 and abs(x.std() - STD) / STD < 0.05, (x.mean(), x.std())
+
+
+def _toy_model():
+    """A small MLP denoiser trained (inside the test, 800 steps, a few seconds) on 4-d data: x0 = c * (1, -1, 0.5, 2) + noise."""
+    direction = jnp.array([1.0, -1.0, 0.5, 2.0])
+
+    def apply_fn(p, x, t, cond):
+        h = jnp.concatenate([x, jnp.sin(t[:, None] / 1000 * jnp.arange(1, 5)), cond], axis=1)
+        for i in range(2):
+            h = jax.nn.silu(h @ p[f"w{i}"] + p[f"b{i}"])
+        return h @ p["w2"] + p["b2"]
+
+    sizes = [(4 + 4 + 1, 64), (64, 64), (64, 4)]
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {}
+    for i, ((m, n), k) in enumerate(zip(sizes, keys)):
+        params[f"w{i}"] = jax.random.normal(k, (m, n)) / np.sqrt(m)
+        params[f"b{i}"] = jnp.zeros((n,))
+    sched = schedules.Schedule(schedules.make_betas("cosine", 1000))
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(p, opt, key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        c = jax.random.uniform(k1, (256, 1), minval=-1, maxval=1)
+        x0 = c * direction + 0.05 * jax.random.normal(k4, (256, 4))
+        t = jax.random.randint(k2, (256,), 0, 1000)
+        eps = jax.random.normal(k3, x0.shape)
+        loss_fn = lambda p: jnp.mean((apply_fn(p, sched.q_sample(x0, t, eps), t, c) - eps) ** 2)
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        upd, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, upd), opt, loss
+
+    opt = tx.init(params)
+    for i in range(800):
+        params, opt, loss = step(params, opt, jax.random.key(i))
+    return apply_fn, params, sched, direction, float(loss)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return _toy_model()
+
+
+def test_ddim_eta0_is_deterministic_on_trained_toy(toy):
+    apply_fn, params, sched, direction, loss = toy
+    assert loss < 0.3, loss  # it did learn (eps MSE starts at ~1)
+    cond = jnp.array([[0.8], [-0.3], [0.1]])
+    x_T = jax.random.normal(jax.random.key(5), (3, 4))
+    ddim = jax.jit(functools.partial(samplers.sample, apply_fn, sched, "epsilon", name="ddim", num_steps=50, eta=0.0))
+    a = ddim(params, x_T, jax.random.key(1), cond)
+    b = ddim(params, x_T, jax.random.key(2), cond)  # eta = 0: the rng plays no part
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # eta > 0 uses the rng
+    noisy = jax.jit(functools.partial(samplers.sample, apply_fn, sched, "epsilon", name="ddim", num_steps=50, eta=1.0))
+    assert float(jnp.max(jnp.abs(noisy(params, x_T, jax.random.key(1), cond) - noisy(params, x_T, jax.random.key(2), cond)))) > 1e-3
+
+
+def test_ddim_inversion_with_the_exact_denoiser():
+    """With the optimal denoiser of Gaussian data (the limit of perfect training), DDIM inversion followed by
+    DDIM sampling returns the input up to a first-order discretisation error: it halves as the steps double."""
+    sched = schedules.Schedule(schedules.make_betas("cosine", 1000))
+
+    def eps_fn(params, x, t, cond):
+        a = sched.abar(t).reshape((-1, 1))
+        return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * STD ** 2 + 1 - a)
+
+    x0 = MU + STD * jax.random.normal(jax.random.key(2), (16, 4))
+    errors = []
+    for n in (50, 100):
+        x_T = samplers.ddim_invert(eps_fn, sched, "epsilon", None, x0, None, num_steps=n)
+        assert abs(float(x_T.std()) - 1.0) < 0.15  # inverted to noise-like latents
+        back = samplers.sample(eps_fn, sched, "epsilon", None, x_T, jax.random.key(0), None, name="ddim", num_steps=n)
+        errors.append(float(jnp.max(jnp.abs(back - x0))))
+    assert errors[1] < 0.05 and errors[1] < 0.6 * errors[0], errors
+
+
+def test_guidance_scale_one_equals_conditional_model(toy):
+    apply_fn, params, sched, _, _ = toy
+    cond, uncond = jnp.array([[0.8], [-0.5]]), jnp.zeros((2, 1))
+    x_T = jax.random.normal(jax.random.key(7), (2, 4))
+    calls = []
+
+    def counting(p, x, t, c):
+        calls.append(x.shape[0])
+        return apply_fn(p, x, t, c)
+
+    run = lambda u, g: samplers.sample(counting, sched, "epsilon", params, x_T, jax.random.key(0), cond, u,
+                                       name="dpmpp_2m", num_steps=20, guidance_scale=g)
+    guided, plain = run(uncond, 1.0), run(None, 1.0)
+    assert calls == [4, 2]  # cond and uncond ran as one 2B batch
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-5)
+    # and a larger scale moves the sample away from the unconditional one
+    assert float(jnp.max(jnp.abs(run(uncond, 4.0) - plain))) > 1e-3
+
+
+# ------------------------------------------------------------------------------ Frechet distance
+def _scipy_fd(a, b):
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root)
+
+
+def test_frechet_distance_matches_scipy_and_gaussian_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    b = rng.normal(size=(400, 8)) @ rng.normal(size=(8, 8)) * 0.5 + 1.0
+    fa, fb = fid.FeatureStats.from_features(a), fid.FeatureStats.from_features(b)
+    got = fid.frechet_distance(fa.mean, fa.cov, fb.mean, fb.cov)
+    np.testing.assert_allclose(got, _scipy_fd(a, b), rtol=1e-9)
+    # Commuting diagonal covariances: FD = |dmu|^2 + sum (s1 - s2)^2 for std devs s.
+    s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.5])
+    closed = 3 * 0.25 + np.sum((s1 - s2) ** 2)
+    np.testing.assert_allclose(fid.frechet_distance(np.zeros(3), np.diag(s1 ** 2), np.full(3, 0.5), np.diag(s2 ** 2)),
+                               closed, rtol=1e-9)
+    # Sums accumulated batch by batch give the same statistics as the whole set.
+    sums = fid.FeatureStats.from_sums(a.sum(0), a.T @ a, len(a))
+    np.testing.assert_allclose(sums.cov, fa.cov, rtol=1e-9, atol=1e-12)
+    out = fid.frechet_distance_from_stats(fa, fb)
+    assert out["fd_samples"] == 400
+
+
+def test_frechet_distance_warns_below_dimension_and_handles_singular():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 16)), rng.normal(size=(5, 16))  # rank-4 covariances
+    with pytest.warns(UserWarning, match="fewer samples than dimensions"):
+        out = fid.frechet_distance_from_stats(fid.FeatureStats.from_features(a), fid.FeatureStats.from_features(b))
+    assert np.isfinite(out["fd"]) and out["fd_samples"] == 5
+
+
+def test_mae_features_bad_run_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        fid.MAEFeatures(16, 3, run_dir=str(tmp_path))
+
+
+def test_mae_features_random_init_warns():
+    with pytest.warns(UserWarning, match="random-init"):
+        f = fid.MAEFeatures(16, 3, width=32, depth=1, heads=2)
+    out = f(jnp.zeros((2, 16, 16, 3)))
+    assert out.shape == (2, 32) == (2, f.dim)
+
+
+# ---------------------------------------------------------------------------------- caption data
+def test_rsicd_reader_on_shared_sample(test_data):
+    path = test_data / "rsicd_captions" / "captions_train_sample6.json"
+    with pytest.raises(FileNotFoundError, match="airport_48.jpg"):  # listed, but not in the sample
+        captions_lib.read_captions(str(path))
+    with pytest.warns(UserWarning, match="leaving out 1 missing"):
+        records = captions_lib.read_captions(str(path), skip_missing=True)
+    assert len(records) == 5 and all(len(r.captions) >= 1 for r in records)
+    labels = {r.label for r in records}
+    assert {"airport", "square", "sparseresidential"} <= labels
+    img = captions_lib.load_image(records[0].path, 32)
+    assert img.shape == (32, 32, 3) and img.min() >= -1 and img.max() <= 1 and img.std() > 0.01
+    # captions-only files name their missing images
+    with pytest.raises(FileNotFoundError, match="missing"):
+        captions_lib.read_captions(str(test_data / "rsicd_captions" / "captions_val2017.json"))
+
+
+def test_synthetic_caption_layouts_and_reader(tmp_path):
+    rs = synthetic.write_caption_dataset(tmp_path / "rs", n=20, size=16, seed=3, layout="rsicd")
+    js = synthetic.write_caption_dataset(tmp_path / "js", n=20, size=16, seed=3, layout="metadata_jsonl")
+    ms = synthetic.write_caption_dataset(tmp_path / "ms", n=4, size=16, seed=3, layout="metadata_jsonl",
+                                         bands="sentinel2")
+    a, b = captions_lib.read_captions(rs), captions_lib.read_captions(js)
+    assert len(a) == len(b) == 20 and all(len(r.captions) == 5 for r in a) and all(len(r.captions) == 1 for r in b)
+    assert [r.captions[0] for r in a] == [r.captions[0] for r in b]  # same scenes, same first caption
+    for r in a:  # the caption names the dominant cover that the file name records
+        first = {"water": ("lake", "water"), "forest": ("forest", "woodland"), "grassland": ("grass", "meadow"),
+                 "cropland": ("farm", "crops", "fields"), "urban": ("town", "built"),
+                 "bare_soil": ("bare",)}[r.label]
+        assert any(w in r.captions[0].split(" next")[0].split(" with")[0].split(" near")[0].split(" beside")[0]
+                   for w in first), (r.label, r.captions[0])
+    m = captions_lib.read_captions(ms)
+    img = captions_lib.load_image(m[0].path, 16)
+    assert img.shape == (16, 16, 10)
+    tok = WordTokenizer.from_captions([c for r in a for c in r.captions])
+    src = captions_lib.CaptionSource(a, tok, size=16, max_len=8, train=True, seed=0)
+    el = src[3]
+    assert el["image"].shape == (16, 16, 3) and el["tokens"].shape == (8,) and el["tokens"][0] > 1
+    # bad input is named
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"file_name": "x.png"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        captions_lib.read_captions(str(bad))
+    with pytest.raises(ValueError, match="band"):
+        captions_lib.load_image(m[0].path, 16, bands=(11,))
+
+
+def test_space_to_depth_autoencoder_is_lossless():
+    ae = space_to_depth_autoencoder(3, 2, scaling_factor=0.5)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    z = ae.encode(x)
+    assert z.shape == (2, 4, 4, 12)
+    np.testing.assert_allclose(np.asarray(ae.decode(z)), np.asarray(x))
+
+
+# --------------------------------------------------------------------------------- end to end
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_train_cli_then_infer(tmp_path):
+    """A few trainer steps through the CLI on synthetic pairs (FD eval, EMA, pictures), then
+    `eojax infer diffusion --prompt` writes PNGs and GeoTIFFs."""
+    workdir = tmp_path / "run"
+    env = {"EOJAX_CACHE": str(tmp_path / "cache")}
+    small = ["--config.total_steps=4", "--config.checkpoint_every=4", "--config.eval_every=0",
+             "--config.input.synthetic_n=96", "--config.input.image_size=16", "--config.sampler.num_steps=3",
+             "--config.pictures.samples_per_class=2", "--config.pictures.max_classes=2"]
+    # The infer process finds the sampler that the pictures compiled in the persistent cache.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = cli("train", "diffusion:runlocal,multispectral", workdir, *small, env_extra=env)
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    ev = summary["eval"]
+    assert np.isfinite(ev["loss"]) and np.isfinite(ev["fd"]) and ev["fd_samples"] >= 2
+    assert os.path.exists(summary["pictures"][0])
+    results = json.load(open(workdir / "results.json"))
+    assert results["data_fingerprint"]["train_images"] > 0
+    proc = cli("infer", "diffusion:runlocal,multispectral", workdir, "diffusion", *small,
+               "--prompt=a dense forest", "--prompt=farmland", "--num_samples=2", env_extra=env)
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])["infer"]
+    pngs = [f for f in out["files"] if f.endswith(".png")]
+    tifs = [f for f in out["files"] if f.endswith(".tif")]
+    assert len(pngs) == len(tifs) == 4 and all(os.path.exists(f) for f in out["files"])
+    import rasterio
+    with rasterio.open(tifs[0]) as src:
+        assert src.count == 10 and src.descriptions[0] == "B2"
