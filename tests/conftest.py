@@ -12,6 +12,16 @@ import pathlib
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`): each test file runs whole on one worker (its
+    module fixtures and compiled functions are reused), except the notebooks, which are long and
+    independent, so each is a group of its own and they spread over the workers."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = item.nodeid if module.endswith("test_notebook.py") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def test_data() -> pathlib.Path:
     """../shared/data, found through EOJAX_TEST_DATA (set by .ci/run)."""
