@@ -51,6 +51,7 @@ class Run:
     batch_shardings: Any
     abstract_state: Any
     init_state: Callable[[], TrainState]
+    init_opt_state: Callable[[Any], Any]
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[Any, dict], dict]
     flops_per_step: float
@@ -118,6 +119,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params))
 
     jit_create = jax.jit(create_state, out_shardings=state_shardings)
+    jit_opt_init = jax.jit(optimizer.tx.init, out_shardings=opt_shardings)
+
+    def init_opt_state(params):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jit_opt_init(params)
 
     def init_state():
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -144,7 +150,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     flops = _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules)
     return Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
                state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
-               init_state=init_state, train_step=train_step, eval_step=eval_step, flops_per_step=flops)
+               init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
+               eval_step=eval_step, flops_per_step=flops)
 
 
 def _check_sampled_loss(task) -> None:
@@ -285,7 +292,8 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
             if not os.path.exists(path):
                 raise FileNotFoundError(f"config.init_from: {path} does not exist")
             params = run.task.load_pretrained(path, run.abstract_state.params)
-        state = state.replace(params=params)
+        # A fresh optimizer state for the loaded params (an EMA must start from them, not the init).
+        state = state.replace(params=params, opt_state=run.init_opt_state(params))
     return state
 
 

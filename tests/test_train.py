@@ -151,6 +151,14 @@ def test_init_from_another_run_loads_its_params(tmp_path):
     for x, y in zip(jax.tree.leaves(ckpt_lib.host_numpy(loaded.params)), jax.tree.leaves(ckpt_lib.host_numpy(state.params))):
         np.testing.assert_array_equal(x, y)
 
+    # With an EMA, the average starts from the loaded params (a fresh optimizer state), not the init.
+    ema_run = train.setup(mae_config(**{"mesh": ONE_DEVICE, "init_from": str(tmp_path / "pre"),
+                                        "optim.ema_decay": 0.9}), devices=jax.devices()[:1])
+    with_ema = train.restore_or_init(ema_run, ckpt_lib.Checkpointer(str(tmp_path / "ema" / "checkpoints")))
+    for x, y in zip(jax.tree.leaves(ckpt_lib.host_numpy(with_ema.opt_state.ema)),
+                    jax.tree.leaves(ckpt_lib.host_numpy(state.params))):
+        np.testing.assert_array_equal(x, y)
+
     other = train.setup(mae_config(**{"mesh": ONE_DEVICE,
                                       "init_from": str(tmp_path / "pre"), "model.width": 96}),
                         devices=jax.devices()[:1])

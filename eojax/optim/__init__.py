@@ -325,7 +325,8 @@ def _with_ema(tx, decay: float) -> optax.GradientTransformationExtraArgs:
         new_params = optax.apply_updates(params, updates)
         n = state.count.astype(jnp.float32)
         d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, new_params)
+        # e + (1 - d)(p - e): exactly e when p == e, so a frozen parameter's EMA never drifts by rounding.
+        ema = jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(e.dtype), state.ema, new_params)
         return updates, EmaState(inner=inner, count=state.count + 1, ema=ema)
 
     return optax.GradientTransformationExtraArgs(init, update)
