@@ -9,11 +9,14 @@ on captions in the RSICD layout or HF `metadata.jsonl` (`input.captions=<file>`)
 empty it writes synthetic scenes whose captions name their land cover (eojax.data.synthetic, cached in
 ~/.cache/eojax). Eval: denoising loss at fixed timesteps and the Frechet distance (FD, with its sample
 count) between held-out images and samples for their captions, in a random-init MAE-encoder feature
-space unless `fd.mae_run_dir` names an eojax MAE run.
+space unless `fd.mae_run_dir` names an eojax MAE run, or in InceptionV3 pool3 space with
+`fd.features=inception fd.inception_weights=<local pytorch-fid / torchvision state dict>`.
 
 Arguments (comma separated): runlocal, sd15 (the Stable Diffusion 1.5 UNet shapes at 64x64 latents:
 859.5M parameters, for shape checks only - never train it on a CPU), multispectral (10-band synthetic
-GeoTIFFs in and out), latent (the fixed space-to-depth autoencoder: the UNet runs at half resolution).
+GeoTIFFs in and out), latent (the fixed space-to-depth autoencoder: the UNet runs at half resolution),
+gpt2=<local Hugging Face GPT-2 folder> (frozen GPT-2 hidden states as the caption encoder, its params frozen
+with optim.freeze; the folder needs config.json, model.safetensors, vocab.json + merges.txt or tokenizer.json).
 `:runlocal` is a 32x32 RGB model (the lossless space-to-depth autoencoder folds 2x2 pixels into 12 channels,
 so the UNet (32/64 channels, attention at 8x8) runs at 16x16), v-prediction, 400 steps of batch 16 on 1,280
 synthetic pairs (247 held out), DPM-Solver++ 2M with 10 steps and guidance 2. Measured on a shared, heavily
@@ -25,7 +28,7 @@ from eojax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, runlocal=False, sd15=False, multispectral=False, latent=False)
+    arg = config_lib.parse_arg(arg, runlocal=False, sd15=False, multispectral=False, latent=False, gpt2="")
     config = config_lib.trainer_defaults()
     config.task = "diffusion"
     config.total_steps = 50_000
@@ -45,7 +48,9 @@ def get_config(arg=None):
     config.model = dict(
         block_out_channels=(64, 128, 256), attention=(False, True, True), layers_per_block=2, heads=4,
         transformer_depth=1, norm_groups=32,
-        text_encoder="small", text_width=128, text_depth=2, text_heads=4,
+        # 'small': a transformer trained with the UNet (text_width/depth/heads); 'gpt2': frozen GPT-2
+        # hidden states from the local Hugging Face folder text_init_from (its n_embd is the context width).
+        text_encoder="small", text_init_from="", text_width=128, text_depth=2, text_heads=4,
         caption_dropout=0.1,
         autoencoder="", autoencoder_factor=2, latent_scale=1.0,  # '' = pixel space; 'space_to_depth'
         dtype="float32")
@@ -55,8 +60,11 @@ def get_config(arg=None):
         min_snr_gamma=5.0,  # 0 = plain MSE
         eval_timesteps=(50, 250, 500, 750, 950))
     config.sampler = dict(name="ddim", num_steps=50, eta=0.0, guidance_scale=3.0, clip=1.0)
-    config.fd = dict(enabled=True, mae_run_dir="", feature_width=64, feature_depth=2, feature_heads=4,
-                     patch_size=4, seed=0)
+    # FD features: 'mae' (an eojax MAE run's encoder, fd.mae_run_dir; random-init when empty) or 'inception'
+    # (InceptionV3 pool3 from the local file fd.inception_weights: .safetensors / .npz / .pth state dict of
+    # pytorch-fid's pt_inception weights, or of torchvision's inception_v3 with inception_variant='torchvision').
+    config.fd = dict(enabled=True, features="mae", inception_weights="", inception_variant="pytorch-fid",
+                     mae_run_dir="", feature_width=64, feature_depth=2, feature_heads=4, patch_size=4, seed=0)
     config.pictures = dict(samples_per_class=4, max_classes=6)
     config.infer = dict(geotiff=False)
 
@@ -91,6 +99,9 @@ def get_config(arg=None):
     if arg.multispectral:
         config.input.synthetic_bands = "sentinel2"
         config.infer.geotiff = True
+    if arg.gpt2:
+        config.model.update(text_encoder="gpt2", text_init_from=arg.gpt2)
+        config.optim.freeze = ("^text_encoder/",)
     if arg.latent:
         config.model.update(autoencoder="space_to_depth", autoencoder_factor=2)
     return config

@@ -1,5 +1,6 @@
 """Diffusion family: UNet shapes and the SD-1.5 parameter count, schedules, losses, samplers (DDIM
-determinism and inversion, guidance), Frechet distance vs scipy, caption readers, one trainer run."""
+determinism and inversion, guidance), Frechet distance vs scipy, InceptionV3 features, caption readers,
+frozen GPT-2 caption features, one trainer run."""
 import functools
 import json
 import os
@@ -223,6 +224,25 @@ def test_ddim_inversion_with_the_exact_denoiser():
     assert errors[1] < 0.05 and errors[1] < 0.6 * errors[0], errors
 
 
+def test_ddim_inversion_round_trip_on_trained_toy(toy):
+    """DDIM inversion of held-out data x0 -> x_500 and DDIM (eta = 0) back to x0 with the trained toy
+    model: the round trip returns x0 within a few % of the data scale, and the error shrinks with more
+    steps. t = 500 (not T-1): the usual editing depth; all the way to T-1 a briefly trained model's
+    errors at high noise are amplified (the same check gives O(1) errors there)."""
+    apply_fn, params, sched, direction, _ = toy
+    c = jnp.linspace(-0.9, 0.9, 16)[:, None]
+    x0 = c * direction + 0.05 * jax.random.normal(jax.random.key(3), (16, 4))
+    scale = float(x0.std())
+    errors = []
+    for n in (10, 50):
+        x_t = samplers.ddim_invert(apply_fn, sched, "epsilon", params, x0, c, num_steps=n, t_end=500)
+        assert float(jnp.mean(jnp.abs(x_t - x0))) > 0.5 * scale  # really noised, not a no-op
+        back = samplers.sample(apply_fn, sched, "epsilon", params, x_t, jax.random.key(0), c, name="ddim",
+                               num_steps=n, t_start=500)
+        errors.append(float(jnp.max(jnp.abs(back - x0))))
+    assert errors[1] < 0.06 * scale and errors[1] < 0.5 * errors[0], (errors, scale)
+
+
 def test_guidance_scale_one_equals_conditional_model(toy):
     apply_fn, params, sched, _, _ = toy
     cond, uncond = jnp.array([[0.8], [-0.5]]), jnp.zeros((2, 1))
@@ -372,3 +392,182 @@ def test_train_cli_then_infer(tmp_path):
     import rasterio
     with rasterio.open(tifs[0]) as src:
         assert src.count == 10 and src.descriptions[0] == "B2"
+
+
+# ------------------------------------------------------------------------ frozen GPT-2 captions
+GPT2_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "gpt2_tiny")
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character table (printable Latin-1 bytes stand for themselves, the
+    other bytes are shifted to 256 + n), i.e. the 256 single-byte tokens of a byte-level BPE."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """The tiny GPT-2 fixture (vocab 300) + a byte-level BPE tokenizer written here (the fixture has
+    none): the 256 byte tokens, the end-of-text token 256 and no merges, so every caption byte is a token."""
+    import shutil
+    d = tmp_path_factory.mktemp("gpt2")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(GPT2_FIXTURE, name), d / name)
+    vocab = {c: i for i, c in enumerate(_byte_level_alphabet())}
+    vocab["<|endoftext|>"] = 256
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    return d
+
+
+def test_gpt2_text_encoder_hidden_states_and_padding(gpt2_dir):
+    """The context is GPT-2's final hidden states: projected on the tied embedding they give GPT-2's
+    logits; a padded caption has the unpadded caption's features and zeros at the padding."""
+    from eojax.diffusion.model import DiffusionModel
+    from eojax.models.gpt2 import GPT2
+    from eojax.models.text_encoder import BPECaptionTokenizer
+    from eojax.weights import gpt2 as gpt2_weights
+
+    tok = BPECaptionTokenizer(gpt2_weights.load_tokenizer(gpt2_dir))
+    ids = tok.encode("a dense forest", 20)
+    assert list(ids[:14]) == [_byte_level_alphabet().index(c) for c in "aĠdenseĠforest"] and (ids[14:] == -1).all()
+    cfg, params = gpt2_weights.load_config(gpt2_dir), gpt2_weights.load_params(gpt2_dir)
+    gpt2 = GPT2(**dict(cfg, dropout=0.0))
+    real = jnp.asarray(ids[None, :14])
+    hidden = gpt2.apply({"params": params}, real, method=GPT2.hidden_states)
+    np.testing.assert_allclose(np.asarray(hidden @ params["wte"]["embedding"].T),
+                               np.asarray(gpt2.apply({"params": params}, real)), atol=1e-4)
+    model = DiffusionModel(unet={}, text=dict(cfg, dropout=0.0), text_kind="gpt2")
+    ctx = model.apply({"params": {"text_encoder": params}}, jnp.asarray(ids[None]), method=DiffusionModel.encode_text)
+    np.testing.assert_allclose(np.asarray(ctx[0, :14]), np.asarray(hidden[0]), atol=1e-5)
+    assert ctx.shape == (1, 20, cfg["n_embd"]) and not np.asarray(ctx[0, 14:]).any()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_gpt2_captions_train_with_frozen_gpt2(gpt2_dir, tmp_path, monkeypatch):
+    """Two trainer steps with model.text_encoder='gpt2' (captions through the folder's BPE): the GPT-2
+    params stay bit-identical to the checkpoint's (their EMA within rounding); without optim.freeze
+    the config is refused."""
+    from eojax.tasks.diffusion import DiffusionTask
+    from eojax.weights import gpt2 as gpt2_weights
+    from helpers import run_steps
+
+    monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
+    config = load_config("diffusion", f"runlocal,gpt2={gpt2_dir}", **{
+        "input.synthetic_n": 48, "input.image_size": 16, "fd.enabled": False, "batch_size": 8,
+        "model.block_out_channels": (16,), "model.attention": (True,), "model.heads": 2})
+    run, state, losses = run_steps(config, None, n=2)
+    assert all(np.isfinite(losses)), losses
+    want = gpt2_weights.load_params(gpt2_dir)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params["text_encoder"], want)
+    # The EMA of a constant moves by rounding only: optax-style d * ema + (1 - d) * p is not exactly p.
+    ema = run.optimizer.eval_params(state.params, state.opt_state)["text_encoder"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-8), ema, want)
+    # the task tokenised its captions with the folder's BPE
+    assert isinstance(run.task.tokenizer.encode("forest", 4)[0], np.integer) and run.task.tokenizer.pad_id == -1
+    bad = load_config("diffusion", f"runlocal,gpt2={gpt2_dir}", **{"optim.freeze": ()})
+    with pytest.raises(ValueError, match="optim.freeze"):
+        DiffusionTask(bad)
+
+
+# ------------------------------------------------------------------------- InceptionV3 features
+def test_inception_shapes_and_parameter_count():
+    """pool3 features (B, 2048) at 299 and from small images (resized to 299); the conv + BatchNorm
+    weights number torchvision's published inception_v3 count 27,161,264 less its AuxLogits head
+    (128*768 + 2*128 + 768*128*25 + 2*768 + 768*1000 + 1000) and its fc (2048*1000 + 1000)."""
+    from flax import traverse_util
+    from eojax.diffusion.inception import InceptionV3
+    from eojax.weights import inception as inception_weights
+
+    shapes = inception_weights.expected_shapes()
+    trained = sum(int(np.prod(s)) for k, s in shapes.items() if k[-1] in ("kernel", "bn_scale", "bn_bias"))
+    aux = 128 * 768 + 2 * 128 + 768 * 128 * 25 + 2 * 768 + 768 * 1000 + 1000
+    assert trained == 27_161_264 - aux - (2048 * 1000 + 1000)
+    model = InceptionV3()
+    params = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
+    for size in (299, 32):
+        out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, jnp.zeros((2, size, size, 3)))
+        assert out.shape == (2, 2048)
+
+
+def _np_conv_bn_relu(x, p, pad):
+    """Direct numpy reference: 'same'-padded stride-1 convolution, BatchNorm (eps 1e-3), ReLU."""
+    k = p["kernel"]
+    kh, kw = k.shape[:2]
+    xp = np.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+    h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    y = sum(np.einsum("bhwc,co->bhwo", xp[:, a:a + h, b:b + w], k[a, b]) for a in range(kh) for b in range(kw))
+    return np.maximum((y - p["bn_mean"]) / np.sqrt(p["bn_var"] + 1e-3) * p["bn_scale"] + p["bn_bias"], 0)
+
+
+def test_inception_a_block_matches_numpy():
+    """FID's Mixed_5b block (InceptionA, average pool without the padding in the mean) against numpy."""
+    from flax import linen as nn
+    from eojax.diffusion.inception import InceptionA
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 6)).astype(np.float32)
+    block = InceptionA(pool_features=8, fid_variant=True)
+    shapes = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros(x.shape))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32) if s.ndim == 1 else
+                          rng.normal(0, 0.2, s.shape).astype(np.float32), nn.meta.unbox(shapes)["params"])
+    got = np.asarray(block.apply({"params": params}, jnp.asarray(x)))
+    p = params
+    b1 = _np_conv_bn_relu(x, p["branch1x1"], (0, 0))
+    b5 = _np_conv_bn_relu(_np_conv_bn_relu(x, p["branch5x5_1"], (0, 0)), p["branch5x5_2"], (2, 2))
+    b3 = _np_conv_bn_relu(x, p["branch3x3dbl_1"], (0, 0))
+    b3 = _np_conv_bn_relu(_np_conv_bn_relu(b3, p["branch3x3dbl_2"], (1, 1)), p["branch3x3dbl_3"], (1, 1))
+    xp, valid = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), np.pad(np.ones((5, 5)), 1)
+    sums = sum(xp[:, a:a + 5, b:b + 5] for a in range(3) for b in range(3))
+    counts = sum(valid[a:a + 5, b:b + 5] for a in range(3) for b in range(3))
+    bp = _np_conv_bn_relu(sums / counts[None, :, :, None], p["branch_pool"], (0, 0))
+    np.testing.assert_allclose(got, np.concatenate([b1, b5, b3, bp], axis=-1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_inception_weights_import_round_trip(tmp_path, monkeypatch):
+    """A state dict in the PyTorch layout (with the fc / AuxLogits / num_batches_tracked entries that are
+    skipped) -> params -> state dict again, through .npz and .safetensors; bad files are named; the
+    task's FD features follow fd.features='inception'."""
+    from safetensors.numpy import save_file
+    from eojax.checkpoint import CheckpointMismatchError
+    from eojax.diffusion.inception import InceptionFeatures
+    from eojax.weights import inception as inception_weights
+
+    from flax import traverse_util
+
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in inception_weights.expected_shapes().items()}
+    sd = inception_weights.to_state_dict(traverse_util.unflatten_dict(params))
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3) and sd["Mixed_7c.branch_pool.bn.running_var"].shape == (192,)
+    extra = {"fc.weight": np.zeros((1008, 2048), np.float32), "AuxLogits.fc.bias": np.zeros((3,), np.float32),
+             "Conv2d_1a_3x3.bn.num_batches_tracked": np.zeros((), np.float32)}
+    np.savez(tmp_path / "w.npz", **sd, **extra)
+    save_file({**sd, **extra}, str(tmp_path / "w.safetensors"))
+    for name in ("w.npz", "w.safetensors"):
+        loaded = traverse_util.flatten_dict(inception_weights.load(tmp_path / name))
+        assert set(loaded) == set(params) and all(np.array_equal(loaded[k], params[k]) for k in params)
+    feats = InceptionFeatures(str(tmp_path / "w.npz"), rgb=(2, 1, 0))
+    assert feats.dim == 2048 and "pytorch-fid" in feats.source
+    bad = dict(sd)
+    bad["Mixed_6b.branch7x7_2.conv.weight"] = bad["Mixed_6b.branch7x7_2.conv.weight"][:, :, :, :3]
+    del bad["Mixed_5b.branch1x1.bn.running_mean"]
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)Mixed_6b\.branch7x7_2\.conv\.weight.*Mixed_5b/branch1x1/bn_mean"):
+        inception_weights.load(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        inception_weights.load(tmp_path / "missing.npz")
+
+    from eojax.tasks.diffusion import DiffusionTask
+    monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
+    config = load_config("diffusion", "runlocal,multispectral", **{
+        "input.synthetic_n": 24, "input.image_size": 16, "fd.features": "inception",
+        "fd.inception_weights": str(tmp_path / "w.npz")})
+    task = DiffusionTask(config)
+    assert task.features.rgb == (2, 1, 0)  # B4, B3, B2 of the 10 Sentinel-2 bands
+    out = jax.eval_shape(task.features, jnp.zeros((3, 16, 16, 10)))
+    assert out.shape == (3, 2048)
+    config.fd.inception_weights = str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="fd.inception_weights"):
+        DiffusionTask(config)

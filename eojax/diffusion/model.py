@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
+from eojax.models.gpt2 import GPT2
 from eojax.models.text_encoder import TextEncoder
 from eojax.models.unet import UNet
 
@@ -66,17 +69,26 @@ def make_autoencoder(name: str, channels: int, factor: int = 2, scaling_factor: 
 
 class DiffusionModel(nn.Module):
     """Text encoder + UNet. `__call__(x_t, t, tokens)` for training; `encode_text` once and `denoise`
-    per step for sampling (the caption is encoded once per sample, not once per step)."""
+    per step for sampling (the caption is encoded once per sample, not once per step).
+
+    text_kind 'small': a TextEncoder(**text) trained with the UNet. 'gpt2': GPT2(**text), whose final
+    hidden states are the context; padding tokens (< 0) are masked out and their features zeroed, and
+    no gradient flows into it (its params must also be frozen in the optimizer: optim.freeze)."""
 
     unet: dict
     text: dict
+    text_kind: str = "small"
 
     def setup(self):
-        self.text_encoder = TextEncoder(**self.text)
+        self.text_encoder = GPT2(**self.text) if self.text_kind == "gpt2" else TextEncoder(**self.text)
         self.denoiser = UNet(**self.unet)
 
     def encode_text(self, tokens):
-        return self.text_encoder(tokens)
+        if self.text_kind != "gpt2":
+            return self.text_encoder(tokens)
+        valid = tokens >= 0
+        h = self.text_encoder.hidden_states(jnp.maximum(tokens, 0), attention_mask=valid)
+        return jax.lax.stop_gradient(h * valid[..., None].astype(h.dtype))
 
     def denoise(self, x, t, context):
         return self.denoiser(x, t, context)

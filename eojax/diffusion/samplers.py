@@ -17,11 +17,14 @@ from eojax.diffusion.schedules import Schedule
 NAMES = ("ddpm", "ddim", "dpmpp_2m")
 
 
-def timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
-    """`num_steps` integer timesteps from T-1 down to 0, evenly spaced (descending)."""
-    if not 1 <= num_steps <= schedule.num_timesteps:
-        raise ValueError(f"num_steps={num_steps} must be in [1, {schedule.num_timesteps}]")
-    return np.round(np.linspace(schedule.num_timesteps - 1, 0, num_steps)).astype(np.int32)
+def timesteps(schedule: Schedule, num_steps: int, t_max: int | None = None) -> np.ndarray:
+    """`num_steps` integer timesteps from t_max (default T-1) down to 0, evenly spaced (descending)."""
+    t_max = schedule.num_timesteps - 1 if t_max is None else int(t_max)
+    if not 0 < t_max < schedule.num_timesteps:
+        raise ValueError(f"t_max={t_max} must be in [1, {schedule.num_timesteps - 1}]")
+    if not 1 <= num_steps <= t_max + 1:
+        raise ValueError(f"num_steps={num_steps} must be in [1, {t_max + 1}]")
+    return np.round(np.linspace(t_max, 0, num_steps)).astype(np.int32)
 
 
 def guided_model(apply_fn, guidance_scale: float):
@@ -42,8 +45,9 @@ def _bcast(a, like):
 
 def sample(apply_fn, schedule: Schedule, prediction: str, params, x_T, rng, cond, uncond=None, *,
            name: str = "ddim", num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0,
-           clip: float = 0.0):
-    """Runs the reverse process from noise `x_T` (B, ...) to a clean sample.
+           clip: float = 0.0, t_start: int | None = None):
+    """Runs the reverse process from noise `x_T` (B, ...) at timestep `t_start` (default T-1; an
+    intermediate one for SDEdit-style editing or after `ddim_invert(..., t_end=...)`) to a clean sample.
 
     ddpm: ancestral sampling from the posterior q(x_prev | x_t, x0_hat) (on the skipped grid when
       num_steps < T: the DDIM update with eta = 1 and the posterior variance).
@@ -55,7 +59,7 @@ def sample(apply_fn, schedule: Schedule, prediction: str, params, x_T, rng, cond
     """
     if name not in NAMES:
         raise ValueError(f"unknown sampler {name!r}; known: {NAMES}")
-    ts = timesteps(schedule, num_steps)
+    ts = timesteps(schedule, num_steps, t_start)
     prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
     model = guided_model(apply_fn, guidance_scale)
     b = x_T.shape[0]
@@ -105,10 +109,12 @@ def sample(apply_fn, schedule: Schedule, prediction: str, params, x_T, rng, cond
 
 
 def ddim_invert(apply_fn, schedule: Schedule, prediction: str, params, x0, cond, uncond=None, *,
-                num_steps: int = 50, guidance_scale: float = 1.0):
-    """Deterministic DDIM run backwards: clean x0 -> the x_T that DDIM (eta = 0, same steps) maps
-    back to x0, up to the discretisation (each step reuses the noise predicted at its start)."""
-    ts = timesteps(schedule, num_steps)[::-1]  # ascending
+                num_steps: int = 50, guidance_scale: float = 1.0, t_end: int | None = None):
+    """Deterministic DDIM run backwards: clean x0 -> the x at timestep `t_end` (default T-1) that DDIM
+    (eta = 0, same steps, t_start=t_end) maps back to x0, up to the discretisation (each step reuses
+    the noise predicted at its start). Editing inverts to an intermediate t_end: the full way to T-1
+    passes through the high-noise steps where a learned model's errors are amplified most."""
+    ts = timesteps(schedule, num_steps, t_end)[::-1]  # ascending
     cur = np.concatenate([[-1], ts[:-1]]).astype(np.int32)
     model = guided_model(apply_fn, guidance_scale)
     b = x0.shape[0]

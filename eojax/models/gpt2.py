@@ -6,9 +6,10 @@ Face's GPT2LMHeadModel, so its checkpoints import exactly (eojax.weights.gpt2). 
 that layout (wte, wpe, h_{i}/ln_1, attn/c_attn, attn/c_proj, ln_2, mlp/c_fc, mlp/c_proj, ln_f); the
 fused query/key/value projection keeps its (embed, 3, heads, kv) kernel, as the checkpoint stores it.
 
-Two entry points on the same parameters:
+Entry points on the same parameters:
   GPT2(...)(tokens, train, positions, attention_mask) -> logits   training / scoring, any padding
   GPT2(...).apply(params, tokens, cache, method=GPT2.decode)      prefill and decode steps with a cache
+  GPT2(...).apply(params, tokens, method=GPT2.hidden_states)      final hidden states (a text encoder)
 
 The cache is an explicit pytree (see `init_cache`): per layer a key and a value buffer (B, heads,
 max_length slots, head_dim), the (B, S) validity of each slot and the next slot to write. Every row writes the same slot at
@@ -188,6 +189,15 @@ class GPT2(nn.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         x, _ = self._trunk(tokens, positions, causal[None] & valid[:, None, :], train)
         return self.logits(x)
+
+    def hidden_states(self, tokens, attention_mask=None):
+        """tokens (B, L) -> the final layer-normed hidden states (B, L, n_embd), before the LM head,
+        inference only (no dropout): per-token features, e.g. a frozen text encoder's output."""
+        b, length = tokens.shape
+        valid = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        x, _ = self._trunk(tokens, _positions(valid), causal[None] & valid[:, None, :], False)
+        return x
 
     def decode(self, tokens, cache, token_mask=None, positions=None, vocab_subset=None, last_only=False):
         """T new tokens (B, T) through the cache: a prompt (prefill) or one generated token per row.

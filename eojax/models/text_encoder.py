@@ -1,4 +1,5 @@
-"""Caption conditioning: a word tokenizer built from the captions and a small transformer encoder.
+"""Caption conditioning: a word tokenizer built from the captions and a small transformer encoder,
+or GPT-2's BPE tokenizer for the frozen GPT-2 encoder (eojax.diffusion.model.DiffusionModel).
 
 The encoder is trained with the diffusion model (token + learned position embeddings, pre-LN
 transformer blocks from eojax.models.layers, a final LayerNorm). Token 0 is padding and the empty
@@ -29,6 +30,8 @@ def words(caption: str) -> list[str]:
 class WordTokenizer:
     """Lower-case alphanumeric words; ids by descending frequency (ties alphabetical) after PAD, UNK."""
 
+    pad_id = PAD
+
     def __init__(self, vocab: Sequence[str]):
         self.vocab = list(vocab)
         self.ids = {w: i for i, w in enumerate(self.vocab)}
@@ -58,6 +61,35 @@ class WordTokenizer:
 
     def to_json(self) -> str:
         return json.dumps(self.vocab)
+
+    def unknown_words(self, caption: str) -> list[str]:
+        return [w for w in words(caption) if w not in self.ids]
+
+
+class BPECaptionTokenizer:
+    """GPT-2's byte-level BPE (a transformers tokenizer from local files) with fixed-length padding.
+
+    GPT-2 has no padding token, so padding is GPT2_PAD = -1: the encoder masks it out of attention and
+    zeroes its features, and the empty caption (all padding) is classifier-free guidance's input."""
+
+    pad_id = -1
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, caption: str, max_len: int) -> np.ndarray:
+        ids = list(self.tokenizer.encode(caption, add_special_tokens=False))[:max_len]
+        return np.asarray(ids + [self.pad_id] * (max_len - len(ids)), np.int32)
+
+    def encode_batch(self, captions: Sequence[str], max_len: int) -> np.ndarray:
+        return np.stack([self.encode(c, max_len) for c in captions]) if captions else \
+            np.zeros((0, max_len), np.int32)
+
+    def unknown_words(self, caption: str) -> list[str]:
+        return []  # byte-level BPE spells every word
 
 
 class TextEncoder(nn.Module):

@@ -18,14 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import rasterio
+from flax import linen as nn
 
 from eojax import viz
 from eojax.data import captions as captions_lib
 from eojax.data import pipeline, synthetic
 from eojax.diffusion import fid, losses, samplers
+from eojax.diffusion.inception import InceptionFeatures
 from eojax.diffusion.model import DiffusionModel, make_autoencoder
 from eojax.diffusion.schedules import Schedule
-from eojax.models.text_encoder import PAD, WordTokenizer, words
+from eojax.models.text_encoder import BPECaptionTokenizer, WordTokenizer
 from eojax.tasks.base import Task
 
 
@@ -45,6 +47,30 @@ class DiffusionTask(Task):
             raise ValueError(f"diffusion.prediction={d.prediction!r}; known: {losses.PREDICTIONS}")
         if config.sampler.name not in samplers.NAMES:
             raise ValueError(f"sampler.name={config.sampler.name!r}; known: {samplers.NAMES}")
+        f = config.fd
+        if f.features not in ("mae", "inception"):
+            raise ValueError(f"fd.features={f.features!r}; known: 'mae', 'inception' (fd.inception_weights=<file>)")
+        if f.features == "inception":
+            if not os.path.isfile(f.inception_weights):
+                raise FileNotFoundError(f"fd.features='inception' needs fd.inception_weights=<a local InceptionV3 "
+                                        f"weights file>; {f.inception_weights!r} is not a file")
+            if f.inception_variant not in ("pytorch-fid", "torchvision"):
+                raise ValueError(f"fd.inception_variant={f.inception_variant!r}; known: 'pytorch-fid', 'torchvision'")
+        m = config.model
+        if m.text_encoder not in ("small", "gpt2"):
+            raise ValueError(f"model.text_encoder={m.text_encoder!r}; known: 'small' (a transformer trained "
+                             "with the model), 'gpt2' (frozen GPT-2 hidden states, model.text_init_from=<dir>)")
+        if m.text_encoder == "gpt2":
+            if not m.text_init_from:
+                raise ValueError("model.text_encoder='gpt2' needs model.text_init_from=<a local Hugging Face "
+                                 "GPT-2 folder: config.json, model.safetensors, vocab.json + merges.txt>")
+            if not os.path.isdir(m.text_init_from):
+                raise FileNotFoundError(f"model.text_init_from: {m.text_init_from} is not a directory")
+            # Frozen by the optimizer (update exactly 0, no moments): the encoder has no gradient
+            # anyway, but weight decay alone would otherwise shrink it.
+            if not any(re.search(p, "text_encoder/wte/embedding") for p in config.optim.freeze):
+                raise ValueError("model.text_encoder='gpt2' is a frozen encoder: add optim.freeze="
+                                 "('^text_encoder/',) (configs/diffusion.py's gpt2=<dir> argument does)")
 
     # -- data ------------------------------------------------------------------------------------
     def _load_records(self):
@@ -59,12 +85,19 @@ class DiffusionTask(Task):
                                                        bands=c.synthetic_bands)
             records = captions_lib.read_captions(path, skip_missing=c.skip_missing_images)
             train, held = captions_lib.split(records, c.eval_fraction)
-            self.tokenizer = WordTokenizer.from_captions([t for r in train for t in r.captions], c.vocab_size)
+            self.tokenizer = self._make_tokenizer([t for r in train for t in r.captions])
             probe = captions_lib.load_image(train[0].path, c.image_size, tuple(c.bands), c.max_value)
             self.channels = probe.shape[-1]
             self.band_names = _band_names(train[0].path, tuple(c.bands))
             self._records = (train, held)
         return self._records
+
+    def _make_tokenizer(self, captions):
+        m = self.config.model
+        if m.text_encoder == "gpt2":
+            from eojax.weights import gpt2 as gpt2_weights
+            return BPECaptionTokenizer(gpt2_weights.load_tokenizer(m.text_init_from))
+        return WordTokenizer.from_captions(captions, self.config.input.vocab_size)
 
     def _source(self, records, train):
         c = self.config.input
@@ -108,18 +141,26 @@ class DiffusionTask(Task):
         if self._model is None:
             m, ae = self.config.model, self.autoencoder
             self._load_records()
-            if m.text_encoder != "small":
-                raise ValueError(f"model.text_encoder={m.text_encoder!r}: only 'small' (a transformer trained "
-                                 "with the model) is available")
             dtype = jnp.dtype(m.dtype)
-            text = dict(vocab_size=len(self.tokenizer), max_len=self.config.input.max_len, width=m.text_width,
-                        depth=m.text_depth, heads=m.text_heads, dtype=dtype)
+            max_len = self.config.input.max_len
+            if m.text_encoder == "gpt2":
+                from eojax.weights import gpt2 as gpt2_weights
+                text = dict(gpt2_weights.load_config(m.text_init_from), dropout=0.0, dtype=dtype)
+                if max_len > text["n_positions"] or len(self.tokenizer) > text["vocab_size"]:
+                    raise ValueError(f"model.text_init_from={m.text_init_from}: input.max_len={max_len} / "
+                                     f"tokenizer size {len(self.tokenizer)} exceed GPT-2's n_positions="
+                                     f"{text['n_positions']} / vocab_size={text['vocab_size']}")
+                context_dim = text["n_embd"]
+            else:
+                text = dict(vocab_size=len(self.tokenizer), max_len=max_len, width=m.text_width,
+                            depth=m.text_depth, heads=m.text_heads, dtype=dtype)
+                context_dim = m.text_width
             unet = dict(in_channels=ae.latent_channels, out_channels=ae.latent_channels,
                         block_out_channels=tuple(m.block_out_channels), attention=tuple(m.attention),
                         layers_per_block=m.layers_per_block, heads=m.heads,
-                        transformer_depth=m.transformer_depth, cross_attention_dim=m.text_width,
+                        transformer_depth=m.transformer_depth, cross_attention_dim=context_dim,
                         norm_groups=m.norm_groups, dtype=dtype)
-            self._model = DiffusionModel(unet=unet, text=text)
+            self._model = DiffusionModel(unet=unet, text=text, text_kind=m.text_encoder)
         return self._model
 
     def dummy_batch(self, batch_size):
@@ -133,7 +174,25 @@ class DiffusionTask(Task):
     def init(self, rng, batch):
         x0 = self.autoencoder.encode(batch["image"])
         t = jnp.zeros((x0.shape[0],), jnp.int32)
-        return self.model.init(rng, x0, t, batch["tokens"])["params"]
+        params = self.model.init(rng, x0, t, batch["tokens"])["params"]
+        if self.config.model.text_encoder == "gpt2":
+            params = dict(params, text_encoder=self._pretrained_text_encoder(params["text_encoder"]))
+        return params
+
+    def _pretrained_text_encoder(self, boxed):
+        """The GPT-2 checkpoint's params in place of the random ones, keeping their partitioning boxes.
+        Loaded here, inside init, so the optimizer state (and the EMA) start from them too."""
+        from eojax.checkpoint import CheckpointMismatchError
+        from eojax.weights import gpt2 as gpt2_weights
+
+        loaded = gpt2_weights.load_params(self.config.model.text_init_from)
+        is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+        want = jax.tree.map(lambda b: tuple(nn.meta.unbox(b).shape), boxed, is_leaf=is_box)
+        if jax.tree.map(np.shape, loaded) != want:
+            raise CheckpointMismatchError(f"model.text_init_from={self.config.model.text_init_from}: "
+                                          "parameter tree differs from the GPT-2 built from its config.json")
+        return jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v, nn.meta.unbox(b).dtype))
+                            if is_box(b) else jnp.asarray(v, b.dtype), boxed, loaded, is_leaf=is_box)
 
     # -- loss ------------------------------------------------------------------------------------
     def _denoising_loss(self, params, x0, tokens, t, noise):
@@ -153,7 +212,7 @@ class DiffusionTask(Task):
         tokens = batch["tokens"]
         if train and self.config.model.caption_dropout > 0:
             drop = jax.random.uniform(d_rng, (b,)) < self.config.model.caption_dropout
-            tokens = jnp.where(drop[:, None], PAD, tokens)
+            tokens = jnp.where(drop[:, None], self.tokenizer.pad_id, tokens)
         per, mse = self._denoising_loss(params, x0, tokens, t, noise)
         w = batch["weight"]
         n = jnp.maximum(jnp.sum(w), 1.0)
@@ -196,10 +255,15 @@ class DiffusionTask(Task):
 
     # -- sampling --------------------------------------------------------------------------------
     @property
-    def features(self) -> fid.MAEFeatures:
+    def features(self):
+        """The FD feature extractor: fid.MAEFeatures, or InceptionV3 from fd.inception_weights."""
         if self._features is None:
             f, c = self.config.fd, self.config.input
             self._load_records()
+            if f.features == "inception":
+                self._features = InceptionFeatures(f.inception_weights, viz.rgb_indices(self.band_names),
+                                                   fid_variant=f.inception_variant == "pytorch-fid")
+                return self._features
             self._features = fid.MAEFeatures(c.image_size, self.channels, f.mae_run_dir, width=f.feature_width,
                                              depth=f.feature_depth, heads=f.feature_heads,
                                              patch_size=f.patch_size, seed=f.seed)
@@ -214,7 +278,8 @@ class DiffusionTask(Task):
         cond = self.model.apply({"params": params}, tokens, method=DiffusionModel.encode_text)
         uncond = None
         if s.guidance_scale != 1.0:
-            uncond = self.model.apply({"params": params}, jnp.zeros_like(tokens), method=DiffusionModel.encode_text)
+            empty = jnp.full_like(tokens, self.tokenizer.pad_id)
+            uncond = self.model.apply({"params": params}, empty, method=DiffusionModel.encode_text)
         apply_fn = lambda p, x, t, ctx: self.model.apply({"params": p}, x, t, ctx, method=DiffusionModel.denoise)
         z = samplers.sample(apply_fn, self.schedule, d.prediction, params, x_T, keys[0], cond, uncond,
                             name=s.name, num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale,
@@ -233,7 +298,7 @@ class DiffusionTask(Task):
         out = []
         for start in range(0, n, chunk):
             idx = np.arange(start, start + chunk)
-            tok = np.zeros((chunk, tokens.shape[1]), np.int32)
+            tok = np.full((chunk, tokens.shape[1]), self.tokenizer.pad_id, np.int32)
             tok[:min(chunk, n - start)] = tokens[start:start + chunk]
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.asarray(idx))
             out.append(np.asarray(jax.device_get(self._sample_fn(params, jnp.asarray(tok), keys))))
@@ -275,7 +340,7 @@ class DiffusionTask(Task):
         data units when infer.geotiff or the data has other than 3 bands)."""
         prompts = list(options.get("prompt") or [cap for _, cap in self.class_prompts(3)])
         n, out_dir = int(options.get("num_samples") or 1), options["output"]
-        unknown = sorted({w for pr in prompts for w in words(pr) if w not in self.tokenizer.ids})
+        unknown = sorted({w for pr in prompts for w in self.tokenizer.unknown_words(pr)})
         images = self.sample(params, [pr for pr in prompts for _ in range(n)], seed=int(options.get("seed", 0)))
         multiband = self.config.infer.geotiff or self.channels != 3
         files = []
