@@ -13,8 +13,32 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 DEFAULT_LAYERS = (3, 5, 7, 11)
+
+
+class PublishedViT(nn.Module):
+    """The fields every imported ViT encoder shares (ViT-B defaults; an encoder overrides its own)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int | None = None
+    layers: tuple = DEFAULT_LAYERS
+    input_bands: tuple | None = None  # bands the data provides, by name; None: exactly `bands`
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str | None = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.width
 
 # Other names for Sentinel-2 bands: HLS (Prithvi's pretraining data) calls them by colour.
 BAND_ALIASES = {

@@ -12,17 +12,15 @@ The bias is computed for the input's own grid, so any size divisible by 8 works 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from eojax.models.encoders.base import DEFAULT_LAYERS, arrange_bands, check_layers, grid_of
+from eojax.models.encoders.base import PublishedViT, arrange_bands, check_layers, grid_of
 from eojax.models.layers import Encoder, LayerNorm, partitioned
 from eojax.models.vit import patchify
 
-Dtype = Any
 
 # Sentinel-2 L1C/L2A bands in CROMA's order (B10 dropped).
 BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
@@ -54,29 +52,14 @@ def alibi_2d(heads: int, rows: int, cols: int) -> np.ndarray:
     return (-alibi_slopes(heads)[:, None, None] * dist[None])[None].astype(np.float32)
 
 
-class CROMA(nn.Module):
+class CROMA(PublishedViT):
     """images (B, H, W, C), channels = input_bands -> [(B, H/8, W/8, width)] for `layers`."""
 
     image_size: int = 120
     patch_size: int = 8
-    width: int = 768
-    depth: int = 12
     heads: int = 16
-    mlp_dim: int | None = None
-    layers: tuple = DEFAULT_LAYERS
-    input_bands: tuple | None = None  # bands the data provides, by name; None: exactly BANDS
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat: bool = False
-    attention_impl: str | None = None
 
     bands = BANDS
-
-    @property
-    def embed_dim(self) -> int:
-        return self.width
 
     @nn.compact
     def __call__(self, images, train: bool = False):

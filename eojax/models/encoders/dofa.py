@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from eojax.models.encoders.base import (DEFAULT_LAYERS, WAVELENGTHS_UM, canonical_band,
+from eojax.models.encoders.base import (WAVELENGTHS_UM, PublishedViT, canonical_band,
                                         check_layers, grid_of, resize_grid_embed)
 from eojax.models.layers import Attention, Encoder, LayerNorm, Mlp, partitioned, sincos_1d, sincos_2d
 from eojax.models.vit import patchify
@@ -122,39 +122,21 @@ class DynamicPatchEmbed(nn.Module):
         return x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 
-class DOFA(nn.Module):
+class DOFA(PublishedViT):
     """images (B, H, W, C), C = len(wavelengths) -> [(B, H/p, W/p, width)] for `layers`.
 
     The bands are given by `wavelengths` (micrometres) or by name (`input_bands`, looked up in
     base.WAVELENGTHS_UM); nothing is zero-filled, any subset works.
     """
 
-    image_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int | None = None
-    layers: tuple = DEFAULT_LAYERS
-    input_bands: tuple | None = None
     wavelengths: tuple | None = None
     wave_dim: int = 128
     generator_heads: int = 4
     generator_mlp_dim: int = 2048
     patch_padding: int = 1
     feature_norm: bool = True
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat: bool = False
-    attention_impl: str | None = None
 
     bands = None  # wavelength-driven: any bands
-
-    @property
-    def embed_dim(self) -> int:
-        return self.width
 
     def band_wavelengths(self) -> tuple[float, ...]:
         if self.wavelengths is not None:

@@ -13,18 +13,16 @@ resampled bicubically when the input's (frames, rows, cols) grid differs from th
 """
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from eojax.models.encoders.base import (DEFAULT_LAYERS, arrange_bands, check_layers, grid_of,
+from eojax.models.encoders.base import (PublishedViT, arrange_bands, check_layers, grid_of,
                                         resize_grid_embed)
 from eojax.models.layers import Encoder, partitioned, sincos_1d
 
-Dtype = Any
 
 # HLS bands Prithvi was pretrained on (Sentinel-2 names; HLS: BLUE GREEN RED NIR_NARROW SWIR_1 SWIR_2).
 BANDS = ("B2", "B3", "B4", "B8A", "B11", "B12")
@@ -55,31 +53,13 @@ def tubelets(videos, t: int, p: int):
     return x.reshape(b, (frames // t) * (h // p) * (w // p), t * p * p * c)
 
 
-class Prithvi(nn.Module):
+class Prithvi(PublishedViT):
     """images (B, H, W, C) or (B, T, H, W, C), channels = input_bands -> [(B, H/p, W/p, width)]."""
 
-    image_size: int = 224
-    patch_size: int = 16
     num_frames: int = 1
     tubelet_size: int = 1
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int | None = None
-    layers: tuple = DEFAULT_LAYERS
-    input_bands: tuple | None = None  # bands the data provides, by name; None: exactly BANDS
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan: bool = False
-    remat: bool = False
-    attention_impl: str | None = None
 
     bands = BANDS
-
-    @property
-    def embed_dim(self) -> int:
-        return self.width
 
     @property
     def grid(self) -> tuple[int, int, int]:
