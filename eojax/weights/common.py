@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn, traverse_util
 
-from eojax.checkpoint import CheckpointMismatchError
+from eojax.checkpoint import CheckpointMismatchError, check_compatible
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
@@ -311,3 +311,16 @@ def load_encoder(path, abstract_params: Any, encoder: nn.Module, *, strict: bool
     kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__
               if f not in ("parent", "name")}
     return module.load_pretrained(path, abstract_params, kwargs, strict=strict), {}
+
+
+def load_encoder_file(path, abstract_params: Any, encoder, what: str, from_torch, *, strict: bool = True):
+    """(params placed like abstract_params, report) from a published .safetensors / .npz / .pth:
+    read, convert with `from_torch(state_dict, encoder, strict=)`, check shapes, log, place."""
+    sd = load_state_dict(path, what)
+    params, report = from_torch(sd, encoder, strict=strict)
+    wrapped = set(abstract_params) == {"params"}
+    abstract = abstract_params["params"] if wrapped else abstract_params
+    check_compatible(params, abstract, f"{what} {path}")
+    log_report(f"{what} {path}", report)
+    placed = place(traverse_util.flatten_dict(params), abstract)
+    return ({"params": placed} if wrapped else placed), report

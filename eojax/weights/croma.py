@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from eojax.checkpoint import check_compatible
 from eojax.models.encoders.base import band_plan
 from eojax.models.encoders.croma import BANDS, CROMA
 from eojax.weights import common
@@ -84,11 +83,5 @@ def croma_to_torch(params: Mapping, encoder: CROMA) -> dict[str, np.ndarray]:
 
 def load_pretrained(path, abstract_params: Any, encoder: CROMA, *, strict: bool = True):
     """(params placed like abstract_params, report) from a CROMA .safetensors / .npz / .pth."""
-    sd = common.load_state_dict(path, "CROMA checkpoint")
-    params, report = croma_from_torch(sd, encoder, strict=strict)
-    wrapped = set(abstract_params) == {"params"}
-    abstract = abstract_params["params"] if wrapped else abstract_params
-    check_compatible(params, abstract, f"CROMA checkpoint {path}")
-    common.log_report(f"CROMA checkpoint {path}", report)
-    placed = common.place(traverse_util.flatten_dict(params), abstract)
-    return ({"params": placed} if wrapped else placed), report
+    return common.load_encoder_file(path, abstract_params, encoder, "CROMA checkpoint", croma_from_torch,
+                                    strict=strict)

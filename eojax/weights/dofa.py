@@ -26,7 +26,6 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from eojax.checkpoint import check_compatible
 from eojax.models.encoders.base import resize_grid_embed
 from eojax.models.encoders.dofa import DOFA, NUM_WEIGHT_TOKENS
 from eojax.weights import common
@@ -107,11 +106,5 @@ def dofa_to_torch(params: Mapping, encoder: DOFA) -> dict[str, np.ndarray]:
 
 def load_pretrained(path, abstract_params: Any, encoder: DOFA, *, strict: bool = True):
     """(params placed like abstract_params, report) from a DOFA .safetensors / .npz / .pth."""
-    sd = common.load_state_dict(path, "DOFA checkpoint")
-    params, report = dofa_from_torch(sd, encoder, strict=strict)
-    wrapped = set(abstract_params) == {"params"}
-    abstract = abstract_params["params"] if wrapped else abstract_params
-    check_compatible(params, abstract, f"DOFA checkpoint {path}")
-    common.log_report(f"DOFA checkpoint {path}", report)
-    placed = common.place(traverse_util.flatten_dict(params), abstract)
-    return ({"params": placed} if wrapped else placed), report
+    return common.load_encoder_file(path, abstract_params, encoder, "DOFA checkpoint", dofa_from_torch,
+                                    strict=strict)

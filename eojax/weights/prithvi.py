@@ -20,7 +20,6 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from eojax.checkpoint import check_compatible
 from eojax.models.encoders.base import band_plan, resize_grid_embed
 from eojax.models.encoders.prithvi import BANDS, Prithvi
 from eojax.weights import common
@@ -108,11 +107,5 @@ def prithvi_to_torch(params: Mapping, encoder: Prithvi) -> dict[str, np.ndarray]
 
 def load_pretrained(path, abstract_params: Any, encoder: Prithvi, *, strict: bool = True):
     """(params placed like abstract_params, report) from a Prithvi .safetensors / .npz / .pth."""
-    sd = common.load_state_dict(path, "Prithvi checkpoint")
-    params, report = prithvi_from_torch(sd, encoder, strict=strict)
-    wrapped = set(abstract_params) == {"params"}
-    abstract = abstract_params["params"] if wrapped else abstract_params
-    check_compatible(params, abstract, f"Prithvi checkpoint {path}")
-    common.log_report(f"Prithvi checkpoint {path}", report)
-    placed = common.place(traverse_util.flatten_dict(params), abstract)
-    return ({"params": placed} if wrapped else placed), report
+    return common.load_encoder_file(path, abstract_params, encoder, "Prithvi checkpoint", prithvi_from_torch,
+                                    strict=strict)
