@@ -196,6 +196,26 @@ def test_kv_cache_generation_equals_full_recomputation(tiny, prompts, greedy):
     np.testing.assert_array_equal(got, want.argmax(-1))
 
 
+def test_packed_prefill_equals_the_padded_grid(tiny, prompts):
+    """Packing the prompts' real tokens (no projection/MLP work on padding) changes nothing a later
+    step can see: the same last-token logits and the same cache on every valid slot."""
+    model, params = tiny
+    tokens, lengths = prompts
+    n = gen.packed_length(lengths, tokens.shape[1])
+    assert n is not None and lengths.sum() <= n < tokens.size
+    mask = jnp.asarray(np.arange(tokens.shape[1])[None] >= (tokens.shape[1] - lengths)[:, None])
+    run = lambda packed: model.apply({"params": params}, jnp.asarray(tokens), model.init_cache(len(tokens), 12),
+                                     token_mask=mask, last_only=True, packed_length=packed, method=GPT2.decode)
+    (want, want_cache), (got, got_cache) = run(None), run(n)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    valid = np.asarray(want_cache["mask"])
+    np.testing.assert_array_equal(np.asarray(got_cache["mask"]), valid)
+    for a, b in zip(jax.tree.leaves(got_cache["layers"]), jax.tree.leaves(want_cache["layers"])):
+        np.testing.assert_allclose(np.asarray(a).transpose(0, 2, 1, 3)[valid],
+                                   np.asarray(b).transpose(0, 2, 1, 3)[valid], atol=1e-5)
+    assert gen.packed_length(np.full(4, 9), 9) is None  # nothing to save
+
+
 def test_stops_per_row_and_pads_after(tiny, prompts, greedy):
     model, params = tiny
     tokens, lengths = prompts

@@ -1,8 +1,10 @@
 """Batched, jit-compiled generation for eojax's GPT2, with a KV cache and optional FSM constraints.
 
-One jitted function per (model, settings): prefill the left-padded prompt batch in one pass, then a
-`lax.while_loop` of single-token decode steps through the cache (GPT2.decode) that ends after
-`max_new_tokens` or as soon as every row has stopped. Each row stops on its own, at a stop token or
+One jitted function per (model, settings): prefill the left-padded prompt batch in one pass (its
+real tokens packed, so padding costs no projection or MLP FLOPs), then a `lax.while_loop` of
+single-token decode steps through the cache (GPT2.decode) that ends after `max_new_tokens` or as
+soon as every row has stopped; the last token is chosen after the loop, so no step runs the model
+for logits nobody reads. Each row stops on its own, at a stop token or
 in a final state of the constraint; a stopped row emits `pad_id` from then on and its tokens no longer
 enter the cache. Greedy (temperature 0) or sampled (temperature, optional top-k), deterministic from
 the PRNG key: step t draws with fold_in(key, t).
@@ -104,8 +106,8 @@ def pick_tokens(logits, key, allowed=None, temperature: float = 0.0, top_k: int 
 
 @functools.lru_cache(maxsize=32)
 def make_generate(model: GPT2, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                  pad_id: int = 0, return_logits: bool = False):
-    """The jitted generator for these settings:
+                  pad_id: int = 0, return_logits: bool = False, prefill_length: int | None = None):
+    """The jitted generator for these settings (prefill_length: GPT2.decode's packed_length, static):
     fn(params, prompts (B, P), lengths (B,), key, stops (n,) token ids, allowed (S, K), next_state (S, K),
        start (B,), vocab (K,) token ids or None) -> Generation.
     Without a constraint, a one-state machine that allows everything stands in (the same program).
@@ -117,7 +119,7 @@ def make_generate(model: GPT2, *, max_new_tokens: int, temperature: float = 0.0,
         cache = model.init_cache(b, p + max_new_tokens)
         prompt_mask = jnp.arange(p)[None, :] >= (p - lengths)[:, None]
         logits, cache = model.apply(variables, prompts, cache, token_mask=prompt_mask, vocab_subset=vocab,
-                                    last_only=True, method=GPT2.decode)
+                                    last_only=True, packed_length=prefill_length, method=GPT2.decode)
         k = logits.shape[-1]
 
         def final(state):
@@ -128,10 +130,11 @@ def make_generate(model: GPT2, *, max_new_tokens: int, temperature: float = 0.0,
                      tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                      scores=jnp.zeros((b, max_new_tokens, k) if return_logits else (0,), jnp.float32))
 
-        def cond(c):
-            return (c["t"] < max_new_tokens) & ~jnp.all(c["finished"])
+        def cond(c):  # the last token is emitted after the loop
+            return (c["t"] < max_new_tokens - 1) & ~jnp.all(c["finished"])
 
-        def body(c):
+        def emit(c):
+            """Choose and record step t's token from c's logits -> (new carry, token, active)."""
             t, active = c["t"], ~c["finished"]
             idx = pick_tokens(c["logits"], jax.random.fold_in(key, t), allowed[c["state"]], temperature, top_k)
             token = jnp.where(active, idx if vocab is None else vocab[idx], pad_id)
@@ -141,6 +144,10 @@ def make_generate(model: GPT2, *, max_new_tokens: int, temperature: float = 0.0,
                        tokens=c["tokens"].at[:, t].set(token))
             if return_logits:
                 out["scores"] = c["scores"].at[:, t].set(c["logits"])
+            return out, token, active
+
+        def body(c):
+            out, token, active = emit(c)
             out["logits"], out["cache"] = _step(token, active, c["cache"])
             return out
 
@@ -150,6 +157,8 @@ def make_generate(model: GPT2, *, max_new_tokens: int, temperature: float = 0.0,
             return logits[:, 0], cache
 
         c = jax.lax.while_loop(cond, body, carry)
+        # If every row stopped early, no row is active here and this records only padding.
+        c, _, _ = emit(c)
         return Generation(c["tokens"], c["n"], c["finished"], c["state"], c["scores"] if return_logits else None)
 
     return jax.jit(fn)
@@ -166,6 +175,16 @@ def generate(model: GPT2, params, prompts, lengths, key=None, **settings) -> Gen
     Inputs are checked before anything is compiled."""
     fn, args = prepare(model, params, prompts, lengths, key, **settings)
     return fn(*args)
+
+
+def packed_length(lengths, width: int, buckets: int = 16) -> int | None:
+    """Slots for the packed prefill of prompts of these lengths padded to `width`: their total,
+    rounded up to one of `buckets` sizes so that batches of similar prompts share one compiled
+    program; None (no packing) when that saves nothing."""
+    full = len(lengths) * width
+    step = max(8, -(-full // buckets))
+    n = -(-int(np.sum(lengths)) // step) * step
+    return None if n >= full else n
 
 
 def prepare(model: GPT2, params, prompts, lengths, key=None, *, max_new_tokens: int, temperature: float = 0.0,
@@ -206,7 +225,8 @@ def prepare(model: GPT2, params, prompts, lengths, key=None, *, max_new_tokens: 
         allowed, next_state = allowed[:, vocab], next_state[:, vocab]
     stops = np.array(list(stop_tokens) or [-1], np.int32)
     fn = make_generate(model, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                       pad_id=int(pad_id), return_logits=bool(return_logits))
+                       pad_id=int(pad_id), return_logits=bool(return_logits),
+                       prefill_length=packed_length(lengths, p))
     return fn, (params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32), key, jnp.asarray(stops),
                 jnp.asarray(allowed), jnp.asarray(next_state, jnp.int32), jnp.asarray(start),
                 None if vocab is None else jnp.asarray(vocab))

@@ -82,7 +82,10 @@ class CausalSelfAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, train: bool, kv=None, index=None):
+    def __call__(self, x, mask, train: bool, kv=None, index=None, packed=None):
+        """packed: None, or the (B, T) grid's flat index of each of x's N tokens (x is then (1, N, d),
+        padding left out; see GPT2.decode's packed_length): q, k and v go to the grid for attention and
+        the attention output comes back to the N tokens."""
         d = x.shape[-1]
         if d % self.n_head:
             raise ValueError(f"n_embd {d} is not divisible by n_head {self.n_head}")
@@ -90,6 +93,10 @@ class CausalSelfAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = HeadDense((3, self.n_head, head_dim), 1, ("embed", None, "heads", "kv"), (None, "heads", "kv"),
                         name="c_attn", **kw)(x)
+        if packed is not None:
+            grid = mask.shape[:2]
+            qkv = jnp.zeros((grid[0] * grid[1], *qkv.shape[2:]), qkv.dtype).at[packed].set(qkv[0], mode="drop")
+            qkv = qkv.reshape(*grid, *qkv.shape[1:])
         # (B, H, T, Dh): heads before length, the layout of the cache, so that a decode step reads
         # the cached keys and values as they lie instead of transposing them every step.
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
@@ -106,6 +113,8 @@ class CausalSelfAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
         o = jnp.matmul(probs.astype(self.dtype), v.astype(self.dtype)).transpose(0, 2, 1, 3)  # (B, T, H, Dh)
+        if packed is not None:
+            o = o.reshape(-1, *o.shape[2:]).at[packed].get(mode="fill", fill_value=0)[None]
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "kv"))
         out = HeadDense((d,), 2, ("heads", "kv", "embed"), ("embed",), name="c_proj", **kw)(o)
         return out, kv
@@ -123,11 +132,11 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, train: bool, kv=None, index=None):
+    def __call__(self, x, mask, train: bool, kv=None, index=None, packed=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = nn.Dropout(self.dropout)
         h = LayerNorm(self.layer_norm_epsilon, name="ln_1", **kw)(x)
-        h, kv = CausalSelfAttention(self.n_head, self.dropout, name="attn", **kw)(h, mask, train, kv, index)
+        h, kv = CausalSelfAttention(self.n_head, self.dropout, name="attn", **kw)(h, mask, train, kv, index, packed)
         x = nn.with_logical_constraint(x + drop(h, deterministic=not train), BLE)
         h = LayerNorm(self.layer_norm_epsilon, name="ln_2", **kw)(x)
         h = _Mlp(self.n_inner, self.n_layer, name="mlp", **kw)(h)
@@ -199,13 +208,18 @@ class GPT2(nn.Module):
         x, _ = self._trunk(tokens, _positions(valid), causal[None] & valid[:, None, :], False)
         return x
 
-    def decode(self, tokens, cache, token_mask=None, positions=None, vocab_subset=None, last_only=False):
+    def decode(self, tokens, cache, token_mask=None, positions=None, vocab_subset=None, last_only=False,
+               packed_length: int | None = None):
         """T new tokens (B, T) through the cache: a prompt (prefill) or one generated token per row.
 
         token_mask (B, T): False for padding (left padding of prompts, rows that already stopped).
         vocab_subset (K,) int: logits for these tokens only (B, T, K) — a constrained decoder that can
         only ever emit K tokens need not pay for the whole vocabulary's output matmul.
         last_only: logits of the last token only (B, 1, ...): all a left-padded prefill needs.
+        packed_length (static int >= the real tokens, with last_only): the layers outside attention
+        (the projections and the MLP, nearly all the FLOPs) run on the real tokens only, packed into
+        this many slots, instead of on the whole padded (B, T) grid; attention still sees the grid.
+        Prompts of uneven length then cost what their tokens cost, not B x the longest.
         Returns (logits float32, the updated cache). Inference only (no dropout).
         """
         b, t = tokens.shape
@@ -216,10 +230,20 @@ class GPT2(nn.Module):
             positions = _positions(token_mask, offset=seen)
         slot_valid = jax.lax.dynamic_update_slice(cache["mask"], token_mask, (0, index))
         causal = jnp.arange(slots)[None, :] <= index + jnp.arange(t)[:, None]  # (T, S)
-        x, layers_kv = self._trunk(tokens, positions, causal[None] & slot_valid[:, None, :], False,
-                                   cache["layers"], index)
-        if last_only:
-            x = x[:, -1:]
+        mask = causal[None] & slot_valid[:, None, :]
+        if packed_length is None:
+            x, layers_kv = self._trunk(tokens, positions, mask, False, cache["layers"], index)
+            if last_only:
+                x = x[:, -1:]
+        else:
+            if not last_only:
+                raise ValueError("packed_length needs last_only (packed tokens are not laid out per row)")
+            # Real tokens in row-major order; with left padding a row's last token ends its run.
+            packed = jnp.nonzero(token_mask.reshape(-1), size=packed_length, fill_value=b * t)[0]
+            take = lambda a: a.reshape(-1).at[packed].get(mode="fill", fill_value=0)[None]
+            x, layers_kv = self._trunk(take(tokens), take(positions), mask, False, cache["layers"], index, packed)
+            last = jnp.cumsum(token_mask.sum(axis=1, dtype=jnp.int32)) - 1
+            x = x[0, last][:, None]
         new_cache = {"layers": layers_kv, "mask": slot_valid, "index": index + t}
         return self.logits(x, vocab_subset), new_cache
 
@@ -240,12 +264,12 @@ class GPT2(nn.Module):
         out = jnp.einsum("bld,vd->blv", x, table, preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
-    def _trunk(self, tokens, positions, mask, train, layers_kv=None, index=None):
+    def _trunk(self, tokens, positions, mask, train, layers_kv=None, index=None, packed=None):
         x = self.wte(tokens) + self.wpe(positions)
         x = nn.with_logical_constraint(self.drop(x.astype(self.dtype), deterministic=not train), BLE)
         new_kv = []
         for i, block in enumerate(self.h):
-            x, kv = block(x, mask, train, None if layers_kv is None else layers_kv[i], index)
+            x, kv = block(x, mask, train, None if layers_kv is None else layers_kv[i], index, packed)
             new_kv.append(kv)
         return self.ln_f(x), new_kv
 
