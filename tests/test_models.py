@@ -134,6 +134,48 @@ def test_random_masking_rejects_bad_ratio():
 
 
 # ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+def _numpy_attention(q, k, v, bias):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]) + bias
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def test_dot_product_attention_and_its_gradients_match_references():
+    """eojax's attention (custom softmax backward) against numpy in float64 for the values and
+    against autodiff of jax.nn.dot_product_attention for the gradients, with an additive bias."""
+    from eojax.models.layers import dot_product_attention, softmax
+    ks = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(ks[0], (2, 7, 3, 8))
+    k, v = (jax.random.normal(kk, (2, 9, 3, 8)) for kk in ks[1:3])
+    bias = 2.0 * jax.random.normal(ks[3], (1, 3, 7, 9))
+    g = jax.random.normal(ks[4], q.shape)
+    out, vjp = jax.vjp(lambda *a: dot_product_attention(*a), q, k, v, bias)
+    np.testing.assert_allclose(out, _numpy_attention(q, k, v, np.asarray(bias)), atol=1e-5)
+    ref_out, ref_vjp = jax.vjp(lambda *a: jax.nn.dot_product_attention(*a[:3], bias=a[3]), q, k, v, bias)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    for got, want in zip(vjp(g), ref_vjp(g)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # bf16 inputs: float32 probabilities, output in bf16, close to the float32 result.
+    low = dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32), dot_product_attention(q, k, v), atol=5e-2)
+    # the softmax alone: rows sum to one, invariant to a shift, gradient of sum(p * w) by finite differences
+    x = jax.random.normal(ks[0], (4, 5))
+    np.testing.assert_allclose(softmax(x).sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(softmax(x + 100.0), softmax(x), atol=1e-6)
+    w = jax.random.normal(ks[1], (4, 5))
+    grad = jax.grad(lambda x: (softmax(x) * w).sum())(x)
+    eps = 1e-3
+    fd = [(float((softmax(x.at[i, j].add(eps)) * w).sum()) - float((softmax(x.at[i, j].add(-eps)) * w).sum())) / (2 * eps)
+          for i in range(4) for j in range(5)]
+    np.testing.assert_allclose(np.asarray(grad).ravel(), fd, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # loss
 # ---------------------------------------------------------------------------------------------
 def _loss_numpy(pred, images, valid, mask, p, norm_pix):

@@ -110,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32) / math.sqrt(head_dim)
         # A finite minimum, not -inf: a left-padding query sees no key at all and must not give NaN.
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = layers.softmax(scores)
         probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
         o = jnp.matmul(probs.astype(self.dtype), v.astype(self.dtype)).transpose(0, 2, 1, 3)  # (B, T, H, Dh)
         if packed is not None:

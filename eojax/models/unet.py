@@ -103,7 +103,7 @@ class MultiHeadAttention(nn.Module):
         q = split(_dense(width, ("embed", "heads"), use_bias=False, name="query", **kw)(x))
         k = split(_dense(width, ("embed", "heads"), use_bias=False, name="key", **kw)(context))
         v = split(_dense(width, ("embed", "heads"), use_bias=False, name="value", **kw)(context))
-        o = jax.nn.dot_product_attention(q, k, v)
+        o = layers.dot_product_attention(q, k, v)
         return _dense(width, ("heads", "embed"), name="out", **kw)(o.reshape(*o.shape[:2], width))
 
 
