@@ -173,6 +173,10 @@ def test_dot_product_attention_and_its_gradients_match_references():
     fd = [(float((softmax(x.at[i, j].add(eps)) * w).sum()) - float((softmax(x.at[i, j].add(-eps)) * w).sum())) / (2 * eps)
           for i in range(4) for j in range(5)]
     np.testing.assert_allclose(np.asarray(grad).ravel(), fd, atol=2e-3)
+    # bf16 logits: float32 probabilities, a bf16 gradient (the input's dtype)
+    g16 = jax.grad(lambda x: (softmax(x) * w).sum())(x.astype(jnp.bfloat16))
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32), grad, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,14 +118,15 @@ def softmax(logits):
 
 
 def _softmax_fwd(logits):
-    logits = logits.astype(jnp.float32)
-    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    x = logits.astype(jnp.float32)
+    e = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
     p = e / e.sum(axis=-1, keepdims=True)
-    return p, p
+    return p, (p, jnp.zeros((0,), logits.dtype))  # the empty array carries the input's dtype
 
 
-def _softmax_bwd(p, g):
-    return (p * (g - (g * p).sum(axis=-1, keepdims=True)),)
+def _softmax_bwd(res, g):
+    p, like = res
+    return ((p * (g - (g * p).sum(axis=-1, keepdims=True))).astype(like.dtype),)
 
 
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
