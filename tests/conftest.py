@@ -3,9 +3,18 @@
 XLA_FLAGS must be set before jax is imported anywhere, so it is done at the top of conftest.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole suite, inherited by the xdist workers, the CLI
+# subprocesses and the notebook kernels: many tests compile the same tiny programs (a resumed run, a
+# second process, the same runlocal step in another test), and compiling dominates their time. The
+# cache key is the whole program plus compiler options and versions, so a hit cannot change a result.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"eojax-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # bytes; oldest entries go first
 
 import pathlib
 
