@@ -11,6 +11,9 @@ state touches the other's timing; this parent only measures the CPU's matmul pea
 table. Step times are per step, blocked on the result; the table reports the median step (robust
 against other processes sharing the cores) of the best of --rounds alternating fresh processes,
 images/s = batch / median, and MFU = analytic model FLOPs per step / median / measured peak.
+
+eojax runs with eojax.hostmem's malloc settings, as the `eojax` CLI does (EOJAX_MALLOC=system in
+the environment turns them off); torch runs twice per round, as shipped and with the same settings.
 """
 from __future__ import annotations
 
@@ -119,7 +122,7 @@ def run_torch(args) -> dict:
         t = time.perf_counter()
         loss = step(pool[i % len(pool)])
         times.append(time.perf_counter() - t)
-    return {"framework": "torch", "step": summary(times, args.batch), "last_loss": float(loss),
+    return {"framework": args.child, "step": summary(times, args.batch), "last_loss": float(loss),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
@@ -127,12 +130,12 @@ def run_torch(args) -> dict:
 # -- parent --------------------------------------------------------------------------------------------
 def _child(framework: str, args) -> dict | str:
     """Runs one side in a fresh process; returns its result dict or a one-line reason it has none."""
-    if framework == "torch":
+    if framework.startswith("torch"):
         probe = subprocess.run([sys.executable, "-c", "import torch, transformers"], capture_output=True)
         if probe.returncode:
             return "torch not importable (pip install torch to compare)"
     env = single_device_env(args.xla_flags if framework == "eojax" else "")
-    if framework == "torch":
+    if framework.startswith("torch"):
         # OpenMP threads spin at barriers by default; when other processes share the cores, a spinning
         # thread waits on a descheduled one and torch's step got ~4x slower here (5-8 s vs 1.2-1.3 s).
         # Passive waiting gives the reference its fair number on a shared machine; set the variable
@@ -163,13 +166,19 @@ def main() -> None:
                     help="extra XLA_FLAGS for the eojax child, to try CPU options (none are on by default: "
                          "none tried gave a clear gain, see bench/README.md)")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--child", choices=("eojax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("eojax", "torch", "torch+malloc"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         ap.error("--steps, --warmup and --rounds must be >= 1 (the first step compiles)")
 
     if args.child:
+        # eojax runs as the `eojax` CLI does, with eojax.hostmem's malloc settings (EOJAX_MALLOC=system
+        # turns them off); torch runs as shipped, and once more with the same settings, for fairness.
+        from eojax import hostmem
+        if args.child in ("eojax", "torch+malloc"):
+            print(hostmem.tune_malloc(), flush=True)
         result = run_eojax(args) if args.child == "eojax" else run_torch(args)
+        result["malloc"] = hostmem.status or "glibc defaults"
         print(MARK + json.dumps(result), flush=True)
         return
 
@@ -183,7 +192,8 @@ def main() -> None:
     # best round (lowest median step), the usual way to read a benchmark on a shared machine.
     results = {}
     for rnd in range(args.rounds):
-        for fw in (("eojax", "torch") if args.framework == "both" else (args.framework,)):
+        for fw in (("eojax", "torch", "torch+malloc") if args.framework == "both" else
+                   ("torch", "torch+malloc") if args.framework == "torch" else ("eojax",)):
             if isinstance(results.get(fw), str):
                 continue  # not importable / failed: no point retrying
             print(f"round {rnd + 1}/{args.rounds}: {fw} ({args.warmup} warm-up + {args.steps} timed steps, "
@@ -209,15 +219,17 @@ def main() -> None:
                      f"{100 * mfu:.1f}%", config))
 
     if isinstance(ej, dict):
-        row("eojax (step only)", ej["step"], CONFIG_TEXT)
+        row("eojax (step only)", ej["step"], f"{CONFIG_TEXT}; {ej['malloc']}")
         row("eojax (end-to-end, + input)", ej["end_to_end"], CONFIG_TEXT + ", Grain input")
     elif ej is not None:
         rows.append(("eojax", "-", "-", "-", "-", ej.splitlines()[0]))
-    tr = results.get("torch")
-    if isinstance(tr, dict):
-        row(f"torch {tr['torch']} (HF ViTMAE)", tr["step"], CONFIG_TEXT + f", {tr['threads']} threads, OMP {tr['omp_wait_policy'] or 'default'}")
-    elif tr is not None:
-        rows.append(("torch", "-", "-", "-", "-", tr.splitlines()[0]))
+    for fw in ("torch", "torch+malloc"):
+        tr = results.get(fw)
+        if isinstance(tr, dict):
+            row(f"torch {tr['torch']} (HF ViTMAE)", tr["step"], f"{CONFIG_TEXT}, {tr['threads']} threads, "
+                f"OMP {tr['omp_wait_policy'] or 'default'}; {tr['malloc']}")
+        elif tr is not None:
+            rows.append((fw, "-", "-", "-", "-", tr.splitlines()[0]))
 
     print_table(("framework", "images/s", "step ms", "best ms", "MFU", "config"), rows)
     print(f"\nstep ms = median of per-step times (each blocked on its result), best of {args.rounds} fresh-process "
@@ -227,10 +239,11 @@ def main() -> None:
         print(f"input pipeline alone: {inp['images_per_s']:.0f} images/s "
               f"({inp['step_s'] * 1e3:.1f} ms per batch of {args.batch}) vs the step's "
               f"{ej['step']['images_per_s']:.1f} images/s")
-    if isinstance(ej, dict) and isinstance(tr, dict):
-        print(f"ratio eojax/torch (images/s, step only): {tr['step']['step_s'] / ej['step']['step_s']:.2f}x "
-              f"from the medians, {tr['step']['min_step_s'] / ej['step']['min_step_s']:.2f}x from the best steps "
-              f"(the steadier of the two when other processes share the cores)")
+    for fw, label in (("torch", "torch as shipped"), ("torch+malloc", "torch with eojax's malloc settings")):
+        tr = results.get(fw)
+        if isinstance(ej, dict) and isinstance(tr, dict):
+            print(f"ratio eojax / {label} (images/s, step only): {tr['step']['step_s'] / ej['step']['step_s']:.2f}x "
+                  f"from the medians, {tr['step']['min_step_s'] / ej['step']['min_step_s']:.2f}x from the best steps")
     for fw, r in results.items():
         if isinstance(r, str) and "\n" in r:
             print(f"\n{r}")

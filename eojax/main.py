@@ -49,6 +49,9 @@ def main(argv: list[str]) -> None:
     if family is not None and family != config.task:
         raise app.UsageError(f"eojax infer {family}: the config trains task {config.task!r}, not {family!r}")
     logging.getLogger().setLevel(logging.INFO)
+    from eojax import hostmem
+    if hostmem.status:
+        logging.info(hostmem.status)
 
     if command == "stats":
         from eojax.data import pipeline
@@ -82,6 +85,8 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     """Console-script entry point. ml_collections reports an override of a key the config does not
     have as a bare AttributeError/KeyError while flags are parsed; say which flag it was."""
+    from eojax import hostmem
+    hostmem.tune_malloc()  # before jax is imported (main logs what it did)
     try:
         app.run(main)
     except (AttributeError, KeyError) as e:

@@ -179,6 +179,35 @@ def test_dot_product_attention_and_its_gradients_match_references():
     np.testing.assert_allclose(np.asarray(g16, np.float32), grad, atol=2e-2)
 
 
+def test_layer_norm_and_its_gradients_match_references():
+    """eojax's LayerNorm (custom backward) against numpy in float64 for the values and against
+    autodiff of flax's nn.LayerNorm for the gradients of x, scale and bias; same parameter tree."""
+    from eojax.models.layers import LayerNorm
+    ks = jax.random.split(jax.random.key(3), 4)
+    x = 3.0 + 2.0 * jax.random.normal(ks[0], (2, 5, 16))  # an offset mean, as a residual stream has
+    ours, ref = LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6)
+    params = {"params": {"ln": {"scale": 1.0 + 0.1 * jax.random.normal(ks[1], (16,)),
+                                "bias": 0.1 * jax.random.normal(ks[2], (16,))}}}
+    assert jax.tree.structure(nn.unbox(ours.init(ks[0], x))) == jax.tree.structure(params)
+    xs = np.asarray(x, np.float64)
+    want = (xs - xs.mean(-1, keepdims=True)) / np.sqrt(xs.var(-1, keepdims=True) + 1e-6)
+    want = want * np.asarray(params["params"]["ln"]["scale"]) + np.asarray(params["params"]["ln"]["bias"])
+    np.testing.assert_allclose(ours.apply(params, x), want, atol=1e-5)
+    g = jax.random.normal(ks[3], x.shape)
+    grads = jax.grad(lambda p, x: (ours.apply(p, x) * g).sum(), argnums=(0, 1))(params, x)
+    ref_grads = jax.grad(lambda p, x: (ref.apply({"params": p["params"]["ln"]}, x) * g).sum(),
+                         argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(grads[1], ref_grads[1], atol=1e-5)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(grads[0]["params"]["ln"][name], ref_grads[0]["params"]["ln"][name], atol=1e-5)
+    # bf16 activations: statistics in float32, output and input gradient in bf16
+    low = LayerNorm(dtype=jnp.bfloat16)
+    y16, gx16 = jax.value_and_grad(lambda x: (low.apply(params, x).astype(jnp.float32) * g).sum())(
+        x.astype(jnp.bfloat16))
+    assert gx16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gx16, np.float32), grads[1], atol=5e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # loss
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +482,7 @@ def test_flops_per_image_from_param_shapes(variant, size, patch, ch, cls):
 
     macs = kernel_macs(p["encoder"]["patch_embed"], n)
     macs += kernel_macs(p["encoder"]["blocks"], t_enc) + kernel_macs(p["decoder_embed"], t_enc)
-    macs += kernel_macs(p["decoder"], t_dec) + kernel_macs(p["decoder_pred"], t_dec)
+    macs += kernel_macs(p["decoder"], t_dec) + kernel_macs(p["decoder_pred"], n)  # no prediction for cls
     macs += 2 * t_enc**2 * cfg["width"] * cfg["depth"]  # q.k and attn.v
     macs += 2 * t_dec**2 * cfg["decoder_width"] * cfg["decoder_depth"]
     assert flops_per_image(cfg) == pytest.approx(2 * macs, rel=1e-9)

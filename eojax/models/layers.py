@@ -59,10 +59,40 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in x's dtype (callers pass
+    float32). Statistics as flax's nn.LayerNorm (one pass: var = E[x^2] - E[x]^2, clipped at 0).
+    The custom backward keeps only x's normalised form and 1/std and needs two row reductions;
+    autodiff of the forward took ~10% of an MAE train step on XLA:CPU in separate passes."""
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.maximum((x * x).mean(axis=-1, keepdims=True) - mean * mean, 0.0)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    xhat = (x - mean) * rstd
+    return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, res, g):
+    xhat, rstd, scale = res
+    rows = tuple(range(g.ndim - 1))
+    gx = g * scale
+    # d/dx of xhat: rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), the means over the normalised axis.
+    dx = rstd * (gx - gx.mean(axis=-1, keepdims=True) - xhat * (gx * xhat).mean(axis=-1, keepdims=True))
+    return dx, (g * xhat).sum(axis=rows), g.sum(axis=rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm whose statistics and affine run in float32 (bf16 statistics are too coarse), then
-    cast back to the compute dtype. eps 1e-6 as MAE / timm ViTs (torch's default 1e-5 for models
-    that use a plain nn.LayerNorm, e.g. Prithvi, CROMA)."""
+    cast back to the compute dtype, through `layer_norm`'s lean backward. eps 1e-6 as MAE / timm
+    ViTs (torch's default 1e-5 for models that use a plain nn.LayerNorm, e.g. Prithvi, CROMA).
+    Parameters live under 'ln' ('ln/scale', 'ln/bias'), the layout of flax's nn.LayerNorm."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -70,15 +100,22 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.LayerNorm(
-            epsilon=self.epsilon,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            scale_init=partitioned(nn.initializers.ones, ("embed",)),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-            name="ln",
-        )(x.astype(jnp.float32))
+        scale, bias = _NormAffine(self.param_dtype, name="ln")(x.shape[-1])
+        y = layer_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                       self.epsilon)
         return y.astype(self.dtype)
+
+
+class _NormAffine(nn.Module):
+    """The scale and bias of a norm over `features` channels (logical axis 'embed')."""
+
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: int):
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (features,), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (features,), self.param_dtype)
+        return scale, bias
 
 
 class Mlp(nn.Module):

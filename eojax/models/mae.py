@@ -165,7 +165,7 @@ class MAE(nn.Module):
         y = y + jnp.asarray(layers.sincos_2d(self.decoder_width, gh, gw), y.dtype)[None]
         y = jnp.concatenate([cls, y], axis=1)  # cls gets no position, as in MAE
         y = self.decoder_norm(self.decoder(y, train))
-        pred = self.decoder_pred(y)[:, prefix:]
+        pred = self.decoder_pred(y[:, prefix:])  # the cls token predicts no patch
         return dict(
             pred=pred.astype(jnp.float32),
             mask=mask,
@@ -218,7 +218,7 @@ def flops_per_image(cfg: Mapping, training: bool = False) -> float:
     """Analytic matmul FLOPs per image (2 per multiply-add) of MAE(**cfg) at its image_size.
 
     Forward: patch embedding of all N patches, encoder on K kept (+cls) tokens, decoder embedding,
-    decoder on N (+cls) tokens, prediction head. training=True returns 3x forward (backward ~ 2x).
+    decoder on N (+cls) tokens, prediction head on the N patch tokens. training=True returns 3x forward (backward ~ 2x).
     Missing keys take the MAE field defaults.
     """
     d = {f.name: f.default for f in MAE.__dataclass_fields__.values() if f.name in _FLOP_KEYS}
@@ -233,7 +233,7 @@ def flops_per_image(cfg: Mapping, training: bool = False) -> float:
     flops += layers.transformer_flops(t_enc, width, d["depth"], d["mlp_dim"] or 4 * width)
     flops += 2.0 * t_enc * width * dw
     flops += layers.transformer_flops(t_dec, dw, d["decoder_depth"], d["decoder_mlp_dim"] or 4 * dw)
-    flops += 2.0 * t_dec * dw * (p * p * c)
+    flops += 2.0 * n * dw * (p * p * c)  # prediction head: patch tokens only
     return 3.0 * flops if training else flops
 
 
