@@ -63,8 +63,8 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 def layer_norm(x, scale, bias, epsilon: float):
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in x's dtype (callers pass
     float32). Statistics as flax's nn.LayerNorm (one pass: var = E[x^2] - E[x]^2, clipped at 0).
-    The custom backward keeps only x's normalised form and 1/std and needs two row reductions;
-    autodiff of the forward took ~10% of an MAE train step on XLA:CPU in separate passes."""
+    The custom backward keeps only x's normalised form and 1/std and needs two row reductions where
+    autodiff of the forward makes more passes: the MAE train step ran ~5% faster with it on XLA:CPU."""
     return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
 
