@@ -41,11 +41,13 @@ def _probe(mode, **env):
 
 def test_tuned_malloc_reuses_a_freed_large_buffer():
     pages = (200 << 20) // 4096  # one 200 MB buffer, touched 3 more times
-    status, faults = _probe("early")
+    status, tuned = _probe("early")
     assert status == "malloc: one arena, no mmap, no trimming"
-    assert faults < 0.05 * pages, faults
+    assert tuned < 0.05 * pages, tuned
+    # glibc's default maps the buffer afresh each time: 3 x 51k faults with 4 KB pages (3 x ~100 if the
+    # kernel backs it with transparent huge pages), against ~0 when tuned.
     status, faults = _probe("early", EOJAX_MALLOC="system")
     assert "glibc defaults" in status
-    assert faults > 2 * pages, faults  # glibc's default: a fresh mapping each time
+    assert faults > max(10 * tuned, 200), (faults, tuned)
     status, faults = _probe("late")
-    assert "jax was imported first" in status and faults > 2 * pages, (status, faults)
+    assert "jax was imported first" in status and faults > max(10 * tuned, 200), (status, faults, tuned)
