@@ -226,7 +226,7 @@ def main() -> None:
     for fw in ("torch", "torch+malloc"):
         tr = results.get(fw)
         if isinstance(tr, dict):
-            row(f"torch {tr['torch']} (HF ViTMAE)", tr["step"], f"{CONFIG_TEXT}, {tr['threads']} threads, "
+            row(f"torch {tr['torch']} (HF ViTMAE{', + malloc' if fw == 'torch+malloc' else ''})", tr["step"], f"{CONFIG_TEXT}, {tr['threads']} threads, "
                 f"OMP {tr['omp_wait_policy'] or 'default'}; {tr['malloc']}")
         elif tr is not None:
             rows.append((fw, "-", "-", "-", "-", tr.splitlines()[0]))
