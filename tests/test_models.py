@@ -370,6 +370,16 @@ def test_vit_embed_adds_fixed_positions(mu16):
     np.testing.assert_allclose(emb[0], bias[None] + sincos_2d(32, 4, 4), atol=1e-6)
 
 
+def test_embedding_kept_patches_equals_gathering_the_full_embedding(mu16):
+    # MAE embeds only the kept patches; that must be the full embedding's rows, positions included.
+    model, params, x, _ = mu16
+    keep = jnp.asarray([[0, 5, 15, 3], [2, 2, 9, 1], [14, 7, 0, 8], [4, 6, 10, 12]], jnp.int32)
+    full = model.apply(params, x, method=lambda m, im: m.encoder.embed(im))
+    kept = model.apply(params, x, keep, method=lambda m, im, k: m.encoder.embed(im, k))
+    np.testing.assert_allclose(kept, np.take_along_axis(np.asarray(full), np.asarray(keep)[:, :, None], 1),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_scan_layout_with_remat_and_dropout(mu16):
     # Scanned + remat model with dropout: at inference it equals the loop model without dropout
     # (same params, mapped); in training remat's static `train` argument reaches dropout.
@@ -480,7 +490,7 @@ def test_flops_per_image_from_param_shapes(variant, size, patch, ch, cls):
         return tokens * sum(math.prod(a.shape) for path, a in
                             jax.tree_util.tree_leaves_with_path(tree) if "kernel" in str(path[-1]))
 
-    macs = kernel_macs(p["encoder"]["patch_embed"], n)
+    macs = kernel_macs(p["encoder"]["patch_embed"], t_enc - cls)  # only the kept patches are embedded
     macs += kernel_macs(p["encoder"]["blocks"], t_enc) + kernel_macs(p["decoder_embed"], t_enc)
     macs += kernel_macs(p["decoder"], t_dec) + kernel_macs(p["decoder_pred"], n)  # no prediction for cls
     macs += 2 * t_enc**2 * cfg["width"] * cfg["depth"]  # q.k and attn.v

@@ -147,10 +147,10 @@ class MAE(nn.Module):
     def __call__(self, images, train: bool = True, mask_ratio: float | None = None):
         """`mask_ratio` overrides the configured ratio (e.g. for reconstructions); needs the 'mask' rng."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        x = self.encoder.embed(images)  # (B, N, D), positions added before masking
-        b, n, _ = x.shape
+        b, (gh, gw) = images.shape[0], self.encoder.patch_grid(images)
+        n = gh * gw
         keep_idx, mask, restore_idx = random_masking(self.make_rng("mask"), b, n, ratio)
-        x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
+        x = self.encoder.embed(images, keep_idx)  # (B, K, D): the kept patches only, with positions
         latent = self.encoder.encode(self.encoder.prepend_cls(x), train)
 
         y = self.decoder_embed(latent)
@@ -161,7 +161,6 @@ class MAE(nn.Module):
         )
         y = jnp.concatenate([y, mask_tokens], axis=1)  # shuffled order: kept first
         y = jnp.take_along_axis(y, restore_idx[:, :, None], axis=1)  # back to grid order
-        gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
         y = y + jnp.asarray(layers.sincos_2d(self.decoder_width, gh, gw), y.dtype)[None]
         y = jnp.concatenate([cls, y], axis=1)  # cls gets no position, as in MAE
         y = self.decoder_norm(self.decoder(y, train))
@@ -217,7 +216,7 @@ def mae_loss(pred, images, valid, mask, patch_size: int, norm_pix_loss: bool = F
 def flops_per_image(cfg: Mapping, training: bool = False) -> float:
     """Analytic matmul FLOPs per image (2 per multiply-add) of MAE(**cfg) at its image_size.
 
-    Forward: patch embedding of all N patches, encoder on K kept (+cls) tokens, decoder embedding,
+    Forward: patch embedding of the K kept patches, encoder on K kept (+cls) tokens, decoder embedding,
     decoder on N (+cls) tokens, prediction head on the N patch tokens. training=True returns 3x forward (backward ~ 2x).
     Missing keys take the MAE field defaults.
     """
@@ -229,7 +228,7 @@ def flops_per_image(cfg: Mapping, training: bool = False) -> float:
     prefix = 1 if d["use_cls_token"] else 0
     t_enc, t_dec = num_kept(n, d["mask_ratio"]) + prefix, n + prefix
     width, dw = d["width"], d["decoder_width"]
-    flops = 2.0 * n * (p * p * c) * width
+    flops = 2.0 * (t_enc - prefix) * (p * p * c) * width
     flops += layers.transformer_flops(t_enc, width, d["depth"], d["mlp_dim"] or 4 * width)
     flops += 2.0 * t_enc * width * dw
     flops += layers.transformer_flops(t_dec, dw, d["decoder_depth"], d["decoder_mlp_dim"] or 4 * dw)

@@ -68,7 +68,8 @@ def block_maps(blocks, norm, tokens, layers, depth: int, train: bool, prefix: in
 
 class PatchEmbed(nn.Module):
     """Patchify + Dense: the same map as a conv with kernel = stride = patch_size. The kernel's input
-    rows follow patchify's (row, col, channel) order; the pixel dim is never sharded (None)."""
+    rows follow patchify's (row, col, channel) order; the pixel dim is never sharded (None).
+    `keep_idx` (B, K) embeds only those patches (MAE's kept ones): a quarter of the work at mask 0.75."""
 
     patch_size: int
     width: int
@@ -76,8 +77,10 @@ class PatchEmbed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, keep_idx=None):
         x = patchify(images, self.patch_size).astype(self.dtype)
+        if keep_idx is not None:
+            x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
         x = nn.Dense(
             self.width,
             dtype=self.dtype,
@@ -148,16 +151,21 @@ class ViTEncoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return 1 if self.use_cls_token else 0
 
-    def embed(self, images):
-        """(B, H, W, C) -> (B, N, width): patch embeddings plus fixed positions (no cls token)."""
+    def patch_grid(self, images) -> tuple[int, int]:
+        """(rows, cols) of the patch grid of images (B, H, W, C), after checking their layout."""
         if images.ndim != 4 or images.shape[-1] != self.in_channels:
             raise ValueError(
                 f"expected images (B, H, W, {self.in_channels}) channels-last, got {images.shape}"
             )
-        gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
-        x = self.patch_embed(images)
+        return images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
+
+    def embed(self, images, keep_idx=None):
+        """(B, H, W, C) -> (B, N, width): patch embeddings plus fixed positions (no cls token).
+        With `keep_idx` (B, K): only those patches, (B, K, width), each with its own position."""
+        gh, gw = self.patch_grid(images)
+        x = self.patch_embed(images, keep_idx)
         pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), dtype=self.dtype)
-        return x + pos[None]
+        return x + (pos[None] if keep_idx is None else jnp.take(pos, keep_idx, axis=0))
 
     def prepend_cls(self, tokens):
         if not self.use_cls_token:
