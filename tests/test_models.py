@@ -126,6 +126,19 @@ def test_random_masking(n, ratio):
     assert len({tuple(m) for m in mask}) > 1  # samples differ
 
 
+def test_permute_tokens_and_its_gradient():
+    # The unshuffle's custom backward (gather by the inverse permutation) against numpy's gather
+    # and against autodiff of the plain gather (a scatter-add).
+    from eojax.models.mae import permute_tokens
+    _, _, perm = random_masking(jax.random.key(7), 3, 10, 0.5)
+    x = jax.random.normal(jax.random.key(8), (3, 10, 4))
+    g = jax.random.normal(jax.random.key(9), (3, 10, 4))
+    out, vjp = jax.vjp(lambda x: permute_tokens(x, perm), x)
+    np.testing.assert_array_equal(out, np.take_along_axis(np.asarray(x), np.asarray(perm)[:, :, None], 1))
+    _, ref_vjp = jax.vjp(lambda x: jnp.take_along_axis(x, perm[:, :, None], axis=1), x)
+    np.testing.assert_array_equal(vjp(g)[0], ref_vjp(g)[0])
+
+
 def test_random_masking_rejects_bad_ratio():
     with pytest.raises(ValueError):
         random_masking(jax.random.key(0), 1, 4, 1.0)

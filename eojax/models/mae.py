@@ -70,6 +70,29 @@ def random_masking(rng, batch: int, num_tokens: int, mask_ratio: float):
     return shuffle[:, :k], mask, restore
 
 
+@jax.custom_vjp
+def permute_tokens(x, perm):
+    """x (B, N, D) with its tokens reordered per row: out[b, i] = x[b, perm[b, i]], perm (B, N) a
+    permutation of each row. The backward gathers with the inverse permutation instead of
+    autodiff's scatter-add into zeros (a full-size zero fill and a scatter on XLA:CPU)."""
+    return _gather_tokens(x, perm)
+
+
+def _gather_tokens(x, idx):
+    return jnp.take_along_axis(x, idx[:, :, None], axis=1, mode="promise_in_bounds")
+
+
+def _permute_tokens_fwd(x, perm):
+    return _gather_tokens(x, perm), perm
+
+
+def _permute_tokens_bwd(perm, g):
+    return _gather_tokens(g, jnp.argsort(perm, axis=1)), None
+
+
+permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
+
+
 class MAE(nn.Module):
     """images (B, H, W, C) -> dict(pred (B, N, p*p*C) float32, mask (B, N), latent, ids)."""
 
@@ -160,7 +183,7 @@ class MAE(nn.Module):
             self.mask_token.astype(y.dtype), (b, n - y.shape[1], self.decoder_width)
         )
         y = jnp.concatenate([y, mask_tokens], axis=1)  # shuffled order: kept first
-        y = jnp.take_along_axis(y, restore_idx[:, :, None], axis=1)  # back to grid order
+        y = permute_tokens(y, restore_idx)  # back to grid order
         y = y + jnp.asarray(layers.sincos_2d(self.decoder_width, gh, gw), y.dtype)[None]
         y = jnp.concatenate([cls, y], axis=1)  # cls gets no position, as in MAE
         y = self.decoder_norm(self.decoder(y, train))

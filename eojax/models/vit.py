@@ -80,7 +80,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, images, keep_idx=None):
         x = patchify(images, self.patch_size).astype(self.dtype)
         if keep_idx is not None:
-            x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1)
+            x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1, mode="promise_in_bounds")
         x = nn.Dense(
             self.width,
             dtype=self.dtype,
