@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from eojax.models import layers
-from eojax.models.vit import ViTEncoder, _pair, patchify, unpatchify, vit_config
+from eojax.models.vit import ViTEncoder, _pair, gather_tokens, patchify, unpatchify, vit_config
 
 __all__ = [
     "MAE",
@@ -75,19 +75,15 @@ def permute_tokens(x, perm):
     """x (B, N, D) with its tokens reordered per row: out[b, i] = x[b, perm[b, i]], perm (B, N) a
     permutation of each row. The backward gathers with the inverse permutation instead of
     autodiff's scatter-add into zeros (a full-size zero fill and a scatter on XLA:CPU)."""
-    return _gather_tokens(x, perm)
-
-
-def _gather_tokens(x, idx):
-    return jnp.take_along_axis(x, idx[:, :, None], axis=1, mode="promise_in_bounds")
+    return gather_tokens(x, perm)
 
 
 def _permute_tokens_fwd(x, perm):
-    return _gather_tokens(x, perm), perm
+    return gather_tokens(x, perm), perm
 
 
 def _permute_tokens_bwd(perm, g):
-    return _gather_tokens(g, jnp.argsort(perm, axis=1)), None
+    return gather_tokens(g, jnp.argsort(perm, axis=1)), None
 
 
 permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)

@@ -46,6 +46,13 @@ def patchify(images, p: int):
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
+def gather_tokens(x, idx):
+    """x (B, N, ...) -> (B, K, ...): rows idx (B, K) of each sample; idx must be in range (it comes
+    from argsort), which spares the gather its out-of-bounds select."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1, mode="promise_in_bounds")
+
+
 def unpatchify(patches, p: int, h: int, w: int, c: int):
     """Inverse of patchify: (B, (h/p)*(w/p), p*p*c) -> (B, h, w, c); h, w are pixel sizes."""
     b = patches.shape[0]
@@ -80,7 +87,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, images, keep_idx=None):
         x = patchify(images, self.patch_size).astype(self.dtype)
         if keep_idx is not None:
-            x = jnp.take_along_axis(x, keep_idx[:, :, None], axis=1, mode="promise_in_bounds")
+            x = gather_tokens(x, keep_idx)
         x = nn.Dense(
             self.width,
             dtype=self.dtype,
