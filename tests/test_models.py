@@ -192,6 +192,34 @@ def test_dot_product_attention_and_its_gradients_match_references():
     np.testing.assert_allclose(np.asarray(g16, np.float32), grad, atol=2e-2)
 
 
+def test_linear_and_dense_gradients_match_autodiff_of_tensordot():
+    """layers.linear (custom backward: the kernel gradient as one 2-D product) against autodiff of
+    jnp.tensordot, for 1 and 2 contracted axes and multi-axis kernels (attention's q/k/v and output
+    projections); layers.Dense keeps nn.Dense's parameter tree and its numbers."""
+    from eojax.models.layers import Dense, linear
+    ks = jax.random.split(jax.random.key(5), 6)
+    cases = [((3, 7, 12), (12, 5), 1), ((3, 7, 12), (12, 2, 6), 1), ((2, 5, 3, 4), (3, 4, 12), 2),
+             ((12,), (12, 5), 1)]
+    for x_shape, k_shape, n_in in cases:
+        x, kernel = jax.random.normal(ks[0], x_shape), jax.random.normal(ks[1], k_shape)
+        g = jax.random.normal(ks[2], x_shape[: len(x_shape) - n_in] + k_shape[n_in:])
+        np.testing.assert_allclose(linear(x, kernel, n_in), jnp.tensordot(x, kernel, n_in),
+                                   rtol=1e-5, atol=1e-5)
+        ours = jax.grad(lambda x, k: (linear(x, k, n_in) * g).sum(), argnums=(0, 1))(x, kernel)
+        ref = jax.grad(lambda x, k: (jnp.tensordot(x, k, n_in) * g).sum(), argnums=(0, 1))(x, kernel)
+        for a, b in zip(ours, ref):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    x = jax.random.normal(ks[3], (4, 9, 12))
+    params = nn.Dense(5).init(ks[4], x)
+    assert jax.tree.structure(Dense(5).init(ks[4], x)) == jax.tree.structure(params)
+    loss = lambda m: lambda p: (m.apply(p, x) ** 2).sum()  # noqa: E731
+    np.testing.assert_allclose(Dense(5).apply(params, x), nn.Dense(5).apply(params, x), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(Dense(5)))(params)),
+                    jax.tree.leaves(jax.grad(loss(nn.Dense(5)))(params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_norm_and_its_gradients_match_references():
     """eojax's LayerNorm (custom backward) against numpy in float64 for the values and against
     autodiff of flax's nn.LayerNorm for the gradients of x, scale and bias; same parameter tree."""

@@ -154,14 +154,15 @@ class _Mlp(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         normal = nn.initializers.normal
-        h = nn.Dense(self.n_inner, dtype=self.dtype, param_dtype=self.param_dtype, name="c_fc",
-                     kernel_init=partitioned(normal(0.02), ("embed", "mlp")),
-                     bias_init=partitioned(nn.initializers.zeros, ("mlp",)))(x)
+        h = layers.Dense(self.n_inner, dtype=self.dtype, param_dtype=self.param_dtype, name="c_fc",
+                         kernel_init=partitioned(normal(0.02), ("embed", "mlp")),
+                         bias_init=partitioned(nn.initializers.zeros, ("mlp",)))(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="c_proj",
-                        kernel_init=partitioned(normal(0.02 / math.sqrt(2 * self.n_layer)), ("mlp", "embed")),
-                        bias_init=partitioned(nn.initializers.zeros, ("embed",)))(h)
+        return layers.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="c_proj",
+                            kernel_init=partitioned(normal(0.02 / math.sqrt(2 * self.n_layer)),
+                                                    ("mlp", "embed")),
+                            bias_init=partitioned(nn.initializers.zeros, ("embed",)))(h)
 
 
 class GPT2(nn.Module):

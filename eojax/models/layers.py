@@ -118,6 +118,49 @@ class _NormAffine(nn.Module):
         return scale, bias
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x, kernel, n_in: int = 1):
+    """x (..., *K) times kernel (*K, *N), contracting x's last `n_in` axes with the kernel's first:
+    jnp.tensordot(x, kernel, n_in). Its backward forms the kernel gradient as one 2-D product over the
+    flattened leading axes, x (M, K) with dy (M, N) contracted on M, which XLA:CPU runs without the
+    operand transposes and slow matmul path that autodiff of the 3-D tensordot got: 1.2-1.6x faster
+    backward for most of the MAE's Dense shapes alone; in-process A/B of the MAE bench step: loss and
+    gradients 1.13x faster, the whole train step 1.01-1.09x (three runs)."""
+    return _linear_fwd(x, kernel, n_in)[0]
+
+
+def _linear_fwd(x, kernel, n_in):
+    dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+    return jax.lax.dot_general(x, kernel, dims), (x, kernel)
+
+
+def _linear_bwd(n_in, res, g):
+    x, kernel = res
+    n_out = kernel.ndim - n_in
+    out_axes = lambda a: tuple(range(a.ndim - n_out, a.ndim))  # noqa: E731
+    dx = jax.lax.dot_general(g, kernel, ((out_axes(g), out_axes(kernel)), ((), ())))
+    rows = int(np.prod(x.shape[: x.ndim - n_in]))
+    dk = jax.lax.dot_general(x.reshape(rows, -1), g.reshape(rows, -1), (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general for nn.Dense: its (x, kernel) product goes through `linear`."""
+    plain = precision is None and preferred_element_type is None
+    if plain and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())):
+        return linear(lhs, rhs, 1)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+# flax's nn.Dense (same parameters, names and initialisers) with `linear`'s backward.
+Dense = functools.partial(nn.Dense, dot_general=_dense_dot_general)
+
+
 class Mlp(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
@@ -127,7 +170,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         width = x.shape[-1]
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(
             self.mlp_dim,
             kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
@@ -284,11 +327,11 @@ class HeadDense(nn.Module):
                             tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
         if not self.use_bias:
             x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-            return jnp.tensordot(x, kernel, axes=n_in)
+            return linear(x, kernel, n_in)
         bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names), self.features,
                           self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return jnp.tensordot(x, kernel, axes=n_in) + bias
+        return linear(x, kernel, n_in) + bias
 
 
 class EncoderBlock(nn.Module):

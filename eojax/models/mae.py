@@ -133,7 +133,7 @@ class MAE(nn.Module):
             **kw,
         )
         # Encoder width -> decoder width: both are model dims; only one may be named 'embed'.
-        self.decoder_embed = nn.Dense(
+        self.decoder_embed = layers.Dense(
             self.decoder_width,
             kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
             bias_init=layers.partitioned(nn.initializers.zeros, (None,)),
@@ -156,7 +156,7 @@ class MAE(nn.Module):
             **kw,
         )
         self.decoder_norm = layers.LayerNorm(**kw)
-        self.decoder_pred = nn.Dense(
+        self.decoder_pred = layers.Dense(
             self.patch_size**2 * self.in_channels,
             kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
             bias_init=layers.partitioned(nn.initializers.zeros, (None,)),

@@ -210,7 +210,7 @@ class GroupChannelMAE(nn.Module):
             remat=self.remat, use_cls_token=self.use_cls_token,
             attention_impl=self.attention_impl, **kw)
         # Both widths are model dims; only one may be named 'embed' (as in MAE).
-        dense = lambda f, name: nn.Dense(  # noqa: E731
+        dense = lambda f, name: layers.Dense(  # noqa: E731
             f, name=name, **kw,
             kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", None)),
             bias_init=layers.partitioned(nn.initializers.zeros, (None,)))

@@ -88,7 +88,7 @@ class PatchEmbed(nn.Module):
         x = patchify(images, self.patch_size).astype(self.dtype)
         if keep_idx is not None:
             x = gather_tokens(x, keep_idx)
-        x = nn.Dense(
+        x = layers.Dense(
             self.width,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
