@@ -286,13 +286,16 @@ class Attention(nn.Module):
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
         head_dim = width // self.heads
-        def proj(name):
-            y = HeadDense((self.heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
-                          dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias,
-                          name=name)(x)
-            return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
-
-        q, k, v = proj("query"), proj("key"), proj("value")
+        # query / key / value keep their own parameters; they are applied as ONE (D, 3, H, Dh)
+        # product, which on XLA:CPU beat three (1184 x 384 x 384) ones by 1-3% of an MAE step.
+        weights = [HeadDense((self.heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
+                             dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias,
+                             weights_only=True, name=name)(x) for name in ("query", "key", "value")]
+        qkv = linear(x.astype(weights[0][0].dtype), jnp.stack([w[0] for w in weights], axis=1), 1)
+        if self.qkv_bias:
+            qkv = qkv + jnp.stack([w[1] for w in weights])
+        qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if bias is not None:
             bias = bias.astype(q.dtype)
         if self.implementation in (None, "xla"):  # logits and softmax in float32 even for bf16 inputs
@@ -317,6 +320,7 @@ class HeadDense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
+    weights_only: bool = False  # return (kernel, bias) in the compute dtype instead of applying them
 
     @nn.compact
     def __call__(self, x):
@@ -327,10 +331,12 @@ class HeadDense(nn.Module):
                             tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
         if not self.use_bias:
             x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-            return linear(x, kernel, n_in)
+            return (kernel, None) if self.weights_only else linear(x, kernel, n_in)
         bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names), self.features,
                           self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.weights_only:
+            return kernel, bias
         return linear(x, kernel, n_in) + bias
 
 
