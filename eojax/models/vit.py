@@ -193,7 +193,7 @@ class ViTEncoder(nn.Module):
         Intermediate blocks are returned as they are; the last block gets the final LayerNorm, so
         it equals what `__call__` returns. Same parameters as `__call__`.
         """
-        gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
+        gh, gw = self.patch_grid(images)
         return block_maps(self.blocks, self.norm, self.prepend_cls(self.embed(images)), layers,
                           self.depth, train, self.num_prefix_tokens,
                           lambda t: t.reshape(t.shape[0], gh, gw, t.shape[-1]))
