@@ -8,7 +8,7 @@ nproc=${NPROC:-2}; per=${DEVICES_PER_PROC:-2}; port=${PORT:-$((20000 + RANDOM % 
 pids=()
 for ((i = 0; i < nproc; i++)); do
   EOJAX_COORDINATOR="127.0.0.1:$port" EOJAX_NUM_PROCESSES=$nproc EOJAX_PROCESS_ID=$i \
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per" \
     ${PYTHON:-python} -m eojax.main train --config="$config" --workdir="$workdir" --config.progress_bar=False "$@" \
     > "${workdir%/}.proc$i.log" 2>&1 &
   pids+=($!)

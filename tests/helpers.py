@@ -1,6 +1,7 @@
 """Shared test helpers: configs by name, a few train steps, sharding checks, CLI runs."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -79,9 +80,15 @@ def one_device_reference(config_name, n=3, **overrides):
     return ckpt_lib.host_numpy(state.params), losses
 
 
+def xla_flags(devices: int) -> str:
+    """This process's XLA_FLAGS (set by conftest) with `devices` simulated CPU devices, for a subprocess."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return f"--xla_force_host_platform_device_count={devices} {flags.strip()}".strip()
+
+
 def cli(command, config_arg, workdir, *extra, devices=2, env_extra=None, check=True):
     """`python -m eojax.main <command> --config=<configs/...:arg> --workdir=...` in a subprocess."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu")
     env.update(env_extra or {})
     name, _, arg = config_arg.partition(":")

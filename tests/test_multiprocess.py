@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from eojax import checkpoint as ckpt_lib
 from eojax import metric_writer
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_steps=1",
@@ -19,7 +20,7 @@ def _params(workdir, step):
 
 def test_two_processes_train_like_one(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
-    env = dict(os.environ, PYTHON=sys.executable, NPROC="2", DEVICES_PER_PROC="2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHON=sys.executable, NPROC="2", DEVICES_PER_PROC="2", JAX_PLATFORMS="cpu")
     proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "configs/mae.py:runlocal", str(multi), *ARGS],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join(open(f"{multi}.proc{i}.log").read() for i in range(2) if os.path.exists(f"{multi}.proc{i}.log"))
@@ -29,7 +30,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert [r["step"] for r in metric_writer.read_metrics(str(multi))][-1] == 4
 
     # The same global batches on one process with four devices give the same parameters.
-    env1 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env1 = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-m", "eojax.main", "train", "--config=configs/mae.py:runlocal",
                     f"--workdir={single}", *ARGS], cwd=REPO, env=env1, check=True, capture_output=True,
                    timeout=900)

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+from helpers import xla_flags
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
@@ -60,7 +61,7 @@ def _kernelspec(root, env: dict) -> None:
         "display_name": "eojax venv (test)",
         "language": "python",
         # Overrides what the kernel inherits from pytest (conftest asks for 8 devices).
-        "env": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+        "env": {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
                 "MPLBACKEND": "module://matplotlib_inline.backend_inline", **env},
     }
     with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
