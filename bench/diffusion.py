@@ -13,7 +13,8 @@ train images/s: one step = UNet forward + backward + AdamW on a batch (caption e
 sampling images/s: DPM-Solver++ 2M, --sampler-steps steps, classifier-free guidance (cond + uncond as one
   2B batch per step); eojax: the jitted lax.scan sampler of eojax.diffusion.samplers, diffusers: its
   DPMSolverMultistepScheduler loop under torch.inference_mode.
-Each framework runs in its own fresh child process (torch with OMP_WAIT_POLICY=PASSIVE unless set); medians
+Each framework runs in its own fresh child process (torch with OpenMP's default wait policy, as shipped;
+run nothing else meanwhile: spinning OpenMP threads suffer badly from competing processes); medians
 of per-step (per-batch) times.
 diffusers is a bench-only dependency (`pip install diffusers`); without it the torch row says so.
 """
@@ -160,11 +161,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in names:
             child_args[1] = name
+            # torch keeps OpenMP's default wait policy, as shipped. OMP_WAIT_POLICY=PASSIVE (the bench's
+            # default until session 7) made diffusers' train step ~4x slower on a quiet machine.
             env = single_device_env()
-            if name == "torch":
-                # As bench/mae_step.py: spinning OpenMP barriers make torch several times slower when
-                # other processes share the cores; passive waiting gives it its fair number.
-                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             r = run_child(__file__, child_args, env, name)
             old = results.get(name)
             if not isinstance(old, dict) or "train_step_s" not in old or (

@@ -20,7 +20,8 @@ top-k 50 (GReaT's sampling). Prompts are left-padded in every batched run.
                            it can emit are scored, so the 50257-wide output matmul shrinks to 1014
 
 Every measurement runs in its own fresh child process (no thread pools or allocator shared with another);
-torch runs with OMP_WAIT_POLICY=PASSIVE (see bench/mae_step.py). Training: forward + backward + AdamW
+torch runs with OpenMP's default wait policy, as shipped (PASSIVE, used until session 7, slowed its
+one-row generate ~1.5x). Training: forward + backward + AdamW
 (eojax.optim) on a fixed (batch, length) token batch; FLOPs = 3 x forward matmuls (blocks with the full
 L x L attention square + the vocab projection, eojax.models.gpt2.flops_per_sequence); MFU against the
 measured f32 matmul peak of this CPU.
@@ -262,9 +263,7 @@ def main() -> None:
         if name.startswith("torch") and not has_torch:
             results[name] = "torch / transformers not installed: no reference numbers"
             continue
-        env = single_device_env()
-        if name.startswith("torch"):
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env = single_device_env()  # torch keeps OpenMP's default wait policy, as shipped (see bench/mae_step.py)
         print(f"running {name} ...", flush=True)
         results[name] = run_child(__file__, ["--child", name, *passthrough], env, name)
     peak = max(peak, metric_writer.measured_matmul_flops(repeats=30))
