@@ -21,7 +21,7 @@ top-k 50 (GReaT's sampling). Prompts are left-padded in every batched run.
 
 Every measurement runs in its own fresh child process (no thread pools or allocator shared with another);
 torch runs with OpenMP's default wait policy, as shipped (PASSIVE, used until session 7, slowed its
-one-row generate ~1.5x). Training: forward + backward + AdamW
+one-row generate 1.6-2.4x). Training: forward + backward + AdamW
 (eojax.optim) on a fixed (batch, length) token batch; FLOPs = 3 x forward matmuls (blocks with the full
 L x L attention square + the vocab projection, eojax.models.gpt2.flops_per_sequence); MFU against the
 measured f32 matmul peak of this CPU.
