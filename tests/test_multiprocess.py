@@ -20,7 +20,8 @@ def _params(workdir, step):
 
 def test_two_processes_train_like_one(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
-    env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHON=sys.executable, NPROC="2", DEVICES_PER_PROC="2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHON=sys.executable, NPROC="2", DEVICES_PER_PROC="2",
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "configs/mae.py:runlocal", str(multi), *ARGS],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join(open(f"{multi}.proc{i}.log").read() for i in range(2) if os.path.exists(f"{multi}.proc{i}.log"))
