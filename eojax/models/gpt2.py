@@ -54,7 +54,8 @@ def gpt2_config(variant: str, **overrides) -> dict:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with statistics in float32 and GPT-2's eps (layers.LayerNorm fixes 1e-6, MAE's)."""
+    """`layers.layer_norm` (float32 statistics, its lean backward) with GPT-2's eps and Hugging Face's
+    parameter layout: scale / bias directly under ln_1, ln_2, ln_f (layers.LayerNorm nests them)."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -65,10 +66,8 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
-        x = x.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        y = layers.layer_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                              self.epsilon)
         return y.astype(self.dtype)
 
 
