@@ -31,7 +31,8 @@ def get_config(arg=None):
     config.model = dict(
         variant=arg.variant, patch_size=arg.patch, mask_ratio=0.75, norm_pix_loss=True,
         width=0, depth=0, heads=0, mlp_dim=0, decoder_width=0, decoder_depth=0, decoder_heads=0,
-        dropout=0.0, dtype="float32", param_dtype="float32", scan=False, remat=False)
+        dropout=0.0, dtype="float32", param_dtype="float32", scan=False, remat=False,
+        attention_impl="xla")  # "cudnn" on GPUs: cuDNN's flash attention (bf16 / fp16, head dim % 8 == 0)
     if arg.variant == "small":  # eojax's default: ViT-S width, 6 layers, 192 x 2 decoder (the bench shape)
         config.model.update(depth=6, decoder_width=192, decoder_depth=2, decoder_heads=6)
 

@@ -39,7 +39,8 @@ def get_config(arg=None):
         variant=arg.variant, groups="sentinel2_10", patch_size=8, mask_ratio=0.75,
         spatial_mask=arg.spatial_mask, norm_pix_loss=False, width=0, depth=0, heads=0, mlp_dim=0,
         group_embed_dim=0, decoder_width=0, decoder_depth=0, decoder_heads=0, decoder_group_embed_dim=0,
-        dropout=0.0, dtype="float32", param_dtype="float32", scan=False, remat=False)
+        dropout=0.0, dtype="float32", param_dtype="float32", scan=False, remat=False,
+        attention_impl="xla")  # "cudnn": flash attention on GPUs (bf16 / fp16)
 
     config.optim = config_lib.mae_adamw(lr=1e-4 * config.batch_size / 256, warmup_steps=2_000)  # SatMAE's blr scaling
 

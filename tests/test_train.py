@@ -256,3 +256,12 @@ def test_infer_command_restores_the_run_and_names_a_task_without_inference(tmp_p
     assert proc.returncode != 0 and "has no `eojax infer` entry point" in proc.stderr
     proc = cli("infer", "mae:runlocal", tmp_path, "diffusion", check=False)
     assert proc.returncode != 0 and "trains task 'mae', not 'diffusion'" in proc.stderr
+
+
+def test_bad_attention_impl_is_named_before_compiling():
+    config = mae_config(**{"model.attention_impl": "flash"})
+    with pytest.raises(ValueError, match="attention_impl 'flash'"):
+        train.setup(config, devices=jax.devices()[:1])
+    config = mae_config(**{"model.attention_impl": "cudnn"})  # float32: cuDNN's kernel needs bf16 / fp16
+    with pytest.raises(ValueError, match="attention_impl 'cudnn' needs dtype bfloat16"):
+        train.setup(config, devices=jax.devices()[:1])

@@ -263,12 +263,15 @@ def _sum_to_shape(x, shape):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention.
 
-    `implementation`: None / 'xla' run eojax's `dot_product_attention` (any backend); anything else
-    goes to `jax.nn.dot_product_attention`, e.g. 'cudnn' for flash attention on GPUs (needs
-    bf16/fp16 and a head dim that is a multiple of 8).
+    `implementation` (one of ATTENTION_IMPLEMENTATIONS): None / 'xla' run eojax's
+    `dot_product_attention` (any backend); 'cudnn' goes to `jax.nn.dot_product_attention`'s flash
+    attention on GPUs (needs bf16/fp16 and a head dim that is a multiple of 8).
 
     `bias` (optional, broadcastable to (batch, heads, length, length)) is added to the logits, e.g.
     CROMA's 2D-ALiBi distance penalty. qkv_bias=False drops the query/key/value biases (CROMA).
@@ -285,7 +288,14 @@ class Attention(nn.Module):
         width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+        if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl {self.implementation!r} is not one of "
+                             f"{ATTENTION_IMPLEMENTATIONS} (None and 'xla' run eojax's own attention)")
         head_dim = width // self.heads
+        if self.implementation == "cudnn" and (jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16)
+                                               or head_dim % 8):
+            raise ValueError(f"attention_impl 'cudnn' needs dtype bfloat16 / float16 and a head dim that is a "
+                             f"multiple of 8; got dtype {jnp.dtype(self.dtype).name}, head dim {head_dim}")
         # query / key / value keep their own parameters; they are applied as ONE (D, 3, H, Dh)
         # product, which on XLA:CPU beat three (1184 x 384 x 384) ones by 1-3% of an MAE step.
         weights = [HeadDense((self.heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
