@@ -28,6 +28,18 @@ def summary(times: list[float], batch: int) -> dict:
     return {"step_s": med, "min_step_s": min(times), "images_per_s": batch / med, "n": len(times)}
 
 
+def timed_calls(fn, n: int, warmup: int) -> list[float]:
+    """`warmup` untimed calls of fn, then the seconds of each of `n` timed calls (fn blocks itself)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def time_steps(run, state, pool: list, steps: int, warmup: int):
     """`warmup` untimed then `steps` timed trainer steps cycling over `pool` (batches already on the
     device, so only the jitted step is timed; its cost does not depend on the pixel values).

@@ -20,10 +20,9 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MARK, print_table, run_child, single_device_env  # noqa: E402
+from _common import MARK, print_table, run_child, single_device_env, timed_calls  # noqa: E402
 
 # (name, batch, tokens, heads, head_dim): the MAE bench's encoder (kept tokens + cls) and decoder.
 SHAPES = (("decoder", 32, 145, 6, 32), ("encoder", 32, 37, 6, 64))
@@ -34,14 +33,7 @@ def _flops(b, t, h, d):
 
 
 def _median_call(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed_calls(fn, iters, warmup=3))
 
 
 def eojax_side(iters: int) -> dict:

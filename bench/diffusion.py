@@ -25,24 +25,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
-from _common import MARK, print_table, run_child, single_device_env
+from _common import MARK, print_table, run_child, single_device_env, timed_calls
 
 SHAPE = dict(size=16, channels=12, blocks=(32, 64), attention=(False, True), layers=1, heads=4, ctx_len=12,
              ctx_dim=32, groups=8)
 CONFIG_TEXT = "16x16x12 UNet(32,64) attn@8x8 ctx 12x32 f32"
-
-
-def _timed(fn, n, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def run_eojax(args) -> dict:
@@ -81,13 +69,13 @@ def run_eojax(args) -> dict:
         state[0], state[1], loss = step(*state)
         jax.block_until_ready(loss)
 
-    train_times = _timed(train_once, args.steps, 2)
+    train_times = timed_calls(train_once, args.steps, 2)
     sched = schedules.Schedule(schedules.make_betas("linear", 1000))
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
     sample = jax.jit(functools.partial(samplers.sample, apply_fn, sched, "epsilon", name="dpmpp_2m",
                                        num_steps=args.sampler_steps, guidance_scale=2.0))
     uncond = jnp.zeros_like(ctx)
-    sample_times = _timed(lambda: jax.block_until_ready(sample(state[0], x, jax.random.key(3), ctx, uncond)),
+    sample_times = timed_calls(lambda: jax.block_until_ready(sample(state[0], x, jax.random.key(3), ctx, uncond)),
                           max(3, args.steps // 3), 1)
     return {"params": int(n_params), "train_step_s": statistics.median(train_times),
             "sample_batch_s": statistics.median(sample_times), "jax": jax.__version__}
@@ -120,7 +108,7 @@ def run_torch(args) -> dict:
         loss.backward()
         opt.step()
 
-    train_times = _timed(train_once, args.steps, 2)
+    train_times = timed_calls(train_once, args.steps, 2)
     sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                                   algorithm_type="dpmsolver++", solver_order=2)
     both = torch.cat([ctx, torch.zeros_like(ctx)])
@@ -135,7 +123,7 @@ def run_torch(args) -> dict:
             lat = sched.step(u + 2.0 * (c - u), step_t, lat).prev_sample
         return lat
 
-    sample_times = _timed(sample_once, max(3, args.steps // 3), 1)
+    sample_times = timed_calls(sample_once, max(3, args.steps // 3), 1)
     return {"params": int(n_params), "train_step_s": statistics.median(train_times),
             "sample_batch_s": statistics.median(sample_times), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}
