@@ -55,6 +55,21 @@ class Run:
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[Any, dict], dict]
     flops_per_step: float
+    jit_step: Any = None  # the jitted train step, for lowering / compiling it (benches, memory analysis)
+
+    def compile_step(self):
+        """The train step compiled for this run's shapes and shardings (a jax.stages.Compiled: its
+        memory_analysis() and cost_analysis() describe one device's program)."""
+        batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding)
+                 for k, s in self.abstract_batch().items()}
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jit_step.lower(self.abstract_state, batch).compile()
+
+    def abstract_batch(self) -> dict:
+        """The global batch the train step takes, as ShapeDtypeStructs with their shardings."""
+        dummy = self.task.dummy_batch(self.config.batch_size)
+        return {k: jax.ShapeDtypeStruct(dummy[k].shape, dummy[k].dtype, sharding=self.batch_shardings[k])
+                for k in self.batch_shardings}
 
     def global_batch(self, local_batch: dict) -> dict:
         """Host-local rows -> global arrays, keeping only what the task's step takes (not e.g. window
@@ -151,7 +166,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     return Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
                state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
                init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
-               eval_step=eval_step, flops_per_step=flops)
+               eval_step=eval_step, flops_per_step=flops, jit_step=jit_step)
 
 
 def _check_sampled_loss(task) -> None:
