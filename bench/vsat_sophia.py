@@ -62,7 +62,7 @@ def run_one(args, optimizer: str) -> dict:
         else:
             times.append(time.perf_counter() - start)
         losses.append(loss)
-    eval_loss = train.evaluate(run, train.eval_params(run, state)).get("loss", float("nan"))
+    eval_loss = train.evaluate(run, train.eval_variables(run, state)).get("loss", float("nan"))
     win = float(metrics.get("sophia_win_rate", float("nan")))
     return {"losses": losses, "times": times, "eval_loss": eval_loss, "win_rate": win,
             "lr": config.optim.lr, "gamma": config.optim.sophia.gamma,

@@ -66,7 +66,8 @@ def get_config(arg=None):
         decoder=arg.decoder, decoder_args=dict(DECODER_ARGS.get(arg.decoder, {})),
         mode=arg.mode, num_classes=2,
         class_names=("background", "building") if arg.data == "solaris" else ("not_burned", "burn_scar"),
-        ignore_index=-1, dtype="float32", pictures=True)
+        ignore_index=-1, dtype="float32", pictures=True,
+        norm="batch")  # neck / decoder norm: 'batch' (the references' SyncBatchNorm) | 'layer' (channel LayerNorm)
     config.sweep = dict(k=arg.sweep, probe_seed=0, lr_factors=())
     config.infer = dict(probabilities=False)
 

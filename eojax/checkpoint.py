@@ -6,6 +6,7 @@ checkpoints untouched and the half-written one is ignored on restart.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -70,17 +71,21 @@ class Checkpointer:
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restores into `abstract_state` (ShapeDtypeStructs carrying their shardings)."""
+        """Restores into `abstract_state` (a dataclass of ShapeDtypeStructs carrying their shardings)."""
         saved = self._manager.item_metadata(step)["state"]
         where = f"checkpoint {self.directory}/{step}"
         # Parameters first: their differences are the ones a user recognises.
         check_compatible(saved["params"], abstract_state.params, where)
         check_compatible(saved, abstract_state, where)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        # Fields with no arrays (an empty model state) may be absent from checkpoints written before
+        # eojax kept model state: restore the rest and keep them empty.
+        fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+        target = {k: v for k, v in fields.items() if k in saved or jax.tree.leaves(v)}
+        items = {"state": ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        return type(abstract_state)(**{**fields, **restored["state"]})
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -91,45 +96,78 @@ class Checkpointer:
 
 
 def is_eojax_checkpoint(path: str) -> bool:
-    """A run folder, its checkpoints/ folder, or one step folder written by eojax."""
+    """A run folder, its checkpoints/ or best/ folder, or one step folder written by eojax."""
     if not os.path.isdir(path):
         return False
-    if os.path.isdir(os.path.join(path, "state")) or os.path.isdir(os.path.join(path, "checkpoints")):
+    if any(os.path.isdir(os.path.join(path, n)) for n in ("state", "checkpoints", "best")):
         return True
     return any(n.isdigit() and os.path.isdir(os.path.join(path, n, "state")) for n in os.listdir(path))
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-    """Parameters from another run for `config.init_from`.
-
-    `path` is a workdir, its checkpoints/ folder, or one step folder. The optimizer state of that run
-    is ignored; shapes must match exactly (see weights/ for importing published checkpoints).
-    """
+def step_folder(path: str, best: bool = False) -> str:
+    """The step folder `path` names: a run folder (its latest checkpoint, or with `best` its kept best
+    parameters), its checkpoints/ or best/ folder, or a step folder itself."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.init_from: {path} does not exist")
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
-            steps = sorted(int(n) for n in os.listdir(candidate) if n.isdigit())
-            path = os.path.join(candidate, str(steps[-1]))
-            break
-    _, state_dir, saved_tree = _open_state(path, "config.init_from: ")
-    if "params" not in saved_tree:
-        raise CheckpointMismatchError(f"config.init_from: {state_dir} holds no 'params'")
-    check_compatible(saved_tree["params"], abstract_params, f"config.init_from {path}")
-    # Partial restore: only the params subtree is read (the optimizer state may be large).
-    target = {"params": abstract_params}
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None)),
-                                abstract_params)
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    candidates = [os.path.join(path, "best")] if best else [os.path.join(path, "checkpoints")]
+    for candidate in candidates + [path]:
+        steps = [int(n) for n in os.listdir(candidate) if n.isdigit()] if os.path.isdir(candidate) else []
+        if steps:
+            return os.path.join(candidate, str(max(steps)))
+    raise FileNotFoundError(f"no eojax checkpoint {'best/ ' if best else ''}under {path}")
+
+
+def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = None, *,
+                   best: bool = False) -> tuple[Any, Any]:
+    """(params, model_state) to evaluate an eojax run with: its EMA when it kept one, else its live
+    parameters; the model state (e.g. BatchNorm statistics) likewise.
+
+    `path` is as `step_folder` takes it. With abstract trees (ShapeDtypeStructs, optionally carrying
+    shardings) only those arrays are read, checked key by key against the checkpoint; with
+    `abstract_params=None` the params and model state are read whole to host numpy (for export)."""
+    step_dir = step_folder(path, best)
+    _, state_dir, saved = _open_state(step_dir)
+    ema = isinstance(saved.get("opt_state"), dict) and "ema" in saved["opt_state"]
+    params_key = ("opt_state", "ema") if ema else ("params",)
+    state_key = "ema_model_state" if ema and saved.get("ema_model_state") else "model_state"
+    saved_params = saved["opt_state"]["ema"] if ema else saved.get("params")
+    if saved_params is None:
+        raise CheckpointMismatchError(f"{state_dir} holds no 'params'")
+    saved_state = saved.get(state_key) or {}
+    if abstract_params is None:
+        abstract_params = _abstract_from_metadata(saved_params)
+        abstract_model_state = _abstract_from_metadata(saved_state)
+    abstract_model_state = abstract_model_state or {}
+    check_compatible(saved_params, abstract_params, f"the params of {step_dir}")
+    check_compatible(saved_state, abstract_model_state, f"the model state of {step_dir}")
+    # Partial restore: only these subtrees are read (the optimizer state may be large).
+    target, args = {}, {}
+    for key, tree in ((params_key, abstract_params), ((state_key,), abstract_model_state)):
+        if not jax.tree.leaves(tree):
+            continue
+        node_t, node_a = target, args
+        for k in key[:-1]:
+            node_t, node_a = node_t.setdefault(k, {}), node_a.setdefault(k, {})
+        node_t[key[-1]] = tree
+        node_a[key[-1]] = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None)), tree)
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args={"params": restore_args}, partial_restore=True))
-    logging.info("initialised params from %s", path)
-    return restored["params"]
+        item=target, restore_args=args, partial_restore=True))
+    params = restored["opt_state"]["ema"] if ema else restored["params"]
+    logging.info("read %s params from %s", "EMA" if ema else "live", step_dir)
+    return params, restored.get(state_key, {}) if jax.tree.leaves(abstract_model_state) else {}
+
+
+def _abstract_from_metadata(tree: Any) -> Any:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
 
 def _open_state(step_dir: str, what: str = ""):
     """-> (checkpointer, state folder, metadata tree) of one checkpoint step."""
-    state_dir = os.path.join(step_dir, "state")
+    state_dir = os.path.join(os.path.abspath(step_dir), "state")
     if not os.path.isdir(state_dir):
         raise FileNotFoundError(f"{what}no checkpoint state under {step_dir}")
     checkpointer = ocp.StandardCheckpointer()

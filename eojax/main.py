@@ -72,11 +72,11 @@ def main(argv: list[str]) -> None:
         from eojax.infer import features
         summary = {"features": features.export_run_features(config, workdir)}
     elif command == "infer":
-        run, params = train.load_for_inference(config, workdir)
+        run, variables = train.load_for_inference(config, workdir)
         options = {"prompt": list(_PROMPT.value), "input": _INPUT.value, "num_samples": _NUM_SAMPLES.value,
                    "output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "infer")),
                    "seed": _SEED.value}
-        summary = {"infer": run.task.infer(params, workdir, options)}
+        summary = {"infer": run.task.infer(*variables, workdir, options)}
     else:
         summary = {"eval": train.evaluate_checkpoint(config, workdir)}
     print(json.dumps(summary, indent=2))

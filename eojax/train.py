@@ -24,14 +24,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
-from eojax import metric_writer, optim, parallel, tasks
+from eojax import metric_writer, optim, parallel, tasks, weights
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What a checkpoint holds. `model_state`: the model's mutable collections besides 'params' (e.g.
+    BatchNorm's {'batch_stats': ...}; {} for most models), updated by the train step and used by eval.
+    `ema_model_state`: their exponential moving average when optim.ema_decay > 0, else {}."""
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any
+    ema_model_state: Any
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,7 +58,7 @@ class Run:
     init_state: Callable[[], TrainState]
     init_opt_state: Callable[[Any], Any]
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
-    eval_step: Callable[[Any, dict], dict]
+    eval_step: Callable[[Any, Any, dict], dict]
     flops_per_step: float
     jit_step: Any = None  # the jitted train step, for lowering / compiling it (benches, memory analysis)
 
@@ -112,26 +117,39 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
 
-    def init_params(r):
+    def init_variables(r):
+        """task.init's flax variables: {'params': ..., and any mutable collections}."""
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dummy)
-        return task.init(r, zeros)
+        variables = dict(task.init(r, zeros))
+        if "params" not in variables:
+            raise TypeError(f"task '{task.name}': init must return flax variables {{'params': ..., ...}}, "
+                            f"got keys {sorted(variables)}")
+        return variables
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_params, init_rng)
-    param_shardings = parallel.logical_shardings(boxed, mesh, rules)
-    abstract_params = nn.meta.unbox(boxed)
+        boxed = jax.eval_shape(init_variables, init_rng)
+    variable_shardings = parallel.logical_shardings(boxed, mesh, rules)
+    param_shardings = variable_shardings.pop("params")
+    model_state_shardings = variable_shardings  # unboxed statistics are replicated
+    abstract_variables = nn.meta.unbox(boxed)
+    abstract_params = abstract_variables.pop("params")
     abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
     opt_shardings = parallel.follow_params(abstract_opt, abstract_params, param_shardings, mesh)
     replicated = NamedSharding(mesh, P())
-    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    ema_shardings = model_state_shardings if optimizer.keeps_ema else {}
+    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                                 model_state=model_state_shardings, ema_model_state=ema_shardings)
     abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                opt_state=abstract_opt)
+                                opt_state=abstract_opt, model_state=abstract_variables,
+                                ema_model_state=abstract_variables if optimizer.keeps_ema else {})
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
 
     def create_state(r):
-        params = nn.meta.unbox(init_params(r))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params))
+        variables = nn.meta.unbox(init_variables(r))
+        params = variables.pop("params")
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params),
+                          model_state=variables, ema_model_state=variables if optimizer.keeps_ema else {})
 
     jit_create = jax.jit(create_state, out_shardings=state_shardings)
     jit_opt_init = jax.jit(optimizer.tx.init, out_shardings=opt_shardings)
@@ -151,16 +169,17 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     step_fn = _make_train_step(task, optimizer, accum, step_rng)
     jit_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    jit_eval = jax.jit(lambda params, batch: task.eval_fn(params, batch, step_rng),
-                       in_shardings=(param_shardings, batch_shardings), out_shardings=replicated)
+    jit_eval = jax.jit(lambda params, model_state, batch: task.eval_fn(params, model_state, batch, step_rng),
+                       in_shardings=(param_shardings, model_state_shardings, batch_shardings),
+                       out_shardings=replicated)
 
     def train_step(state, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jit_step(state, batch)
 
-    def eval_step(params, batch):
+    def eval_step(params, model_state, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jit_eval(params, batch)
+            return jit_eval(params, model_state, batch)
 
     flops = _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules)
     return Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
@@ -171,45 +190,54 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
 
 def _check_sampled_loss(task) -> None:
     if type(task).sampled_loss_fn is tasks.Task.sampled_loss_fn:
-        task.sampled_loss_fn(None, None, None)  # raises NotApplicableError with the explanation
+        task.sampled_loss_fn(None, None, None, None)  # raises NotApplicableError with the explanation
 
 
 def _make_train_step(task, optimizer, accum: int, base_rng):
-    """One optimizer step; with accum > 1, gradients are summed over micro-batches by lax.scan."""
+    """One optimizer step; with accum > 1, gradients are summed over micro-batches by lax.scan (the
+    model state, e.g. BatchNorm statistics, is carried through the micro-batches in order)."""
 
-    def loss_and_grads(params, batch, rng):
-        (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, True)
-        return loss, aux, grads
+    def loss_and_grads(params, model_state, batch, rng):
+        def loss(p):
+            value, aux, new_state = task.loss_fn(p, model_state, batch, rng, True)
+            return value, (aux, new_state)
+
+        (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return value, aux, grads, new_state
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(base_rng, state.step)
         if accum == 1:
-            loss, aux, grads = loss_and_grads(state.params, batch, rng)
+            loss, aux, grads, model_state = loss_and_grads(state.params, state.model_state, batch, rng)
         else:
             # Row j*accum + i goes to micro-batch i, so every device holds a share of each micro-batch.
             micro = jax.tree.map(
                 lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
 
             def body(carry, xs):
+                sums, model_state = carry
                 i, mb = xs
-                loss, aux, grads = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+                *out, model_state = loss_and_grads(state.params, model_state, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, sums, tuple(out)), model_state), None
 
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grads, state.params,
-                                                               jax.tree.map(lambda x: x[0], micro), rng))
-            total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            shapes = jax.eval_shape(loss_and_grads, state.params, state.model_state,
+                                    jax.tree.map(lambda x: x[0], micro), rng)
+            zero = jax.tree.map(jnp.zeros_like, shapes[:3])
+            (total, model_state), _ = jax.lax.scan(body, (zero, state.model_state), (jnp.arange(accum), micro))
             loss, aux, grads = jax.tree.map(lambda x: x / accum, total)
 
         extra = {}
         if "obj_fn" in optimizer.needs:
-            extra["obj_fn"] = lambda p: task.loss_fn(p, batch, rng, True)[0]
+            extra["obj_fn"] = lambda p: task.loss_fn(p, state.model_state, batch, rng, True)[0]
         if "sampled_obj_fn" in optimizer.needs:
-            extra["sampled_obj_fn"] = lambda p, r: task.sampled_loss_fn(p, batch, r)
+            extra["sampled_obj_fn"] = lambda p, r: task.sampled_loss_fn(p, state.model_state, batch, r)
         updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
+        ema_model_state = optimizer.average_model_state(state.ema_model_state, model_state, state.opt_state)
         metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
                    "lr": optimizer.schedule(state.step), **optimizer.diagnostics(opt_state, params)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
+                          ema_model_state=ema_model_state), metrics
 
     return train_step
 
@@ -227,10 +255,11 @@ def _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardin
     return float((cost or {}).get("flops", 0.0))
 
 
-def evaluate(run: Run, params, split: str = "eval") -> dict[str, float]:
+def evaluate(run: Run, variables: tuple, split: str = "eval") -> dict[str, float]:
     """eval_fn summed over the split's batches (arrays of any shape, e.g. a confusion matrix, summed
     elementwise in float64; eval_step's outputs are global, so the sums cover every host), then
-    finalize_eval. `eval_steps` limits the eval split only: a test split is always read whole."""
+    finalize_eval. `variables`: (params, model_state), as `eval_variables` gives them. `eval_steps`
+    limits the eval split only: a test split is always read whole."""
     make = run.task.eval_input if split == "eval" else run.task.test_input
     data = make(jax.process_index(), jax.process_count())
     if data is None:
@@ -239,16 +268,17 @@ def evaluate(run: Run, params, split: str = "eval") -> dict[str, float]:
     for i, local in enumerate(data):
         if split == "eval" and run.config.eval_steps and i >= run.config.eval_steps:
             break
-        out = jax.device_get(run.eval_step(params, run.global_batch(local)))
+        out = jax.device_get(run.eval_step(*variables, run.global_batch(local)))
         for k, v in out.items():
             v = np.asarray(v, np.float64)
             sums[k] = sums[k] + v if k in sums else v
     return run.task.finalize_eval(sums) if sums else {}
 
 
-def eval_params(run: Run, state: TrainState):
-    """The parameters to evaluate and sample with: the EMA when optim.ema_decay > 0."""
-    return run.optimizer.eval_params(state.params, state.opt_state)
+def eval_variables(run: Run, state: TrainState) -> tuple:
+    """(params, model_state) to evaluate and sample with: their EMAs when optim.ema_decay > 0."""
+    model_state = state.ema_model_state if run.optimizer.keeps_ema else state.model_state
+    return run.optimizer.eval_params(state.params, state.opt_state), model_state
 
 
 class BestKeeper:
@@ -265,7 +295,7 @@ class BestKeeper:
             with open(self.record_path) as f:
                 self.record = json.load(f)
 
-    def update(self, step: int, metrics: dict, params) -> bool:
+    def update(self, step: int, metrics: dict, variables: tuple) -> bool:
         if not self.metric:
             return False
         if self.metric not in metrics:
@@ -277,7 +307,8 @@ class BestKeeper:
             if not better:
                 return False
         keeper = ckpt_lib.Checkpointer(self.directory, keep=1, async_save=False)
-        keeper.save(step, {"params": params}, force=True)
+        params, model_state = variables
+        keeper.save(step, {"params": params, "model_state": model_state}, force=True)
         keeper.close()
         self.record = {"step": step, "metric": self.metric, "value": value}
         if jax.process_index() == 0:
@@ -285,11 +316,11 @@ class BestKeeper:
                 json.dump(self.record, f)
         return True
 
-    def params(self, abstract_params):
-        """The best params, or None when no best was kept."""
+    def variables(self, abstract_state: TrainState):
+        """The best (params, model_state), or None when no best was kept."""
         if self.record is None:
             return None
-        return ckpt_lib.load_params(self.directory, abstract_params)
+        return ckpt_lib.load_variables(self.directory, abstract_state.params, abstract_state.model_state)
 
 
 def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState:
@@ -300,15 +331,11 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
         return checkpointer.restore(step, run.abstract_state, run.train_iter)
     state = run.init_state()
     if run.config.init_from:
-        path = run.config.init_from
-        if ckpt_lib.is_eojax_checkpoint(path):  # another eojax run (or one of its checkpoints)
-            params = ckpt_lib.load_params(path, run.abstract_state.params)
-        else:  # a published checkpoint file or folder (e.g. a Hugging Face one): the family's layout
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"config.init_from: {path} does not exist")
-            params = run.task.load_pretrained(path, run.abstract_state.params)
+        params, model_state = weights.load(state.params, run.config.init_from, run.config, run.task,
+                                           state.model_state)
         # A fresh optimizer state for the loaded params (an EMA must start from them, not the init).
-        state = state.replace(params=params, opt_state=run.init_opt_state(params))
+        state = state.replace(params=params, opt_state=run.init_opt_state(params), model_state=model_state,
+                              ema_model_state=model_state if run.optimizer.keeps_ema else {})
     return state
 
 
@@ -364,23 +391,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last_good = step
             _debug_kill(step, checkpointer, during_save=True)
         if config.eval_every and step % config.eval_every == 0 and not is_last:
-            params = eval_params(run, state)
-            metrics = evaluate(run, params)
+            variables = eval_variables(run, state)
+            metrics = evaluate(run, variables)
             writer.write(step, metrics, prefix="eval")
-            best.update(step, metrics, params)
+            best.update(step, metrics, variables)
     progress.close()
     checkpointer.close()
 
-    final_params = eval_params(run, state)
-    eval_metrics = evaluate(run, final_params)
+    final = eval_variables(run, state)
+    eval_metrics = evaluate(run, final)
     if eval_metrics:
         writer.write(int(state.step), eval_metrics, prefix="eval")
-        best.update(int(state.step), eval_metrics, final_params)
-    test_params = best.params(run.abstract_state.params) if config.best_metric else None
-    test_metrics = evaluate(run, final_params if test_params is None else test_params, split="test")
+        best.update(int(state.step), eval_metrics, final)
+    kept = best.variables(run.abstract_state) if config.best_metric else None
+    test_metrics = evaluate(run, final if kept is None else kept, split="test")
     if test_metrics:
         writer.write(int(state.step), test_metrics, prefix="test")
-    pictures = run.task.write_pictures(final_params, _picture_batch(run), workdir, int(state.step))
+    pictures = run.task.write_pictures(*final, _picture_batch(run), workdir, int(state.step))
     writer.close()
     result = {"train": last, "eval": eval_metrics, "test": test_metrics, "best": best.record,
               "pictures": pictures}
@@ -441,22 +468,22 @@ class _NoProgress:
     def close(self): pass
 
 
-def load_for_inference(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, Any]:
-    """(run, eval params of the latest checkpoint of `workdir`), for `eojax eval` / `eojax infer`."""
+def load_for_inference(config: ml_collections.ConfigDict, workdir: str, best: bool = False) -> tuple[Run, tuple]:
+    """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with, or with
+    `best` its kept best ones), for `eojax eval` / `infer` / `export`."""
     parallel.maybe_initialize_distributed(**config.distributed)
     run = setup(config)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    state = checkpointer.restore(step, run.abstract_state)
-    checkpointer.close()
-    return run, eval_params(run, state)
+    a = run.abstract_state
+    return run, ckpt_lib.load_variables(workdir, a.params, a.model_state, best=best)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """`eojax eval`: the latest checkpoint of `workdir` on the task's eval input (and test split)."""
-    run, params = load_for_inference(config, workdir)
-    out = evaluate(run, params)
-    test = evaluate(run, params, split="test")
+    """`eojax eval`: the latest checkpoint of `workdir` on the task's eval input, and the test split
+    on the kept best parameters when the run kept them (as training did)."""
+    run, variables = load_for_inference(config, workdir)
+    out = evaluate(run, variables)
+    if config.best_metric and os.path.isdir(os.path.join(workdir, "best")):
+        variables = ckpt_lib.load_variables(workdir, run.abstract_state.params, run.abstract_state.model_state,
+                                            best=True)
+    test = evaluate(run, variables, split="test")
     return dict(out, **{f"test_{k}": v for k, v in test.items()})

@@ -411,11 +411,11 @@ def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_ras
     from eojax import tasks
     task = tasks.get(config)
     out = str(tmp_path / "infer")
-    summary = task.infer(result["state"].params, str(tmp_path), {"input": str(test_data / "stars/L7_ETMs.tif"),
+    summary = task.infer(result["state"].params, result["state"].model_state, str(tmp_path), {"input": str(test_data / "stars/L7_ETMs.tif"),
                                                                  "output": out})
     assert summary["true_latlon"] == pytest.approx([-8.0, -34.87], abs=0.1)  # Olinda, Brazil
     assert os.path.getsize(summary["map"]) > 10_000 and np.isfinite(summary["error_km"])
     per_window = json.load(open(os.path.join(out, "geo_infer.json")))["per_window"]
     assert len(per_window) == summary["windows"] > 0
     with pytest.raises(ValueError, match="2 bands"):
-        task.infer(result["state"].params, str(tmp_path), {"input": label_rasters[0], "output": out})
+        task.infer(result["state"].params, result["state"].model_state, str(tmp_path), {"input": label_rasters[0], "output": out})

@@ -31,8 +31,10 @@ def mae_config():
 
 
 def seg_config():
+    # Written before the decoders had BatchNorm (model.norm='batch', now the default): its channel
+    # LayerNorm is one option away.
     return load_config("seg", "encoder=mae,decoder=upernet,mode=frozen,runlocal", **COMMON,
-                       **{"input.eval_batch_size": 4, "input.num_crops": 16})
+                       **{"input.eval_batch_size": 4, "input.num_crops": 16, "model.norm": "layer"})
 
 
 def test_legacy_mae_run_evaluates_and_resumes_to_the_same_params(tmp_path):

@@ -11,7 +11,7 @@ import rasterio
 from affine import Affine
 
 from eojax import checkpoint as ckpt_lib
-from eojax import train
+from eojax import train, weights
 from eojax.data import segmentation as segdata
 from eojax.models import encoders
 from eojax.models import seg
@@ -202,21 +202,23 @@ def test_init_from_a_published_prithvi_checkpoint(chips, tmp_path):
     trainer's own initialisation."""
     from eojax.weights.prithvi import prithvi_to_torch
     run = train.setup(tiny_config(chips, mode="finetune", encoder="prithvi"), devices=jax.devices()[:1])
-    abstract = run.abstract_state.params
+    init = run.init_state()
     rng = np.random.default_rng(0)
-    published = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), abstract["encoder"])
+    published = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), init.params["encoder"])
     path = str(tmp_path / "prithvi_tiny.npz")
     np.savez(path, **prithvi_to_torch(published, run.task.model.encoder))
-    params = ckpt_lib.host_numpy(run.task.load_pretrained(path, abstract))
+    params, model_state = weights.load(init.params, path, run.config, run.task, init.model_state)
+    params = ckpt_lib.host_numpy(params)
     for x, y in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(published)):
         np.testing.assert_allclose(x, y, rtol=1e-6)
-    fresh = ckpt_lib.host_numpy(run.init_state().params)
+    fresh = ckpt_lib.host_numpy(init.params)
     for x, y in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(fresh["decoder"])):
         np.testing.assert_array_equal(x, y)
+    assert model_state is init.model_state  # the decoder's BatchNorm statistics as initialised
     random_mode = tiny_config(chips, mode="random", encoder="prithvi")
     from eojax.tasks.seg import SegTask
     with pytest.raises(ValueError, match="random weights"):
-        SegTask(random_mode).load_pretrained(path, abstract)
+        SegTask(random_mode).load_pretrained(path, init.params)
 
 
 # ------------------------------------------------------------------ inference and end to end
@@ -225,7 +227,8 @@ def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tm
     config = tiny_config(chips)
     config.infer.probabilities = True
     run = train.setup(config, devices=jax.devices()[:1])
-    params = run.init_state().params
+    init = run.init_state()
+    params, model_state = init.params, init.model_state
     src_path = str(tmp_path / "scene.tif")
     rng = np.random.default_rng(3)
     pixels = rng.uniform(0.01, 0.4, size=(6, 75, 53)).astype(np.float32)
@@ -236,7 +239,7 @@ def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tm
         dst.write(pixels)
         for i, b in enumerate(segdata.BURNSCARS_BANDS):
             dst.set_band_description(i + 1, b)
-    summary = run.task.infer(params, str(tmp_path), {"input": src_path, "output": str(tmp_path / "out")})
+    summary = run.task.infer(params, model_state, str(tmp_path), {"input": src_path, "output": str(tmp_path / "out")})
     with rasterio.open(summary["outputs"]["classes"]) as out:
         assert out.crs.to_string() == "EPSG:32611" and out.transform == transform
         assert (out.height, out.width, out.dtypes[0], out.nodata) == (75, 53, "uint8", 255)
@@ -246,8 +249,8 @@ def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tm
         np.testing.assert_allclose(np.nansum(prob.read(), axis=0)[3:], 1.0, rtol=1e-5)
     # The same windows on the whole scene in memory give the same classes.
     valid = pixels[0] != 9999.0
-    logits = jax.jit(lambda p, b: run.task.predict_scenes(p, run.task.images(b)))(
-        params, {"pixels": pixels[None], "valid": valid[None]})
+    logits = jax.jit(lambda p, s, b: run.task.predict_scenes(p, s, run.task.images(b)))(
+        params, model_state, {"pixels": pixels[None], "valid": valid[None]})
     expected = np.where(valid, np.argmax(np.asarray(logits)[0], -1), 255)
     np.testing.assert_array_equal(classes, expected)
     assert summary["windows"] == len(seg_eval.window_offsets(75, 32)) * len(seg_eval.window_offsets(53, 32))

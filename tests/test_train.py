@@ -181,10 +181,11 @@ def test_gradient_accumulation_averages_micro_batches():
     step_rng = jax.random.fold_in(jax.random.split(jax.random.key(config.seed))[1], 0)
     losses, grads = [], []
     # One compiled reference (eager op-by-op dispatch of the MAE took most of this test's minute).
-    loss_and_grad = jax.jit(jax.value_and_grad(run.task.loss_fn, has_aux=True), static_argnums=3)
+    loss_fn = lambda p, b, r: run.task.loss_fn(p, {}, b, r, True)[0]  # noqa: E731
+    loss_and_grad = jax.jit(jax.value_and_grad(loss_fn))
     for i in range(2):
         micro = jax.tree.map(lambda x: np.asarray(x)[i::2], batch)
-        (loss, _), g = loss_and_grad(params0, micro, jax.random.fold_in(step_rng, i), True)
+        loss, g = loss_and_grad(params0, micro, jax.random.fold_in(step_rng, i))
         losses.append(float(loss))
         grads.append(g)
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
@@ -201,9 +202,9 @@ class MAEWithTestSplit(__import__("eojax.tasks.mae", fromlist=["MAETask"]).MAETa
     def test_input(self, process_index, process_count):
         return self.eval_input(process_index, process_count)
 
-    def eval_fn(self, params, batch, rng):
+    def eval_fn(self, params, state, batch, rng):
         real = (batch["weight"] > 0)[:, None, None]
-        return dict(super().eval_fn(params, batch, rng),
+        return dict(super().eval_fn(params, state, batch, rng),
                     valid_per_row=(batch["valid"] & real).sum(axis=(0, 2)).astype(np.float32))
 
     def finalize_eval(self, sums):
@@ -235,8 +236,8 @@ def test_best_checkpoint_test_split_and_results_record(tmp_path, monkeypatch):
 
     # The test metrics are those of the best params, recomputed here from the saved best checkpoint.
     run = train.setup(config)
-    params = ckpt_lib.load_params(str(tmp_path / "best"), run.abstract_state.params)
-    again = train.evaluate(run, params, split="test")
+    variables = ckpt_lib.load_variables(str(tmp_path), run.abstract_state.params, best=True)
+    again = train.evaluate(run, variables, split="test")
     assert result["test"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
     assert result["test"]["loss"] != pytest.approx(result["eval"]["loss"], rel=1e-6)
     # Array sums: the (H,) valid-pixel counts equal a direct numpy count over the test windows.

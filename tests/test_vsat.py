@@ -274,7 +274,7 @@ def test_loss_ignores_padding(syn_run):
     task = run.task
     batch = {k: np.asarray(v) for k, v in next(run.train_iter).items() if k in run.batch_shardings}
     rng = jax.random.key(0)
-    loss_of = jax.jit(lambda p, b: task.loss_fn(p, b, rng, False)[0])
+    loss_of = jax.jit(lambda p, b: task.loss_fn(p, {}, b, rng, False)[0])
     loss = loss_of(state.params, batch)
     # Reference: numpy log-softmax of the model's logits, averaged over real next tokens only.
     logits = np.asarray(jax.jit(task.model.apply)({"params": state.params}, batch["tokens"][:, :-1]), np.float64)
@@ -293,7 +293,7 @@ def test_loss_ignores_padding(syn_run):
     changed["tokens"][0, 3] = (changed["tokens"][0, 3] + 1) % task.tokenizer.vocab_size
     assert abs(float(loss_of(state.params, changed)) - float(loss)) > 1e-4
     # Sophia-G's sampled loss counts the same real label tokens.
-    _, n = jax.jit(lambda p, b: task.sampled_loss_fn(p, b, rng))(state.params, batch)
+    _, n = jax.jit(lambda p, b: task.sampled_loss_fn(p, {}, b, rng))(state.params, batch)
     assert int(n) == int((batch["lengths"] - 1).sum())
 
 
@@ -321,8 +321,8 @@ def test_trainer_runs_then_infill_fills_every_cell(syn_config, tmp_path):
                         mesh=(("data", -1), ("fsdp", 1), ("model", 1)))  # all 8 devices, as the CLI
     result = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(result["train"]["loss"]) and "loss" in result["eval"]
-    run, params = train.load_for_inference(config, str(tmp_path))
-    out = run.task.infer(params, str(tmp_path), {"output": str(tmp_path / "infer"), "seed": 0})
+    run, variables = train.load_for_inference(config, str(tmp_path))
+    out = run.task.infer(*variables, str(tmp_path), {"output": str(tmp_path / "infer"), "seed": 0})
     assert out["to_fill"] > 0 and out["filled"] + out["failed"] == out["to_fill"]
     assert out["holdout_generated"] + out["holdout_failed"] == out["holdout"] > 0
     for name in ("model", "linear", "nearest"):
@@ -350,7 +350,7 @@ def test_optimizers_reduce_tabular_loss(syn_config, optimizer):
     run = train.setup(config, devices=jax.devices()[:1])
     state = run.init_state()
     fixed = run.next_batch()
-    loss_of = jax.jit(lambda p: run.task.loss_fn(p, fixed, jax.random.key(0), False)[0])
+    loss_of = jax.jit(lambda p: run.task.loss_fn(p, {}, fixed, jax.random.key(0), False)[0])
     before = float(loss_of(state.params))
     for _ in range(10):
         state, metrics = run.train_step(state, run.next_batch())

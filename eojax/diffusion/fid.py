@@ -123,12 +123,7 @@ def _encoder_from_run(run_dir: str, image_size: int, channels: int):
         raise FileNotFoundError(f"fd.mae_run_dir={run_dir}: no config.json (is it an eojax MAE run folder?)")
     with open(cfg_path) as f:
         model_cfg = json.load(f).get("model", {})
-    steps = sorted(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit()) \
-        if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
-    if not steps:
-        raise FileNotFoundError(f"fd.mae_run_dir={run_dir}: no checkpoint in {run_dir}/checkpoints")
-    state = ckpt_lib.read_state(os.path.join(run_dir, "checkpoints", str(steps[-1])))
-    params = state["params"]["encoder"] if isinstance(state, dict) else state.params["encoder"]
+    params = ckpt_lib.load_variables(run_dir, None)[0]["encoder"]  # the EMA when the run kept one
     kernel = np.asarray(params["patch_embed"]["proj"]["kernel"])
     sizes = {k: model_cfg[k] for k in ("width", "depth", "heads", "mlp_dim") if model_cfg.get(k)}
     cfg = vit_config(model_cfg.get("variant", "mu"), **sizes)

@@ -83,27 +83,21 @@ def _stem(scene) -> str:
 
 
 def export_run_features(config, workdir: str, out_dir: str | None = None) -> list[str]:
-    """`eojax export`: the latest checkpoint's encoder over every scene of `config.input`; one
-    feature GeoTIFF per scene in `out_dir` (default <workdir>/features)."""
+    """`eojax export`: the latest checkpoint's encoder (its EMA when the run kept one, as eval and
+    infer use) over every scene of `config.input`; one feature GeoTIFF per scene in `out_dir`
+    (default <workdir>/features)."""
     import jax
 
-    from eojax import checkpoint as ckpt_lib
     from eojax import parallel, train
 
     if jax.process_count() > 1:
         raise RuntimeError("eojax export runs as a single process (it reads whole rasters itself)")
-    run = train.setup(config)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory} to export features from")
-    params = checkpointer.restore(step, run.abstract_state).params
-    checkpointer.close()
+    run, variables = train.load_for_inference(config, workdir)
     embed_step = jax.jit(run.task.embed)
 
     def embed(pixels, valid):
         batch = parallel.make_global_batch({"pixels": pixels, "valid": valid}, run.mesh, run.rules)
-        return jax.device_get(embed_step(params, batch))
+        return jax.device_get(embed_step(*variables, batch))
 
     out_dir = out_dir or os.path.join(workdir, "features")
     window = config.input.window

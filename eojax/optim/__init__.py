@@ -94,6 +94,9 @@ class Optimizer:
     diagnostics: (opt_state, params) -> dict of scalar metrics ({} for AdamW / SGD).
     eval_params(params, opt_state): the parameters to evaluate, sample and export with: the EMA when
         optim.ema_decay > 0, else `params` itself.
+    keeps_ema: optim.ema_decay > 0.
+    average_model_state(ema, new, opt_state): the model state's EMA (e.g. BatchNorm statistics) after
+        the update from `opt_state`, with the decay the parameters' EMA used ({} without an EMA).
     """
     tx: optax.GradientTransformationExtraArgs
     schedule: Callable[[Any], jax.Array]
@@ -101,6 +104,8 @@ class Optimizer:
     needs: tuple[str, ...]
     name: str
     eval_params: Callable[[Any, Any], Any] = lambda params, opt_state: params
+    keeps_ema: bool = False
+    average_model_state: Callable[[Any, Any, Any], Any] = lambda ema, new, opt_state: ema
 
 
 # ---------------------------------------------------------------- parameter paths and masks
@@ -280,12 +285,12 @@ def _finish(c, tx, schedule, diagnostics, needs) -> Optimizer:
     """Adds the parameter-group lr factors and the EMA around the optimizer's own chain."""
     if c.lr_scales:
         tx = optax.chain(tx, _scale_by_group(c.lr_scales))
-    eval_params = lambda params, opt_state: params
-    if c.ema_decay > 0:
-        tx = _with_ema(tx, c.ema_decay)
-        eval_params = lambda params, opt_state: opt_state.ema
-    return Optimizer(tx=tx, schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name,
-                     eval_params=eval_params)
+    if c.ema_decay <= 0:
+        return Optimizer(tx=tx, schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name)
+    return Optimizer(tx=_with_ema(tx, c.ema_decay), schedule=schedule, diagnostics=diagnostics, needs=needs,
+                     name=c.name, eval_params=lambda params, opt_state: opt_state.ema, keeps_ema=True,
+                     average_model_state=lambda ema, new, opt_state: _ema_step(ema, new, opt_state.count,
+                                                                               c.ema_decay))
 
 
 def _scale_by_group(lr_scales) -> optax.GradientTransformation:
@@ -322,11 +327,15 @@ def _with_ema(tx, decay: float) -> optax.GradientTransformationExtraArgs:
 
     def update(updates, state, params=None, **extra):
         updates, inner = tx.update(updates, state.inner, params, **extra)
-        new_params = optax.apply_updates(params, updates)
-        n = state.count.astype(jnp.float32)
-        d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-        # e + (1 - d)(p - e): exactly e when p == e, so a frozen parameter's EMA never drifts by rounding.
-        ema = jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(e.dtype), state.ema, new_params)
+        ema = _ema_step(state.ema, optax.apply_updates(params, updates), state.count, decay)
         return updates, EmaState(inner=inner, count=state.count + 1, ema=ema)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _ema_step(ema, new, count, decay: float):
+    """One EMA update after `count` earlier ones, the decay warming up as min(decay, (1+n)/(10+n))."""
+    n = count.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    # e + (1 - d)(p - e): exactly e when p == e, so a frozen parameter's EMA never drifts by rounding.
+    return jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(e.dtype), ema, new)

@@ -37,19 +37,23 @@ class Task:
     def dummy_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         raise NotImplementedError
 
-    def init(self, rng: jax.Array, batch: dict) -> Any:
+    def init(self, rng: jax.Array, batch: dict) -> dict:
+        """Flax variables: {'params': ...} plus any mutable collections (e.g. 'batch_stats'), which the
+        trainer keeps as the model state."""
         raise NotImplementedError
 
-    def loss_fn(self, params, batch, rng, train: bool):
+    def loss_fn(self, params, state, batch, rng, train: bool):
+        """-> (loss, aux metrics, new model state). `state`: the mutable collections ({} for most
+        models); a model without any returns it unchanged."""
         raise NotImplementedError
 
-    def sampled_loss_fn(self, params, batch, rng):
+    def sampled_loss_fn(self, params, state, batch, rng):
         """(mean loss on labels sampled from the model's own logits, number of labels): Sophia-G."""
         raise NotApplicableError(
             f"optim.name='sophia_g' needs a model with logits (labels are sampled from them); "
             f"the '{self.name}' task has none. Use optim.name='sophia_h' or 'adamw'.")
 
-    def eval_fn(self, params, batch, rng) -> dict[str, jax.Array]:
+    def eval_fn(self, params, state, batch, rng) -> dict[str, jax.Array]:
         raise NotImplementedError
 
     def finalize_eval(self, sums: dict[str, Any]) -> dict[str, float]:
@@ -64,14 +68,14 @@ class Task:
         raise NotApplicableError(f"the '{self.name}' task imports no checkpoint files ({path}); "
                                  "config.init_from takes an eojax run folder here")
 
-    def embed(self, params, batch) -> jax.Array:
+    def embed(self, params, state, batch) -> jax.Array:
         """(B, D) embedding per example, for `eojax export` (encoder families)."""
         raise NotApplicableError(f"the '{self.name}' task has no encoder embedding to export")
 
-    def write_pictures(self, params, batch, workdir: str, step: int) -> list[str]:
+    def write_pictures(self, params, state, batch, workdir: str, step: int) -> list[str]:
         return []
 
-    def infer(self, params, workdir: str, options: dict) -> dict:
+    def infer(self, params, state, workdir: str, options: dict) -> dict:
         """`eojax infer`: the family's inference on the trained parameters; options has prompt (list),
         input, output, num_samples, seed. Returns a JSON-able summary."""
         raise NotApplicableError(f"the '{self.name}' task has no `eojax infer` entry point")
@@ -80,3 +84,13 @@ class Task:
         """Something that identifies the training data (e.g. a hash of file names and sizes), recorded
         in results.json; None when the task cannot tell."""
         return None
+
+
+def apply_model(model, params, state, *args, train: bool, **kwargs):
+    """model.apply with the model state -> (output, new state). In training the mutable collections
+    (BatchNorm's batch statistics) are updated; in eval they are only read."""
+    variables = {"params": params, **state}
+    if train and state:
+        out, new_state = model.apply(variables, *args, train=True, mutable=list(state), **kwargs)
+        return out, dict(new_state)
+    return model.apply(variables, *args, train=train, **kwargs), state

@@ -177,7 +177,7 @@ class DiffusionTask(Task):
         params = self.model.init(rng, x0, t, batch["tokens"])["params"]
         if self.config.model.text_encoder == "gpt2":
             params = dict(params, text_encoder=self._pretrained_text_encoder(params["text_encoder"]))
-        return params
+        return {"params": params}
 
     def _pretrained_text_encoder(self, boxed):
         """The GPT-2 checkpoint's params in place of the random ones, keeping their partitioning boxes.
@@ -203,7 +203,7 @@ class DiffusionTask(Task):
         weight = losses.min_snr_weight(self.schedule.snr(t), d.min_snr_gamma, d.prediction)
         return losses.diffusion_loss(out, tgt, weight), losses.diffusion_loss(out, tgt, jnp.ones_like(weight))
 
-    def loss_fn(self, params, batch, rng, train):
+    def loss_fn(self, params, state, batch, rng, train):
         t_rng, n_rng, d_rng = jax.random.split(rng, 3)
         x0 = self.autoencoder.encode(batch["image"])
         b = x0.shape[0]
@@ -216,12 +216,12 @@ class DiffusionTask(Task):
         per, mse = self._denoising_loss(params, x0, tokens, t, noise)
         w = batch["weight"]
         n = jnp.maximum(jnp.sum(w), 1.0)
-        return jnp.sum(per * w) / n, {"mse": jnp.sum(mse * w) / n}
+        return jnp.sum(per * w) / n, {"mse": jnp.sum(mse * w) / n}, state
 
     def _row_keys(self, rng, index):
         return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
 
-    def eval_fn(self, params, batch, rng):
+    def eval_fn(self, params, state, batch, rng):
         """Loss at fixed timesteps with per-example fixed noise; FD feature sums of real vs generated."""
         x0 = self.autoencoder.encode(batch["image"])
         w = batch["weight"]
@@ -318,7 +318,7 @@ class DiffusionTask(Task):
         idx = viz.rgb_indices(self.band_names)
         return [(np.clip((im[..., idx] + 1) / 2, 0, 1) * 255).round().astype(np.uint8) for im in images]
 
-    def write_pictures(self, params, batch, workdir, step):
+    def write_pictures(self, params, state, batch, workdir, step):
         """A grid of samples: one row per caption class (the row captions go to a .txt beside it)."""
         p = self.config.pictures
         prompts = self.class_prompts(p.max_classes)
@@ -335,7 +335,7 @@ class DiffusionTask(Task):
             f.writelines(f"row {i}: [{cls}] {cap}\n" for i, (cls, cap) in enumerate(prompts))
         return [path]
 
-    def infer(self, params, workdir, options):
+    def infer(self, params, state, workdir, options):
         """`eojax infer diffusion --prompt=...`: num_samples PNGs per prompt (and float32 GeoTIFFs in
         data units when infer.geotiff or the data has other than 3 bands)."""
         prompts = list(options.get("prompt") or [cap for _, cap in self.class_prompts(3)])

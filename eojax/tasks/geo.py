@@ -14,7 +14,7 @@ from eojax.geo import encoding, losses, maps, metrics
 from eojax.geo.climate import CLASSES, NUM_CLASSES, ClimateMap, membership
 from eojax.geo.labels import WindowLabeler
 from eojax.models.geo_heads import GeoModel
-from eojax.tasks.base import Task
+from eojax.tasks.base import Task, apply_model
 
 
 class GeoTask(Task):
@@ -94,7 +94,7 @@ class GeoTask(Task):
         return geo_data.standardize(batch["pixels"], batch["valid"]).astype(jnp.dtype(self.config.model.dtype))
 
     def init(self, rng, batch):
-        return self.model.init({"params": rng}, self.images(batch), train=False)["params"]
+        return self.model.init({"params": rng}, self.images(batch), train=False)
 
     # -- loss and evaluation -----------------------------------------------------------------------------
     def _loss(self, out, batch):
@@ -104,9 +104,9 @@ class GeoTask(Task):
             centres=None if self.centres is None else jnp.asarray(self.centres),
             loss_weights=tuple(m.loss_weights), sea_threshold=self.sea_threshold)
 
-    def loss_fn(self, params, batch, rng, train):
-        out = self.model.apply({"params": params}, self.images(batch), train=train)
-        return self._loss(out, batch)
+    def loss_fn(self, params, state, batch, rng, train):
+        out, state = apply_model(self.model, params, state, self.images(batch), train=train)
+        return (*self._loss(out, batch), state)
 
     def predict(self, out) -> dict:
         """Model outputs -> point predictions: lat/lon (degrees), day of year, fine / coarse class."""
@@ -133,8 +133,8 @@ class GeoTask(Task):
                 prefix + "day_error_sum": jnp.sum(dated * days),
                 prefix + "day_hist": metrics.histogram(days, dated, metrics.DAY_EDGES)}
 
-    def eval_fn(self, params, batch, rng):
-        out = self.model.apply({"params": params}, self.images(batch), train=False)
+    def eval_fn(self, params, state, batch, rng):
+        out, _ = apply_model(self.model, params, state, self.images(batch), train=False)
         loss, parts = self._loss(out, batch)
         w = batch["weight"]
         land = w * (batch["climate"][:, 0] < self.sea_threshold)
@@ -160,17 +160,17 @@ class GeoTask(Task):
         return out
 
     # -- pictures and inference ---------------------------------------------------------------------------
-    def predict_and_logits(self, params, pixels, valid) -> dict:
+    def predict_and_logits(self, params, state, pixels, valid) -> dict:
         """Point predictions (and the vMF mixture logits) for raw pixels (B, C, H, W) + valid."""
-        out = self.model.apply({"params": params}, geo_data.standardize(pixels, valid), train=False)
+        out, _ = apply_model(self.model, params, state, geo_data.standardize(pixels, valid), train=False)
         res = dict(self.predict(out))
         if self.centres is not None:
             res["vmf"] = out["vmf"]
         return res
 
-    def map_arrays(self, params, batch) -> dict:
+    def map_arrays(self, params, state, batch) -> dict:
         """Host numpy predictions for `batch`, with the vMF logits and the (replicated) log_kappa."""
-        res = jax.jit(self.predict_and_logits)(params, batch["pixels"], batch["valid"])
+        res = jax.jit(self.predict_and_logits)(params, state, batch["pixels"], batch["valid"])
         res = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(res, tiled=True).items()}
         if self.centres is not None:
             res["log_kappa"] = np.asarray(jax.device_get(params["head"]["log_kappa"]))
@@ -183,9 +183,9 @@ class GeoTask(Task):
                                               jnp.asarray(self.centres), jnp.asarray(maps.grid_xyz(step_deg)))
         return np.asarray(dens).reshape(len(lat), len(lon))
 
-    def write_pictures(self, params, batch, workdir, step):
+    def write_pictures(self, params, state, batch, workdir, step):
         """The predicted location density of the first land window of `batch` on a world map."""
-        res = self.map_arrays(params, batch)
+        res = self.map_arrays(params, state, batch)
         if jax.process_index() != 0:
             return []
         labels = {k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
@@ -203,7 +203,7 @@ class GeoTask(Task):
                                   f"({pred[0]:.2f}, {pred[1]:.2f}), error {km:.0f} km")
         return [path]
 
-    def infer(self, params, workdir, options):
+    def infer(self, params, state, workdir, options):
         """`eojax infer geo --input=scene.tif`: where and when the model thinks a raster was taken.
 
         The raster is cut into grid windows (size input.window); every window is predicted; the
@@ -233,7 +233,7 @@ class GeoTask(Task):
             reads = [scene.read_pixels(w) for _, w in chunk]
             px = np.stack([r[0].astype(np.float32) for r in reads])
             valid = np.stack([r[1] for r in reads])
-            preds.append({k: np.asarray(v) for k, v in apply(params, px, valid).items()})
+            preds.append({k: np.asarray(v) for k, v in apply(params, state, px, valid).items()})
         pred = {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
         true = labeler.label(np.zeros(len(windows), int), [w.row_off for _, w in windows],
                              [w.col_off for _, w in windows], size)

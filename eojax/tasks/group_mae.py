@@ -84,9 +84,9 @@ class GroupMAETask(MAETask):
     def reconstruction(self, out):
         return out["recon"]
 
-    def write_pictures(self, params, batch, workdir, step):
+    def write_pictures(self, params, state, batch, workdir, step):
         """The 1x picture of the MAE task, plus target / prediction at 2x and 4x when multi-scale."""
-        paths = super().write_pictures(params, batch, workdir, step)
+        paths = super().write_pictures(params, state, batch, workdir, step)
         if jax.process_index() != 0 or not self.model.multiscale:
             return paths
         f = self._picture_arrays(params, batch, min(4, batch["valid"].shape[0]))

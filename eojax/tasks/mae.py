@@ -74,12 +74,12 @@ class MAETask(Task):
 
     def init(self, rng, batch):
         params_rng, mask_rng = jax.random.split(rng)
-        variables = self.model.init({"params": params_rng, "mask": mask_rng}, self.images(batch)["image"],
-                                    train=False)
-        return variables["params"]
+        return self.model.init({"params": params_rng, "mask": mask_rng}, self.images(batch)["image"],
+                               train=False)
 
     # -- loss and evaluation -------------------------------------------------------------------------
     def _forward(self, params, batch, rng, train, mask_ratio=None):
+        """The MAE has no model state: its functions take `state` ({}) and pass it through."""
         mask_rng, dropout_rng = jax.random.split(rng)
         images = self.images(batch)
         out = self.model.apply({"params": params}, images["image"], train=train, mask_ratio=mask_ratio,
@@ -95,16 +95,16 @@ class MAETask(Task):
         return mae_lib.mae_loss(out["pred"], images["image"], valid["valid"], out["mask"],
                                 self.model.patch_size, self.config.model.norm_pix_loss)
 
-    def loss_fn(self, params, batch, rng, train):
+    def loss_fn(self, params, state, batch, rng, train):
         loss, aux, _ = self._forward(params, batch, rng, train)
-        return loss, {k: v for k, v in aux.items() if k != "loss_weight"}
+        return loss, {k: v for k, v in aux.items() if k != "loss_weight"}, state
 
-    def eval_fn(self, params, batch, rng):
+    def eval_fn(self, params, state, batch, rng):
         # A fixed masking rng: eval losses of different checkpoints see the same masks.
         loss, aux, _ = self._forward(params, batch, rng, train=False)
         return {"loss_sum": loss * aux["loss_weight"], "count": aux["loss_weight"]}
 
-    def embed(self, params, batch):
+    def embed(self, params, state, batch):
         """Per-window embedding for feature export: the encoder on every patch (no masking), patch
         tokens averaged. Takes native-resolution `pixels` / `valid` only (a multi-scale model is
         trained on downsampled windows but, as in SatMAE++ fine-tuning, applied to native ones)."""
@@ -135,7 +135,7 @@ class MAETask(Task):
         pick = np.argsort(-np.asarray(fetched["valid"]).mean(axis=(1, 2)), kind="stable")[:n]
         return {k: np.asarray(v)[pick] for k, v in fetched.items()}
 
-    def write_pictures(self, params, batch, workdir, step):
+    def write_pictures(self, params, state, batch, workdir, step):
         """original / masked / reconstructed tiles as one PNG (RGB from the band names when it can)."""
         f = self._picture_arrays(params, batch, min(4, batch["valid"].shape[0]))
         if jax.process_index() != 0:

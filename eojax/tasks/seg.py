@@ -34,7 +34,9 @@ from eojax.data import segmentation as segdata
 from eojax.models import encoders
 from eojax.models import seg as seg_models
 from eojax.tasks import seg_eval
-from eojax.tasks.base import Task
+from eojax import weights
+from eojax.tasks.base import Task, apply_model
+from eojax.weights import common as weights_common
 
 MODES = ("frozen", "finetune", "random")
 # Class colours of the overlays (class 0 transparent-ish grey, then red, yellow, cyan, ...).
@@ -128,7 +130,7 @@ class SegTask(Task):
         if self._model is None:
             m = self.config.model
             decoder = seg_models.build_decoder(m.decoder, m.num_classes, dtype=jnp.dtype(m.dtype),
-                                               **dict(m.decoder_args))
+                                               norm=m.get("norm", "layer"), **dict(m.decoder_args))
             self._model = seg_models.SegmentationModel(self._encoder(), decoder,
                                                        freeze_encoder=m.mode == "frozen")
         return self._model
@@ -150,31 +152,41 @@ class SegTask(Task):
         return [base + k for k in range(self.k)] if self.k else [base]
 
     def init(self, rng, batch):
+        """Variables {'params': {encoder, decoder}, 'batch_stats': {decoder}} (BatchNorm decoders); in a
+        sweep the decoders sit under 'probes/probe_k' in every collection."""
         images = self.images(batch)
         params = self.model.init({"params": rng, "dropout": rng}, images, train=False)["params"]
         feats = self.model.apply({"params": params}, images, method="features")
         # Each decoder from its own seed, so sweep probe k starts exactly as a single run with probe_seed k.
-        decoders = {i: self.decoder.init(jax.random.fold_in(rng, 1_000_003 + i), feats)["params"]
-                    for i in self._probe_ids()}
-        if not self.k:
-            return {"encoder": params["encoder"], "decoder": decoders[self._probe_ids()[0]]}
-        return {"encoder": params["encoder"],
-                "probes": {f"probe_{k}": decoders[i] for k, i in enumerate(self._probe_ids())}}
+        decoders = [self.decoder.init(jax.random.fold_in(rng, 1_000_003 + i), feats) for i in self._probe_ids()]
+        variables = {"params": {"encoder": params["encoder"]}}
+        for col in decoders[0]:
+            trees = [d[col] for d in decoders]
+            variables.setdefault(col, {}).update(
+                {"probes": {f"probe_{k}": t for k, t in enumerate(trees)}} if self.k else {"decoder": trees[0]})
+        return variables
 
-    def logits(self, params, images, rng=None, train=False):
-        """(B, H, W, C) -> logits (B, H, W, K) float32; in a sweep (P, B, H, W, K)."""
+    def logits(self, params, state, images, rng=None, train=False):
+        """(B, H, W, C) -> (logits (B, H, W, K) float32, new model state); in a sweep (P, B, H, W, K)."""
         rng = jax.random.key(0) if rng is None else rng
         if not self.k:  # the dropout rng of probe `probe_seed`, as in a sweep
-            return self.model.apply({"params": params}, images, train=train,
-                                    rngs={"dropout": jax.random.fold_in(rng, self._probe_ids()[0])})
+            return apply_model(self.model, params, state, images, train=train,
+                               rngs={"dropout": jax.random.fold_in(rng, self._probe_ids()[0])})
         feats = self.model.apply({"params": {"encoder": params["encoder"]}}, images, train,
                                  method="features")
-        stacked = jax.tree.map(lambda *x: jnp.stack(x), *[params["probes"][f"probe_{k}"] for k in range(self.k)])
+        probes = [f"probe_{k}" for k in range(self.k)]
+        stack = lambda tree: jax.tree.map(lambda *x: jnp.stack(x), *[tree["probes"][p] for p in probes])  # noqa: E731
         rngs = jnp.stack([jax.random.fold_in(rng, i) for i in self._probe_ids()])
         size = images.shape[-3:-1]
-        decode = lambda p, r: self.model.apply({"params": {"decoder": p}}, feats, size, train,
-                                               method="decode", rngs={"dropout": r})
-        return jax.vmap(decode)(stacked, rngs)
+
+        def decode(p, s, r):
+            return apply_model(self.model, {"decoder": p}, {c: {"decoder": t} for c, t in s.items()}, feats, size,
+                               train=train, method="decode", rngs={"dropout": r})
+
+        out, new = jax.vmap(decode)(stack(params), {c: stack(t) for c, t in state.items()}, rngs)
+        new = {c: {"probes": {p: jax.tree.map(lambda x: x[k], t["decoder"]) for k, p in enumerate(probes)}}
+               for c, t in new.items()}
+        return out, new
 
     # -- loss and evaluation -----------------------------------------------------------------------
     def _keep(self, batch):
@@ -188,32 +200,33 @@ class SegTask(Task):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.sum(jnp.where(keep, ce, 0.0), axis=(-3, -2, -1)), jnp.sum(keep)
 
-    def loss_fn(self, params, batch, rng, train):
-        logits = self.logits(params, self.images(batch), rng, train)
+    def loss_fn(self, params, state, batch, rng, train):
+        logits, state = self.logits(params, state, self.images(batch), rng, train)
         total, n = self._ce(logits, batch)
         per = total / jnp.maximum(n, 1)  # mean over non-ignored pixels (per probe in a sweep)
         if not self.k:
-            return per, {"pixels": n.astype(jnp.float32)}
-        return jnp.sum(per), {"probe_loss_mean": jnp.mean(per), "probe_loss_min": jnp.min(per)}
+            return per, {"pixels": n.astype(jnp.float32)}, state
+        return jnp.sum(per), {"probe_loss_mean": jnp.mean(per), "probe_loss_min": jnp.min(per)}, state
 
-    def predict_scenes(self, params, images):
+    def predict_scenes(self, params, state, images):
         """Sliding-window logits over whole scenes: (B, H, W, K) (sweep: (P, B, H, W, K))."""
         c, m = self.config.input, self.config.model
         stride = c.eval_stride or c.crop
+        predict = lambda x: self.logits(params, state, x)[0]  # noqa: E731
         if not self.k:
-            return seg_eval.sliding_window_logits(lambda x: self.logits(params, x), images, c.crop, stride)
+            return seg_eval.sliding_window_logits(predict, images, c.crop, stride)
         ncls = m.num_classes
 
         def stacked(x):  # probes side by side on the class axis, so windows are averaged once
-            y = self.logits(params, x)  # (P, N, w, w, K)
+            y = predict(x)  # (P, N, w, w, K)
             return jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], self.k * ncls)
 
         out = seg_eval.sliding_window_logits(stacked, images, c.crop, stride)
         return jnp.moveaxis(out.reshape(*out.shape[:-1], self.k, ncls), -2, 0)
 
-    def eval_fn(self, params, batch, rng):
+    def eval_fn(self, params, state, batch, rng):
         m = self.config.model
-        logits = self.predict_scenes(params, self.images(batch))
+        logits = self.predict_scenes(params, state, self.images(batch))
         total, n = self._ce(logits, batch)
         pred = jnp.argmax(logits, axis=-1)
         cm = lambda p: seg_eval.confusion_matrix(batch["label"], p, m.num_classes, m.ignore_index,
@@ -235,7 +248,7 @@ class SegTask(Task):
         return out
 
     # -- pretrained weights --------------------------------------------------------------------------
-    def load_pretrained(self, path, abstract_params):
+    def load_pretrained(self, path, init_params):
         """Encoder weights from a checkpoint file, the decoder freshly initialised.
 
         Prithvi / DOFA / CROMA / SatMAE++: the published PyTorch layouts through eojax.weights (band
@@ -244,35 +257,24 @@ class SegTask(Task):
         m = self.config.model
         if m.mode == "random":
             raise ValueError(f"model.mode='random' trains from random weights; remove config.init_from={path!r}")
-        abstract = abstract_params["encoder"]
+        abstract = weights.jax_abstract(init_params["encoder"])
         if m.encoder == "mae":
             encoder = _load_npz_tree(path, abstract)
         else:
-            from eojax.weights import common
-            encoder, _ = common.load_encoder(path, abstract, self.model.encoder)
-        return {**self._fresh_params(abstract_params), "encoder": encoder}
-
-    def _fresh_params(self, abstract_params):
-        """The trainer's initial params (same rng), created with the run's shardings."""
-        rng = jax.random.split(jax.random.key(self.config.seed))[0]
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.dummy_batch(self.config.batch_size))
-        shardings = jax.tree.map(lambda s: getattr(s, "sharding", None), abstract_params)
-        lowered = jax.jit(lambda r: nn.meta.unbox(self.init(r, zeros)), out_shardings=shardings).lower(rng)
-        # Runs once: on CPU, optimising the program costs more than running it (as the trainer's init).
-        options = {"xla_backend_optimization_level": 0} if jax.devices()[0].platform == "cpu" else {}
-        return lowered.compile(compiler_options=options)(rng)
+            encoder, _ = weights_common.load_encoder(path, abstract, self.model.encoder)
+        return {**init_params, "encoder": encoder}  # the decoder as the trainer initialised it
 
     # -- pictures and inference ----------------------------------------------------------------------
     def _rgb(self, pixels, valid):
         image = np.moveaxis(np.asarray(pixels, np.float32), 0, -1)
         return viz.to_rgb8(image, self.band_names, valid)
 
-    def write_pictures(self, params, batch, workdir, step):
+    def write_pictures(self, params, state, batch, workdir, step):
         """image | truth | prediction | overlay, one row per scene (probe 0 in a sweep)."""
         if not self.config.model.pictures:
             return []
         n = min(4, batch["pixels"].shape[0])
-        pred = jax.jit(lambda p, b: jnp.argmax(self.predict_scenes(p, self.images(b)), -1))(params, batch)
+        pred = jax.jit(lambda p, s, b: jnp.argmax(self.predict_scenes(p, s, self.images(b)), -1))(params, state, batch)
         fetched = multihost_utils.process_allgather({"pred": pred, **batch}, tiled=True)
         if jax.process_index() != 0:
             return []
@@ -290,9 +292,9 @@ class SegTask(Task):
         path = os.path.join(workdir, f"seg_prediction_step{step}.png")
         return [viz.save_grid_png(path, rows)] if rows else []
 
-    def infer(self, params, workdir, options):
+    def infer(self, params, state, workdir, options):
         from eojax.tasks import seg_infer
-        return seg_infer.predict_geotiff(self, params, options, workdir)
+        return seg_infer.predict_geotiff(self, params, state, options, workdir)
 
 
 def overlay(rgb: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -303,16 +305,11 @@ def overlay(rgb: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.nda
 
 
 def export_encoder(workdir: str, path: str, subtree: str = "encoder") -> str:
-    """The encoder params of an eojax run's latest checkpoint (e.g. a MAE pretraining run) -> .npz,
-    for `config.init_from` of a seg run with encoder 'mae'."""
+    """The encoder params of an eojax run's latest checkpoint (e.g. a MAE pretraining run; its EMA when
+    it kept one, as its eval used) -> .npz, for `config.init_from` of a seg run with encoder 'mae'."""
     from eojax import checkpoint as ckpt_lib
     from eojax import optim
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step()
-    checkpointer.close()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    params = ckpt_lib.read_state(os.path.join(workdir, "checkpoints", str(step)))["params"]
+    params, _ = ckpt_lib.load_variables(workdir, None)
     if subtree not in params:
         raise KeyError(f"{workdir} params have no {subtree!r} subtree; they have {sorted(params)}")
     tree = params[subtree]

@@ -43,7 +43,7 @@ def _open_input(task, path: str) -> Scene:
     return Scene(path, bands=bands, nodata=c.nodata)
 
 
-def predict_geotiff(task, params, options: dict, workdir: str) -> dict:
+def predict_geotiff(task, params, state, options: dict, workdir: str) -> dict:
     scene = _open_input(task, options.get("input", ""))
     out_dir = options.get("output") or os.path.join(workdir, "infer")
     os.makedirs(out_dir, exist_ok=True)
@@ -54,8 +54,8 @@ def predict_geotiff(task, params, options: dict, workdir: str) -> dict:
     probabilities = bool(task.config.infer.probabilities)
 
     @jax.jit
-    def predict(p, pixels, valid):
-        logits = task.logits(p, task.images({"pixels": pixels, "valid": valid}))
+    def predict(p, s, pixels, valid):
+        logits, _ = task.logits(p, s, task.images({"pixels": pixels, "valid": valid}))
         return logits[0] if task.k else logits  # a sweep predicts with probe 0
 
     h, w = scene.height, scene.width
@@ -75,7 +75,8 @@ def predict_geotiff(task, params, options: dict, workdir: str) -> dict:
         count = np.zeros((0, w), np.float32)
         for i, y in enumerate(ys):
             crops = [_read(scene, x, y, window) for x in xs]
-            logits = np.asarray(predict(params, np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])))
+            logits = np.asarray(predict(params, state, np.stack([c[0] for c in crops]),
+                                        np.stack([c[1] for c in crops])))
             need = y + window - base
             if need > total.shape[0]:
                 grow = need - total.shape[0]

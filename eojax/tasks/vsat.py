@@ -178,25 +178,25 @@ class VSatTask(Task):
                 "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
     def init(self, rng, batch):
-        return self.model.init({"params": rng}, batch["tokens"][:, :-1], train=False)["params"]
+        return self.model.init({"params": rng}, batch["tokens"][:, :-1], train=False)
 
-    def load_pretrained(self, path, abstract_params):
+    def load_pretrained(self, path, init_params):
         """`config.init_from=<hf dir>/model.safetensors`: the Hugging Face GPT-2 in that folder."""
         from eojax.checkpoint import CheckpointMismatchError
         from eojax.weights import gpt2 as gpt2_weights
 
         params = gpt2_weights.load_params(os.path.dirname(path))
         # The checkpoint's position table may be longer than this task's rows need: keep the first ones.
-        want = abstract_params["wpe"]["embedding"].shape
+        want = init_params["wpe"]["embedding"].shape
         wpe = params["wpe"]["embedding"]
         if wpe.shape[0] < want[0]:
             raise CheckpointMismatchError(f"{path}: {wpe.shape[0]} positions < the {want[0]} this task needs")
         params["wpe"]["embedding"] = wpe[:want[0]]
         got = jax.tree.map(np.shape, params)
-        if got != jax.tree.map(lambda a: tuple(a.shape), abstract_params):
+        if got != jax.tree.map(lambda a: tuple(a.shape), init_params):
             raise CheckpointMismatchError(f"{path}: parameter shapes {got} differ from the model's")
         return jax.tree.map(lambda v, a: jax.device_put(jnp.asarray(v, a.dtype), a.sharding), params,
-                            abstract_params)
+                            init_params)
 
     # -- loss ------------------------------------------------------------------------------------------
     @staticmethod
@@ -215,14 +215,14 @@ class VSatTask(Task):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
         return ce, logits
 
-    def loss_fn(self, params, batch, rng, train):
+    def loss_fn(self, params, state, batch, rng, train):
         ce, logits = self.token_losses(params, batch, rng, train)
         mask = self.label_mask(batch)
         n = jnp.maximum(mask.sum(), 1.0)
         correct = (jnp.argmax(logits, -1) == batch["tokens"][:, 1:]) * mask
-        return (ce * mask).sum() / n, {"token_accuracy": correct.sum() / n}
+        return (ce * mask).sum() / n, {"token_accuracy": correct.sum() / n}, state
 
-    def sampled_loss_fn(self, params, batch, rng):
+    def sampled_loss_fn(self, params, state, batch, rng):
         """Sophia-G's GNB: labels drawn from the model's own logits at the real-token positions; the
         mean over those tokens and their count (the per-token batch size of the official code)."""
         sample_rng, dropout_rng = jax.random.split(rng)
@@ -233,7 +233,7 @@ class VSatTask(Task):
         n = mask.sum()
         return (ce * mask).sum() / jnp.maximum(n, 1.0), n
 
-    def eval_fn(self, params, batch, rng):
+    def eval_fn(self, params, state, batch, rng):
         ce, _ = self.token_losses(params, batch, rng, False)
         mask = self.label_mask(batch)
         return {"loss_sum": (ce * mask).sum(), "count": mask.sum()}
@@ -242,7 +242,7 @@ class VSatTask(Task):
         return gpt2_lib.flops_per_sequence(self.model_kwargs(), self.max_len - 1, training=True)
 
     # -- inference -------------------------------------------------------------------------------------
-    def infer(self, params, workdir, options):
+    def infer(self, params, state, workdir, options):
         from eojax.infer import infill
         out = options.get("output") or os.path.join(workdir, "infer")
         return infill.run(self, params, out, seed=int(options.get("seed", 0)))

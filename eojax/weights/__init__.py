@@ -5,3 +5,40 @@ installed, with `weights_only=True`. `satmae` covers SatMAE++ (techmn/satmae_pp)
 `gpt2` Hugging Face GPT-2; `inception` the FID InceptionV3; `common` holds the shared readers and key tables (`common.load_encoder`
 dispatches on the encoder module).
 """
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+def load(init_params: Any, source: str, config, task=None, init_model_state: Any = None) -> tuple[Any, Any]:
+    """THE weight-loading contract: (params, model_state) for a model whose freshly initialised
+    (sharded) variables are `init_params` / `init_model_state`, from `source`:
+
+    - an eojax run folder (or its checkpoints/, best/ or one step folder): its evaluation variables
+      (the EMA when the run kept one), every key and shape checked;
+    - a published file or folder: the family's converter, `task.load_pretrained(source, init_params)`
+      (e.g. Prithvi / DOFA / CROMA / SatMAE++ encoders, Hugging Face GPT-2), which may keep parts of
+      `init_params` (a fresh decoder) and reports missing / unexpected / reshaped keys by name.
+
+    The trainer calls it for `config.init_from`; infer, export, FID and the segmentation encoders read
+    runs through the same `checkpoint.load_variables`."""
+    from eojax import checkpoint as ckpt_lib
+    init_model_state = {} if init_model_state is None else init_model_state
+    if ckpt_lib.is_eojax_checkpoint(source):
+        return ckpt_lib.load_variables(source, jax_abstract(init_params), jax_abstract(init_model_state))
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"config.init_from: {source} does not exist")
+    if task is None:
+        raise ValueError(f"{source} is not an eojax run: importing a published checkpoint needs the family")
+    params = task.load_pretrained(source, init_params)
+    logging.info("initialised params from the published checkpoint %s", source)
+    return params, init_model_state
+
+
+def jax_abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with the arrays' shardings) of a tree of arrays."""
+    import jax
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)

@@ -26,10 +26,14 @@ DECODERS = {"linear": LinearDecoder, "fcn": FCNDecoder, "upernet": UperNet, "seg
             "muster": Muster}
 
 
-def build_decoder(name: str, num_classes: int, **kwargs) -> nn.Module:
+def build_decoder(name: str, num_classes: int, norm: str = "batch", **kwargs) -> nn.Module:
+    """`norm` ('batch' | 'layer', blocks.Norm) goes to the decoders that have norms (not 'linear')."""
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; known: {sorted(DECODERS)}")
-    return DECODERS[name](num_classes=num_classes, **kwargs)
+    cls = DECODERS[name]
+    if "norm" in cls.__dataclass_fields__:
+        kwargs["norm"] = norm
+    return cls(num_classes=num_classes, **kwargs)
 
 
 class SegmentationModel(nn.Module):

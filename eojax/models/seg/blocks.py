@@ -1,8 +1,9 @@
 """Building blocks shared by the segmentation decoders (channels-last, logically partitioned).
 
-Normalisation is a per-pixel LayerNorm over channels (`upsample.ChannelNorm`) where the reference
-decoders use BatchNorm: the one trainer carries parameters only (no mutable batch statistics), and a
-channel norm does not depend on the per-device batch size.
+Normalisation (`norm`): 'batch' is the references' (Sync)BatchNorm: the trainer keeps its statistics
+as model state, and under jit over a sharded batch they are global over the whole batch, as
+SyncBatchNorm's. 'layer' is a per-pixel LayerNorm over channels (`upsample.ChannelNorm`), which does
+not depend on the batch (eojax's choice before it had model state).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from eojax.models import layers
-from eojax.models.upsample import ChannelNorm
+from eojax.models.upsample import channel_layer_norm
 
 Dtype = Any
 BHWC = ("batch", "height", "width", "channels")
@@ -43,19 +44,44 @@ class Conv(nn.Module):
                        bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)), name="conv")(x)
 
 
-class ConvNormAct(nn.Module):
-    """conv (no bias: the norm has one) -> channel LayerNorm -> ReLU."""
+NORMS = ("batch", "layer")
 
-    features: int
-    kernel: int = 1
+
+class Norm(nn.Module):
+    """BatchNorm over (batch, height, width) as torch's (momentum 0.1, eps 1e-5), or a channel LayerNorm;
+    statistics in float32, the result cast back to the compute dtype."""
+
+    kind: str = "batch"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
+        if self.kind not in NORMS:
+            raise ValueError(f"model.norm={self.kind!r} is not one of {NORMS}")
+        if self.kind == "layer":  # parameters at <name>/ln/*, the layout of ChannelNorm(name=<name>)
+            return channel_layer_norm(self.param_dtype)(x.astype(jnp.float32)).astype(self.dtype)
+        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                         param_dtype=self.param_dtype, name="bn",
+                         scale_init=layers.partitioned(nn.initializers.ones, ("channels",)),
+                         bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)))(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+class ConvNormAct(nn.Module):
+    """conv (no bias: the norm has one) -> norm -> ReLU."""
+
+    features: int
+    kernel: int = 1
+    norm: str = "batch"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(self.features, self.kernel, use_bias=False, name="conv", **kw)(x)
-        return constrain(nn.relu(ChannelNorm(name="norm", **kw)(x)))
+        return constrain(nn.relu(Norm(self.norm, name="norm", **kw)(x, train)))
 
 
 class Deconv2x2(nn.Module):

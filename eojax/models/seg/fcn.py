@@ -18,6 +18,7 @@ class FCNDecoder(nn.Module):
     channels: int = 256
     num_convs: int = 2
     dropout: float = 0.1
+    norm: str = "batch"  # blocks.Norm: 'batch' as the reference, or 'layer'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -27,6 +28,7 @@ class FCNDecoder(nn.Module):
         x = features[-1]
         h = x
         for i in range(self.num_convs):
-            h = ConvNormAct(self.channels, 3, name=f"conv_{i}", **kw)(h)
-        h = ConvNormAct(self.channels, 3, name="fuse", **kw)(jnp.concatenate([x.astype(h.dtype), h], -1))
+            h = ConvNormAct(self.channels, 3, self.norm, name=f"conv_{i}", **kw)(h, train)
+        h = ConvNormAct(self.channels, 3, self.norm, name="fuse", **kw)(jnp.concatenate([x.astype(h.dtype), h], -1),
+                                                                        train)
         return Classifier(self.num_classes, self.dropout, name="head", **kw)(h, train)

@@ -117,6 +117,7 @@ class Muster(nn.Module):
     window: int = 7
     depth: int = 2  # blocks per stage: regular then shifted windows
     dropout: float = 0.1
+    norm: str = "batch"  # the pyramid neck's norm (blocks.Norm); the Swin-style blocks keep LayerNorm
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -124,7 +125,7 @@ class Muster(nn.Module):
     def __call__(self, features, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = self.channels
-        maps = FeaturePyramid(name="pyramid", **kw)(features)
+        maps = FeaturePyramid(self.norm, name="pyramid", **kw)(features, train)
         x = None
         for i, level in enumerate(reversed(maps)):  # coarse -> fine
             skip = Conv(c, 1, name=f"skip_{i}", **kw)(level)

@@ -11,25 +11,25 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from eojax.models.seg.blocks import Deconv2x2, constrain
-from eojax.models.upsample import ChannelNorm
+from eojax.models.seg.blocks import Deconv2x2, Norm, constrain
 
 Dtype = Any
 
 
 class FeaturePyramid(nn.Module):
+    norm: str = "batch"  # between the two 4x transposed convs (blocks.Norm)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Sequence) -> list:
+    def __call__(self, features: Sequence, train: bool = False) -> list:
         if len(features) != 4:
             raise ValueError(f"the feature pyramid needs 4 encoder maps, got {len(features)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         f0, f1, f2, f3 = features
         d = f0.shape[-1]
         x0 = Deconv2x2(d, name="up4_a", **kw)(f0)
-        x0 = nn.gelu(ChannelNorm(name="up4_norm", **kw)(x0), approximate=False)
+        x0 = nn.gelu(Norm(self.norm, name="up4_norm", **kw)(x0, train), approximate=False)
         x0 = Deconv2x2(d, name="up4_b", **kw)(x0)
         x1 = Deconv2x2(d, name="up2", **kw)(f1)
         x3 = nn.max_pool(f3, (2, 2), strides=(2, 2), padding="VALID")

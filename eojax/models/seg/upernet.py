@@ -23,26 +23,26 @@ class UperNet(nn.Module):
     channels: int = 512
     pool_scales: tuple = (1, 2, 3, 6)
     dropout: float = 0.1
+    norm: str = "batch"  # blocks.Norm: 'batch' as the reference, or 'layer'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, features, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        c = self.channels
-        maps = FeaturePyramid(name="pyramid", **kw)(features)
+        cna = lambda x, k, name: ConvNormAct(self.channels, k, self.norm, name=name, **kw)(x, train)  # noqa: E731
+        maps = FeaturePyramid(self.norm, name="pyramid", **kw)(features, train)
         top = maps[-1]
         size = top.shape[1:3]
-        pooled = [resize(ConvNormAct(c, 1, name=f"psp_{b}", **kw)(adaptive_avg_pool(top, b)), size)
-                  for b in self.pool_scales]
-        psp = ConvNormAct(c, 3, name="psp_bottleneck", **kw)(jnp.concatenate([top, *pooled], -1))
+        pooled = [resize(cna(adaptive_avg_pool(top, b), 1, f"psp_{b}"), size) for b in self.pool_scales]
+        psp = cna(jnp.concatenate([top, *pooled], -1), 3, "psp_bottleneck")
 
-        lateral = [ConvNormAct(c, 1, name=f"lateral_{i}", **kw)(m) for i, m in enumerate(maps[:-1])]
+        lateral = [cna(m, 1, f"lateral_{i}") for i, m in enumerate(maps[:-1])]
         lateral.append(psp)
         for i in range(len(lateral) - 1, 0, -1):  # top-down
             lateral[i - 1] = lateral[i - 1] + resize(lateral[i], lateral[i - 1].shape[1:3])
-        outs = [ConvNormAct(c, 3, name=f"fpn_{i}", **kw)(x) for i, x in enumerate(lateral[:-1])]
+        outs = [cna(x, 3, f"fpn_{i}") for i, x in enumerate(lateral[:-1])]
         outs.append(lateral[-1])
         finest = outs[0].shape[1:3]
-        fused = ConvNormAct(c, 3, name="fuse", **kw)(jnp.concatenate([resize(o, finest) for o in outs], -1))
+        fused = cna(jnp.concatenate([resize(o, finest) for o in outs], -1), 3, "fuse")
         return Classifier(self.num_classes, self.dropout, name="head", **kw)(fused, train)
