@@ -69,7 +69,7 @@ def get_config(arg=None):
     )
     config.model = dict(
         backbone=arg.backbone,
-        cnn=dict(dims=(32, 64, 128, 256), depths=(1, 1, 2, 1)),
+        cnn=dict(dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), norm="batch"),  # norm: batch (PhilEO's) | layer
         vit=dict(patch_size=8, width=192, depth=6, heads=3, mlp_dim=768),
         head_hidden=0,
         coord_loss=arg.coord_loss,
@@ -92,7 +92,7 @@ def get_config(arg=None):
         config.log_every = 25
         config.eval_steps = 0
         config.input.update(window=32, num_windows=4096, eval_stride=96, baseline_windows=512)
-        config.model.cnn = dict(dims=(16, 32), depths=(1, 1))
+        config.model.cnn = dict(dims=(16, 32), depths=(1, 1), norm="batch")
         config.model.vit = dict(patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
         config.model.update(num_centres=256, centres_min_km=10.0)
     return config

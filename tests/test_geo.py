@@ -373,7 +373,10 @@ def test_cnn_backbone_and_heads():
     # parameter) would cost more CPU time than this whole test needs.
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x))
     rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
+    params = {"params": jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes["params"]),
+              # BatchNorm statistics as initialised: mean 0, variance 1.
+              "batch_stats": jax.tree_util.tree_map_with_path(
+                  lambda p, s: jnp.full(s.shape, float(p[-1].key == "var"), s.dtype), shapes["batch_stats"])}
     out = jax.jit(model.apply)(params, x)
     assert out["climate"].shape == (2, 31) and out["coords"].shape == (2, 3) and out["date"].shape == (2, 2)
     assert float(out["coords"].min()) > 0 and float(out["coords"].max()) < 1  # sigmoid encodings

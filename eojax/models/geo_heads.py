@@ -6,9 +6,9 @@ log-concentrations `log_kappa` (K,) live here too so the optimizer sees them as 
 
 CoreCNN: a small conv net in the spirit of the PhilEO reference's CoreEncoder ('nano' sizes): a stem
 block, then stages of residual blocks (1x1 conv, depthwise 3x3, 3x3 conv, squeeze-excitation) each
-followed by 2x2 max-pooling, and a global average pool. Norms are LayerNorms over channels rather
-than the reference's BatchNorm: the trainer's step is a pure function of the parameters, with no
-running statistics to carry, and per-sample norms do not depend on the batch composition.
+followed by 2x2 max-pooling, and a global average pool. Norms (`norm`): 'batch', the reference's
+BatchNorm (statistics kept by the trainer as model state, global over the sharded batch), or 'layer',
+LayerNorm over channels (eojax's earlier choice; per-sample, independent of the batch).
 """
 from __future__ import annotations
 
@@ -34,11 +34,18 @@ def _conv(features, kernel, name, *, dtype=jnp.float32, param_dtype=jnp.float32)
                    kernel_init=layers.partitioned(nn.initializers.he_normal(), CONV_NAMES))
 
 
-def _norm(name, dtype, param_dtype):
-    # LayerNorm over channels in float32 (see the module docstring for why not BatchNorm).
-    return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-                        scale_init=layers.partitioned(nn.initializers.ones, ("channels",)),
-                        bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)))
+def _norm(kind, name, train, dtype, param_dtype):
+    """x -> the norm of x in float32: BatchNorm as torch's (momentum 0.1, eps 1e-5) or a channel LayerNorm."""
+    scale_bias = dict(scale_init=layers.partitioned(nn.initializers.ones, ("channels",)),
+                      bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)))
+    if kind == "batch":
+        norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                            param_dtype=param_dtype, name=name, **scale_bias)
+    elif kind == "layer":
+        norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name=name, **scale_bias)
+    else:
+        raise ValueError(f"model.cnn.norm={kind!r} is not 'batch' or 'layer'")
+    return lambda x: norm(x.astype(jnp.float32))
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -84,19 +91,21 @@ class CoreBlock(nn.Module):
     plus the input (projected by a 1x1 conv when the width changes)."""
 
     features: int
+    norm: str = "batch"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(_norm, self.norm, train=train, **kw)
         f = self.features
         skip = x
         if x.shape[-1] != f:
-            skip = _norm("skip_norm", **kw)(_conv(f, 1, "skip", **kw)(x)).astype(self.dtype)
-        h = nn.gelu(_norm("norm1", **kw)(_conv(f, 1, "conv1", **kw)(x))).astype(self.dtype)
-        h = nn.gelu(_norm("norm2", **kw)(DepthwiseConv3x3(name="conv2", **kw)(h))).astype(self.dtype)
-        h = _norm("norm3", **kw)(_conv(f, 3, "conv3", **kw)(h)).astype(self.dtype)
+            skip = norm("skip_norm")(_conv(f, 1, "skip", **kw)(x)).astype(self.dtype)
+        h = nn.gelu(norm("norm1")(_conv(f, 1, "conv1", **kw)(x))).astype(self.dtype)
+        h = nn.gelu(norm("norm2")(DepthwiseConv3x3(name="conv2", **kw)(h))).astype(self.dtype)
+        h = norm("norm3")(_conv(f, 3, "conv3", **kw)(h)).astype(self.dtype)
         h = SqueezeExcite(name="se", **kw)(h)
         return nn.gelu(h + skip)
 
@@ -106,6 +115,7 @@ class CoreCNN(nn.Module):
 
     dims: Sequence[int] = (32, 64, 128, 256)
     depths: Sequence[int] = (1, 1, 2, 1)
+    norm: str = "batch"  # 'batch' (the reference's) | 'layer'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -113,11 +123,11 @@ class CoreCNN(nn.Module):
     def __call__(self, images, train: bool = False):
         if len(self.dims) != len(self.depths):
             raise ValueError(f"CoreCNN dims {tuple(self.dims)} and depths {tuple(self.depths)} differ in length")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = CoreBlock(self.dims[0], name="stem", **kw)(images.astype(self.dtype))
+        kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = CoreBlock(self.dims[0], name="stem", **kw)(images.astype(self.dtype), train)
         for i, (dim, depth) in enumerate(zip(self.dims, self.depths)):
             for j in range(depth):
-                x = CoreBlock(dim, name=f"stage{i}_block{j}", **kw)(x)
+                x = CoreBlock(dim, name=f"stage{i}_block{j}", **kw)(x, train)
             if x.shape[1] > 1 and x.shape[2] > 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
