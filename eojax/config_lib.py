@@ -71,6 +71,9 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     c.init_from = ""  # a workdir or checkpoint folder whose params start this run
     c.best_metric = ""  # an eval metric (e.g. "miou"): keep the best params in <workdir>/best, test on them
     c.best_mode = "max"  # or "min"
+    # Kernel set (models/layers.py): 'auto' = the XLA:CPU-tuned custom VJPs on CPU, plain jax/flax
+    # autodiff elsewhere; 'plain' / 'xla_cpu' force one. Parameters are the same under each.
+    c.kernels = "auto"
     c.peak_tflops = 0.0  # for MFU; 0 = a known device peak, or a measured matmul rate on CPU
     c.progress_bar = True
     c.mesh = (("data", -1), ("fsdp", 1), ("model", 1))

@@ -3,9 +3,17 @@
 Every parameter is created through `nn.with_logical_partitioning` with the shared logical names
 (embed, mlp, heads, kv, ...), and activations are constrained at block boundaries, so the same
 modules shard under any rule set a config supplies (the constraints are no-ops without rules).
+
+Kernels: `layer_norm`, `linear` (hence Dense, HeadDense and Attention's q/k/v product), `softmax`,
+`dot_product_attention` and mae.permute_tokens have custom backward passes that were measured
+faster on XLA:CPU only. Which computation they trace is chosen by `kernels(mode)` (one of KERNELS):
+'xla_cpu' the custom VJPs, 'plain' standard jax/flax autodiff of the same math, 'auto' the first on
+CPU and the second elsewhere (nobody has measured the custom ones on GPU/TPU). The switch only
+changes computations, never parameters, so checkpoints and importers work under every mode.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Mapping
 
@@ -57,14 +65,61 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
+# Kernel switch
+# --------------------------------------------------------------------------------------------------
+KERNELS = ("auto", "xla_cpu", "plain")
+
+# The resolved mode ('xla_cpu' / 'plain') set by `kernels`; None: 'auto' on jax.default_backend().
+# A jax user context rather than a plain contextvar: jit's caches key on it, so a function jitted
+# under one mode is traced again under the other instead of silently keeping its first kernels.
+_ACTIVE = jax.make_user_context(None)
+
+
+def _resolve(mode: str, platform: str | None = None) -> str:
+    if mode not in KERNELS:
+        raise ValueError(f"config.kernels={mode!r} is not one of {KERNELS}")
+    if mode != "auto":
+        return mode
+    return "xla_cpu" if (platform or jax.default_backend()) == "cpu" else "plain"
+
+
+@contextlib.contextmanager
+def kernels(mode: str, platform: str | None = None):
+    """Makes `mode` (one of KERNELS; 'auto' resolved with `platform`, default jax.default_backend())
+    the kernel set of everything traced inside the block, in this thread.
+
+    The setting is read at trace time, not at run time: the trainer traces every step under the run's
+    `config.kernels`. It is part of jit's cache key, so calling a jitted function under another mode
+    traces and compiles it again."""
+    with _ACTIVE(_resolve(mode, platform)):
+        yield
+
+
+def active_kernels() -> str:
+    """'xla_cpu' or 'plain': the kernel set a trace made now uses (outside `kernels`: 'auto')."""
+    return _ACTIVE.value or _resolve("auto")
+
+
+def _tuned() -> bool:
+    return active_kernels() == "xla_cpu"
+
+
+# --------------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x, scale, bias, epsilon: float):
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in x's dtype (callers pass
     float32). Statistics as flax's nn.LayerNorm (one pass: var = E[x^2] - E[x]^2, clipped at 0).
-    The custom backward keeps only x's normalised form and 1/std and needs two row reductions where
-    autodiff of the forward makes more passes: the MAE train step ran ~5% faster with it on XLA:CPU."""
+    Under kernels 'xla_cpu' a custom backward keeps only x's normalised form and 1/std and needs two
+    row reductions where autodiff of the forward makes more passes: the MAE train step ran ~5% faster
+    with it on XLA:CPU. Under 'plain' JAX differentiates the same forward."""
+    if _tuned():
+        return _layer_norm_vjp(x, scale, bias, epsilon)
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_vjp(x, scale, bias, epsilon):
     return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
 
@@ -85,13 +140,14 @@ def _layer_norm_bwd(epsilon, res, g):
     return dx, (g * xhat).sum(axis=rows), g.sum(axis=rows)
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm_vjp.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm whose statistics and affine run in float32 (bf16 statistics are too coarse), then
-    cast back to the compute dtype, through `layer_norm`'s lean backward. eps 1e-6 as MAE / timm
-    ViTs (torch's default 1e-5 for models that use a plain nn.LayerNorm, e.g. Prithvi, CROMA).
+    cast back to the compute dtype, through `layer_norm` (its lean backward under 'xla_cpu'). eps
+    1e-6 as MAE / timm ViTs (torch's default 1e-5 for models that use a plain nn.LayerNorm, e.g.
+    Prithvi, CROMA).
     Parameters live under 'ln' ('ln/scale', 'ln/bias'), the layout of flax's nn.LayerNorm."""
 
     dtype: Dtype = jnp.float32
@@ -118,14 +174,21 @@ class _NormAffine(nn.Module):
         return scale, bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear(x, kernel, n_in: int = 1):
     """x (..., *K) times kernel (*K, *N), contracting x's last `n_in` axes with the kernel's first:
-    jnp.tensordot(x, kernel, n_in). Its backward forms the kernel gradient as one 2-D product over the
-    flattened leading axes, x (M, K) with dy (M, N) contracted on M, which XLA:CPU runs without the
-    operand transposes and slow matmul path that autodiff of the 3-D tensordot got: 1.2-1.6x faster
-    backward for most of the MAE's Dense shapes alone; in-process A/B of the MAE bench step: loss and
-    gradients 1.13x faster, the whole train step 1.01-1.09x (three runs)."""
+    jnp.tensordot(x, kernel, n_in), as one lax.dot_general (what nn.Dense runs). Under kernels
+    'xla_cpu' its backward forms the kernel gradient as one 2-D product over the flattened leading
+    axes, x (M, K) with dy (M, N) contracted on M, which XLA:CPU runs without the operand transposes
+    and slow matmul path that autodiff of the 3-D tensordot got: 1.2-1.6x faster backward for most of
+    the MAE's Dense shapes alone; in-process A/B of the MAE bench step: loss and gradients 1.13x
+    faster, the whole train step 1.01-1.09x (three runs). Under 'plain' JAX differentiates it."""
+    if _tuned():
+        return _linear_vjp(x, kernel, n_in)
+    return _linear_fwd(x, kernel, n_in)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_vjp(x, kernel, n_in):
     return _linear_fwd(x, kernel, n_in)[0]
 
 
@@ -145,7 +208,7 @@ def _linear_bwd(n_in, res, g):
     return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear_vjp.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -157,7 +220,8 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
                                preferred_element_type=preferred_element_type)
 
 
-# flax's nn.Dense (same parameters, names and initialisers) with `linear`'s backward.
+# flax's nn.Dense (same parameters, names and initialisers) through `linear` (its own backward
+# under 'xla_cpu').
 Dense = functools.partial(nn.Dense, dot_general=_dense_dot_general)
 
 
@@ -189,11 +253,18 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
-@jax.custom_vjp
 def softmax(logits):
-    """Softmax over the last axis, float32 out, whose backward keeps only the probabilities and
-    runs p * (g - sum(g * p)): on XLA:CPU, autodiff of jax.nn.softmax made an MAE train step ~15%
-    slower (more passes over the (B, H, T, S) attention tensors, more of them kept)."""
+    """Softmax over the last axis, float32 out, the gradient in the logits' dtype. Under kernels
+    'xla_cpu' its backward keeps only the probabilities and runs p * (g - sum(g * p)): on XLA:CPU,
+    autodiff of jax.nn.softmax made an MAE train step ~15% slower (more passes over the (B, H, T, S)
+    attention tensors, more of them kept). Under 'plain' it is jax.nn.softmax in float32."""
+    if _tuned():
+        return _softmax_vjp(logits)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_vjp(logits):
     return _softmax_fwd(logits)[0]
 
 
@@ -209,14 +280,16 @@ def _softmax_bwd(res, g):
     return ((p * (g - (g * p).sum(axis=-1, keepdims=True))).astype(like.dtype),)
 
 
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_softmax_vjp.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def dot_product_attention(q, k, v, bias=None):
-    """q (B, T, H, Dh), k / v (B, S, H, Dh) -> (B, T, H, Dh): softmax(q k^T / sqrt(Dh) + bias) v, the
-    math of jax.nn.dot_product_attention's XLA path, with heads moved before length for the batched
-    matmuls, the scale applied to q (T x Dh values rather than T x S), logits and softmax in
-    float32, and `_attend`'s own backward."""
+    """q (B, T, H, Dh), k / v (B, S, H, Dh) -> (B, T, H, Dh): softmax(q k^T / sqrt(Dh) + bias) v with
+    logits and softmax in float32. Under kernels 'plain' it is jax.nn.dot_product_attention's XLA
+    path; under 'xla_cpu' the same math with heads moved before length for the batched matmuls, the
+    scale applied to q (T x Dh values rather than T x S), and `_attend`'s own backward."""
+    if not _tuned():
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
     q = q * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     return _attend(q, k, v, bias).transpose(0, 2, 1, 3)
@@ -228,10 +301,10 @@ def _swap(x):
 
 @jax.custom_vjp
 def _attend(q, k, v, bias):
-    """softmax(q k^T + bias) v on heads-first (B, H, T, Dh) arrays. The backward keeps only the
-    probabilities (`softmax`'s lean form) and writes its two A^T B products as (B^T A)^T, so the
-    large (T, S) operand is read in its stored order: autodiff's form of them was left by XLA:CPU to
-    a slow batched-matmul path (~20 GFLOP/s on MAE's decoder shapes)."""
+    """softmax(q k^T + bias) v on heads-first (B, H, T, Dh) arrays ('xla_cpu' kernels). The backward
+    keeps only the probabilities (`softmax`'s lean form) and writes its two A^T B products as
+    (B^T A)^T, so the large (T, S) operand is read in its stored order: autodiff's form of them was
+    left by XLA:CPU to a slow batched-matmul path (~20 GFLOP/s on MAE's decoder shapes)."""
     return _attend_fwd(q, k, v, bias)[0]
 
 
@@ -270,8 +343,9 @@ class Attention(nn.Module):
     """Multi-head self-attention.
 
     `implementation` (one of ATTENTION_IMPLEMENTATIONS): None / 'xla' run eojax's
-    `dot_product_attention` (any backend); 'cudnn' goes to `jax.nn.dot_product_attention`'s flash
-    attention on GPUs (needs bf16/fp16 and a head dim that is a multiple of 8).
+    `dot_product_attention` (any backend; its form follows `kernels`); 'cudnn' goes to
+    `jax.nn.dot_product_attention`'s flash attention on GPUs (needs bf16/fp16 and a head dim that
+    is a multiple of 8).
 
     `bias` (optional, broadcastable to (batch, heads, length, length)) is added to the logits, e.g.
     CROMA's 2D-ALiBi distance penalty. qkv_bias=False drops the query/key/value biases (CROMA).

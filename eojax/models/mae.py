@@ -70,11 +70,18 @@ def random_masking(rng, batch: int, num_tokens: int, mask_ratio: float):
     return shuffle[:, :k], mask, restore
 
 
-@jax.custom_vjp
 def permute_tokens(x, perm):
     """x (B, N, D) with its tokens reordered per row: out[b, i] = x[b, perm[b, i]], perm (B, N) a
-    permutation of each row. The backward gathers with the inverse permutation instead of
-    autodiff's scatter-add into zeros (a full-size zero fill and a scatter on XLA:CPU)."""
+    permutation of each row. Under layers.kernels 'xla_cpu' the backward gathers with the inverse
+    permutation instead of autodiff's scatter-add into zeros (a full-size zero fill and a scatter on
+    XLA:CPU); under 'plain' JAX differentiates the gather."""
+    if layers.active_kernels() == "xla_cpu":
+        return _permute_tokens_vjp(x, perm)
+    return gather_tokens(x, perm)
+
+
+@jax.custom_vjp
+def _permute_tokens_vjp(x, perm):
     return gather_tokens(x, perm)
 
 
@@ -86,7 +93,7 @@ def _permute_tokens_bwd(perm, g):
     return gather_tokens(g, jnp.argsort(perm, axis=1)), None
 
 
-permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
+_permute_tokens_vjp.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
 
 
 class MAE(nn.Module):
