@@ -76,7 +76,8 @@ def main(argv: list[str]) -> None:
         options = {"prompt": list(_PROMPT.value), "input": _INPUT.value, "num_samples": _NUM_SAMPLES.value,
                    "output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "infer")),
                    "seed": _SEED.value}
-        summary = {"infer": run.task.infer(*variables, workdir, options)}
+        with run.scope():
+            summary = {"infer": run.task.infer(*variables, workdir, options)}
     else:
         summary = {"eval": train.evaluate_checkpoint(config, workdir)}
     print(json.dumps(summary, indent=2))

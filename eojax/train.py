@@ -5,6 +5,7 @@ It runs the phases of docs/architecture.md in order and knows nothing about any 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
 from eojax import metric_writer, optim, parallel, tasks, weights
+from eojax.models import layers
 
 
 @flax.struct.dataclass
@@ -67,8 +69,12 @@ class Run:
         memory_analysis() and cost_analysis() describe one device's program)."""
         batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding)
                  for k, s in self.abstract_batch().items()}
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with self.scope():
             return self.jit_step.lower(self.abstract_state, batch).compile()
+
+    def scope(self):
+        """Where this run's programs are traced: its mesh, logical-axis rules and kernel set."""
+        return scope(self.mesh, self.rules, self.config.kernels)
 
     def abstract_batch(self) -> dict:
         """The global batch the train step takes, as ShapeDtypeStructs with their shardings."""
@@ -84,6 +90,15 @@ class Run:
 
     def next_batch(self) -> dict:
         return self.global_batch(next(self.train_iter))
+
+
+@contextlib.contextmanager
+def scope(mesh: Mesh, rules, kernels: str):
+    """The mesh, the logical-axis rules and the kernel set (`config.kernels`, models.layers.kernels:
+    'auto' takes the XLA:CPU-tuned custom VJPs on CPU meshes, plain jax/flax elsewhere) in force while
+    a run's programs are traced."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), layers.kernels(kernels, mesh.devices.flat[0].platform):
+        yield
 
 
 def _host_batch_size(config) -> int:
@@ -126,7 +141,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                             f"got keys {sorted(variables)}")
         return variables
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with scope(mesh, rules, config.kernels):
         boxed = jax.eval_shape(init_variables, init_rng)
     variable_shardings = parallel.logical_shardings(boxed, mesh, rules)
     param_shardings = variable_shardings.pop("params")
@@ -155,11 +170,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
     jit_opt_init = jax.jit(optimizer.tx.init, out_shardings=opt_shardings)
 
     def init_opt_state(params):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with scope(mesh, rules, config.kernels):
             return jit_opt_init(params)
 
     def init_state():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with scope(mesh, rules, config.kernels):
             lowered = jit_create.lower(init_rng)
             # Init runs once: on CPU, optimising its program costs more time than running it.
             options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else {}
@@ -174,11 +189,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                        out_shardings=replicated)
 
     def train_step(state, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with scope(mesh, rules, config.kernels):
             return jit_step(state, batch)
 
     def eval_step(params, model_state, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with scope(mesh, rules, config.kernels):
             return jit_eval(params, model_state, batch)
 
     flops = _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules)
@@ -249,7 +264,7 @@ def _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardin
         return float(per_example()) * config.batch_size
     abstract_batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   dummy, batch_shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with scope(mesh, rules, config.kernels):
         cost = jit_step.lower(abstract_state, abstract_batch).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0))
@@ -407,7 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     test_metrics = evaluate(run, final if kept is None else kept, split="test")
     if test_metrics:
         writer.write(int(state.step), test_metrics, prefix="test")
-    pictures = run.task.write_pictures(*final, _picture_batch(run), workdir, int(state.step))
+    with run.scope():
+        pictures = run.task.write_pictures(*final, _picture_batch(run), workdir, int(state.step))
     writer.close()
     result = {"train": last, "eval": eval_metrics, "test": test_metrics, "best": best.record,
               "pictures": pictures}

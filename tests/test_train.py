@@ -266,3 +266,28 @@ def test_bad_attention_impl_is_named_before_compiling():
     config = mae_config(**{"model.attention_impl": "cudnn"})  # float32: cuDNN's kernel needs bf16 / fp16
     with pytest.raises(ValueError, match="attention_impl 'cudnn' needs dtype bfloat16"):
         train.setup(config, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mode", ["plain", "xla_cpu"])
+def test_config_kernels_selects_what_the_train_step_traces(mode):
+    """config.kernels reaches the trainer's programs: the XLA:CPU custom VJPs are traced only under
+    'xla_cpu' ('auto' on CPU), the train step differs between the sets, and both train to the same loss."""
+    run = train.setup(mae_config(mesh=ONE_DEVICE, kernels=mode), devices=jax.devices()[:1])
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in run.abstract_batch().items()}
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), run.abstract_state.params)
+    with run.scope():
+        forward = str(jax.make_jaxpr(lambda p, b: run.task.loss_fn(p, {}, b, jax.random.key(0), False)[0])(
+            params, batch))
+        step = str(run.jit_step.trace(run.abstract_state, batch).jaxpr)
+    assert ("custom_vjp_call" in forward) == (mode == "xla_cpu")
+    other = train.setup(mae_config(mesh=ONE_DEVICE, kernels={"plain": "xla_cpu", "xla_cpu": "plain"}[mode]),
+                        devices=jax.devices()[:1])
+    with other.scope():
+        assert str(other.jit_step.trace(other.abstract_state, batch).jaxpr) != step
+    state = run.init_state()
+    losses = []
+    for _ in range(2):
+        state, metrics = run.train_step(state, run.next_batch())
+        losses.append(float(metrics["loss"]))
+    reference = run_steps(mae_config(mesh=ONE_DEVICE, kernels="auto"), jax.devices()[:1], n=2)[2]
+    np.testing.assert_allclose(losses, reference, rtol=1e-5)

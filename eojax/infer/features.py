@@ -103,7 +103,8 @@ def export_run_features(config, workdir: str, out_dir: str | None = None) -> lis
     window = config.input.window
     stride = config.input.get("eval_stride", 0) or window
     paths = []
-    for scene in run.task.info["scenes"]:
-        paths.append(export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"),
-                                     window=window, stride=stride, batch_size=config.batch_size))
+    with run.scope():
+        for scene in run.task.info["scenes"]:
+            paths.append(export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"),
+                                         window=window, stride=stride, batch_size=config.batch_size))
     return paths
