@@ -42,7 +42,7 @@ def run_eojax(args) -> dict:
     from flax import linen as nn
 
     from eojax.diffusion import samplers, schedules
-    from eojax.models import unet as unet_lib
+    from eojax.diffusion import unet as unet_lib
 
     s = SHAPE
     model = unet_lib.UNet(in_channels=s["channels"], out_channels=s["channels"], block_out_channels=s["blocks"],

@@ -213,7 +213,7 @@ def _torch_importable() -> bool:
 
 def _model_flops(batch: int) -> float:
     """The analytic count for the bench shape, when the eojax child did not run (torch only)."""
-    from eojax.models import mae as mae_lib
+    from eojax.mae import model as mae_lib
     cfg = mae_lib.mae_config("small", depth=SHAPE["depth"], decoder_width=SHAPE["dec_width"],
                              decoder_depth=SHAPE["dec_depth"], decoder_heads=SHAPE["dec_heads"],
                              image_size=SHAPE["image"], in_channels=SHAPE["bands"], patch_size=SHAPE["patch"],

@@ -13,7 +13,7 @@ top-k 50 (GReaT's sampling). Prompts are left-padded in every batched run.
 
   torch one row at a time  aispace's way: generate() per row (batch 1, no padding)
   torch batched            one generate() over `--torch-batch` left-padded rows with an attention mask
-  eojax batched            eojax.infer.generate: prefill + lax.while_loop of cached decode steps, one
+  eojax batched            eojax.vsat.generate: prefill + lax.while_loop of cached decode steps, one
                            jit; compile time reported on its own, rows/s from the best of `--reps` runs
   eojax constrained        the same plus a GReaT-format token machine (name -> ' is' -> number tokens
                            -> ',' -> next name, 12 columns, 1000 number tokens): only the 1014 tokens
@@ -91,7 +91,7 @@ def _eojax_model():
 def run_eojax_gen(args) -> dict:
     import jax
 
-    from eojax.infer import generate as gen
+    from eojax.vsat import generate as gen
 
     model, params = _eojax_model()
     out = {"framework": "eojax", "jax": jax.__version__, "runs": []}

@@ -22,7 +22,7 @@ from eojax import config_lib
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, runlocal=False, variant="base")
     config = config_lib.trainer_defaults()
-    config.task = "group_mae"
+    config.task = "satmae"
     config.total_steps = 20_000
     config.batch_size = 128
     config.log_every = 50

@@ -24,7 +24,7 @@ def get_config(arg=None):
     arg = config_lib.parse_arg(arg, runlocal=False, variant="base", spatial_mask=False,
                                single_scale=False)
     config = config_lib.trainer_defaults()
-    config.task = "group_mae"
+    config.task = "satmae"
     config.total_steps = 50_000
     config.batch_size = 512
     config.log_every = 50
@@ -34,7 +34,7 @@ def get_config(arg=None):
     config.input = config_lib.image_input_defaults(
         window=96, eval_stride=96, scales=(1,) if arg.single_scale else (1, 2, 4))
 
-    # Shape keys at 0 take the variant's own size (eojax.models.satmae.VARIANTS).
+    # Shape keys at 0 take the variant's own size (eojax.mae.satmae.VARIANTS).
     config.model = dict(
         variant=arg.variant, groups="sentinel2_10", patch_size=8, mask_ratio=0.75,
         spatial_mask=arg.spatial_mask, norm_pix_loss=False, width=0, depth=0, heads=0, mlp_dim=0,

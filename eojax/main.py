@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
         result = train.train_and_evaluate(config, workdir)
         summary = {k: result[k] for k in ("train", "eval", "test", "best", "pictures")}
     elif command == "export":
-        from eojax.infer import features
+        from eojax.mae import export as features
         summary = {"features": features.export_run_features(config, workdir)}
     elif command == "infer":
         run, variables = train.load_for_inference(config, workdir)

@@ -12,12 +12,12 @@ import optax
 import pytest
 import scipy.linalg
 
-from eojax.data import captions as captions_lib
+from eojax.diffusion import captions as captions_lib
 from eojax.data import synthetic
 from eojax.diffusion import fid, losses, samplers, schedules
 from eojax.diffusion.model import space_to_depth_autoencoder
-from eojax.models import unet as unet_lib
-from eojax.models.text_encoder import WordTokenizer
+from eojax.diffusion import unet as unet_lib
+from eojax.diffusion.text_encoder import WordTokenizer
 from helpers import cli, load_config
 
 
@@ -426,7 +426,7 @@ def test_gpt2_text_encoder_hidden_states_and_padding(gpt2_dir):
     logits; a padded caption has the unpadded caption's features and zeros at the padding."""
     from eojax.diffusion.model import DiffusionModel
     from eojax.models.gpt2 import GPT2
-    from eojax.models.text_encoder import BPECaptionTokenizer
+    from eojax.diffusion.text_encoder import BPECaptionTokenizer
     from eojax.weights import gpt2 as gpt2_weights
 
     tok = BPECaptionTokenizer(gpt2_weights.load_tokenizer(gpt2_dir))
@@ -449,7 +449,7 @@ def test_gpt2_captions_train_with_frozen_gpt2(gpt2_dir, tmp_path, monkeypatch):
     """Two trainer steps with model.text_encoder='gpt2' (captions through the folder's BPE): the GPT-2
     params stay bit-identical to the checkpoint's (their EMA within rounding); without optim.freeze
     the config is refused."""
-    from eojax.tasks.diffusion import DiffusionTask
+    from eojax.diffusion.task import DiffusionTask
     from eojax.weights import gpt2 as gpt2_weights
     from helpers import run_steps
 
@@ -478,7 +478,7 @@ def test_inception_shapes_and_parameter_count():
     (128*768 + 2*128 + 768*128*25 + 2*768 + 768*1000 + 1000) and its fc (2048*1000 + 1000)."""
     from flax import traverse_util
     from eojax.diffusion.inception import InceptionV3
-    from eojax.weights import inception as inception_weights
+    from eojax.diffusion import inception_weights
 
     shapes = inception_weights.expected_shapes()
     trained = sum(int(np.prod(s)) for k, s in shapes.items() if k[-1] in ("kernel", "bn_scale", "bn_bias"))
@@ -533,7 +533,7 @@ def test_inception_weights_import_round_trip(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
     from eojax.checkpoint import CheckpointMismatchError
     from eojax.diffusion.inception import InceptionFeatures
-    from eojax.weights import inception as inception_weights
+    from eojax.diffusion import inception_weights
 
     from flax import traverse_util
 
@@ -559,7 +559,7 @@ def test_inception_weights_import_round_trip(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         inception_weights.load(tmp_path / "missing.npz")
 
-    from eojax.tasks.diffusion import DiffusionTask
+    from eojax.diffusion.task import DiffusionTask
     monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
     config = load_config("diffusion", "runlocal,multispectral", **{
         "input.synthetic_n": 24, "input.image_size": 16, "fd.features": "inception",

@@ -13,7 +13,7 @@ from eojax.models.encoders import NAMES, build
 from eojax.models.encoders.base import resize_grid_embed
 from eojax.models.encoders.croma import alibi_2d
 from eojax.models.encoders.prithvi import sincos_3d
-from eojax.models.satmae import GroupChannelViT
+from eojax.mae.satmae import GroupChannelViT
 from eojax.models.vit import ViTEncoder
 
 KEY = jax.random.key(0)

@@ -7,7 +7,7 @@ from rasterio.windows import Window
 
 from eojax.data import synthetic
 from eojax.data.raster import RasterError, Scene
-from eojax.infer import features
+from eojax.mae import export as features
 
 
 @pytest.fixture(scope="module")

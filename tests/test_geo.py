@@ -365,7 +365,7 @@ def test_histogram_medians_and_thresholds():
 # -- the trainer -------------------------------------------------------------------------------------------------
 def test_cnn_backbone_and_heads():
     """The Core-nano-like CNN + heads: output shapes and ranges (the notebook trains it end to end)."""
-    from eojax.models.geo_heads import GeoModel
+    from eojax.geo.heads import GeoModel
     model = GeoModel(backbone="cnn", cnn=dict(dims=(8, 16), depths=(1, 1)),
                      heads=dict(coord_loss="mse"))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -382,7 +382,7 @@ def test_cnn_backbone_and_heads():
     assert float(out["coords"].min()) > 0 and float(out["coords"].max()) < 1  # sigmoid encodings
     assert "log_kappa" not in params["params"]["head"]  # only the vMF head has concentrations
     # Its depthwise 3x3 (shifted multiply-adds) is the grouped convolution it replaces.
-    from eojax.models.geo_heads import DepthwiseConv3x3
+    from eojax.geo.heads import DepthwiseConv3x3
     h = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
     dw = {"kernel": jnp.asarray(rng.normal(size=(3, 3, 5)), jnp.float32)}
     grouped = nn.Conv(5, (3, 3), padding="SAME", feature_group_count=5, use_bias=False).apply(

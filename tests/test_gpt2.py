@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from eojax.checkpoint import CheckpointMismatchError
 from eojax.config_lib import DEFAULT_RULES
-from eojax.infer import generate as gen
+from eojax.vsat import generate as gen
 from eojax.models.gpt2 import GPT2, flops_per_sequence, gpt2_config, num_params
 from eojax.parallel.sharding import logical_shardings
 from eojax.weights import gpt2 as weights

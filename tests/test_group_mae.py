@@ -86,7 +86,7 @@ def test_init_from_a_satmae_pytorch_layout_file(tmp_path):
 
     from eojax import checkpoint as ckpt_lib
     from eojax import train
-    from eojax.weights import satmae as satmae_weights
+    from eojax.mae import weights as satmae_weights
     from helpers import ONE_DEVICE, load_config
 
     config = load_config("satmae", mesh=ONE_DEVICE, batch_size=8, seed=1)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from eojax import config_lib
-from eojax.models import MAE, layers, mae_config, mae_loss, random_masking
-from eojax.models.mae import permute_tokens
+from eojax.mae.model import MAE, mae_config, mae_loss, permute_tokens, random_masking
+from eojax.models import layers
 
 MODES = ("xla_cpu", "plain")
 

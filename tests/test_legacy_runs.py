@@ -7,7 +7,6 @@ import shutil
 
 import jax
 import numpy as np
-import pytest
 
 from eojax import checkpoint as ckpt_lib
 from eojax import train

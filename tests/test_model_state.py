@@ -7,8 +7,8 @@ import pytest
 
 from eojax import checkpoint as ckpt_lib
 from eojax import train
-from eojax.data import segmentation as segdata
-from eojax.models.seg.blocks import Norm
+from eojax.seg import data as segdata
+from eojax.seg.decoders.blocks import Norm
 from helpers import max_diff, run_steps
 from test_seg import tiny_config
 
@@ -42,8 +42,7 @@ def test_batch_norm_matches_numpy_and_updates_statistics_as_torch():
 
 def test_statistics_are_global_over_the_sharded_batch(chips):
     """1 device == 8 devices (one row each): per-device statistics would differ."""
-    run, one, _ = run_steps(bn_config(chips), jax.devices()[:1], n=2)
-    init = ckpt_lib.host_numpy(run.init_state().params)
+    _, one, _ = run_steps(bn_config(chips), jax.devices()[:1], n=2)
     _, eight, _ = run_steps(bn_config(chips, mesh=EIGHT), jax.devices(), n=2)
     assert jax.tree.leaves(eight.model_state), "the UperNet has BatchNorm statistics"
     stats_one, stats_eight = ckpt_lib.host_numpy(one.model_state), ckpt_lib.host_numpy(eight.model_state)

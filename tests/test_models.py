@@ -8,19 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eojax.models import (
-    MAE,
-    ViTEncoder,
-    flops_per_image,
-    mae_config,
-    mae_loss,
-    random_masking,
-    sincos_1d,
-    sincos_2d,
-    stack_layers,
-    unstack_layers,
-    vit_config,
-)
+from eojax.mae.model import MAE, flops_per_image, mae_config, mae_loss, random_masking
+from eojax.models import ViTEncoder, sincos_1d, sincos_2d, stack_layers, unstack_layers, vit_config
 
 RNGS = {"params": jax.random.key(0), "mask": jax.random.key(1)}
 
@@ -129,7 +118,7 @@ def test_random_masking(n, ratio):
 def test_permute_tokens_and_its_gradient():
     # The unshuffle's custom backward (gather by the inverse permutation) against numpy's gather
     # and against autodiff of the plain gather (a scatter-add).
-    from eojax.models.mae import permute_tokens
+    from eojax.mae.model import permute_tokens
     _, _, perm = random_masking(jax.random.key(7), 3, 10, 0.5)
     x = jax.random.normal(jax.random.key(8), (3, 10, 4))
     g = jax.random.normal(jax.random.key(9), (3, 10, 4))

@@ -32,9 +32,9 @@ def _check_gridmae(workdir, printed):
 # (first logged value -> last), and anything more to check with (workdir, printed text).
 EXPECTED = {
     "quickstart": dict(pngs=("mae_reconstruction_step*.png",), falling=("loss",)),
-    "satmae": dict(pngs=("group_mae_reconstruction_step*.png", "group_mae_multiscale_step*.png"),
+    "satmae": dict(pngs=("satmae_reconstruction_step*.png", "satmae_multiscale_step*.png"),
                    falling=("loss", "mse", "l1_2x", "l1_4x")),
-    "gridmae": dict(pngs=("group_mae_reconstruction_step*.png",), falling=("loss",), check=_check_gridmae),
+    "gridmae": dict(pngs=("satmae_reconstruction_step*.png",), falling=("loss",), check=_check_gridmae),
     "diffusion": dict(pngs=("diffusion_samples_step*.png",), falling=("loss",)),
     "segmentation": dict(pngs=("mae_reconstruction_step*.png", "*_overlay.png"), falling=("loss",)),
     "vsat": dict(pngs=("infer/infill_*.png",), falling=("loss",)),

@@ -1,4 +1,4 @@
-"""eojax.models.satmae: SatMAE++ group-channel MAE shapes, embeddings, masking, loss, multi-scale head,
+"""eojax.mae.satmae: SatMAE++ group-channel MAE shapes, embeddings, masking, loss, multi-scale head,
 the fine-tuning encoder, FLOPs and sharding. Models are 'mu'-sized; ViT-L only through eval_shape."""
 import math
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from eojax.config_lib import DEFAULT_RULES
-from eojax.models.satmae import (
+from eojax.mae.satmae import (
     GROUPS_S2_10,
-    GroupChannelMAE,
+    SatMAE,
     GroupChannelViT,
     flops_per_image,
-    groupmae_loss,
+    satmae_loss,
     decoder_pos_group_embed,
     interpolate_pos_embed,
     pos_group_embed,
@@ -33,7 +33,7 @@ def _key(i):
 
 
 def _mu(**kw):
-    return GroupChannelMAE(**satmae_config("mu", **{"multiscale": False, **kw}))
+    return SatMAE(**satmae_config("mu", **{"multiscale": False, **kw}))
 
 
 def _fwd(model):
@@ -57,7 +57,7 @@ def mu():
 def test_golden_shapes_vit_large_96(spatial):
     cfg = satmae_config("large", scan=True, spatial_mask=spatial)
     assert (cfg["image_size"], cfg["patch_size"], cfg["groups"]) == (96, 8, GROUPS_S2_10)
-    model, b = GroupChannelMAE(**cfg), 2
+    model, b = SatMAE(**cfg), 2
     x = jax.ShapeDtypeStruct((b, 96, 96, 10), jnp.float32)
     params = jax.eval_shape(model.init, RNGS, x)
     out = jax.eval_shape(lambda p, x: model.apply(p, x, rngs={"mask": RNGS["mask"]}), params, x)
@@ -75,7 +75,7 @@ def test_golden_shapes_vit_large_96(spatial):
     assert p["decoder_pred_2"]["kernel"].shape == (512, 128)
     assert p["multiscale_head"]["proj_up_conv"]["kernel"].shape == (1, 1, 10, 40)
     # bf16 compute: pixels come back float32.
-    bf16 = GroupChannelMAE(**dict(cfg, dtype=jnp.bfloat16))
+    bf16 = SatMAE(**dict(cfg, dtype=jnp.bfloat16))
     out = jax.eval_shape(lambda p, x: bf16.apply(p, x, rngs={"mask": RNGS["mask"]}), params, x)
     assert out["latent"].dtype == jnp.bfloat16
     assert all(a.dtype == jnp.float32 for a in [*out["pred"], out["recon"], out["up4"]])
@@ -212,7 +212,7 @@ def test_loss_matches_numpy(norm_pix, partial_valid):
     shapes = [(b, h, h), (b, 2 * h, 2 * h), (b, 4 * h, 4 * h)]
     valid = [rng.random(s) < 0.7 if partial_valid else np.ones(s, bool) for s in shapes]
     out = dict(pred=[jnp.asarray(a) for a in preds], mask=jnp.asarray(mask), up2=ups[0], up4=ups[1])
-    loss, aux = groupmae_loss(out, images, valid[0], p, GROUPS_S2_10, norm_pix, tgts[0], valid[1],
+    loss, aux = satmae_loss(out, images, valid[0], p, GROUPS_S2_10, norm_pix, tgts[0], valid[1],
                               tgts[1], valid[2])
     mse, l1s, total = _np_loss(preds, images, valid[0], mask, p, GROUPS_S2_10, norm_pix, ups, tgts,
                                valid[1:])
@@ -229,10 +229,10 @@ def test_loss_matches_numpy(norm_pix, partial_valid):
         np.testing.assert_allclose(aux["l1_2x"], np.abs(ups[0] - tgts[0]).mean(), rtol=1e-5)
     no_ms = dict(out)
     del no_ms["up2"], no_ms["up4"]
-    alone, _ = groupmae_loss(no_ms, images, valid[0], p, GROUPS_S2_10, norm_pix)
+    alone, _ = satmae_loss(no_ms, images, valid[0], p, GROUPS_S2_10, norm_pix)
     np.testing.assert_allclose(alone, mse, rtol=1e-5)
     with pytest.raises(ValueError):
-        groupmae_loss(out, images, valid[0], p, GROUPS_S2_10, norm_pix)  # multi-scale, no targets
+        satmae_loss(out, images, valid[0], p, GROUPS_S2_10, norm_pix)  # multi-scale, no targets
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])
@@ -248,7 +248,7 @@ def test_masked_loss_invariances(norm_pix):
     out = dict(pred=preds, mask=jnp.asarray(mask))
 
     def mse(img):
-        return float(groupmae_loss(out, img, valid, p, GROUPS_S2_10, norm_pix)[0])
+        return float(satmae_loss(out, img, valid, p, GROUPS_S2_10, norm_pix)[0])
 
     base = mse(images)
     changed = images.copy()
@@ -339,7 +339,7 @@ def test_interpolate_pos_embed(method):
 def test_flops_per_image_from_param_shapes(variant, spatial):
     cfg = satmae_config(variant, spatial_mask=spatial, scan=True)
     s, patch = cfg["image_size"], cfg["patch_size"]
-    p = nn.unbox(jax.eval_shape(GroupChannelMAE(**cfg).init, RNGS,
+    p = nn.unbox(jax.eval_shape(SatMAE(**cfg).init, RNGS,
                                 jax.ShapeDtypeStruct((1, s, s, 10), jnp.float32)))["params"]
     n = (s // patch) ** 2
     kept = 3 * int(n * 0.25) if spatial else int(3 * n * 0.25)
@@ -376,7 +376,7 @@ def test_sharded_init_and_grad(mu):
 
     def loss(p, x, t2, t4):
         out = model.apply(p, x, rngs={"mask": _key(11)})
-        return groupmae_loss(out, x, valid, 4, GROUPS_S2_10, False, t2, None, t4, None)[0]
+        return satmae_loss(out, x, valid, 4, GROUPS_S2_10, False, t2, None, t4, None)[0]
 
     grads = []
     for axes in ((("data", 4), ("fsdp", 1), ("model", 2)), (("data", 1), ("fsdp", 8), ("model", 1))):

@@ -12,11 +12,11 @@ from affine import Affine
 
 from eojax import checkpoint as ckpt_lib
 from eojax import train, weights
-from eojax.data import segmentation as segdata
+from eojax.seg import data as segdata
 from eojax.models import encoders
-from eojax.models import seg
-from eojax.models.seg import muster
-from eojax.tasks import seg_eval
+from eojax.seg import decoders as seg
+from eojax.seg.decoders import muster
+from eojax.seg import evaluation as seg_eval
 from helpers import ONE_DEVICE, load_config
 
 DECODERS = ("linear", "fcn", "upernet", "segformer", "muster")
@@ -216,7 +216,7 @@ def test_init_from_a_published_prithvi_checkpoint(chips, tmp_path):
         np.testing.assert_array_equal(x, y)
     assert model_state is init.model_state  # the decoder's BatchNorm statistics as initialised
     random_mode = tiny_config(chips, mode="random", encoder="prithvi")
-    from eojax.tasks.seg import SegTask
+    from eojax.seg.task import SegTask
     with pytest.raises(ValueError, match="random weights"):
         SegTask(random_mode).load_pretrained(path, init.params)
 

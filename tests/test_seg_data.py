@@ -8,7 +8,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from eojax.data import segmentation as segdata
+from eojax.seg import data as segdata
 from eojax.data import synthetic
 from eojax.data.raster import RasterError
 
@@ -131,7 +131,7 @@ def test_solaris_chips_are_georeferenced(test_data, tmp_path):
 
 def test_tfds_builder_matches_the_files(root, tmp_path):
     import tensorflow_datasets as tfds
-    from eojax.data.burnscars_tfds import BurnScarsTFDSSource, HLSBurnScars
+    from eojax.seg.burnscars_tfds import BurnScarsTFDSSource, HLSBurnScars
     builder = HLSBurnScars(data_dir=str(tmp_path / "tfds"))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
     assert {s: builder.info.splits[s].num_examples for s in ("train", "val", "test")} == \

@@ -195,7 +195,7 @@ def test_gradient_accumulation_averages_micro_batches():
     assert max_diff(ckpt_lib.host_numpy(new_state.params), expected) < 1e-5
 
 
-class MAEWithTestSplit(__import__("eojax.tasks.mae", fromlist=["MAETask"]).MAETask):
+class MAEWithTestSplit(__import__("eojax.mae.task", fromlist=["MAETask"]).MAETask):
     """The MAE task plus a test split (its eval windows) and an array-valued eval output: valid pixels
     per image row, a (H,) vector the trainer must sum elementwise over the batches."""
 

@@ -9,8 +9,9 @@ import pytest
 import rasterio
 
 from eojax import train
-from eojax.data import great, qa, synthetic, timeseries, tokenizers
-from eojax.infer import infill
+from eojax.data import qa, synthetic
+from eojax.vsat import great, timeseries, tokenizers
+from eojax.vsat import infill
 from helpers import ONE_DEVICE, load_config
 
 COLUMNS = ["X", "Y", "DOY", "B1", "B2", "B10"]

@@ -1,4 +1,4 @@
-"""eojax.weights.satmae: SatMAE++ PyTorch state dicts <-> eojax params.
+"""eojax.mae.weights: SatMAE++ PyTorch state dicts <-> eojax params.
 
 The expected key list is written from the reference modules (techmn/satmae_pp), and the layout checks
 run numpy ports of the reference's torch operations on a torch-layout state dict built here, so
@@ -17,10 +17,10 @@ from scipy.special import erf
 
 from eojax.checkpoint import CheckpointMismatchError
 from eojax.models import layers
-from eojax.models.satmae import GroupChannelMAE, GroupChannelViT, satmae_config
+from eojax.mae.satmae import SatMAE, GroupChannelViT, satmae_config
 from eojax.models.upsample import ConvTranspose4x2, MultiScaleHead
 from eojax.models.vit import PatchEmbed, unpatchify
-from eojax.weights.satmae import (load_pretrained, load_state_dict, satmae_from_torch,
+from eojax.mae.weights import (load_pretrained, load_state_dict, satmae_from_torch,
                                   satmae_to_torch)
 
 CFG = satmae_config("mu")  # multiscale on; 10 bands in groups (0,1,2,6), (3,4,5,7), (8,9)
@@ -112,7 +112,7 @@ def _reference_state_dict(seed=0, finetune=False):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mae_params():
-    return _random_params(GroupChannelMAE(**CFG), seed=1)
+    return _random_params(SatMAE(**CFG), seed=1)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
@@ -143,7 +143,7 @@ def test_round_trip_vit_and_scan(mae_params, tmp_path):
     enc = dict(mae_params["encoder"], blocks=layers.stack_layers(mae_params["encoder"]["blocks"], 2))
     scanned = dict(mae_params, encoder=enc, decoder=layers.stack_layers(mae_params["decoder"], 1))
     scanned = jax.tree.map(np.asarray, scanned)
-    shapes = nn.unbox(jax.eval_shape(GroupChannelMAE(**scan_cfg).init, RNGS, jnp.zeros((1, 16, 16, 10))))
+    shapes = nn.unbox(jax.eval_shape(SatMAE(**scan_cfg).init, RNGS, jnp.zeros((1, 16, 16, 10))))
     assert jax.tree.map(np.shape, shapes["params"]) == jax.tree.map(np.shape, scanned)
     sd_scan = satmae_to_torch(scanned, scan_cfg)
     jax.tree.map(np.testing.assert_array_equal, sd_scan, satmae_to_torch(mae_params, CFG))
@@ -153,7 +153,7 @@ def test_round_trip_vit_and_scan(mae_params, tmp_path):
 def test_vit_large_table_matches_model_shapes():
     """At the published sizes (ViT-L, 96 px, patch 8): reference key shapes, and the eojax shapes
     the table produces equal the model's (no arrays are made)."""
-    from eojax.weights.satmae import _config, _entries, _fixed
+    from eojax.mae.weights import _config, _entries, _fixed
     cfg = satmae_config("large")
     c, target = _config(cfg, None)
     entries = _entries(c, target)
@@ -172,7 +172,7 @@ def test_vit_large_table_matches_model_shapes():
     assert (torch_shapes["pos_embed"], torch_shapes["channel_embed"]) == ((1, 145, 768), (1, 3, 256))
     assert torch_shapes["decoder_pos_embed"] == (1, 145, 384)
     assert torch_shapes["decoder_channel_embed"] == (1, 4, 128)
-    model = nn.unbox(jax.eval_shape(GroupChannelMAE(**cfg).init, RNGS, jnp.zeros((1, 96, 96, 10))))
+    model = nn.unbox(jax.eval_shape(SatMAE(**cfg).init, RNGS, jnp.zeros((1, 96, 96, 10))))
     want = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(model["params"]).items()}
     got = {}
     for e in entries:

@@ -5,7 +5,7 @@ stem convolutions, Mixed_5b-5d (A blocks), 6a (B), 6b-6e (C, 7x7 factorised), 7a
 average pool. `fid_variant=True` is the network of the original TF FID code as pytorch-fid rebuilt it
 (FIDInceptionA/C/E_1/E_2): its average pools leave the padding out of the mean, and Mixed_7c pools by max.
 Every convolution is conv (no bias) + BatchNorm (eps 1e-3, inference statistics) + ReLU; module and
-parameter names follow the state-dict keys (eojax.weights.inception converts them).
+parameter names follow the state-dict keys (eojax.diffusion.inception_weights converts them).
 
 Input: images (B, H, W, 3) in [-1, 1] (the range the network was trained on, pytorch-fid's
 `normalize_input`), resized bilinearly to 299 x 299 as pytorch-fid does.
@@ -154,14 +154,14 @@ class InceptionV3(nn.Module):
 
 
 class InceptionFeatures:
-    """The FD feature extractor over InceptionV3 from a local weights file (eojax.weights.inception):
+    """The FD feature extractor over InceptionV3 from a local weights file (eojax.diffusion.inception_weights):
     images (B, H, W, C) in [-1, 1] -> (B, 2048); `rgb` picks the three channels it sees (for
     multispectral images, their red, green and blue bands)."""
 
     dim = 2048
 
     def __init__(self, weights_path: str, rgb=(0, 1, 2), fid_variant: bool = True):
-        from eojax.weights import inception as inception_weights  # it imports this module
+        from eojax.diffusion import inception_weights as inception_weights  # it imports this module
 
         self.model = InceptionV3(fid_variant=fid_variant)
         self.params = inception_weights.load(weights_path, self.model)

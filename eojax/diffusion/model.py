@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from eojax.models.gpt2 import GPT2
-from eojax.models.text_encoder import TextEncoder
-from eojax.models.unet import UNet
+from eojax.diffusion.text_encoder import TextEncoder
+from eojax.diffusion.unet import UNet
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Pure flax.linen models: no data, no optimizer, no I/O."""
+"""Shared pure flax.linen building blocks: layers, the ViT, encoders used by several families, the
+upsampling head, GPT-2. Family models live in their family's package (eojax/<family>/)."""
 from eojax.models.layers import (
     Attention,
     Encoder,
@@ -10,13 +11,4 @@ from eojax.models.layers import (
     stack_layers,
     unstack_layers,
 )
-from eojax.models.mae import MAE, flops_per_image, mae_config, mae_loss, random_masking
 from eojax.models.vit import VARIANTS, PatchEmbed, ViTEncoder, patchify, unpatchify, vit_config
-from eojax.models.satmae import (
-    GROUPS_S2_10,
-    GroupChannelMAE,
-    GroupChannelViT,
-    groupmae_loss,
-    interpolate_pos_embed,
-    satmae_config,
-)

@@ -296,21 +296,16 @@ def log_report(what: str, report: Mapping[str, Any]) -> None:
 
 
 def load_encoder(path, abstract_params: Any, encoder: nn.Module, *, strict: bool = True):
-    """(params, report) for any published-checkpoint encoder of eojax.models.encoders (Prithvi,
-    DOFA, CROMA, SatMAE++), placed like abstract_params (the encoder's own subtree)."""
+    """(params, report) for any published-checkpoint encoder of eojax.models.encoders, placed like
+    abstract_params (the encoder's own subtree), through the converter the encoder class names in
+    `converter` ('module:function', called as function(path, abstract_params, encoder, strict=))."""
     import importlib
-    family = {"Prithvi": "prithvi", "DOFA": "dofa", "CROMA": "croma", "SatMAEEncoder": "satmae"}
-    name = family.get(type(encoder).__name__)
-    if name is None:
+    converter = getattr(type(encoder), "converter", None)
+    if converter is None:
         raise ValueError(f"no published-checkpoint import for {type(encoder).__name__}; eojax MAE "
                          "runs load through config.init_from")
-    module = importlib.import_module(f"eojax.weights.{name}")
-    if name != "satmae":
-        return module.load_pretrained(path, abstract_params, encoder, strict=strict)
-    from eojax.models.satmae import GroupChannelViT
-    kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__
-              if f not in ("parent", "name")}
-    return module.load_pretrained(path, abstract_params, kwargs, strict=strict), {}
+    module, function = converter.split(":")
+    return getattr(importlib.import_module(module), function)(path, abstract_params, encoder, strict=strict)
 
 
 def load_encoder_file(path, abstract_params: Any, encoder, what: str, from_torch, *, strict: bool = True):

@@ -19,7 +19,7 @@ from eojax.models.encoders.base import DEFAULT_LAYERS  # noqa: F401  (re-export)
 # name -> (module, class, variants attribute, how a variant dict is filtered)
 _REGISTRY = {
     "mae": ("eojax.models.encoders.mae", "MAEEncoder", "eojax.models.vit", "VARIANTS"),
-    "satmae": ("eojax.models.encoders.mae", "SatMAEEncoder", "eojax.models.satmae", "VARIANTS"),
+    "satmae": ("eojax.models.encoders.mae", "SatMAEEncoder", "eojax.mae.satmae", "VARIANTS"),
     "prithvi": ("eojax.models.encoders.prithvi", "Prithvi", "eojax.models.encoders.prithvi", "VARIANTS"),
     "dofa": ("eojax.models.encoders.dofa", "DOFA", "eojax.models.encoders.dofa", "VARIANTS"),
     "croma": ("eojax.models.encoders.croma", "CROMA", "eojax.models.encoders.croma", "VARIANTS"),

@@ -11,6 +11,8 @@ The bias is computed for the input's own grid, so any size divisible by 8 works 
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 
 import jax.numpy as jnp
@@ -54,6 +56,8 @@ def alibi_2d(heads: int, rows: int, cols: int) -> np.ndarray:
 
 class CROMA(PublishedViT):
     """images (B, H, W, C), channels = input_bands -> [(B, H/8, W/8, width)] for `layers`."""
+
+    converter: ClassVar[str] = "eojax.weights.croma:load_pretrained"  # weights.common.load_encoder
 
     image_size: int = 120
     patch_size: int = 8

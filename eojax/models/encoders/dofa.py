@@ -21,7 +21,7 @@ that is the parameter-free per-sample standardisation it amounts to (feature_nor
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +128,8 @@ class DOFA(PublishedViT):
     The bands are given by `wavelengths` (micrometres) or by name (`input_bands`, looked up in
     base.WAVELENGTHS_UM); nothing is zero-filled, any subset works.
     """
+
+    converter: ClassVar[str] = "eojax.weights.dofa:load_pretrained"  # weights.common.load_encoder
 
     wavelengths: tuple | None = None
     wave_dim: int = 128

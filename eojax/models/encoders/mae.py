@@ -5,8 +5,10 @@ subtree of an eojax MAE or SatMAE++ run loads into them unchanged.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from eojax.models.encoders.base import DEFAULT_LAYERS, check_layers
-from eojax.models.satmae import GroupChannelViT
+from eojax.mae.satmae import GroupChannelViT
 from eojax.models.vit import ViTEncoder
 
 
@@ -26,6 +28,8 @@ class MAEEncoder(ViTEncoder):
 
 class SatMAEEncoder(GroupChannelViT):
     """eojax's SatMAE++ group-channel ViT; group tokens of a location are averaged into one map."""
+
+    converter: ClassVar[str] = "eojax.mae.weights:load_encoder"  # weights.common.load_encoder
 
     layers: tuple = DEFAULT_LAYERS
     bands = None

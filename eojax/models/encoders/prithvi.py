@@ -13,6 +13,8 @@ resampled bicubically when the input's (frames, rows, cols) grid differs from th
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,8 @@ def tubelets(videos, t: int, p: int):
 
 class Prithvi(PublishedViT):
     """images (B, H, W, C) or (B, T, H, W, C), channels = input_bands -> [(B, H/p, W/p, width)]."""
+
+    converter: ClassVar[str] = "eojax.weights.prithvi:load_pretrained"  # weights.common.load_encoder
 
     num_frames: int = 1
     tubelet_size: int = 1

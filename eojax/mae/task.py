@@ -10,7 +10,7 @@ from jax.experimental import multihost_utils
 
 from eojax import viz
 from eojax.data import device, pipeline
-from eojax.models import mae as mae_lib
+from eojax.mae import model as mae_lib
 from eojax.tasks.base import Task
 
 # config.model size keys; 0 means "the variant's own size".

@@ -12,8 +12,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from eojax.models.seg.blocks import Classifier, ConvNormAct, adaptive_avg_pool, resize
-from eojax.models.seg.pyramid import FeaturePyramid
+from eojax.seg.decoders.blocks import Classifier, ConvNormAct, adaptive_avg_pool, resize
+from eojax.seg.decoders.pyramid import FeaturePyramid
 
 Dtype = Any
 

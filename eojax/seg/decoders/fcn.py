@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from eojax.models.seg.blocks import Classifier, ConvNormAct
+from eojax.seg.decoders.blocks import Classifier, ConvNormAct
 
 Dtype = Any
 

@@ -21,13 +21,13 @@ import rasterio
 from flax import linen as nn
 
 from eojax import viz
-from eojax.data import captions as captions_lib
+from eojax.diffusion import captions as captions_lib
 from eojax.data import pipeline, synthetic
 from eojax.diffusion import fid, losses, samplers
 from eojax.diffusion.inception import InceptionFeatures
 from eojax.diffusion.model import DiffusionModel, make_autoencoder
 from eojax.diffusion.schedules import Schedule
-from eojax.models.text_encoder import BPECaptionTokenizer, WordTokenizer
+from eojax.diffusion.text_encoder import BPECaptionTokenizer, WordTokenizer
 from eojax.tasks.base import Task
 
 

@@ -1,7 +1,7 @@
 """Virtual Satellite: a GPT-2 that writes pixels of a satellite time series as GReaT text rows, and
 fills the cloudy pixels of a date by conditional generation (koyacolab/aispace, in eojax's spine).
 
-Data: a TimeSeries (eojax.data.timeseries) -> rows X, Y, DOY, bands of every usable (clear, snow or
+Data: a TimeSeries (eojax.vsat.timeseries) -> rows X, Y, DOY, bands of every usable (clear, snow or
 water) pixel and date. Held out: the usable pixels in a box on the target date (as aispace); they
 are the eval set (token loss) and what the infill is scored on. Training rows are sentences in a
 fresh random column order per sample and epoch (element i's order comes from rng (seed, i)), padded
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eojax.data import great, pipeline, qa as qa_lib, timeseries, tokenizers
+from eojax.data import pipeline, qa as qa_lib
+from eojax.vsat import great, timeseries, tokenizers
 from eojax.models import gpt2 as gpt2_lib
 from eojax.optim import sample_labels
 from eojax.tasks.base import Task
@@ -116,7 +117,7 @@ class VSatTask(Task):
 
     def infill_length(self) -> int:
         """Positions an infill row can reach: bos + the known columns + the generated ones."""
-        from eojax.infer import infill
+        from eojax.vsat import infill
         digits = self.number_digits()
         prompt = 1 + sum(len(self.tokenizer.encode(tokenizers.field_prefix(self.tokenizer, c, sep=True)))
                          + digits[c] for c in timeseries.COORD_COLUMNS)
@@ -243,7 +244,7 @@ class VSatTask(Task):
 
     # -- inference -------------------------------------------------------------------------------------
     def infer(self, params, state, workdir, options):
-        from eojax.infer import infill
+        from eojax.vsat import infill
         out = options.get("output") or os.path.join(workdir, "infer")
         return infill.run(self, params, out, seed=int(options.get("seed", 0)))
 

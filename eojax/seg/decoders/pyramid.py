@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from eojax.models.seg.blocks import Deconv2x2, Norm, constrain
+from eojax.seg.decoders.blocks import Deconv2x2, Norm, constrain
 
 Dtype = Any
 

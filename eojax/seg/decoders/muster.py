@@ -19,8 +19,8 @@ import numpy as np
 from flax import linen as nn
 
 from eojax.models import layers
-from eojax.models.seg.blocks import Classifier, Conv, Deconv2x2, constrain, resize
-from eojax.models.seg.pyramid import FeaturePyramid
+from eojax.seg.decoders.blocks import Classifier, Conv, Deconv2x2, constrain, resize
+from eojax.seg.decoders.pyramid import FeaturePyramid
 
 Dtype = Any
 

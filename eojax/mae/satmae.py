@@ -27,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from eojax.models import layers
-from eojax.models.mae import num_kept, random_masking
+from eojax.mae.model import num_kept, random_masking
 from eojax.models.upsample import MultiScaleHead, multiscale_flops
 from eojax.models.vit import PatchEmbed, _pair, block_maps, patchify, unpatchify
 
@@ -52,7 +52,7 @@ _COMMON = dict(image_size=96, patch_size=8, groups=GROUPS_S2_10, decoder_width=5
 
 
 def satmae_config(variant: str, **overrides) -> dict:
-    """Keyword arguments for GroupChannelMAE (mlp_dim = 4 * width unless given) + overrides."""
+    """Keyword arguments for SatMAE (mlp_dim = 4 * width unless given) + overrides."""
     if variant not in VARIANTS:
         raise KeyError(f"unknown SatMAE variant {variant!r}; known: {sorted(VARIANTS)}")
     cfg = dict(_COMMON, **VARIANTS[variant])
@@ -94,7 +94,7 @@ def decoder_pos_group_embed(width: int, group_dim: int, num_groups: int, grid_h:
 class GroupChannelViT(nn.Module):
     """images (B, H, W, C) -> tokens (B, [1 +] G * N, width) after the final LayerNorm.
 
-    The encoder of GroupChannelMAE (same parameter tree). Positions are recomputed for the input's own
+    The encoder of SatMAE (same parameter tree). Positions are recomputed for the input's own
     grid, so a fine-tuning resolution different from pretraining needs no parameter change.
     """
 
@@ -169,7 +169,7 @@ class GroupChannelViT(nn.Module):
                           lambda t: t.reshape(b, g, gh, gw, d).mean(axis=1))
 
 
-class GroupChannelMAE(nn.Module):
+class SatMAE(nn.Module):
     """images (B, H, W, C) -> dict(pred [per group (B, N, p*p*Cg)], mask (B, G, N) 1 = masked,
     recon (B, H, W, C), up2, up4 (when multiscale), latent, keep_idx, restore_idx); float32 outputs
     except latent. Masking draws from the 'mask' rng. keep_idx / restore_idx index the G * N tokens,
@@ -192,7 +192,7 @@ class GroupChannelMAE(nn.Module):
     spatial_mask: bool = False  # True: a location is masked in all groups or in none
     multiscale: bool = True
     multiscale_ratio: int = 4  # hidden channels of the multi-scale head = C * ratio
-    norm_pix_loss: bool = False  # read by groupmae_loss; kept with the model like MAE
+    norm_pix_loss: bool = False  # read by satmae_loss; kept with the model like MAE
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -283,7 +283,7 @@ def _masked_l1(pred, target, valid):
     return jnp.sum(err) / jnp.maximum(total, 1).astype(jnp.float32)
 
 
-def groupmae_loss(out: Mapping, images, valid, patch_size: int, groups, norm_pix_loss: bool = False,
+def satmae_loss(out: Mapping, images, valid, patch_size: int, groups, norm_pix_loss: bool = False,
                   targets2=None, valid2=None, targets4=None, valid4=None, weights=(0.6, 0.4)):
     """SatMAE++ loss with validity masks. Returns (loss, aux of float32 scalars).
 
@@ -355,10 +355,10 @@ def interpolate_pos_embed(pos, old_hw, new_hw, method: str = "bicubic"):
 
 
 def flops_per_image(cfg: Mapping, training: bool = False) -> float:
-    """Analytic forward FLOPs (2 per multiply-add) of GroupChannelMAE(**cfg) per image; training=True
+    """Analytic forward FLOPs (2 per multiply-add) of SatMAE(**cfg) per image; training=True
     gives 3x. Patch embeddings on all G*N tokens, encoder on the kept (+cls), decoder on G*N (+cls),
     per-group heads, and the multi-scale convolutions (upsample.multiscale_flops)."""
-    fields = GroupChannelMAE.__dataclass_fields__
+    fields = SatMAE.__dataclass_fields__
     d = {k: fields[k].default for k in _FLOP_KEYS}
     d.update({k: v for k, v in cfg.items() if k in _FLOP_KEYS})
     h, w = _pair(d["image_size"])

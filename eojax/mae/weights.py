@@ -1,4 +1,4 @@
-"""SatMAE++ (techmn/satmae_pp) PyTorch state dicts <-> eojax GroupChannelMAE / GroupChannelViT params.
+"""SatMAE++ (techmn/satmae_pp) PyTorch state dicts <-> eojax SatMAE / GroupChannelViT params.
 
 Reference layouts (told apart by `channel_cls_embed`, which only the second has):
   mae  MaskedAutoencoderGroupChannelViT (models_mae_group_channels.py): pretraining checkpoints.
@@ -52,7 +52,7 @@ from eojax.weights.common import SUFFIXES
 from eojax.weights.common import Entry as _Entry, conv as _conv, linear as _linear, ln as _ln
 from eojax.weights.common import patch as _patch, raise_problems as _raise, same as _same
 from eojax.weights.common import timm_block as _block
-from eojax.models.satmae import (GroupChannelMAE, GroupChannelViT, _check_groups,
+from eojax.mae.satmae import (SatMAE, GroupChannelViT, _check_groups,
                                  decoder_pos_group_embed, pos_group_embed)
 from eojax.models.vit import _pair
 
@@ -82,11 +82,11 @@ def _pred(tk, jp, dd, cg, p):  # Linear (Cg*p*p, Dd), outputs (band, row, col) -
 
 def _config(model_kwargs: Mapping, target: str | None):
     """Model fields (defaults filled in) and the target tree: 'mae' or 'vit' (None: 'mae' when any
-    GroupChannelMAE-only field is given)."""
-    mae_f, vit_f = GroupChannelMAE.__dataclass_fields__, GroupChannelViT.__dataclass_fields__
+    SatMAE-only field is given)."""
+    mae_f, vit_f = SatMAE.__dataclass_fields__, GroupChannelViT.__dataclass_fields__
     unknown = sorted(set(model_kwargs) - set(mae_f))
     if unknown:
-        raise TypeError(f"model_kwargs has fields GroupChannelMAE does not: {unknown}")
+        raise TypeError(f"model_kwargs has fields SatMAE does not: {unknown}")
     if target is None:
         target = "mae" if any(k not in vit_f for k in model_kwargs) else "vit"
     if target not in ("mae", "vit"):
@@ -213,8 +213,8 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
                       strict: bool = True) -> tuple[dict, dict[str, str]]:
     """SatMAE++ state dict -> (eojax params, {ignored key: why}).
 
-    model_kwargs: GroupChannelMAE or GroupChannelViT keyword arguments (satmae_config output);
-    target: 'mae' (GroupChannelMAE tree) or 'vit' (GroupChannelViT tree); None infers it from
+    model_kwargs: SatMAE or GroupChannelViT keyword arguments (satmae_config output);
+    target: 'mae' (SatMAE tree) or 'vit' (GroupChannelViT tree); None infers it from
     model_kwargs. Every missing key, shape mismatch, group of another band count, and (strict)
     unexpected key or drifted fixed embedding is gathered into one CheckpointMismatchError before
     anything is returned. strict=False ignores unexpected keys (the decoder when importing a
@@ -260,7 +260,7 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
 
 def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | None = None
                     ) -> dict[str, np.ndarray]:
-    """eojax params -> SatMAE++ state dict: the pretraining (mae) layout for a GroupChannelMAE tree,
+    """eojax params -> SatMAE++ state dict: the pretraining (mae) layout for a SatMAE tree,
     the fine-tuning (vit, no classifier) layout for a GroupChannelViT tree; fixed embeddings for the
     model's grid are included, as the reference's state_dict has them."""
     cfg, target = _config(model_kwargs, target)
@@ -307,7 +307,7 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
     """Params for `config.init_from` from a SatMAE++ .safetensors / .npz / .pth file.
 
     abstract_params: the model's params as ShapeDtypeStructs (their shardings, if any, are used);
-    a tree with 'encoder' is a GroupChannelMAE, otherwise a GroupChannelViT. Names and shapes are
+    a tree with 'encoder' is a SatMAE, otherwise a GroupChannelViT. Names and shapes are
     checked against it (CheckpointMismatchError); arrays are cast to its dtypes. strict=False drops
     the decoder of a pretraining checkpoint (and a classifier head); what was dropped is logged.
     """
@@ -327,3 +327,10 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
     placed = common.place(traverse_util.flatten_dict(params), abstract)
     logging.info("initialised params from SatMAE++ checkpoint %s", path)
     return {"params": placed} if wrapped else placed
+
+
+def load_encoder(path, abstract_params: Any, encoder, *, strict: bool = True):
+    """(params, report) of a SatMAE++ encoder (the seg encoder 'satmae') from a published file."""
+    from eojax.mae.satmae import GroupChannelViT
+    kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__ if f not in ("parent", "name")}
+    return load_pretrained(path, abstract_params, kwargs, strict=strict), {}

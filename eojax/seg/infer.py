@@ -18,7 +18,7 @@ from PIL import Image
 from rasterio.windows import Window
 
 from eojax.data.raster import RasterError, Scene
-from eojax.tasks import seg_eval
+from eojax.seg import evaluation as seg_eval
 
 NODATA = 255
 
@@ -125,7 +125,7 @@ def _read(scene: Scene, x: int, y: int, window: int):
 
 
 def _overlay_png(task, rows, path):
-    from eojax.tasks.seg import overlay
+    from eojax.seg.task import overlay
 
     pixels = np.concatenate([r[0] for r in rows], axis=1)
     valid = np.concatenate([r[1] for r in rows], axis=0)

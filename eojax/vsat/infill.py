@@ -2,7 +2,7 @@
 
 For every cloud / shadow pixel of the target date (to fill) and every held-out clear pixel of its
 box (to score), the prompt is the pixel's known columns "X is <col>, Y is <row>, DOY is <doy>" and the
-model writes the bands in a fixed order under a finite-state constraint (eojax.data.tokenizers.
+model writes the bands in a fixed order under a finite-state constraint (eojax.vsat.tokenizers.
 build_fsm): separators and column names are forced, values can only be number tokens, then eos.
 aispace conditions on a pixel id and DOY only; eojax conditions on X, Y, DOY (the same information
 plus the position, so neighbouring pixels share structure). Values of the pixel on other dates are
@@ -30,8 +30,9 @@ import numpy as np
 import rasterio
 
 from eojax import viz
-from eojax.data import great, qa as qa_lib, timeseries, tokenizers
-from eojax.infer import generate as gen_lib
+from eojax.data import qa as qa_lib
+from eojax.vsat import great, timeseries, tokenizers
+from eojax.vsat import generate as gen_lib
 
 OBSERVED, FILLED, FAILED, NODATA = range(4)
 
@@ -86,7 +87,7 @@ def generate_values(model, params, tok, known: np.ndarray, known_columns, target
                     max_number_tokens: int = 6, seed: int = 0) -> dict:
     """Generate `targets` for each row of `known` (N, K) ints -> {'values' (N, len(targets)) int64,
     'ok' (N,) bool, 'attempts' (N,) int, 'texts' [str]}. A row is ok when its text parses strictly
-    (eojax.data.great.parse_row), repeats the known values, and every value fits `dtype`."""
+    (eojax.vsat.great.parse_row), repeats the known values, and every value fits `dtype`."""
     allowed, next_state, start = tokenizers.build_fsm(tok, targets, after_prompt=bool(known_columns),
                                                       max_number_tokens=max_number_tokens,
                                                       vocab_size=model.vocab_size)

@@ -30,10 +30,10 @@ from jax.experimental import multihost_utils
 
 from eojax import viz
 from eojax.data import device
-from eojax.data import segmentation as segdata
+from eojax.seg import data as segdata
 from eojax.models import encoders
-from eojax.models import seg as seg_models
-from eojax.tasks import seg_eval
+from eojax.seg import decoders as seg_models
+from eojax.seg import evaluation as seg_eval
 from eojax import weights
 from eojax.tasks.base import Task, apply_model
 from eojax.weights import common as weights_common
@@ -293,7 +293,7 @@ class SegTask(Task):
         return [viz.save_grid_png(path, rows)] if rows else []
 
     def infer(self, params, state, workdir, options):
-        from eojax.tasks import seg_infer
+        from eojax.seg import infer as seg_infer
         return seg_infer.predict_geotiff(self, params, state, options, workdir)
 
 

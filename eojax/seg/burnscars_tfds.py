@@ -1,10 +1,10 @@
 """HLS Burn Scars as a TFDS dataset, built and read without TensorFlow.
 
 `HLSBurnScars` converts the manually downloaded dataset (`training/` and `validation/` folders of
-`*_merged.tif` + `*.mask.tif`, see eojax.data.segmentation) into ArrayRecord files with PANGAEA's
+`*_merged.tif` + `*.mask.tif`, see eojax.seg.data) into ArrayRecord files with PANGAEA's
 splits (train / val = a fixed 90 / 10 split of training/, test = validation/): one record per scene
 with the 6 bands at native size (zlib), the int16 mask and the scene name. `BurnScarsTFDSSource` turns
-records into the whole-scene elements of `eojax.data.segmentation.WholeScenes` (pixels, valid, label).
+records into the whole-scene elements of `eojax.seg.data.WholeScenes` (pixels, valid, label).
 
     builder = HLSBurnScars(data_dir=...)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from eojax.data import segmentation as segdata
+from eojax.seg import data as segdata
 from eojax.data.raster import RasterError
 
 

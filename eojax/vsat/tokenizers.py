@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eojax.data.great import IS, SEP
+from eojax.vsat.great import IS, SEP
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 DIGITS = tuple("0123456789")

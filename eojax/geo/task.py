@@ -13,7 +13,7 @@ from eojax.geo import data as geo_data
 from eojax.geo import encoding, losses, maps, metrics
 from eojax.geo.climate import CLASSES, NUM_CLASSES, ClimateMap, membership
 from eojax.geo.labels import WindowLabeler
-from eojax.models.geo_heads import GeoModel
+from eojax.geo.heads import GeoModel
 from eojax.tasks.base import Task, apply_model
 
 

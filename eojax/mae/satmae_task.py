@@ -13,15 +13,15 @@ import jax
 import numpy as np
 
 from eojax import viz
-from eojax.models import satmae
-from eojax.tasks.mae import MAETask
+from eojax.mae import satmae
+from eojax.mae.task import MAETask
 
 _SHAPE_KEYS = ("width", "depth", "heads", "mlp_dim", "group_embed_dim", "decoder_width",
                "decoder_depth", "decoder_heads", "decoder_group_embed_dim")
 
 
-class GroupMAETask(MAETask):
-    name = "group_mae"
+class SatMAETask(MAETask):
+    name = "satmae"
 
     def groups(self) -> tuple[tuple[int, ...], ...]:
         """config.model.groups: 'per_source' (one group per stacked grid), 'sentinel2_10' (SatMAE++'s
@@ -57,16 +57,16 @@ class GroupMAETask(MAETask):
         return satmae.satmae_config(m.variant, **overrides)
 
     @property
-    def model(self) -> satmae.GroupChannelMAE:
+    def model(self) -> satmae.SatMAE:
         if self._model is None:
             scales = tuple(self.config.input.scales)
             if scales not in ((1,), (1, 2, 4)):
                 raise ValueError(f"input.scales={scales}: the group MAE takes (1,) or (1, 2, 4)")
-            self._model = satmae.GroupChannelMAE(**self.model_kwargs())
+            self._model = satmae.SatMAE(**self.model_kwargs())
         return self._model
 
     def loss(self, out, images, valid):
-        return satmae.groupmae_loss(
+        return satmae.satmae_loss(
             out, images["image"], valid["valid"], self.model.patch_size, self.model.groups,
             self.config.model.norm_pix_loss, targets2=images.get("image_2x"), valid2=valid.get("valid_2x"),
             targets4=images.get("image_4x"), valid4=valid.get("valid_4x"))
@@ -75,7 +75,7 @@ class GroupMAETask(MAETask):
         """A published SatMAE++ checkpoint (.safetensors / .npz / .pth). Parts this model lacks (a
         multi-scale head, a classifier) are dropped with a warning; anything missing or misshapen is
         an error naming the keys."""
-        from eojax.weights import satmae as satmae_weights
+        from eojax.mae import weights as satmae_weights
         return satmae_weights.load_pretrained(path, abstract_params, self.model_kwargs(), strict=False)
 
     def train_flops_per_example(self) -> float:

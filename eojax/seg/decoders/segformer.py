@@ -10,8 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from eojax.models.seg.blocks import Classifier, Conv, ConvNormAct, resize
-from eojax.models.seg.pyramid import FeaturePyramid
+from eojax.seg.decoders.blocks import Classifier, Conv, ConvNormAct, resize
+from eojax.seg.decoders.pyramid import FeaturePyramid
 
 Dtype = Any
 

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from eojax.models.seg.blocks import resize
-from eojax.models.seg.fcn import FCNDecoder
-from eojax.models.seg.linear import LinearDecoder
-from eojax.models.seg.muster import Muster
-from eojax.models.seg.pyramid import FeaturePyramid
-from eojax.models.seg.segformer import SegFormerHead
-from eojax.models.seg.upernet import UperNet
+from eojax.seg.decoders.blocks import resize
+from eojax.seg.decoders.fcn import FCNDecoder
+from eojax.seg.decoders.linear import LinearDecoder
+from eojax.seg.decoders.muster import Muster
+from eojax.seg.decoders.pyramid import FeaturePyramid
+from eojax.seg.decoders.segformer import SegFormerHead
+from eojax.seg.decoders.upernet import UperNet
 
 DECODERS = {"linear": LinearDecoder, "fcn": FCNDecoder, "upernet": UperNet, "segformer": SegFormerHead,
             "muster": Muster}

@@ -1,1 +1,0 @@
-"""Inference: feature export, sliding-window prediction, sampling."""

@@ -1,0 +1,1 @@
+"""The segmentation family: decoders on frozen / fine-tuned / random encoders, PANGAEA-style."""
