@@ -118,6 +118,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                          f"the batch is split over the mesh {dict(mesh.shape)}")
 
     task = tasks.get(config)
+    task.data_spec()  # the input's shapes and facts first: headers, cached statistics, vocabulary
     train_iter = task.train_input(jax.process_index(), jax.process_count())
 
     optimizer = optim.build(config.optim, config.total_steps)
@@ -448,7 +449,8 @@ def _write_results(run: Run, workdir: str, result: dict) -> None:
     if jax.process_index() != 0:
         return
     record = {"config": json.loads(run.config.to_json_best_effort()), "git_revision": _git_revision(),
-              "data_fingerprint": run.task.data_fingerprint(), "seed": run.config.seed,
+              "data_fingerprint": run.task.data_fingerprint(), "data_spec": run.task.data_spec().to_json(),
+              "seed": run.config.seed,
               "devices": jax.device_count(), "processes": jax.process_count(),
               **{k: result[k] for k in ("train", "eval", "test", "best")}}
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -378,10 +378,8 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
     source_channels (channel-index tuples, one per stacked source; one tuple of all channels
     otherwise), element_spec (key -> (per-element shape, dtype)).
     """
-    scenes = _scenes_from_cfg(input_cfg)
-    stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
-    size = int(_cfg(input_cfg, "window", 64))
-    scales = check_scales(_cfg(input_cfg, "scales", (1,)))
+    info = image_input_info(input_cfg)
+    scenes, size, scales = info["scenes"], info["window"], info["scales"]
     min_valid = float(_cfg(input_cfg, "min_valid_fraction", 0.5))
     workers = int(_cfg(input_cfg, "worker_count", 0))
     if split == "train":
@@ -400,9 +398,20 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
                                     drop_remainder=False, worker_count=workers)
     else:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    return batches, dict(info, num_windows=len(ds))
+
+
+def image_input_info(input_cfg) -> dict:
+    """What `config.input` gives a model, known before any window is drawn: scenes (opened and
+    checked), statistics (computed once, cached), window, scales, band names, channels per stacked
+    source, and element_spec (key -> (per-element shape, dtype)) of the windows' arrays."""
+    scenes = _scenes_from_cfg(input_cfg)
+    stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
+    size = int(_cfg(input_cfg, "window", 64))
+    scales = check_scales(_cfg(input_cfg, "scales", (1,)))
+    spec = _WindowDataset(scenes, lambda i: None, 0, size, scales)  # for its dtype and element_spec only
     source_channels = (list(scenes[0].source_channels) if isinstance(scenes[0], StackedScene)
                        else [tuple(range(scenes[0].num_channels))])
-    info = dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names),
-                stats=stats, scenes=scenes, num_windows=len(ds), dtype=ds.dtype, scales=scales,
-                source_channels=source_channels, element_spec=ds.element_spec)
-    return batches, info
+    return dict(num_channels=scenes[0].num_channels, band_names=list(scenes[0].band_names), stats=stats,
+                scenes=scenes, window=size, dtype=spec.dtype, scales=scales, source_channels=source_channels,
+                element_spec=spec.element_spec)

@@ -28,7 +28,7 @@ from eojax.diffusion.inception import InceptionFeatures
 from eojax.diffusion.model import DiffusionModel, make_autoencoder
 from eojax.diffusion.schedules import Schedule
 from eojax.diffusion.text_encoder import BPECaptionTokenizer, WordTokenizer
-from eojax.tasks.base import Task
+from eojax.tasks.base import DataSpec, Task, elements
 
 
 
@@ -163,13 +163,14 @@ class DiffusionTask(Task):
             self._model = DiffusionModel(unet=unet, text=text, text_kind=m.text_encoder)
         return self._model
 
-    def dummy_batch(self, batch_size):
+    def data_spec(self) -> DataSpec:
+        """Images in [-1, 1], channels-last, with their caption tokens and record index."""
         c = self.config.input
         self._load_records()
-        return {"image": jax.ShapeDtypeStruct((batch_size, c.image_size, c.image_size, self.channels), jnp.float32),
-                "tokens": jax.ShapeDtypeStruct((batch_size, c.max_len), jnp.int32),
-                "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-                "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+        size = c.image_size
+        arrays = elements(image=((size, size, self.channels), np.float32), tokens=((c.max_len,), np.int32),
+                          index=((), np.int32), weight=((), np.float32))
+        return DataSpec(arrays, {"band_names": list(self.band_names), "vocab_size": len(self.tokenizer)})
 
     def init(self, rng, batch):
         x0 = self.autoencoder.encode(batch["image"])

@@ -14,7 +14,7 @@ from eojax.geo import encoding, losses, maps, metrics
 from eojax.geo.climate import CLASSES, NUM_CLASSES, ClimateMap, membership
 from eojax.geo.labels import WindowLabeler
 from eojax.geo.heads import GeoModel
-from eojax.tasks.base import Task, apply_model
+from eojax.tasks.base import DataSpec, Task, apply_model, elements
 
 
 class GeoTask(Task):
@@ -80,15 +80,14 @@ class GeoTask(Task):
                                    dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
         return self._model
 
-    def dummy_batch(self, batch_size):
-        b, c, s = batch_size, self.scenes[0].num_channels, int(self.config.input.window)
-        f32 = jnp.float32
-        return {"pixels": jax.ShapeDtypeStruct((b, c, s, s), f32),
-                "valid": jax.ShapeDtypeStruct((b, s, s), jnp.bool_),
-                "weight": jax.ShapeDtypeStruct((b,), f32),
-                "latlon": jax.ShapeDtypeStruct((b, 2), f32), "coords": jax.ShapeDtypeStruct((b, 3), f32),
-                "climate": jax.ShapeDtypeStruct((b, NUM_CLASSES), f32),
-                "date": jax.ShapeDtypeStruct((b, 2), f32), "doy": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    def data_spec(self) -> DataSpec:
+        """Windows (float32 pixels, validity) with labels made from their georeference: lat/lon and its
+        encoding, Koppen-Geiger class fractions, the date encoding and day of year."""
+        c, s, f32 = self.scenes[0].num_channels, int(self.config.input.window), np.float32
+        arrays = elements(pixels=((c, s, s), f32), valid=((s, s), bool), weight=((), f32), latlon=((2,), f32),
+                          coords=((3,), f32), climate=((NUM_CLASSES,), f32), date=((2,), f32), doy=((), np.int32))
+        return DataSpec(arrays, {"band_names": list(self.scenes[0].band_names),
+                                 "num_centres": 0 if self.centres is None else len(self.centres)})
 
     def images(self, batch):
         return geo_data.standardize(batch["pixels"], batch["valid"]).astype(jnp.dtype(self.config.model.dtype))

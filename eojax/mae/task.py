@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from eojax import viz
 from eojax.data import device, pipeline
 from eojax.mae import model as mae_lib
-from eojax.tasks.base import Task
+from eojax.tasks.base import DataSpec, Task, stats_info
 
 # config.model size keys; 0 means "the variant's own size".
 _SHAPE_KEYS = ("width", "depth", "heads", "mlp_dim", "decoder_width", "decoder_depth", "decoder_heads")
@@ -26,11 +26,25 @@ class MAETask(Task):
         self._model = None
 
     # -- input (phase 3) ---------------------------------------------------------------------------
+    @property
+    def info(self) -> dict:
+        """The input's scenes, statistics, band names and window arrays (pipeline.image_input_info)."""
+        if self._info is None:
+            self._info = pipeline.image_input_info(self.config.input)
+        return self._info
+
+    def data_spec(self) -> DataSpec:
+        # Pixel arrays (every scale) as the pipeline makes them, plus the per-row weight.
+        arrays = {k: (shape, np.dtype(dtype).name) for k, (shape, dtype) in self.info["element_spec"].items()
+                  if k.startswith(("pixels", "valid"))}
+        return DataSpec(dict(arrays, weight=((), "float32")), {
+            "band_names": self.info["band_names"], "source_channels": [list(c) for c in self.info["source_channels"]],
+            "scales": list(self.info["scales"]), **stats_info(self.info["stats"])})
+
     def _input(self, split, process_index, process_count):
-        it, info = pipeline.make_image_input(
+        it, _ = pipeline.make_image_input(
             self.config.input, split=split, batch_size=self.config.batch_size // process_count,
             process_index=process_index, process_count=process_count, seed=self.config.seed)
-        self._info = info
         return it
 
     def train_input(self, process_index, process_count):
@@ -38,12 +52,6 @@ class MAETask(Task):
 
     def eval_input(self, process_index, process_count):
         return self._input("eval", process_index, process_count)
-
-    @property
-    def info(self) -> dict:
-        if self._info is None:
-            raise RuntimeError("the MAE task learns its band count from the data: build train_input first")
-        return self._info
 
     # -- model (phase 4) ---------------------------------------------------------------------------
     def model_kwargs(self) -> dict:
@@ -58,14 +66,6 @@ class MAETask(Task):
         if self._model is None:
             self._model = mae_lib.MAE(**self.model_kwargs())
         return self._model
-
-    def dummy_batch(self, batch_size):
-        # Pixel arrays (every scale) as the pipeline makes them, plus the per-row weight.
-        spec = {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
-                for k, (shape, dtype) in self.info["element_spec"].items()
-                if k.startswith(("pixels", "valid"))}
-        spec["weight"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-        return spec
 
     def images(self, batch) -> dict:
         """Raw band-first pixels -> normalised channels-last model input (inside the jitted step);

@@ -35,7 +35,7 @@ from eojax.models import encoders
 from eojax.seg import decoders as seg_models
 from eojax.seg import evaluation as seg_eval
 from eojax import weights
-from eojax.tasks.base import Task, apply_model
+from eojax.tasks.base import DataSpec, Task, apply_model, elements, stats_info
 from eojax.weights import common as weights_common
 
 MODES = ("frozen", "finetune", "random")
@@ -135,13 +135,14 @@ class SegTask(Task):
                                                        freeze_encoder=m.mode == "frozen")
         return self._model
 
-    def dummy_batch(self, batch_size):
-        c, s = len(self.band_names), self.config.input.crop
+    def data_spec(self) -> DataSpec:
+        """Random crops of the encoder's size: raw band-first pixels, validity, class labels."""
+        c, s, m = len(self.band_names), self.config.input.crop, self.config.model
         dtype = self.pair_sets()["train"].scenes[0].dtype
-        return {"pixels": jax.ShapeDtypeStruct((batch_size, c, s, s), jnp.dtype(dtype)),
-                "valid": jax.ShapeDtypeStruct((batch_size, s, s), jnp.bool_),
-                "label": jax.ShapeDtypeStruct((batch_size, s, s), jnp.int32),
-                "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+        arrays = elements(pixels=((c, s, s), dtype), valid=((s, s), bool), label=((s, s), np.int32),
+                          weight=((), np.float32))
+        return DataSpec(arrays, {"band_names": list(self.band_names), "num_classes": int(m.num_classes),
+                                 "class_names": list(m.class_names), **stats_info(self.stats)})
 
     def images(self, batch):
         return device.to_model_input(batch["pixels"], batch["valid"], self.stats,

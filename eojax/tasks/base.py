@@ -1,18 +1,55 @@
 """The surface every family exposes to the one trainer (see docs/architecture.md)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+import dataclasses
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 
 
 class NotApplicableError(ValueError):
     """A trainer feature that makes no sense for this task (e.g. Sophia-G without logits)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What a family's input gives its model, fixed before any model exists: `elements`, the
+    per-example shape and dtype of every array the train step takes, and `info`, JSON-able facts
+    about the data the model depends on (band names, statistics, class names, vocabulary size).
+    The dummy batch that shapes and initialises the model comes from it; results.json records it."""
+
+    elements: Mapping[str, tuple[tuple[int, ...], str]]
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct((batch_size, *shape), np.dtype(dtype))
+                for k, (shape, dtype) in self.elements.items()}
+
+    def to_json(self) -> dict:
+        elements = {k: {"shape": list(shape), "dtype": np.dtype(dtype).name} for k, (shape, dtype) in self.elements.items()}
+        return {"elements": elements, "info": dict(self.info)}
+
+
+def stats_info(stats) -> dict:
+    """A BandStats (or None) as DataSpec info: per-band mean and std."""
+    if stats is None:
+        return {"mean": None, "std": None}
+    return {"mean": [float(v) for v in stats.mean], "std": [float(v) for v in stats.std]}
+
+
+def elements(**arrays) -> dict[str, tuple[tuple[int, ...], str]]:
+    """DataSpec elements from keyword (shape, dtype) pairs, e.g. elements(weight=((), np.float32))."""
+    return {k: (tuple(int(n) for n in shape), np.dtype(dtype).name) for k, (shape, dtype) in arrays.items()}
+
+
 class Task:
-    """Base class: a family subclasses it and fills in the model, the loss and its input."""
+    """Base class: a family subclasses it and fills in the model, the loss and its input.
+
+    Build order: `data_spec()` first (it reads only what the config names: file headers, cached
+    statistics, a vocabulary), then the model and the trainer's dummy batch from it; the input
+    iterators may be built in any order after that."""
 
     name = "base"
 
@@ -30,12 +67,18 @@ class Task:
         """A held-out test split, evaluated once at the end on the best (or final) parameters."""
         return None
 
+    def data_spec(self) -> DataSpec:
+        """The input's DataSpec, built from the config alone (cheap to ask again: the facts behind it
+        are cached)."""
+        raise NotImplementedError
+
     @property
     def model(self):
         raise NotImplementedError
 
     def dummy_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        raise NotImplementedError
+        """The global batch the train step takes, as shapes: from the DataSpec."""
+        return self.data_spec().batch(batch_size)
 
     def init(self, rng: jax.Array, batch: dict) -> dict:
         """Flax variables: {'params': ...} plus any mutable collections (e.g. 'batch_stats'), which the

@@ -21,7 +21,7 @@ from eojax.data import pipeline, qa as qa_lib
 from eojax.vsat import great, timeseries, tokenizers
 from eojax.models import gpt2 as gpt2_lib
 from eojax.optim import sample_labels
-from eojax.tasks.base import Task
+from eojax.tasks.base import DataSpec, Task, elements
 
 _INPUT_KEYS = {"source", "root", "pathrow", "paths", "csv", "bands", "qa_format", "target_date",
                "holdout_box", "synthetic_dir"}
@@ -173,10 +173,12 @@ class VSatTask(Task):
             self._model = gpt2_lib.GPT2(**self.model_kwargs())
         return self._model
 
-    def dummy_batch(self, batch_size):
-        return {"tokens": jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.int32),
-                "lengths": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-                "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+    def data_spec(self) -> DataSpec:
+        """Pixel rows as token sequences (padded to max_len) with their lengths."""
+        arrays = elements(tokens=((self.max_len,), np.int32), lengths=((), np.int32), weight=((), np.float32))
+        return DataSpec(arrays, {"bands": list(self.series.band_names), "dates": list(self.series.dates),
+                                 "tokenizer": self.config.model.tokenizer,
+                                 "vocab_size": int(getattr(self.tokenizer, "vocab_size", 0))})
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, batch["tokens"][:, :-1], train=False)
