@@ -35,17 +35,7 @@ def _conv(features, kernel, name, *, dtype=jnp.float32, param_dtype=jnp.float32)
 
 
 def _norm(kind, name, train, dtype, param_dtype):
-    """x -> the norm of x in float32: BatchNorm as torch's (momentum 0.1, eps 1e-5) or a channel LayerNorm."""
-    scale_bias = dict(scale_init=layers.partitioned(nn.initializers.ones, ("channels",)),
-                      bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)))
-    if kind == "batch":
-        norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
-                            param_dtype=param_dtype, name=name, **scale_bias)
-    elif kind == "layer":
-        norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name=name, **scale_bias)
-    else:
-        raise ValueError(f"model.cnn.norm={kind!r} is not 'batch' or 'layer'")
-    return lambda x: norm(x.astype(jnp.float32))
+    return layers.channel_norm(kind, name, train, param_dtype, what="model.cnn.norm")
 
 
 class DepthwiseConv3x3(nn.Module):

@@ -36,6 +36,24 @@ def partitioned(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+CHANNEL_NORMS = ("batch", "layer")
+
+
+def channel_norm(kind: str, name: str, train: bool, param_dtype, what: str = "model.norm"):
+    """A norm over the channels (last axis) of conv maps, to call inside a compact module: x -> float32.
+    'batch': torch's BatchNorm2d (momentum 0.1, eps 1e-5; running statistics in 'batch_stats', batch
+    statistics in training); 'layer': a per-pixel LayerNorm (eps 1e-6). Scale and bias on 'channels'."""
+    affine = dict(param_dtype=param_dtype, name=name, scale_init=partitioned(nn.initializers.ones, ("channels",)),
+                  bias_init=partitioned(nn.initializers.zeros, ("channels",)))
+    if kind == "batch":
+        norm = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, **affine)
+    elif kind == "layer":
+        norm = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, **affine)
+    else:
+        raise ValueError(f"{what}={kind!r} is not one of {CHANNEL_NORMS}")
+    return lambda x: norm(x.astype(jnp.float32))
+
+
 # --------------------------------------------------------------------------------------------------
 # Fixed sin-cos position embeddings (numpy: they are constants, never trained).
 # --------------------------------------------------------------------------------------------------

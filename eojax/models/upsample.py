@@ -45,15 +45,7 @@ class ChannelNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return channel_layer_norm(self.param_dtype)(x.astype(jnp.float32)).astype(self.dtype)
-
-
-def channel_layer_norm(param_dtype) -> nn.LayerNorm:
-    """ChannelNorm's float32 LayerNorm (parameters under 'ln', logical axis 'channels'), to be called
-    inside a compact module."""
-    return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name="ln",
-                        scale_init=layers.partitioned(nn.initializers.ones, ("channels",)),
-                        bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)))
+        return layers.channel_norm("layer", "ln", False, self.param_dtype)(x).astype(self.dtype)
 
 
 # Sub-pixel form of a k4 s2 p1 transposed conv: output phase a (row 2m + a) reads input rows m-1, m,

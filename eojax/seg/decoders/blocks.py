@@ -15,7 +15,6 @@ import numpy as np
 from flax import linen as nn
 
 from eojax.models import layers
-from eojax.models.upsample import channel_layer_norm
 
 Dtype = Any
 BHWC = ("batch", "height", "width", "channels")
@@ -44,12 +43,9 @@ class Conv(nn.Module):
                        bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)), name="conv")(x)
 
 
-NORMS = ("batch", "layer")
-
-
 class Norm(nn.Module):
-    """BatchNorm over (batch, height, width) as torch's (momentum 0.1, eps 1e-5), or a channel LayerNorm;
-    statistics in float32, the result cast back to the compute dtype."""
+    """layers.channel_norm ('batch' or 'layer') with parameters under 'bn' / 'ln' (the latter the
+    layout of upsample.ChannelNorm, which these blocks used before BatchNorm), cast to the compute dtype."""
 
     kind: str = "batch"
     dtype: Dtype = jnp.float32
@@ -57,15 +53,8 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if self.kind not in NORMS:
-            raise ValueError(f"model.norm={self.kind!r} is not one of {NORMS}")
-        if self.kind == "layer":  # parameters at <name>/ln/*, the layout of ChannelNorm(name=<name>)
-            return channel_layer_norm(self.param_dtype)(x.astype(jnp.float32)).astype(self.dtype)
-        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
-                         param_dtype=self.param_dtype, name="bn",
-                         scale_init=layers.partitioned(nn.initializers.ones, ("channels",)),
-                         bias_init=layers.partitioned(nn.initializers.zeros, ("channels",)))(x.astype(jnp.float32))
-        return y.astype(self.dtype)
+        name = {"batch": "bn", "layer": "ln"}.get(self.kind, "norm")
+        return layers.channel_norm(self.kind, name, train, self.param_dtype)(x).astype(self.dtype)
 
 
 class ConvNormAct(nn.Module):
