@@ -15,6 +15,8 @@ import pytest
 
 from helpers import REPO, xla_flags
 
+pytestmark = pytest.mark.slow  # one smoke run of the whole bench: ~50-100 s
+
 FAMILIES = ("mae", "satmae", "gpt2", "unet", "upernet")
 KERNEL_SETS = ("plain", "xla_cpu")
 POSITIVE = ("step_s", "throughput", "peak_memory_bytes", "flops_per_step", "compile_s")

@@ -365,6 +365,7 @@ def test_space_to_depth_autoencoder_is_lossless():
 
 
 # --------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_train_cli_then_infer(tmp_path):
     """A few trainer steps through the CLI on synthetic pairs (FD eval, EMA, pictures), then
@@ -421,6 +422,7 @@ def gpt2_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_gpt2_text_encoder_hidden_states_and_padding(gpt2_dir):
     """The context is GPT-2's final hidden states: projected on the tied embedding they give GPT-2's
     logits; a padded caption has the unpadded caption's features and zeros at the padding."""
@@ -444,6 +446,7 @@ def test_gpt2_text_encoder_hidden_states_and_padding(gpt2_dir):
     assert ctx.shape == (1, 20, cfg["n_embd"]) and not np.asarray(ctx[0, 14:]).any()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_gpt2_captions_train_with_frozen_gpt2(gpt2_dir, tmp_path, monkeypatch):
     """Two trainer steps with model.text_encoder='gpt2' (captions through the folder's BPE): the GPT-2
@@ -472,6 +475,7 @@ def test_gpt2_captions_train_with_frozen_gpt2(gpt2_dir, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------- InceptionV3 features
+@pytest.mark.slow
 def test_inception_shapes_and_parameter_count():
     """pool3 features (B, 2048) at 299 and from small images (resized to 299); the conv + BatchNorm
     weights number torchvision's published inception_v3 count 27,161,264 less its AuxLogits head
@@ -525,6 +529,7 @@ def test_inception_a_block_matches_numpy():
     np.testing.assert_allclose(got, np.concatenate([b1, b5, b3, bp], axis=-1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_inception_weights_import_round_trip(tmp_path, monkeypatch):
     """A state dict in the PyTorch layout (with the fc / AuxLogits / num_batches_tracked entries that are

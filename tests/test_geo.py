@@ -390,6 +390,7 @@ def test_cnn_backbone_and_heads():
     np.testing.assert_allclose(DepthwiseConv3x3().apply({"params": dw}, h), grouped, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_rasters):
     """A few steps of configs/geo.py:runlocal with the ViT backbone (the CNN compiles slower on CPU;
     colab/geo.ipynb trains the CNN): metrics against the baseline, the map PNG, results.json."""

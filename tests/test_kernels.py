@@ -142,6 +142,7 @@ def test_permute_tokens(dtype):
 # ---------------------------------------------------------------------------------------------
 # a whole model
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_mae_same_params_loss_and_gradients(scan):
     model = MAE(**mae_config("mu", image_size=16, patch_size=4, in_channels=3), scan=scan)

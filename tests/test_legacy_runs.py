@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from eojax import checkpoint as ckpt_lib
 from eojax import train
@@ -36,6 +37,7 @@ def seg_config():
                        **{"input.eval_batch_size": 4, "input.num_crops": 16, "model.norm": "layer"})
 
 
+@pytest.mark.slow
 def test_legacy_mae_run_evaluates_and_resumes_to_the_same_params(tmp_path):
     workdir, results = _copy("mae", tmp_path)
     # Eval of the latest checkpoint (with its EMA params) gives the loss the old code recorded.

@@ -40,6 +40,7 @@ def test_batch_norm_matches_numpy_and_updates_statistics_as_torch():
     np.testing.assert_allclose(y_eval, (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_statistics_are_global_over_the_sharded_batch(chips):
     """1 device == 8 devices (one row each): per-device statistics would differ."""
     _, one, _ = run_steps(bn_config(chips), jax.devices()[:1], n=2)
@@ -58,6 +59,7 @@ def test_statistics_are_global_over_the_sharded_batch(chips):
     assert max(float(np.abs(m).max()) for m in means) > 1e-3
 
 
+@pytest.mark.slow
 def test_resume_with_batch_norm_is_bit_identical(chips, tmp_path):
     config = bn_config(chips, mesh=EIGHT)
     run = train.setup(config)

@@ -5,6 +5,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from eojax import checkpoint as ckpt_lib
 from eojax import metric_writer
 from helpers import xla_flags
@@ -18,6 +19,7 @@ def _params(workdir, step):
     return ckpt_lib.read_state(os.path.join(workdir, "checkpoints", str(step)))["params"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHON=sys.executable, NPROC="2", DEVICES_PER_PROC="2",

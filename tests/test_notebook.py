@@ -68,6 +68,7 @@ def _kernelspec(root, env: dict) -> None:
         json.dump(spec, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: os.path.splitext(os.path.basename(p))[0])
 def test_notebook(path, tmp_path, monkeypatch):
     name = os.path.splitext(os.path.basename(path))[0]

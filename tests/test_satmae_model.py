@@ -366,6 +366,7 @@ def test_flops_per_image_from_param_shapes(variant, spatial):
     assert no_ms < flops_per_image(cfg)
 
 
+@pytest.mark.slow
 def test_sharded_init_and_grad(mu):
     # DP x TP and FSDP meshes under the trainer's rules: init lands sharded with the same values as the
     # unsharded init, and both meshes give the same gradients (sharding changes layout, not values).

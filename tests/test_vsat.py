@@ -316,6 +316,7 @@ def test_constrained_generation_and_failures_reported(syn_run):
     assert (~res["ok"]).sum() > 0 and np.all(res["attempts"][~res["ok"]] == 2)
 
 
+@pytest.mark.slow
 def test_trainer_runs_then_infill_fills_every_cell(syn_config, tmp_path):
     """Train a few steps through the one trainer, restore for inference, fill the target date."""
     config = syn_config(total_steps=6, checkpoint_every=6, log_every=3, eval_steps=1,
