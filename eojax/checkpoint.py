@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import grain
 import jax
@@ -26,21 +26,29 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in flat}
 
 
+def key_problems(found: Mapping[Any, tuple], expected: Mapping[Any, tuple], source: str = "checkpoint",
+                 name: Callable[[Any], str] = str) -> list[str]:
+    """THE report of a set of arrays against what a model expects (key -> shape on both sides): one
+    line per missing, unexpected or reshaped key, each named, in key order."""
+    found = {k: tuple(v) for k, v in found.items()}
+    expected = {k: tuple(v) for k, v in expected.items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    return ([f"missing in {source}: {name(k)} {expected[k]}" for k in missing]
+            + [f"not in this model: {name(k)} {found[k]}" for k in unexpected]
+            + [f"shape of {name(k)}: {source} {found[k]} vs model {expected[k]}"
+               for k in sorted(found.keys() & expected.keys()) if found[k] != expected[k]])
+
+
+def raise_mismatch(problems: list[str], what: str, limit: int = 40) -> None:
+    """CheckpointMismatchError listing `problems` (key_problems' lines) when there are any."""
+    if problems:
+        shown = "\n  ".join(problems[:limit]) + ("\n  ..." if len(problems) > limit else "")
+        raise CheckpointMismatchError(f"{what} ({len(problems)} differences):\n  {shown}")
+
+
 def check_compatible(saved: Any, expected: Any, what: str) -> None:
     """Raises CheckpointMismatchError listing every missing, unexpected or reshaped array."""
-    saved_shapes, expected_shapes = _flat_shapes(saved), _flat_shapes(expected)
-    problems = []
-    for key in sorted(expected_shapes.keys() - saved_shapes.keys()):
-        problems.append(f"missing in checkpoint: {key} {expected_shapes[key]}")
-    for key in sorted(saved_shapes.keys() - expected_shapes.keys()):
-        problems.append(f"not in this model: {key} {saved_shapes[key]}")
-    for key in sorted(saved_shapes.keys() & expected_shapes.keys()):
-        if saved_shapes[key] != expected_shapes[key]:
-            problems.append(f"shape of {key}: checkpoint {saved_shapes[key]} vs model {expected_shapes[key]}")
-    if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise CheckpointMismatchError(
-            f"{what} was written by a different model ({len(problems)} differences):\n  {shown}")
+    raise_mismatch(key_problems(_flat_shapes(saved), _flat_shapes(expected)), f"{what} was written by a different model")
 
 
 class Checkpointer:

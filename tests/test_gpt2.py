@@ -114,7 +114,7 @@ def _edit_checkpoint(tmp_path, edit_sd=None, edit_config=None):
 
 
 @pytest.mark.parametrize("case,error,match", [
-    ("missing_key", CheckpointMismatchError, r"missing: h\.1\.mlp\.c_fc\.bias"),
+    ("missing_key", CheckpointMismatchError, r"missing in checkpoint: h\.1\.mlp\.c_fc\.bias"),
     ("shape", CheckpointMismatchError, r"shape of wpe\.weight: checkpoint \(32, 64\)"),
     ("untied", CheckpointMismatchError, "lm_head.weight differs"),
     ("activation", ValueError, "activation_function='relu'"),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn, traverse_util
 
-from eojax.checkpoint import CheckpointMismatchError
+from eojax.checkpoint import key_problems, raise_mismatch
 from eojax.diffusion.inception import InceptionV3
 
 _BN = {"weight": "bn_scale", "bias": "bn_bias", "running_mean": "bn_mean", "running_var": "bn_var"}
@@ -66,23 +66,16 @@ def _to_path(key: str) -> tuple | None:
 
 
 def from_state_dict(sd: dict[str, np.ndarray], model: InceptionV3 | None = None, where: str = "state dict") -> dict:
-    want = expected_shapes(model)
-    flat, problems = {}, []
+    flat, keys = {}, {}
     for key, value in sd.items():
         if key.startswith(_SKIP) or key.endswith("num_batches_tracked"):
             continue
-        path = _to_path(key)
-        if path is None or path not in want:
-            problems.append(f"unexpected: {key} {value.shape}")
-            continue
-        value = value.transpose(2, 3, 1, 0) if path[-1] == "kernel" else value
-        if value.shape != want[path]:
-            problems.append(f"shape of {key}: file {value.shape} vs model {want[path]}")
-        flat[path] = value
-    problems += [f"missing: {'/'.join(p)} {s}" for p, s in want.items() if p not in flat]
-    if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise CheckpointMismatchError(f"{where} is not an InceptionV3 ({len(problems)} problems):\n  {shown}")
+        path = _to_path(key) or (key,)  # an unconvertible key is reported under its own name
+        flat[path] = value.transpose(2, 3, 1, 0) if path[-1] == "kernel" else value
+        keys[path] = key
+    name = lambda p: keys.get(p, "/".join(p))  # noqa: E731  (file keys where the file has them)
+    raise_mismatch(key_problems({p: v.shape for p, v in flat.items()}, expected_shapes(model), "file", name),
+                   f"{where} is not an InceptionV3")
     return traverse_util.unflatten_dict(flat)
 
 

@@ -50,7 +50,7 @@ from eojax.checkpoint import check_compatible
 from eojax.weights import common
 from eojax.weights.common import SUFFIXES
 from eojax.weights.common import Entry as _Entry, conv as _conv, linear as _linear, ln as _ln
-from eojax.weights.common import patch as _patch, raise_problems as _raise, same as _same
+from eojax.weights.common import export as _common_export, patch as _patch, raise_problems as _raise, same as _same
 from eojax.weights.common import timm_block as _block
 from eojax.mae.satmae import (SatMAE, GroupChannelViT, _check_groups,
                                  decoder_pos_group_embed, pos_group_embed)
@@ -268,17 +268,7 @@ def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | Non
     params = params["params"] if set(params) == {"params"} else params
     flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
     flat = _scan_layout(flat, cfg, target, stack=False)
-    entries, want = _entries(cfg, target), {}
-    for e in entries:  # expected eojax shapes, from the torch ones (broadcast views: no memory)
-        want.update(zip(e.paths, (a.shape for a in e.to_jax(np.broadcast_to(np.float32(0), e.shape)))))
-    name = "/".join
-    problems = [f"missing in params: {name(k)} {want[k]}" for k in sorted(set(want) - set(flat))]
-    problems += [f"not in this model: {name(k)} {flat[k].shape}" for k in sorted(set(flat) - set(want))]
-    problems += [f"shape of {name(k)}: params {flat[k].shape} vs model {want[k]}"
-                 for k in sorted(set(want) & set(flat)) if flat[k].shape != want[k]]
-    if problems:
-        _raise(problems, "eojax params")
-    sd = {e.key: np.ascontiguousarray(e.to_torch(*[flat[p] for p in e.paths])) for e in entries}
+    sd = _common_export(flat, _entries(cfg, target), "eojax params")
     sd.update(_fixed(cfg, target, target, cfg["grid"]))
     return sd
 

@@ -28,13 +28,13 @@ import optax
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from eojax import viz
+from eojax import viz, weights
+from eojax.checkpoint import key_problems, raise_mismatch
 from eojax.data import device
-from eojax.seg import data as segdata
 from eojax.models import encoders
+from eojax.seg import data as segdata
 from eojax.seg import decoders as seg_models
 from eojax.seg import evaluation as seg_eval
-from eojax import weights
 from eojax.tasks.base import DataSpec, Task, apply_model, elements, stats_info
 from eojax.weights import common as weights_common
 
@@ -328,11 +328,7 @@ def _load_npz_tree(path: str, abstract):
         arrays = {k: f[k] for k in f.files}
     paths = optim.param_paths(abstract)
     want = dict(zip(jax.tree.leaves(paths), jax.tree.leaves(abstract)))
-    problems = [f"missing {k}" for k in want if k not in arrays]
-    problems += [f"unexpected {k}" for k in arrays if k not in want]
-    problems += [f"{k}: file {arrays[k].shape} vs model {tuple(s.shape)}" for k, s in want.items()
-                 if k in arrays and arrays[k].shape != tuple(s.shape)]
-    if problems:
-        raise ValueError(f"{path} does not fit the encoder: " + "; ".join(problems[:8]))
+    raise_mismatch(key_problems({k: a.shape for k, a in arrays.items()}, {k: s.shape for k, s in want.items()}, "file"),
+                   f"{path} does not fit the encoder")
     return jax.tree.map(lambda p, s: jax.device_put(arrays[p].astype(s.dtype), getattr(s, "sharding", None)),
                         paths, abstract)

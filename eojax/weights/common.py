@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn, traverse_util
 
-from eojax.checkpoint import CheckpointMismatchError, check_compatible
+from eojax.checkpoint import CheckpointMismatchError, check_compatible, key_problems, raise_mismatch
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
@@ -200,8 +200,7 @@ def timm_block(tk, jp, d, heads, mlp) -> list[Entry]:
 # Conversion
 # --------------------------------------------------------------------------------------------------
 def raise_problems(problems: list[str], what: str):
-    shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
-    raise CheckpointMismatchError(f"{what} does not fit the model ({len(problems)} differences):\n  {shown}")
+    raise_mismatch(problems, f"{what} does not fit the model")
 
 
 def check_entries(sd: Mapping[str, np.ndarray], entries: Iterable[Entry], skip=()) -> list[str]:
@@ -236,13 +235,7 @@ def export(flat: Mapping[tuple, np.ndarray], entries: list[Entry], what: str = "
     want = {}
     for e in entries:  # expected eojax shapes, from the torch ones (broadcast views: no memory)
         want.update(zip(e.paths, (a.shape for a in e.to_jax(np.broadcast_to(np.float32(0), e.shape)))))
-    name = "/".join
-    problems = [f"missing in params: {name(k)} {want[k]}" for k in sorted(set(want) - set(flat))]
-    problems += [f"not in this model: {name(k)} {flat[k].shape}" for k in sorted(set(flat) - set(want))]
-    problems += [f"shape of {name(k)}: params {flat[k].shape} vs model {want[k]}"
-                 for k in sorted(set(want) & set(flat)) if flat[k].shape != want[k]]
-    if problems:
-        raise_problems(problems, what)
+    raise_problems(key_problems({k: v.shape for k, v in flat.items()}, want, "params", "/".join), what)
     return {e.key: np.ascontiguousarray(e.to_torch(*[flat[p] for p in e.paths])) for e in entries}
 
 

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import linen as nn, traverse_util
 
-from eojax.checkpoint import CheckpointMismatchError
+from eojax.checkpoint import CheckpointMismatchError, key_problems, raise_mismatch
 from eojax.models.gpt2 import GPT2
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -139,14 +139,8 @@ def _check_state_dict(sd: dict, cfg: dict, where: str) -> None:
         lm = sd.pop("lm_head.weight")
         if "wte.weight" in sd and (lm.shape != sd["wte.weight"].shape or not np.array_equal(lm, sd["wte.weight"])):
             raise CheckpointMismatchError(f"{where}: lm_head.weight differs from wte.weight; eojax GPT2 ties them")
-    want = _expected_hf_shapes(cfg)
-    problems = [f"missing: {k} {s}" for k, s in want.items() if k not in sd]
-    problems += [f"unexpected: {k} {sd[k].shape}" for k in sd if k not in want]
-    problems += [f"shape of {k}: checkpoint {sd[k].shape} vs config {s}" for k, s in want.items()
-                 if k in sd and sd[k].shape != s]
-    if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise CheckpointMismatchError(f"{where} does not match its config.json ({len(problems)} problems):\n  {shown}")
+    raise_mismatch(key_problems({k: v.shape for k, v in sd.items()}, _expected_hf_shapes(cfg)),
+                   f"{where} does not match its config.json")
 
 
 def load_params(directory, model: GPT2 | None = None) -> dict:
