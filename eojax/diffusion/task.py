@@ -10,6 +10,7 @@ batch by batch on the device; the distance is taken in finalize_eval, reported w
 from __future__ import annotations
 
 import hashlib
+import functools
 import os
 import re
 import warnings
@@ -37,7 +38,6 @@ class DiffusionTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        self._records = None
         self._model = None
         self._features = None
         self._sample_fn = None
@@ -73,24 +73,32 @@ class DiffusionTask(Task):
                                  "('^text_encoder/',) (configs/diffusion.py's gpt2=<dir> argument does)")
 
     # -- data ------------------------------------------------------------------------------------
-    def _load_records(self):
-        if self._records is None:
-            c = self.config.input
-            path = c.captions
-            if not path:
-                directory = os.path.join(synthetic.default_dir().parent, "captions",
-                                         f"{c.synthetic_bands}_{c.image_size}_{c.synthetic_n}_{c.synthetic_layout}")
-                path = synthetic.write_caption_dataset(directory, n=c.synthetic_n, size=c.image_size,
-                                                       seed=self.config.seed, layout=c.synthetic_layout,
-                                                       bands=c.synthetic_bands)
-            records = captions_lib.read_captions(path, skip_missing=c.skip_missing_images)
-            train, held = captions_lib.split(records, c.eval_fraction)
-            self.tokenizer = self._make_tokenizer([t for r in train for t in r.captions])
-            probe = captions_lib.load_image(train[0].path, c.image_size, tuple(c.bands), c.max_value)
-            self.channels = probe.shape[-1]
-            self.band_names = _band_names(train[0].path, tuple(c.bands))
-            self._records = (train, held)
-        return self._records
+    @functools.cached_property
+    def records(self) -> tuple[list, list]:
+        """(train, held-out) caption records, read once (the synthetic set is written on first use)."""
+        c = self.config.input
+        path = c.captions
+        if not path:
+            directory = os.path.join(synthetic.default_dir().parent, "captions",
+                                     f"{c.synthetic_bands}_{c.image_size}_{c.synthetic_n}_{c.synthetic_layout}")
+            path = synthetic.write_caption_dataset(directory, n=c.synthetic_n, size=c.image_size,
+                                                   seed=self.config.seed, layout=c.synthetic_layout,
+                                                   bands=c.synthetic_bands)
+        records = captions_lib.read_captions(path, skip_missing=c.skip_missing_images)
+        return captions_lib.split(records, c.eval_fraction)
+
+    @functools.cached_property
+    def tokenizer(self):
+        return self._make_tokenizer([t for r in self.records[0] for t in r.captions])
+
+    @functools.cached_property
+    def channels(self) -> int:
+        c = self.config.input
+        return captions_lib.load_image(self.records[0][0].path, c.image_size, tuple(c.bands), c.max_value).shape[-1]
+
+    @functools.cached_property
+    def band_names(self) -> list[str]:
+        return _band_names(self.records[0][0].path, tuple(self.config.input.bands))
 
     def _make_tokenizer(self, captions):
         m = self.config.model
@@ -106,14 +114,14 @@ class DiffusionTask(Task):
                                           seed=self.config.seed)
 
     def train_input(self, process_index, process_count):
-        train, _ = self._load_records()
+        train, _ = self.records
         return pipeline.make_iterator(
             _indexed(self._source(train, True)), batch_size=self.config.batch_size // process_count,
             process_index=process_index, process_count=process_count, shuffle=True, seed=self.config.seed,
             num_epochs=None, drop_remainder=True, worker_count=self.config.input.worker_count)
 
     def eval_input(self, process_index, process_count):
-        _, held = self._load_records()
+        _, held = self.records
         if not held:
             return None
         return pipeline.make_iter_dataset(
@@ -122,7 +130,7 @@ class DiffusionTask(Task):
             drop_remainder=False, worker_count=self.config.input.worker_count)
 
     def data_fingerprint(self):
-        train, held = self._load_records()
+        train, held = self.records
         h = hashlib.sha256()
         for r in train + held:
             st = os.stat(r.path)
@@ -133,14 +141,12 @@ class DiffusionTask(Task):
     @property
     def autoencoder(self):
         m = self.config.model
-        self._load_records()
         return make_autoencoder(m.autoencoder, self.channels, m.autoencoder_factor, m.latent_scale)
 
     @property
     def model(self) -> DiffusionModel:
         if self._model is None:
             m, ae = self.config.model, self.autoencoder
-            self._load_records()
             dtype = jnp.dtype(m.dtype)
             max_len = self.config.input.max_len
             if m.text_encoder == "gpt2":
@@ -166,7 +172,6 @@ class DiffusionTask(Task):
     def data_spec(self) -> DataSpec:
         """Images in [-1, 1], channels-last, with their caption tokens and record index."""
         c = self.config.input
-        self._load_records()
         size = c.image_size
         arrays = elements(image=((size, size, self.channels), np.float32), tokens=((c.max_len,), np.int32),
                           index=((), np.int32), weight=((), np.float32))
@@ -260,7 +265,6 @@ class DiffusionTask(Task):
         """The FD feature extractor: fid.MAEFeatures, or InceptionV3 from fd.inception_weights."""
         if self._features is None:
             f, c = self.config.fd, self.config.input
-            self._load_records()
             if f.features == "inception":
                 self._features = InceptionFeatures(f.inception_weights, viz.rgb_indices(self.band_names),
                                                    fid_variant=f.inception_variant == "pytorch-fid")
@@ -291,7 +295,6 @@ class DiffusionTask(Task):
         """Host numpy samples (N, H, W, C) in [-1, 1], one per caption, deterministic from `seed`
         (sample i's noise depends on (seed, i) only). Runs in chunks of `config.batch_size` so that
         pictures and `eojax infer` share one compiled sampler whatever the number of prompts."""
-        self._load_records()
         tokens = self.tokenizer.encode_batch(list(captions), self.config.input.max_len)
         n, chunk = len(tokens), self.config.batch_size
         if self._sample_fn is None:
@@ -307,7 +310,7 @@ class DiffusionTask(Task):
 
     def class_prompts(self, max_classes: int) -> list[tuple[str, str]]:
         """(class, caption) for the most frequent classes of the training set: its first caption."""
-        train, _ = self._load_records()
+        train, _ = self.records
         counts: dict[str, int] = {}
         for r in train:
             counts[r.label] = counts.get(r.label, 0) + 1

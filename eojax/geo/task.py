@@ -2,6 +2,7 @@
 window was taken, from labels made out of the data itself (PhilEO geographical expert; docs/geo.md)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -22,20 +23,45 @@ class GeoTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        inp = config.input
-        self.scenes, dates = geo_data.open_sources(inp)
-        climate_path = geo_data.resolve(inp.climate, inp.get("data_root", "") or "")
-        self.climate_map = ClimateMap(climate_path)
-        self.labeler = WindowLabeler(self.scenes, self.climate_map, grid=int(inp.label_grid),
-                                     location=inp.location, dates=dates)
         self.sea_threshold = float(config.model.sea_threshold)
-        # Labels of windows drawn as in training (labels only): the training-mean baseline and,
-        # optionally, the vMF centres.
-        sample = geo_data.label_sample(self.scenes, self.labeler, int(inp.window), int(inp.baseline_windows),
-                                       config.seed, float(inp.min_valid_fraction))
-        self.baseline = geo_data.training_mean(sample, self.sea_threshold)
-        self.centres = self._centres(sample) if config.model.coord_loss == "vmf" else None
         self._model = None
+
+    # The data, read when first asked for (data_spec() asks first, before anything is compiled).
+    @functools.cached_property
+    def _sources(self):
+        return geo_data.open_sources(self.config.input)  # (scenes, their dates)
+
+    @property
+    def scenes(self):
+        return self._sources[0]
+
+    @functools.cached_property
+    def climate_map(self) -> ClimateMap:
+        inp = self.config.input
+        return ClimateMap(geo_data.resolve(inp.climate, inp.get("data_root", "") or ""))
+
+    @functools.cached_property
+    def labeler(self) -> WindowLabeler:
+        inp = self.config.input
+        return WindowLabeler(self.scenes, self.climate_map, grid=int(inp.label_grid), location=inp.location,
+                             dates=self._sources[1])
+
+    @functools.cached_property
+    def _label_sample(self) -> dict:
+        """Labels of windows drawn as in training (labels only): the baseline's and the centres' data."""
+        inp = self.config.input
+        return geo_data.label_sample(self.scenes, self.labeler, int(inp.window), int(inp.baseline_windows),
+                                     self.config.seed, float(inp.min_valid_fraction))
+
+    @functools.cached_property
+    def baseline(self) -> dict:
+        """The training-mean predictions every metric is compared with."""
+        return geo_data.training_mean(self._label_sample, self.sea_threshold)
+
+    @functools.cached_property
+    def centres(self) -> np.ndarray | None:
+        """The vMF mixture's centres (coord_loss='vmf'), else None."""
+        return self._centres(self._label_sample) if self.config.model.coord_loss == "vmf" else None
 
     def _centres(self, sample) -> np.ndarray:
         m = self.config.model

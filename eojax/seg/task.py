@@ -19,6 +19,7 @@ optim.lr_scales on '^probes/probe_k/'. Eval reports mean and spread of the K mIo
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -63,7 +64,6 @@ class SegTask(Task):
                              "(configs/seg.py sets it)")
         self._sets = None
         self._model = None
-        self._stats = None
 
     # -- data --------------------------------------------------------------------------------------
     def pair_sets(self) -> dict:
@@ -76,11 +76,10 @@ class SegTask(Task):
                           for split, pairs in segdata.splits_from_config(c).items()}
         return self._sets
 
-    @property
+    @functools.cached_property
     def stats(self):
-        if self._stats is None:
-            self._stats = segdata.band_stats(self.config.input, self.pair_sets()["train"]) or False
-        return self._stats or None
+        """The normalisation's BandStats, or None (input.normalize='none')."""
+        return segdata.band_stats(self.config.input, self.pair_sets()["train"])
 
     def _input(self, split, process_index, process_count):
         sets = self.pair_sets()
