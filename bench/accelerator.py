@@ -14,8 +14,7 @@ Rows (all built through the real trainer: the config file, size overrides, `trai
 Batches are per device (times the device count on a multi-device host; the mesh is the default: every
 device on 'data'). Every full-size row runs bf16 (model.dtype) and, on GPUs, cuDNN flash attention in the
 MAE-family encoders (model.attention_impl / the seg encoder's attention_impl). Each row runs once with
-config.kernels='plain' and once with 'xla_cpu' (the trainer traces every program under config.kernels;
-with a trainer that does not, this script wraps the row in eojax.models.layers.kernels(mode) itself).
+config.kernels='plain' and once with 'xla_cpu' (the trainer traces every program under config.kernels).
 
 Per row: setup, init (`run.init_state()`; the smoke puts a zero state on the device instead, which
 compiles nothing), the step compiled once by `Run.compile_step()` (that compile is `compile s`, trace
@@ -280,12 +279,6 @@ def _memory(compiled) -> dict | None:
     return d
 
 
-@contextlib.contextmanager
-def _both(a, b):
-    with a, b:
-        yield
-
-
 def _is_oom(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}"
     return isinstance(e, MemoryError) or any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory",
@@ -293,11 +286,9 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> dict:
-    import flax.linen as nn
     import jax
 
     from eojax import train
-    from eojax.models import layers
 
     config.batch_size = batch
     # Enough windows / crops / pairs per epoch for one batch (only the setup reads them).
@@ -305,10 +296,7 @@ def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> 
         if key in config.input:
             config.input[key] = max(int(config.input[key]), times * batch)
     t0 = time.perf_counter()
-    # The trainer traces under config.kernels (Run.scope); a trainer without it gets the block here.
-    wrap = env["kernels_via"] == "bench"
-    ctx = layers.kernels(kernels, env["platform"]) if wrap else contextlib.nullcontext()
-    with ctx, _model_overrides(config, overrides):
+    with _model_overrides(config, overrides):
         run = train.setup(config)
         state = _zero_state(run) if env["tiny"] else run.init_state()
         jax.block_until_ready(state)
@@ -325,13 +313,8 @@ def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> 
     data = _fake_batch(abstract)
     box = {"state": state}
 
-    def scope():
-        if hasattr(run, "scope"):
-            return run.scope()
-        return _both(jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules))
-
     def step():
-        with scope():
+        with run.scope():  # the compiled step keys on the kernel set traced under config.kernels
             box["state"], box["metrics"] = compiled(box["state"], data)
         jax.block_until_ready((box["state"], box["metrics"]))
 
@@ -363,11 +346,7 @@ def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> 
 
 def _row_config(family, kernels, tiny, gpu):
     config, per_device, overrides = BUILDERS[family](tiny, gpu)
-    if "kernels" in config:
-        config.kernels = kernels
-    else:  # not (yet) a key of config_lib.trainer_defaults: added here
-        with config.unlocked():
-            config.kernels = kernels
+    config.kernels = kernels
     config.progress_bar = False
     config.mesh = (("data", -1), ("fsdp", 1), ("model", 1))  # the default mesh: every device on 'data'
     return config, per_device, overrides
@@ -408,8 +387,7 @@ def run_row(family, kernels, env, deadline, args) -> dict:
 def child(args) -> None:
     import jax
 
-    from eojax import config_lib, metric_writer, train
-    from eojax.models import layers
+    from eojax import metric_writer
 
     platform = jax.default_backend()
     devices = jax.devices()
@@ -431,10 +409,7 @@ def child(args) -> None:
     env = {"platform": platform, "device_kind": devices[0].device_kind, "devices": len(devices),
            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"), "tiny": tiny,
            "peak_flops": peak, "peak_flops_per_device": peak_per_device, "peak_source": source,
-           "bytes_limit": stats.get("bytes_limit"),
-           "kernels_in_trainer_defaults": "kernels" in config_lib.trainer_defaults(),
-           "kernels_via": ("trainer" if hasattr(train.Run, "scope") else "bench") if hasattr(layers, "kernels")
-           else "none", "python": sys.version.split()[0]}
+           "bytes_limit": stats.get("bytes_limit"), "python": sys.version.split()[0]}
     if args.steps is None:
         args.steps = 2 if tiny else 10
     if args.min_steps is None:
@@ -615,11 +590,7 @@ def header(env: dict) -> str:
     if not env:
         return "# bench/accelerator.py: no device information (the child failed to start)"
     mode = "smoke (tiny sizes, float32)" if env["tiny"] else "full sizes, bf16"
-    kernels = ("config.kernels is a trainer default" if env["kernels_in_trainer_defaults"]
-               else "config.kernels set by this bench (not in config_lib.trainer_defaults)")
-    kernels += {"trainer": ", traced under it by the trainer (Run.scope)",
-                "bench": ", traced under layers.kernels(mode) by this bench (the trainer has no Run.scope)",
-                "none": "; eojax.models.layers.kernels missing: the kernel sets do not differ"}[env["kernels_via"]]
+    kernels = "config.kernels traced by the trainer (Run.scope)"
     return (f"# bench/accelerator.py: {env['device_kind']} x{env['devices']} ({env['platform']}), "
             f"jax {env['jax']}, jaxlib {env['jaxlib']}, python {env['python']}\n"
             f"mode: {mode}; peak {env['peak_flops_per_device'] / 1e12:.3f} TFLOP/s per device "
