@@ -144,7 +144,8 @@ def test_real_landsat8_scene_trains(test_data):
 
 @pytest.mark.slow
 def test_init_from_another_run_loads_its_params(tmp_path):
-    """config.init_from: a pretrained run's params start a new run; its optimizer state does not."""
+    """config.init_from: a pretrained run's evaluation params (its EMA when it kept one) start a new run;
+    its optimizer state does not."""
     config = mae_config(mesh=ONE_DEVICE)
     run, state, _ = run_steps(config, jax.devices()[:1], n=2)
     saver = ckpt_lib.Checkpointer(str(tmp_path / "pre" / "checkpoints"))
@@ -164,6 +165,22 @@ def test_init_from_another_run_loads_its_params(tmp_path):
     with_ema = train.restore_or_init(ema_run, ckpt_lib.Checkpointer(str(tmp_path / "ema" / "checkpoints")))
     for x, y in zip(jax.tree.leaves(ckpt_lib.host_numpy(with_ema.opt_state.ema)),
                     jax.tree.leaves(ckpt_lib.host_numpy(state.params))):
+        np.testing.assert_array_equal(x, y)
+
+    # A run that kept an EMA passes on its evaluation params, the EMA (as eval, infer and export use).
+    ema_pre = train.setup(mae_config(**{"mesh": ONE_DEVICE, "optim.ema_decay": 0.9}), devices=jax.devices()[:1])
+    ema_state = ema_pre.init_state()
+    for _ in range(2):
+        ema_state, _ = ema_pre.train_step(ema_state, ema_pre.next_batch())
+    saver = ckpt_lib.Checkpointer(str(tmp_path / "ema_pre" / "checkpoints"))
+    saver.save(2, ema_state, force=True)
+    saver.close()
+    from_ema = train.restore_or_init(
+        train.setup(mae_config(mesh=ONE_DEVICE, init_from=str(tmp_path / "ema_pre")), devices=jax.devices()[:1]),
+        ckpt_lib.Checkpointer(str(tmp_path / "from_ema" / "checkpoints")))
+    assert max_diff(ckpt_lib.host_numpy(ema_state.opt_state.ema), ckpt_lib.host_numpy(ema_state.params)) > 0
+    for x, y in zip(jax.tree.leaves(ckpt_lib.host_numpy(from_ema.params)),
+                    jax.tree.leaves(ckpt_lib.host_numpy(ema_state.opt_state.ema))):
         np.testing.assert_array_equal(x, y)
 
     other = train.setup(mae_config(**{"mesh": ONE_DEVICE,
