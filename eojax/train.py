@@ -62,15 +62,17 @@ class Run:
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[Any, Any, dict], dict]
     flops_per_step: float
-    jit_step: Any = None  # the jitted train step, for lowering / compiling it (benches, memory analysis)
+    jit_step: Any  # the jitted train step, for lowering / compiling it (FLOP count, benches)
+
+    def lower_step(self):
+        """The train step lowered for this run's shapes and shardings."""
+        with self.scope():
+            return self.jit_step.lower(self.abstract_state, self.abstract_batch())
 
     def compile_step(self):
-        """The train step compiled for this run's shapes and shardings (a jax.stages.Compiled: its
-        memory_analysis() and cost_analysis() describe one device's program)."""
-        batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding)
-                 for k, s in self.abstract_batch().items()}
-        with self.scope():
-            return self.jit_step.lower(self.abstract_state, batch).compile()
+        """The compiled train step (a jax.stages.Compiled: its memory_analysis() and cost_analysis()
+        describe one device's program)."""
+        return self.lower_step().compile()
 
     def scope(self):
         """Where this run's programs are traced: its mesh, logical-axis rules and kernel set."""
@@ -197,11 +199,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
         with scope(mesh, rules, config.kernels):
             return jit_eval(params, model_state, batch)
 
-    flops = _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules)
-    return Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
-               state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
-               init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
-               eval_step=eval_step, flops_per_step=flops, jit_step=jit_step)
+    run = Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
+              state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
+              init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
+              eval_step=eval_step, flops_per_step=0.0, jit_step=jit_step)
+    run.flops_per_step = _flops_per_step(run)
+    return run
 
 
 def _check_sampled_loss(task) -> None:
@@ -258,15 +261,12 @@ def _make_train_step(task, optimizer, accum: int, base_rng):
     return train_step
 
 
-def _flops_per_step(task, config, jit_step, abstract_state, dummy, batch_shardings, mesh, rules) -> float:
+def _flops_per_step(run: Run) -> float:
     """Model FLOPs of one step: the task's analytic count if it has one, else XLA's count of the program."""
-    per_example = getattr(task, "train_flops_per_example", None)
+    per_example = getattr(run.task, "train_flops_per_example", None)
     if per_example is not None:
-        return float(per_example()) * config.batch_size
-    abstract_batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  dummy, batch_shardings)
-    with scope(mesh, rules, config.kernels):
-        cost = jit_step.lower(abstract_state, abstract_batch).cost_analysis()
+        return float(per_example()) * run.config.batch_size
+    cost = run.lower_step().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0))
 
@@ -347,8 +347,7 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
         return checkpointer.restore(step, run.abstract_state, run.train_iter)
     state = run.init_state()
     if run.config.init_from:
-        params, model_state = weights.load(state.params, run.config.init_from, run.config, run.task,
-                                           state.model_state)
+        params, model_state = weights.load(state.params, run.config.init_from, run.task, state.model_state)
         # A fresh optimizer state for the loaded params (an EMA must start from them, not the init).
         state = state.replace(params=params, opt_state=run.init_opt_state(params), model_state=model_state,
                               ema_model_state=model_state if run.optimizer.keeps_ema else {})
@@ -486,13 +485,12 @@ class _NoProgress:
     def close(self): pass
 
 
-def load_for_inference(config: ml_collections.ConfigDict, workdir: str, best: bool = False) -> tuple[Run, tuple]:
-    """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with, or with
-    `best` its kept best ones), for `eojax eval` / `infer` / `export`."""
+def load_for_inference(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, tuple]:
+    """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with), for
+    `eojax eval` / `infer` / `export`."""
     parallel.maybe_initialize_distributed(**config.distributed)
     run = setup(config)
-    a = run.abstract_state
-    return run, ckpt_lib.load_variables(workdir, a.params, a.model_state, best=best)
+    return run, ckpt_lib.load_variables(workdir, run.abstract_state.params, run.abstract_state.model_state)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

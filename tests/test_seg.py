@@ -207,7 +207,7 @@ def test_init_from_a_published_prithvi_checkpoint(chips, tmp_path):
     published = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), init.params["encoder"])
     path = str(tmp_path / "prithvi_tiny.npz")
     np.savez(path, **prithvi_to_torch(published, run.task.model.encoder))
-    params, model_state = weights.load(init.params, path, run.config, run.task, init.model_state)
+    params, model_state = weights.load(init.params, path, run.task, init.model_state)
     params = ckpt_lib.host_numpy(params)
     for x, y in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(published)):
         np.testing.assert_allclose(x, y, rtol=1e-6)

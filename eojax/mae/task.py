@@ -1,6 +1,7 @@
 """Plain ViT-MAE pretraining on multispectral GeoTIFF windows."""
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -22,16 +23,13 @@ class MAETask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        self._info = None
         self._model = None
 
     # -- input (phase 3) ---------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def info(self) -> dict:
         """The input's scenes, statistics, band names and window arrays (pipeline.image_input_info)."""
-        if self._info is None:
-            self._info = pipeline.image_input_info(self.config.input)
-        return self._info
+        return pipeline.image_input_info(self.config.input)
 
     def data_spec(self) -> DataSpec:
         # Pixel arrays (every scale) as the pipeline makes them, plus the per-row weight.

@@ -3,8 +3,8 @@
 Modes (config.model.mode): 'frozen' (encoder params frozen by the optimizer's freeze mask
 '^encoder/', features under stop_gradient), 'finetune' (everything trains; config.optim.lr_scales
 can give the encoder a lower lr), 'random' (like finetune, never loads pretrained weights).
-Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained`, delegating to
-eojax.weights.<encoder>) or from an eojax MAE / SatMAE++ run folder.
+Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained`, delegating to the
+encoder's converter, weights.common.load_encoder) or from an eojax MAE / SatMAE++ run folder.
 
 Training reads random crops of the encoder's size; evaluation (and test) slides windows of that size
 over whole scenes and averages overlapping logits (seg_eval.sliding_window_logits). eval_fn returns
@@ -129,6 +129,7 @@ class SegTask(Task):
         if self._model is None:
             m = self.config.model
             decoder = seg_models.build_decoder(m.decoder, m.num_classes, dtype=jnp.dtype(m.dtype),
+                                               # a config saved before model.norm existed: its LayerNorm
                                                norm=m.get("norm", "layer"), **dict(m.decoder_args))
             self._model = seg_models.SegmentationModel(self._encoder(), decoder,
                                                        freeze_encoder=m.mode == "frozen")

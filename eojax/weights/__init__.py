@@ -1,9 +1,11 @@
-"""Import and export of published (PyTorch) checkpoints into eojax parameter trees.
+"""The one weight-loading contract (`load`) and the shared import / export of published (PyTorch)
+checkpoints: `common` (readers, key tables, `common.load_encoder` through each encoder's `converter`),
+`prithvi`, `dofa`, `croma` (the shared segmentation encoders) and `gpt2` (Hugging Face GPT-2). A
+family's own converters live in its package (SatMAE++: eojax/mae/weights.py; InceptionV3:
+eojax/diffusion/inception_weights.py).
 
 Readers use numpy (safetensors / .npz); torch is touched only to read a .pth, and only when it is
-installed, with `weights_only=True`. `satmae` covers SatMAE++ (techmn/satmae_pp); `prithvi`, `dofa`, `croma` the segmentation encoders;
-`gpt2` Hugging Face GPT-2; `inception` the FID InceptionV3; `common` holds the shared readers and key tables (`common.load_encoder`
-dispatches on the encoder module).
+installed, with `weights_only=True`.
 """
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ import logging
 import os
 from typing import Any
 
+import jax
 
-def load(init_params: Any, source: str, config, task=None, init_model_state: Any = None) -> tuple[Any, Any]:
+from eojax import checkpoint as ckpt_lib
+
+
+def load(init_params: Any, source: str, task, init_model_state: Any = None) -> tuple[Any, Any]:
     """THE weight-loading contract: (params, model_state) for a model whose freshly initialised
     (sharded) variables are `init_params` / `init_model_state`, from `source`:
 
@@ -24,14 +30,11 @@ def load(init_params: Any, source: str, config, task=None, init_model_state: Any
 
     The trainer calls it for `config.init_from`; infer, export, FID and the segmentation encoders read
     runs through the same `checkpoint.load_variables`."""
-    from eojax import checkpoint as ckpt_lib
     init_model_state = {} if init_model_state is None else init_model_state
     if ckpt_lib.is_eojax_checkpoint(source):
         return ckpt_lib.load_variables(source, jax_abstract(init_params), jax_abstract(init_model_state))
     if not os.path.exists(source):
         raise FileNotFoundError(f"config.init_from: {source} does not exist")
-    if task is None:
-        raise ValueError(f"{source} is not an eojax run: importing a published checkpoint needs the family")
     params = task.load_pretrained(source, init_params)
     logging.info("initialised params from the published checkpoint %s", source)
     return params, init_model_state
@@ -39,6 +42,5 @@ def load(init_params: Any, source: str, config, task=None, init_model_state: Any
 
 def jax_abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with the arrays' shardings) of a tree of arrays."""
-    import jax
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
