@@ -27,7 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "infer: a text prompt (repeatable).")
 _INPUT = flags.DEFINE_string("input", "", "infer: an input file (e.g. a GeoTIFF to predict on).")
-_OUTPUT = flags.DEFINE_string("output", "", "infer: output folder (default <workdir>/infer).")
+_OUTPUT = flags.DEFINE_string("output", "", "infer / export: output folder (default <workdir>/infer, "
+                                "<workdir>/features).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "infer: samples per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "infer: random seed.")
 
@@ -68,16 +69,16 @@ def main(argv: list[str]) -> None:
             f.write(config.to_json_best_effort(indent=2))
         result = train.train_and_evaluate(config, workdir)
         summary = {k: result[k] for k in ("train", "eval", "test", "best", "pictures")}
-    elif command == "export":
-        from eojax.mae import export as features
-        summary = {"features": features.export_run_features(config, workdir)}
-    elif command == "infer":
+    elif command in ("export", "infer"):
+        from eojax import tasks
         run, variables = train.load_for_inference(config, workdir)
         options = {"prompt": list(_PROMPT.value), "input": _INPUT.value, "num_samples": _NUM_SAMPLES.value,
-                   "output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "infer")),
+                   "output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "infer" if command == "infer"
+                                                                        else "features")),
                    "seed": _SEED.value}
+        plug_in = tasks.require_plugin(run.task, command, f"eojax {command}")
         with run.scope():
-            summary = {"infer": run.task.infer(*variables, workdir, options)}
+            summary = {"features" if command == "export" else "infer": plug_in(run, variables, workdir, options)}
     else:
         summary = {"eval": train.evaluate_checkpoint(config, workdir)}
     print(json.dumps(summary, indent=2))

@@ -1,7 +1,8 @@
 """THE trainer: every family trains through `train_and_evaluate`.
 
-It runs the phases of docs/architecture.md in order and knows nothing about any one family: the task
-(eojax/tasks/) supplies the input, the model, the loss and the pictures.
+It runs the phases of docs/architecture.md in order and knows nothing about any one family: the
+family's input stage gives the data and its DataSpec, the task built from (config, spec) the model and
+the loss, and the plug-ins the pictures.
 """
 from __future__ import annotations
 
@@ -47,13 +48,14 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class Run:
-    """Everything set up for training, before the loop (phases 2-5). Tests drive it step by step."""
+    """Everything set up for training, before the loop (phases 2-5). Tests drive it step by step.
+    The input stage and its train iterator are made when first used: a run set up from a saved
+    DataSpec (`eojax infer` / `export`) never reads the training data."""
     config: ml_collections.ConfigDict
     task: tasks.Task
     mesh: Mesh
     rules: tuple
     optimizer: optim.Optimizer
-    train_iter: Any
     state_shardings: Any
     batch_shardings: Any
     abstract_state: Any
@@ -63,6 +65,20 @@ class Run:
     eval_step: Callable[[Any, Any, dict], dict]
     flops_per_step: float
     jit_step: Any  # the jitted train step, for lowering / compiling it (FLOP count, benches)
+    _input: tasks.Input | None = None
+    _train_iter: Any = None
+
+    @property
+    def input(self) -> tasks.Input:
+        if self._input is None:
+            self._input = tasks.make_input(self.config)
+        return self._input
+
+    @property
+    def train_iter(self):
+        if self._train_iter is None:
+            self._train_iter = self.input.train(jax.process_index(), jax.process_count())
+        return self._train_iter
 
     def lower_step(self):
         """The train step lowered for this run's shapes and shardings."""
@@ -110,8 +126,9 @@ def _host_batch_size(config) -> int:
     return config.batch_size // jax.process_count()
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
-    """Phases 2-5: mesh, input, task, sharded init, optimizer, compiled steps."""
+def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec | None = None) -> Run:
+    """Phases 2-5: mesh, input, task, sharded init, optimizer, compiled steps. With `spec` (a run's
+    saved DataSpec) the task is built without reading any data."""
     mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.normalize_rules(config.sharding_rules)
     split = parallel.batch_axis_size(mesh, rules)
@@ -119,13 +136,19 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
         raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the {split} ways "
                          f"the batch is split over the mesh {dict(mesh.shape)}")
 
-    task = tasks.get(config)
-    task.data_spec()  # the input's shapes and facts first: headers, cached statistics, vocabulary
-    train_iter = task.train_input(jax.process_index(), jax.process_count())
-
+    # Config mistakes first, before any data is read.
+    tasks.task_class(config).check_config(config)
     optimizer = optim.build(config.optim, config.total_steps)
     if "sampled_obj_fn" in optimizer.needs:
-        _check_sampled_loss(task)
+        _check_sampled_loss(tasks.task_class(config))
+
+    data_input = train_iter = None
+    if spec is None:  # the input's shapes and facts first: headers, cached statistics, vocabulary
+        data_input = tasks.make_input(config)
+        spec = data_input.spec()
+        train_iter = data_input.train(jax.process_index(), jax.process_count())
+    task = tasks.get(config, spec)
+
     accum = int(config.optim.get("accum_steps", 1))
     if config.batch_size % (accum * split):
         raise ValueError(f"config.batch_size={config.batch_size} must split into optim.accum_steps={accum} "
@@ -199,17 +222,20 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
         with scope(mesh, rules, config.kernels):
             return jit_eval(params, model_state, batch)
 
-    run = Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer, train_iter=train_iter,
+    run = Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer,
               state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
               init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
-              eval_step=eval_step, flops_per_step=0.0, jit_step=jit_step)
+              eval_step=eval_step, flops_per_step=0.0, jit_step=jit_step, _input=data_input,
+              _train_iter=train_iter)
     run.flops_per_step = _flops_per_step(run)
     return run
 
 
-def _check_sampled_loss(task) -> None:
-    if type(task).sampled_loss_fn is tasks.Task.sampled_loss_fn:
-        task.sampled_loss_fn(None, None, None, None)  # raises NotApplicableError with the explanation
+def _check_sampled_loss(task_class) -> None:
+    if task_class.sampled_loss_fn is tasks.Task.sampled_loss_fn:
+        raise tasks.NotApplicableError(
+            f"optim.name='sophia_g' needs a model with logits (labels are sampled from them); the "
+            f"'{task_class.name}' task has none. Use optim.name='sophia_h' or 'adamw'.")
 
 
 def _make_train_step(task, optimizer, accum: int, base_rng):
@@ -276,7 +302,7 @@ def evaluate(run: Run, variables: tuple, split: str = "eval") -> dict[str, float
     elementwise in float64; eval_step's outputs are global, so the sums cover every host), then
     finalize_eval. `variables`: (params, model_state), as `eval_variables` gives them. `eval_steps`
     limits the eval split only: a test split is always read whole."""
-    make = run.task.eval_input if split == "eval" else run.task.test_input
+    make = run.input.eval if split == "eval" else run.input.test
     data = make(jax.process_index(), jax.process_count())
     if data is None:
         return {}
@@ -346,8 +372,13 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
         logging.info("resuming from %s/%d", checkpointer.directory, step)
         return checkpointer.restore(step, run.abstract_state, run.train_iter)
     state = run.init_state()
-    if run.config.init_from:
-        params, model_state = weights.load(state.params, run.config.init_from, run.task, state.model_state)
+    parts = run.task.pretrained_parts()
+    if run.config.init_from or parts:
+        params, model_state = state.params, state.model_state
+        if run.config.init_from:
+            params, model_state = weights.load(params, run.config.init_from, run.task, model_state)
+        for subtree, source in parts.items():
+            params = {**params, subtree: run.task.load_pretrained_part(subtree, source, params[subtree])}
         # A fresh optimizer state for the loaded params (an EMA must start from them, not the init).
         state = state.replace(params=params, opt_state=run.init_opt_state(params), model_state=model_state,
                               ema_model_state=model_state if run.optimizer.keeps_ema else {})
@@ -371,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                          every=config.checkpoint_every)
     writer = metric_writer.MetricWriter(workdir)
+    save_spec(run.task.spec, workdir)
     best = BestKeeper(config, workdir)
     state = restore_or_init(run, checkpointer)
     first_step = int(state.step)
@@ -422,8 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     test_metrics = evaluate(run, final if kept is None else kept, split="test")
     if test_metrics:
         writer.write(int(state.step), test_metrics, prefix="test")
-    with run.scope():
-        pictures = run.task.write_pictures(*final, _picture_batch(run), workdir, int(state.step))
+    pictures = []
+    write_pictures = tasks.plugin(run.task, "pictures")
+    if write_pictures is not None:
+        with run.scope():
+            pictures = write_pictures(run, final, _picture_batch(run), workdir, int(state.step))
     writer.close()
     result = {"train": last, "eval": eval_metrics, "test": test_metrics, "best": best.record,
               "pictures": pictures}
@@ -448,7 +483,7 @@ def _write_results(run: Run, workdir: str, result: dict) -> None:
     if jax.process_index() != 0:
         return
     record = {"config": json.loads(run.config.to_json_best_effort()), "git_revision": _git_revision(),
-              "data_fingerprint": run.task.data_fingerprint(), "data_spec": run.task.data_spec().to_json(),
+              "data_fingerprint": run.input.fingerprint(), "data_spec": run.task.spec.to_json(),
               "seed": run.config.seed,
               "devices": jax.device_count(), "processes": jax.process_count(),
               **{k: result[k] for k in ("train", "eval", "test", "best")}}
@@ -458,7 +493,7 @@ def _write_results(run: Run, workdir: str, result: dict) -> None:
 
 def _picture_batch(run: Run) -> dict:
     """The first eval batch (fixed windows, comparable across runs), else the next train batch."""
-    data = run.task.eval_input(jax.process_index(), jax.process_count())
+    data = run.input.eval(jax.process_index(), jax.process_count())
     local = next(iter(data), None) if data is not None else None
     return run.global_batch(local if local is not None else next(run.train_iter))
 
@@ -485,11 +520,38 @@ class _NoProgress:
     def close(self): pass
 
 
+SPEC_FILE = "data_spec.json"
+
+
+def save_spec(spec: tasks.DataSpec, workdir: str) -> None:
+    """<workdir>/data_spec.json: what the model was built from, so inference needs no training data."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, SPEC_FILE)
+    with open(path + ".partial", "w") as f:
+        json.dump(spec.to_json(), f, indent=1)
+    os.replace(path + ".partial", path)
+
+
+def saved_spec(workdir: str) -> tasks.DataSpec | None:
+    """The DataSpec a run in `workdir` was trained with, or None (a run from before it was saved)."""
+    path = os.path.join(workdir, SPEC_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return tasks.DataSpec.from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable DataSpec ({e}); delete it to rebuild it from the data") from e
+
+
 def load_for_inference(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, tuple]:
     """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with), for
-    `eojax eval` / `infer` / `export`."""
+    `eojax eval` / `infer` / `export`. The model is built from the run's saved DataSpec when it has
+    one (the training data need not be there), else from the config's input."""
     parallel.maybe_initialize_distributed(**config.distributed)
-    run = setup(config)
+    run = setup(config, spec=saved_spec(workdir))
     return run, ckpt_lib.load_variables(workdir, run.abstract_state.params, run.abstract_state.model_state)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from eojax import checkpoint as ckpt_lib
 from eojax import train
+from eojax.mae import task as mae_task
 from eojax.tasks import NotApplicableError
 from helpers import (ONE_DEVICE, assert_sharded_run_matches, cli, load_config, max_diff,
                      one_device_reference, run_steps, saved_tree)
@@ -137,7 +138,7 @@ def test_real_landsat8_scene_trains(test_data):
     config = mae_config(**{"input.paths": (template,), "input.bands": ("B2", "B3", "B4", "B5", "B6", "B7"),
                            "mesh": (("data", 2), ("fsdp", 1), ("model", 1))})
     run, state, losses = run_steps(config, jax.devices()[:2], n=4)
-    assert run.task.info["band_names"] == ["B2", "B3", "B4", "B5", "B6", "B7"]
+    assert run.task.spec.info["band_names"] == ["B2", "B3", "B4", "B5", "B6", "B7"]
     assert all(np.isfinite(losses))
     assert int(state.step) == 4
 
@@ -220,12 +221,16 @@ def test_gradient_accumulation_averages_micro_batches():
     assert max_diff(ckpt_lib.host_numpy(new_state.params), expected) < 1e-5
 
 
-class MAEWithTestSplit(__import__("eojax.mae.task", fromlist=["MAETask"]).MAETask):
+class MAEInputWithTestSplit(mae_task.MAEInput):
+    def test(self, process_index, process_count):
+        return self.eval(process_index, process_count)
+
+
+class MAEWithTestSplit(mae_task.MAETask):
     """The MAE task plus a test split (its eval windows) and an array-valued eval output: valid pixels
     per image row, a (H,) vector the trainer must sum elementwise over the batches."""
 
-    def test_input(self, process_index, process_count):
-        return self.eval_input(process_index, process_count)
+    input_class = MAEInputWithTestSplit
 
     def eval_fn(self, params, state, batch, rng):
         real = (batch["weight"] > 0)[:, None, None]
@@ -267,7 +272,7 @@ def test_best_checkpoint_test_split_and_results_record(tmp_path, monkeypatch):
     assert result["test"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
     assert result["test"]["loss"] != pytest.approx(result["eval"]["loss"], rel=1e-6)
     # Array sums: the (H,) valid-pixel counts equal a direct numpy count over the test windows.
-    direct = sum(b["valid"][b["weight"] > 0].sum(axis=(0, 2)) for b in run.task.test_input(0, 1))
+    direct = sum(b["valid"][b["weight"] > 0].sum(axis=(0, 2)) for b in run.input.test(0, 1))
     np.testing.assert_array_equal(run.task.last_valid_per_row, direct)
     assert result["test"]["valid_pixels"] == float(direct.sum())
 

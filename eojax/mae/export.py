@@ -16,7 +16,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from eojax.data.raster import RasterError
+from eojax.data.raster import RasterError, open_scenes
 
 
 def feature_grid(height: int, width: int, window: int, stride: int) -> tuple[list[int], list[int]]:
@@ -82,29 +82,34 @@ def _stem(scene) -> str:
     return "+".join(stems)
 
 
-def export_run_features(config, workdir: str, out_dir: str | None = None) -> list[str]:
-    """`eojax export`: the latest checkpoint's encoder (its EMA when the run kept one, as eval and
-    infer use) over every scene of `config.input`; one feature GeoTIFF per scene in `out_dir`
-    (default <workdir>/features)."""
+def export_run(run, variables, workdir: str, options: dict) -> list[str]:
+    """The `eojax export` plug-in: the run's encoder (its EMA when the run kept one, as eval and infer
+    use) over every scene of `config.input`, or over the raster `--input` names (opened with
+    config.input's bands and nodata); one feature GeoTIFF per scene in options['output']."""
     import jax
 
-    from eojax import parallel, train
+    from eojax import parallel
 
     if jax.process_count() > 1:
         raise RuntimeError("eojax export runs as a single process (it reads whole rasters itself)")
-    run, variables = train.load_for_inference(config, workdir)
+    config = run.config
+    if options.get("input"):
+        scenes = open_scenes(options["input"], bands=tuple(config.input.get("bands", ()) or ()),
+                             nodata=config.input.get("nodata"))
+        want = len(run.task.band_names)
+        if scenes[0].num_channels != want:
+            raise RasterError(f"{options['input']}: {scenes[0].num_channels} bands; the model takes {want} "
+                              f"({run.task.band_names})")
+    else:
+        scenes = run.input.info["scenes"]
     embed_step = jax.jit(run.task.embed)
 
     def embed(pixels, valid):
         batch = parallel.make_global_batch({"pixels": pixels, "valid": valid}, run.mesh, run.rules)
         return jax.device_get(embed_step(*variables, batch))
 
-    out_dir = out_dir or os.path.join(workdir, "features")
+    out_dir = options.get("output") or os.path.join(workdir, "features")
     window = config.input.window
     stride = config.input.get("eval_stride", 0) or window
-    paths = []
-    with run.scope():
-        for scene in run.task.info["scenes"]:
-            paths.append(export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"),
-                                         window=window, stride=stride, batch_size=config.batch_size))
-    return paths
+    return [export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"), window=window,
+                            stride=stride, batch_size=config.batch_size) for scene in scenes]

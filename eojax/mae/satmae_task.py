@@ -2,17 +2,15 @@
 
 The same task serves both: SatMAE++ groups spectral bands (configs/satmae.py), GRID-MAE gives each
 geophysics grid its own group (configs/gridmae.py, `model.groups = 'per_source'`). Everything else
-(input, pictures, export) is the plain MAE task's.
+(input, pictures, export) is the plain MAE family's.
 """
 from __future__ import annotations
 
 import ast
-import os
+import functools
 
-import jax
 import numpy as np
 
-from eojax import viz
 from eojax.mae import satmae
 from eojax.mae.task import MAETask
 
@@ -26,11 +24,11 @@ class SatMAETask(MAETask):
     def groups(self) -> tuple[tuple[int, ...], ...]:
         """config.model.groups: 'per_source' (one group per stacked grid), 'sentinel2_10' (SatMAE++'s
         grouping of the 10 S2 bands), 'all' (one group), or a tuple of groups of band names/indices."""
-        spec, names = self.config.model.groups, self.info["band_names"]
+        spec, names = self.config.model.groups, self.band_names
         if isinstance(spec, str) and spec.lstrip().startswith(("(", "[")):
             spec = ast.literal_eval(spec)  # a tuple given on the command line arrives as text
         if spec == "per_source":
-            return tuple(tuple(g) for g in self.info["source_channels"])
+            return tuple(tuple(g) for g in self.spec.info["source_channels"])
         if spec == "sentinel2_10":
             if len(names) != 10:
                 raise ValueError(f"model.groups='sentinel2_10' needs the 10 SatMAE bands, the input has "
@@ -56,14 +54,15 @@ class SatMAETask(MAETask):
                          dtype=np.dtype(m.dtype), param_dtype=np.dtype(m.param_dtype))
         return satmae.satmae_config(m.variant, **overrides)
 
-    @property
+    @classmethod
+    def check_config(cls, config):
+        scales = tuple(config.input.scales)
+        if scales not in ((1,), (1, 2, 4)):
+            raise ValueError(f"input.scales={scales}: the group MAE takes (1,) or (1, 2, 4)")
+
+    @functools.cached_property
     def model(self) -> satmae.SatMAE:
-        if self._model is None:
-            scales = tuple(self.config.input.scales)
-            if scales not in ((1,), (1, 2, 4)):
-                raise ValueError(f"input.scales={scales}: the group MAE takes (1,) or (1, 2, 4)")
-            self._model = satmae.SatMAE(**self.model_kwargs())
-        return self._model
+        return satmae.SatMAE(**self.model_kwargs())
 
     def loss(self, out, images, valid):
         return satmae.satmae_loss(
@@ -83,22 +82,3 @@ class SatMAETask(MAETask):
 
     def reconstruction(self, out):
         return out["recon"]
-
-    def write_pictures(self, params, state, batch, workdir, step):
-        """The 1x picture of the MAE task, plus target / prediction at 2x and 4x when multi-scale."""
-        paths = super().write_pictures(params, state, batch, workdir, step)
-        if jax.process_index() != 0 or not self.model.multiscale:
-            return paths
-        f = self._picture_arrays(params, batch, min(4, batch["valid"].shape[0]))
-        names, size = self.info["band_names"], f["image_4x"].shape[1]
-        rows = []
-        for i in range(len(f["image"])):
-            row = []
-            for key, up in (("", None), ("_2x", "up2"), ("_4x", "up4")):
-                target, valid = f["image" + key][i], f["valid" + key][i]
-                row.append(viz.resize_nearest(viz.to_rgb8(target, names, valid), size))
-                if up:
-                    row.append(viz.resize_nearest(viz.to_rgb8(f[up][i], names, valid, ref=target), size))
-            rows.append(row)
-        path = os.path.join(workdir, f"{self.name}_multiscale_step{step}.png")
-        return paths + [viz.save_grid_png(path, rows, scale=max(1, 256 // size))]

@@ -2,36 +2,28 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from eojax import viz
 from eojax.data import device, pipeline
 from eojax.mae import model as mae_lib
-from eojax.tasks.base import DataSpec, Task, stats_info
+from eojax.tasks.base import DataSpec, Input, Task, stats_from_info, stats_info
 
 # config.model size keys; 0 means "the variant's own size".
 _SHAPE_KEYS = ("width", "depth", "heads", "mlp_dim", "decoder_width", "decoder_depth", "decoder_heads")
 
 
-class MAETask(Task):
-    name = "mae"
+class MAEInput(Input):
+    """GeoTIFF windows (one or several scales) through the Grain pipeline."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._model = None
-
-    # -- input (phase 3) ---------------------------------------------------------------------------
     @functools.cached_property
     def info(self) -> dict:
         """The input's scenes, statistics, band names and window arrays (pipeline.image_input_info)."""
         return pipeline.image_input_info(self.config.input)
 
-    def data_spec(self) -> DataSpec:
+    def build_spec(self) -> DataSpec:
         # Pixel arrays (every scale) as the pipeline makes them, plus the per-row weight.
         arrays = {k: (shape, np.dtype(dtype).name) for k, (shape, dtype) in self.info["element_spec"].items()
                   if k.startswith(("pixels", "valid"))}
@@ -45,30 +37,39 @@ class MAETask(Task):
             process_index=process_index, process_count=process_count, seed=self.config.seed)
         return it
 
-    def train_input(self, process_index, process_count):
+    def train(self, process_index, process_count):
         return self._input("train", process_index, process_count)
 
-    def eval_input(self, process_index, process_count):
+    def eval(self, process_index, process_count):
         return self._input("eval", process_index, process_count)
+
+
+class MAETask(Task):
+    name = "mae"
+    input_class = MAEInput
+    plugins = {"pictures": "eojax.mae.pictures:write_pictures", "export": "eojax.mae.export:export_run"}
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.stats = stats_from_info(spec.info)  # None with input.normalize=False
+        self.band_names = list(spec.info["band_names"])
 
     # -- model (phase 4) ---------------------------------------------------------------------------
     def model_kwargs(self) -> dict:
         m = self.config.model
         overrides = {k: v for k, v in m.items() if k != "variant" and not (k in _SHAPE_KEYS and v == 0)}
-        overrides.update(image_size=self.config.input.window, in_channels=self.info["num_channels"],
+        overrides.update(image_size=self.config.input.window, in_channels=len(self.band_names),
                          dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
         return mae_lib.mae_config(m.variant, **overrides)
 
-    @property
+    @functools.cached_property
     def model(self) -> mae_lib.MAE:
-        if self._model is None:
-            self._model = mae_lib.MAE(**self.model_kwargs())
-        return self._model
+        return mae_lib.MAE(**self.model_kwargs())
 
     def images(self, batch) -> dict:
         """Raw band-first pixels -> normalised channels-last model input (inside the jitted step);
         'image', and 'image_2x' / 'image_4x' for multi-scale batches."""
-        return device.model_inputs(batch, self.info["stats"], mode=self.config.input.normalize_mode)
+        return device.model_inputs(batch, self.stats, mode=self.config.input.normalize_mode)
 
     def init(self, rng, batch):
         params_rng, mask_rng = jax.random.split(rng)
@@ -106,7 +107,7 @@ class MAETask(Task):
         """Per-window embedding for feature export: the encoder on every patch (no masking), patch
         tokens averaged. Takes native-resolution `pixels` / `valid` only (a multi-scale model is
         trained on downsampled windows but, as in SatMAE++ fine-tuning, applied to native ones)."""
-        image = device.to_model_input(batch["pixels"], batch["valid"], self.info["stats"],
+        image = device.to_model_input(batch["pixels"], batch["valid"], self.stats,
                                       mode=self.config.input.normalize_mode)
         out = self.model.apply({"params": params}, image, train=False, mask_ratio=0.0,
                                rngs={"mask": jax.random.key(0)})
@@ -120,48 +121,3 @@ class MAETask(Task):
         """(B, H, W, C) reconstruction in model-input units (before undoing norm-pix)."""
         h, w, c = out["image"].shape[1:]
         return mae_lib.unpatchify(out["pred"], self.model.patch_size, h, w, c)
-
-    def _picture_arrays(self, params, batch, n):
-        """The n most-valid tiles of `batch` through the model, fetched to host numpy (process 0)."""
-        rng = jax.random.key(self.config.seed + 1)
-        out = jax.jit(lambda p, b: self._forward(p, b, rng, False)[2])(params, batch)
-        arrays = {k: v for k, v in out.items() if k.startswith(("image", "up"))}
-        arrays.update({k: v for k, v in batch.items() if k.startswith("valid")})
-        arrays.update(mask=out["mask"], recon=self.reconstruction(out))
-        fetched = multihost_utils.process_allgather(arrays, tiled=True)
-        # The tiles with the most valid data: nodata corners make poor pictures.
-        pick = np.argsort(-np.asarray(fetched["valid"]).mean(axis=(1, 2)), kind="stable")[:n]
-        return {k: np.asarray(v)[pick] for k, v in fetched.items()}
-
-    def write_pictures(self, params, state, batch, workdir, step):
-        """original / masked / reconstructed tiles as one PNG (RGB from the band names when it can)."""
-        f = self._picture_arrays(params, batch, min(4, batch["valid"].shape[0]))
-        if jax.process_index() != 0:
-            return []
-        p, image, valid = self.model.patch_size, f["image"], f["valid"]
-        h, w, _ = image.shape[1:]
-        recon = f["recon"]
-        if self.config.model.norm_pix_loss:
-            recon = _denormalize_patches(recon, image, valid, p)
-        # Masked pixels: a pixel is masked if its patch is masked in every band group.
-        mask = f["mask"].reshape(len(image), -1, (h // p) * (w // p)).min(axis=1)
-        mask_px = np.repeat(np.repeat(mask.reshape(-1, h // p, w // p), p, 1), p, 2) > 0.5
-        path = os.path.join(workdir, f"{self.name}_reconstruction_step{step}.png")
-        viz.save_reconstruction_png(path, image, valid, mask_px, recon, self.info["band_names"])
-        return [path]
-
-
-def _denormalize_patches(recon, image, valid, p):
-    """With norm_pix_loss the model predicts standardised patches: give them each patch's own
-    mean and std (over valid pixels) so the picture is comparable to the input."""
-    b, h, w, c = image.shape
-    out = recon.copy()
-    for i in range(0, h, p):
-        for j in range(0, w, p):
-            tile, v = image[:, i:i + p, j:j + p], valid[:, i:i + p, j:j + p, None]
-            cnt = np.maximum(v.sum(axis=(1, 2, 3)) * c, 1)
-            mean = (tile * v).sum(axis=(1, 2, 3)) / cnt
-            var = (((tile - mean[:, None, None, None]) * v) ** 2).sum(axis=(1, 2, 3)) / np.maximum(cnt - 1, 1)
-            out[:, i:i + p, j:j + p] = recon[:, i:i + p, j:j + p] * np.sqrt(var + 1e-6)[:, None, None, None] \
-                + mean[:, None, None, None]
-    return out

@@ -1,10 +1,11 @@
-"""Families as tasks: `get(config)` returns the task named by `config.task`. Each family lives in its
-own package (eojax/<family>/); one line here names its task class."""
+"""Families as tasks: `get(config, spec)` returns the core of the family named by `config.task`,
+`make_input(config)` its input stage. Each family lives in its own package (eojax/<family>/); one
+line here names its task class, which names its Input and its plug-ins."""
 from __future__ import annotations
 
 import importlib
 
-from eojax.tasks.base import NotApplicableError, Task
+from eojax.tasks.base import DataSpec, Input, NotApplicableError, Task, plugin, require_plugin
 
 _TASKS = {
     "mae": "eojax.mae.task:MAETask",
@@ -20,12 +21,25 @@ _TASKS = {
 _ALIASES = {"group_mae": "satmae"}
 
 
-def get(config) -> Task:
+def task_class(config) -> type[Task]:
     name = _ALIASES.get(config.task, config.task)
     if name not in _TASKS:
         raise ValueError(f"config.task={name!r} is unknown; known tasks: {sorted(_TASKS)}")
     module, cls = _TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["get", "Task", "NotApplicableError"]
+def make_input(config) -> Input:
+    """The input stage of config.task: reads the data, states the DataSpec, makes the iterators."""
+    cls = task_class(config)
+    cls.check_config(config)
+    return cls.input_class(config)
+
+
+def get(config, spec: DataSpec) -> Task:
+    """The core of config.task, built from the config and the input's DataSpec alone."""
+    return task_class(config)(config, spec)
+
+
+__all__ = ["get", "make_input", "task_class", "plugin", "require_plugin", "DataSpec", "Input", "Task",
+           "NotApplicableError"]

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator, Mapping
+import importlib
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -31,6 +32,12 @@ class DataSpec:
         elements = {k: {"shape": list(shape), "dtype": np.dtype(dtype).name} for k, (shape, dtype) in self.elements.items()}
         return {"elements": elements, "info": dict(self.info)}
 
+    @classmethod
+    def from_json(cls, record: Mapping) -> "DataSpec":
+        """The inverse of to_json (e.g. a run's data_spec.json)."""
+        return cls({k: (tuple(e["shape"]), e["dtype"]) for k, e in record["elements"].items()},
+                   dict(record.get("info", {})))
+
 
 def stats_info(stats) -> dict:
     """A BandStats (or None) as DataSpec info: per-band mean and std."""
@@ -44,33 +51,64 @@ def elements(**arrays) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(int(n) for n in shape), np.dtype(dtype).name) for k, (shape, dtype) in arrays.items()}
 
 
-class Task:
-    """Base class: a family subclasses it and fills in the model, the loss and its input.
-
-    Build order: `data_spec()` first (it reads only what the config names: file headers, cached
-    statistics, a vocabulary), then the model and the trainer's dummy batch from it; the input
-    iterators may be built in any order after that."""
-
-    name = "base"
+class Input:
+    """A family's input stage: reads what the config names (file headers, cached statistics, a
+    vocabulary), states it as a DataSpec, and makes the split iterators. It holds the data; the Task,
+    built from (config, spec) alone, never touches it."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        self._spec = None
 
-    # Input first (trainer phase 3): models may take their channel count from the data.
-    def train_input(self, process_index: int, process_count: int) -> Iterator[dict]:
+    def spec(self) -> DataSpec:
+        """The DataSpec (built once, by build_spec)."""
+        if self._spec is None:
+            self._spec = self.build_spec()
+        return self._spec
+
+    def build_spec(self) -> DataSpec:
+        """The DataSpec from what the config names: file headers, cached statistics, a vocabulary;
+        no iterator runs before it."""
         raise NotImplementedError
 
-    def eval_input(self, process_index: int, process_count: int) -> Iterable[dict] | None:
+    def train(self, process_index: int, process_count: int) -> Iterator[dict]:
+        """A checkpointable iterator of host-local numpy batches."""
+        raise NotImplementedError
+
+    def eval(self, process_index: int, process_count: int) -> Iterable[dict] | None:
         return None
 
-    def test_input(self, process_index: int, process_count: int) -> Iterable[dict] | None:
+    def test(self, process_index: int, process_count: int) -> Iterable[dict] | None:
         """A held-out test split, evaluated once at the end on the best (or final) parameters."""
         return None
 
-    def data_spec(self) -> DataSpec:
-        """The input's DataSpec, built from the config alone (cheap to ask again: the facts behind it
-        are cached)."""
-        raise NotImplementedError
+    def fingerprint(self) -> Any:
+        """Something that identifies the training data (e.g. a hash of file names and sizes), recorded
+        in results.json; None when the input cannot tell."""
+        return None
+
+
+class Task:
+    """A family's core: the model, its loss and its evaluation, built from (config, spec) and
+    stateless (every method is a pure function of its arguments, the config and the spec).
+
+    `input_class` names the family's Input. `plugins` names its optional extras as "module:function"
+    (imported when used; see `plugin`):
+      'pictures': fn(run, variables, batch, workdir, step) -> list of written files
+      'infer':    fn(run, variables, workdir, options) -> JSON-able summary   (`eojax infer`)
+      'export':   fn(run, variables, workdir, options) -> list of written files (`eojax export`)
+    `variables` is (params, model_state) as train.eval_variables gives them."""
+
+    name = "base"
+    input_class: ClassVar[type[Input]] = Input
+    plugins: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, config: ml_collections.ConfigDict, spec: DataSpec):
+        self.config, self.spec = config, spec
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        """Config mistakes as one-line errors, before any data is read (the trainer calls it first)."""
 
     @property
     def model(self):
@@ -78,7 +116,7 @@ class Task:
 
     def dummy_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch the train step takes, as shapes: from the DataSpec."""
-        return self.data_spec().batch(batch_size)
+        return self.spec.batch(batch_size)
 
     def init(self, rng: jax.Array, batch: dict) -> dict:
         """Flax variables: {'params': ...} plus any mutable collections (e.g. 'batch_stats'), which the
@@ -91,10 +129,9 @@ class Task:
         raise NotImplementedError
 
     def sampled_loss_fn(self, params, state, batch, rng):
-        """(mean loss on labels sampled from the model's own logits, number of labels): Sophia-G."""
-        raise NotApplicableError(
-            f"optim.name='sophia_g' needs a model with logits (labels are sampled from them); "
-            f"the '{self.name}' task has none. Use optim.name='sophia_h' or 'adamw'.")
+        """(mean loss on labels sampled from the model's own logits, number of labels): Sophia-G.
+        A family without logits leaves it out (the trainer then refuses optim.name='sophia_g')."""
+        raise NotImplementedError
 
     def eval_fn(self, params, state, batch, rng) -> dict[str, jax.Array]:
         raise NotImplementedError
@@ -105,28 +142,45 @@ class Task:
         count = max(float(sums.get("count", 0.0)), 1e-12)
         return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
 
-    def load_pretrained(self, path: str, abstract_params):
+    def load_pretrained(self, path: str, init_params):
         """Params from a published checkpoint (`config.init_from=<file or non-eojax folder>`), in this
         family's layout."""
         raise NotApplicableError(f"the '{self.name}' task imports no checkpoint files ({path}); "
                                  "config.init_from takes an eojax run folder here")
 
-    def embed(self, params, state, batch) -> jax.Array:
-        """(B, D) embedding per example, for `eojax export` (encoder families)."""
-        raise NotApplicableError(f"the '{self.name}' task has no encoder embedding to export")
+    def pretrained_parts(self) -> dict[str, str]:
+        """{top-level params subtree: published source} loaded over the initialised params besides
+        config.init_from (e.g. a frozen text encoder), each by `load_pretrained_part`."""
+        return {}
 
-    def write_pictures(self, params, state, batch, workdir: str, step: int) -> list[str]:
-        return []
+    def load_pretrained_part(self, subtree: str, source: str, init_params):
+        raise NotImplementedError
 
-    def infer(self, params, state, workdir: str, options: dict) -> dict:
-        """`eojax infer`: the family's inference on the trained parameters; options has prompt (list),
-        input, output, num_samples, seed. Returns a JSON-able summary."""
-        raise NotApplicableError(f"the '{self.name}' task has no `eojax infer` entry point")
 
-    def data_fingerprint(self) -> Any:
-        """Something that identifies the training data (e.g. a hash of file names and sizes), recorded
-        in results.json; None when the task cannot tell."""
+def plugin(task: Task, kind: str):
+    """The family's `kind` plug-in ('pictures', 'infer', 'export') as a function, or None."""
+    target = task.plugins.get(kind)
+    if target is None:
         return None
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def require_plugin(task: Task, kind: str, command: str):
+    fn = plugin(task, kind)
+    if fn is None:
+        raise NotApplicableError(f"the '{task.name}' task has no `{command}` (it registers no {kind!r} plug-in)")
+    return fn
+
+
+def stats_from_info(info: Mapping):
+    """DataSpec info (stats_info's mean / std) -> a BandStats, or None without statistics."""
+    from eojax.data.stats import BandStats
+    if info.get("mean") is None:
+        return None
+    mean = np.asarray(info["mean"], np.float64)
+    return BandStats(mean=mean, std=np.asarray(info["std"], np.float64), count=np.zeros(len(mean), np.int64),
+                     band_names=list(info.get("band_names") or []))
 
 
 def apply_model(model, params, state, *args, train: bool, **kwargs):
