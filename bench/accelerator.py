@@ -168,7 +168,7 @@ def _model_overrides(config, overrides: dict):
         yield
         return
     from eojax import tasks
-    cls = type(tasks.get(config))  # the class train.setup will instantiate
+    cls = tasks.task_class(config)  # the class train.setup will instantiate
     original = cls.model_kwargs
 
     def model_kwargs(self):
@@ -194,7 +194,7 @@ def _describe(family: str, run, config) -> str:
     if family in ("mae", "satmae"):
         k = task.model_kwargs()
         dec = f"dec {k.get('decoder_width')}x{k.get('decoder_depth')}"
-        bands = task.info["num_channels"]
+        bands = len(task.band_names)
         extra = f", {len(k['groups'])} groups, multi-scale {k.get('multiscale')}" if family == "satmae" else ""
         return (f"{k['width']}x{k['depth']} h{k['heads']} p{k['patch_size']} {k['image_size']}px {bands}b{extra}, "
                 f"{dec}, mask {k['mask_ratio']}, {m.dtype}, attn {m.attention_impl}; {total:.1f}M params")

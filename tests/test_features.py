@@ -56,3 +56,37 @@ def test_feature_transform_tiles_input_when_stride_equals_window():
 def test_raster_smaller_than_window_is_refused():
     with pytest.raises(RasterError, match="smaller than"):
         features.feature_grid(10, 50, 16, 16)
+
+
+def test_export_needs_no_training_data(tmp_path):
+    """A run keeps its DataSpec (data_spec.json): with the training scenes gone, `eojax export` of a
+    new raster builds the model from it and gives the features it gave with the data present."""
+    import shutil
+
+    from eojax import tasks, train
+    from helpers import load_config
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    for folder, seed in ((data, 1), (other, 2)):
+        folder.mkdir()
+        synthetic.write_scene(str(folder / "s.tif"), seed=seed, height=96, width=96, crs="EPSG:32631",
+                              origin=(431000.0, 5412000.0))
+    config = load_config("mae", "runlocal", batch_size=8, total_steps=2, eval_every=0,
+                         checkpoint_every=2, **{"input.paths": (str(data / "s.tif"),), "input.bands": ("B2", "B3", "B4"),
+                                                "input.num_windows": 16, "model.variant": "mu"})
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+
+    def export(name):
+        run, variables = train.load_for_inference(config, workdir)
+        plug_in = tasks.require_plugin(run.task, "export", "eojax export")
+        with run.scope():
+            [path] = plug_in(run, variables, workdir, {"input": str(other / "s.tif"), "output": str(tmp_path / name)})
+        with rasterio.open(path) as f:
+            return f.read()
+
+    with_data = export("with_data")
+    shutil.rmtree(data)
+    without = export("without_data")
+    assert np.isfinite(without).all() and without.shape[0] > 4
+    np.testing.assert_array_equal(without, with_data)
