@@ -40,19 +40,19 @@ def bench_labels(batches: int) -> list[tuple]:
     from eojax import tasks
     config = load_config("geo", "runlocal")
     config.input.baseline_windows = 64
-    task = tasks.get(config)
+    inp = tasks.make_input(config)
     from eojax.data.windows import RandomWindowSampler
-    sampler = RandomWindowSampler(task.scenes, config.input.window, config.input.min_valid_fraction)
+    sampler = RandomWindowSampler(inp.scenes, config.input.window, config.input.min_valid_fraction)
     rng = np.random.default_rng(0)
     n = 256
     picks = [[sampler.sample(rng) for _ in range(n)] for _ in range(batches)]
     arrays = [(np.array([i for i, _ in p]), np.array([w.row_off for _, w in p]), np.array([w.col_off for _, w in p]))
               for p in picks]
-    task.labeler.label(*arrays[0], config.input.window)  # warm-up
+    inp.labeler.label(*arrays[0], config.input.window)  # warm-up
     it = iter(range(10**9))
-    wall, cpu = _timed(lambda: task.labeler.label(*arrays[next(it) % batches], config.input.window), batches)
+    wall, cpu = _timed(lambda: inp.labeler.label(*arrays[next(it) % batches], config.input.window), batches)
     rows = [("labels only (batch 256)", f"{batches * n / wall:,.0f}", f"{batches * n / cpu:,.0f}", "8 scenes, 8x8 grid")]
-    train_it = task.train_input(0, 1)
+    train_it = inp.train(0, 1)
     next(train_it)
     wall, cpu = _timed(lambda: next(train_it), batches * 4)
     b = config.batch_size

@@ -390,8 +390,57 @@ def test_cnn_backbone_and_heads():
     np.testing.assert_allclose(DepthwiseConv3x3().apply({"params": dw}, h), grouped, atol=1e-5)
 
 
+def _random_variables(task, batch, seed=1):
+    """Random numpy variables of the task's init shapes (compiling flax's init costs more CPU time than
+    these tests need)."""
+    shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.key(0), batch))
+    rng = np.random.default_rng(seed)
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
+    return variables.pop("params"), variables
+
+
+def _unreachable(*args, **kwargs):
+    raise AssertionError("the training data was read")
+
+
+def test_core_from_saved_spec_matches_live_one(label_rasters, monkeypatch):
+    """GeoTask built from the DataSpec's JSON round trip, with the training rasters unreachable, has
+    the live task's centres (float32, exactly), init shapes, loss and eval sums (baseline included)."""
+    from eojax import tasks
+    from eojax.geo import data as geo_data
+    from eojax.geo.task import GeoInput
+    scene, climate = label_rasters
+    config = load_config("geo", "runlocal,backbone=vit", **{
+        "input.sources": ({"path": scene},), "input.climate": climate, "input.data_root": "",
+        "input.baseline_windows": 64, "batch_size": 4, "model.centres_min_km": 0.3})
+    inp = tasks.make_input(config)
+    spec = inp.spec()
+    batch = {k: jnp.asarray(v) for k, v in next(inp.train(0, 1)).items() if k in spec.elements}
+    live = tasks.get(config, spec)
+    assert len(spec.info["band_names"]) == 2 and spec.info["num_centres"] == len(live.centres) > 1
+
+    for name in ("build_spec", "train", "eval", "fingerprint"):
+        monkeypatch.setattr(GeoInput, name, _unreachable)
+    monkeypatch.setattr(geo_data, "open_sources", _unreachable)
+    saved = tasks.get(config, tasks.DataSpec.from_json(json.loads(json.dumps(spec.to_json()))))
+    assert saved.centres.dtype == np.float32 and np.array_equal(saved.centres, live.centres)
+    assert saved.baseline == json.loads(json.dumps(spec.info["baseline"]))
+
+    params, state = _random_variables(live, batch)
+    assert jax.tree.map(np.shape, nn.meta.unbox(jax.eval_shape(saved.init, jax.random.key(0), batch))) == \
+        jax.tree.map(np.shape, {"params": params, **state})
+
+    def loss_and_eval(task):
+        rng = jax.random.key(0)
+        return jax.jit(lambda p, s, b: (task.loss_fn(p, s, b, rng, False)[:2], task.eval_fn(p, s, b, rng)))(
+            params, state, batch)
+    want, got = loss_and_eval(live), loss_and_eval(saved)
+    assert np.isfinite(float(want[0][0]))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 @pytest.mark.slow
-def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_rasters):
+def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_rasters, monkeypatch):
     """A few steps of configs/geo.py:runlocal with the ViT backbone (the CNN compiles slower on CPU;
     colab/geo.ipynb trains the CNN): metrics against the baseline, the map PNG, results.json."""
     from eojax import train
@@ -411,15 +460,19 @@ def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_ras
     # log_kappa trained (with its own learning-rate multiplier) along with the network.
     log_kappa = np.asarray(result["state"].params["head"]["log_kappa"])
     assert np.any(log_kappa != np.float32(np.log(config.model.init_kappa)))
-    # `eojax infer geo`: a whole raster (6 bands -> the first 3) -> summary, map and per-window JSON.
+    # `eojax infer geo`: a whole raster (6 bands -> the first 3) -> summary, map and per-window JSON,
+    # from the run's saved DataSpec with the training rasters unreachable.
     from eojax import tasks
-    task = tasks.get(config)
+    from eojax.geo import data as geo_data
+    monkeypatch.setattr(geo_data, "open_sources", _unreachable)
+    run, variables = train.load_for_inference(config, str(tmp_path))
+    infer = tasks.require_plugin(run.task, "infer", "eojax infer")
     out = str(tmp_path / "infer")
-    summary = task.infer(result["state"].params, result["state"].model_state, str(tmp_path), {"input": str(test_data / "stars/L7_ETMs.tif"),
-                                                                 "output": out})
+    with run.scope():
+        summary = infer(run, variables, str(tmp_path), {"input": str(test_data / "stars/L7_ETMs.tif"), "output": out})
     assert summary["true_latlon"] == pytest.approx([-8.0, -34.87], abs=0.1)  # Olinda, Brazil
     assert os.path.getsize(summary["map"]) > 10_000 and np.isfinite(summary["error_km"])
     per_window = json.load(open(os.path.join(out, "geo_infer.json")))["per_window"]
     assert len(per_window) == summary["windows"] > 0
     with pytest.raises(ValueError, match="2 bands"):
-        task.infer(result["state"].params, result["state"].model_state, str(tmp_path), {"input": label_rasters[0], "output": out})
+        infer(run, variables, str(tmp_path), {"input": label_rasters[0], "output": out})

@@ -11,11 +11,13 @@ import logging
 import os
 from typing import Callable
 
+import jax
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from eojax import parallel, train
 from eojax.data.raster import RasterError, open_scenes
 
 
@@ -86,10 +88,6 @@ def export_run(run, variables, workdir: str, options: dict) -> list[str]:
     """The `eojax export` plug-in: the run's encoder (its EMA when the run kept one, as eval and infer
     use) over every scene of `config.input`, or over the raster `--input` names (opened with
     config.input's bands and nodata); one feature GeoTIFF per scene in options['output']."""
-    import jax
-
-    from eojax import parallel
-
     if jax.process_count() > 1:
         raise RuntimeError("eojax export runs as a single process (it reads whole rasters itself)")
     config = run.config
@@ -113,3 +111,11 @@ def export_run(run, variables, workdir: str, options: dict) -> list[str]:
     stride = config.input.get("eval_stride", 0) or window
     return [export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"), window=window,
                             stride=stride, batch_size=config.batch_size) for scene in scenes]
+
+
+def export_run_features(config, workdir: str, out_dir: str | None = None, raster: str = "") -> list[str]:
+    """`eojax export` from Python: the latest checkpoint of `workdir` over config.input's scenes (or
+    `raster`), feature GeoTIFFs in `out_dir` (default <workdir>/features)."""
+    run, variables = train.load_for_inference(config, workdir)
+    with run.scope():
+        return export_run(run, variables, workdir, {"input": raster, "output": out_dir})
