@@ -33,7 +33,7 @@ rows go on in a fresh child; rows not started when --budget runs out are reporte
 number of timed steps shrinks to fit the time left. Exit status 1 when any row has no result.
 
 Workarounds in this script (eojax/ is not changed by it): configs/vsat.py's numeric tokenizer has a
-29-token vocabulary, so the gpt2 row sets GPT-2's 50257 (VSatTask.model_kwargs wrapped for the row);
+29-token vocabulary, so the gpt2 row sets GPT-2's 50257 (config.model.vocab_size, a padded embedding);
 its rows come from eojax's synthetic multiband series (input.source='multiband'), the Landsat files of
 the shared data folder not being on accelerator machines. SatMAE++'s 96 px multi-scale input needs
 384 px native windows, larger than the default synthetic scenes: one 448 px synthetic scene is written
@@ -44,7 +44,6 @@ SD's text width (12 x 768, frozen by optim.freeze as SD's CLIP is).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -90,7 +89,7 @@ def _mae(tiny, gpu):
         config.model.attention_impl = "cudnn" if gpu else "xla"
     config.input.num_windows = 64
     _bf16(config, tiny)
-    return config, (4 if tiny else 256), {}
+    return config, (4 if tiny else 256)
 
 
 def _big_scene() -> str:
@@ -114,7 +113,7 @@ def _satmae(tiny, gpu):
     assert tuple(config.input.scales) == (1, 2, 4), config.input.scales
     config.input.num_windows = 64
     _bf16(config, tiny)
-    return config, (4 if tiny else 128), {}
+    return config, (4 if tiny else 128)
 
 
 def _gpt2(tiny, gpu):
@@ -124,7 +123,9 @@ def _gpt2(tiny, gpu):
     if tiny:
         config.model.n_layer = 1
     _bf16(config, tiny)
-    return config, (4 if tiny else 32), ({} if tiny else {"vocab_size": GPT2_VOCAB})
+    if not tiny:
+        config.model.vocab_size = GPT2_VOCAB
+    return config, (4 if tiny else 32)
 
 
 def _unet(tiny, gpu):
@@ -140,7 +141,7 @@ def _unet(tiny, gpu):
         config.optim.freeze = ("^text_encoder/",)  # SD trains the UNet only (its CLIP text encoder is frozen)
     config.input.eval_fraction = 0.25
     _bf16(config, tiny)
-    return config, (2 if tiny else 16), {}
+    return config, (2 if tiny else 16)
 
 
 def _upernet(tiny, gpu):
@@ -154,31 +155,10 @@ def _upernet(tiny, gpu):
         config.input.synthetic_size = 256  # chips large enough for the 224 px crops
     config.input.num_crops = 32
     _bf16(config, tiny)
-    return config, (4 if tiny else 32), {}
+    return config, (4 if tiny else 32)
 
 
 BUILDERS = {"mae": _mae, "satmae": _satmae, "gpt2": _gpt2, "unet": _unet, "upernet": _upernet}
-
-
-@contextlib.contextmanager
-def _model_overrides(config, overrides: dict):
-    """Model kwargs the config cannot set (the gpt2 row's vocabulary): the task class's model_kwargs
-    wrapped for the duration of the row (the task builds its model and counts its FLOPs from them)."""
-    if not overrides:
-        yield
-        return
-    from eojax import tasks
-    cls = tasks.task_class(config)  # the class train.setup will instantiate
-    original = cls.model_kwargs
-
-    def model_kwargs(self):
-        return {**original(self), **overrides}
-
-    cls.model_kwargs = model_kwargs
-    try:
-        yield
-    finally:
-        cls.model_kwargs = original
 
 
 def _param_count(tree) -> int:
@@ -285,7 +265,7 @@ def _is_oom(e: BaseException) -> bool:
                                                                     "out of memory", "OOM"))
 
 
-def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> dict:
+def _measure(family, kernels, config, batch, env, deadline, args) -> dict:
     import jax
 
     from eojax import train
@@ -296,15 +276,14 @@ def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> 
         if key in config.input:
             config.input[key] = max(int(config.input[key]), times * batch)
     t0 = time.perf_counter()
-    with _model_overrides(config, overrides):
-        run = train.setup(config)
-        state = _zero_state(run) if env["tiny"] else run.init_state()
-        jax.block_until_ready(state)
-        setup_s = time.perf_counter() - t0
-        t = time.perf_counter()
-        compiled = run.compile_step()
-        compile_s = time.perf_counter() - t
-        shape = _describe(family, run, config)
+    run = train.setup(config)
+    state = _zero_state(run) if env["tiny"] else run.init_state()
+    jax.block_until_ready(state)
+    setup_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    compiled = run.compile_step()
+    compile_s = time.perf_counter() - t
+    shape = _describe(family, run, config)
     mem = _memory(compiled)
     limit = env.get("bytes_limit")
     if mem and limit and mem["peak"] > limit:
@@ -345,11 +324,11 @@ def _measure(family, kernels, config, overrides, batch, env, deadline, args) -> 
 
 
 def _row_config(family, kernels, tiny, gpu):
-    config, per_device, overrides = BUILDERS[family](tiny, gpu)
+    config, per_device = BUILDERS[family](tiny, gpu)
     config.kernels = kernels
     config.progress_bar = False
     config.mesh = (("data", -1), ("fsdp", 1), ("model", 1))  # the default mesh: every device on 'data'
-    return config, per_device, overrides
+    return config, per_device
 
 
 def run_row(family, kernels, env, deadline, args) -> dict:
@@ -358,14 +337,14 @@ def run_row(family, kernels, env, deadline, args) -> dict:
 
     tiny, gpu = env["tiny"], env["platform"] == "gpu"
     row = {"family": family, "kernels": kernels, "notes": []}
-    config, per_device, overrides = _row_config(family, kernels, tiny, gpu)
+    config, per_device = _row_config(family, kernels, tiny, gpu)
     ndev = env["devices"]
     batch = per_device * ndev
     while True:
         if config is None:  # a fresh config per try
             config = _row_config(family, kernels, tiny, gpu)[0]
         try:
-            row.update(_measure(family, kernels, config, overrides, batch, env, deadline, args))
+            row.update(_measure(family, kernels, config, batch, env, deadline, args))
             return row
         except Exception as e:  # noqa: BLE001 - reported in the table
             oom = _is_oom(e)

@@ -13,7 +13,8 @@ model, linear temporal interpolation and the nearest clear date.
 
 Arguments (comma separated): runlocal, optim=<adamw|sophia_g|sophia_h>, variant=<mu|distilgpt2|gpt2>,
 pretrained=<folder of a Hugging Face GPT-2: config.json, model.safetensors, tokenizer files> (that
-model and its BPE tokenizer, fine-tuned; sizes come from its config.json).
+model and its BPE tokenizer, fine-tuned; its config.json is read here and its sizes set in config.model,
+which the checkpoint must then match).
 `:runlocal`: a 2-layer width-64 GPT-2 with eojax's digit tokenizer, 300 steps of batch 32: ~40 s of
 CPU time on a 2-core CPU (train + infer); the train loss falls from ~3.3 (ln of the 29-token
 vocabulary) to ~1.4 nats per token, held-out eval loss ~1.47. This tiny model fills every cloudy
@@ -21,6 +22,7 @@ pixel but is far less accurate than the baselines (mean L1 ~3300 DN vs ~730-1000
 the pipeline. With --config.total_steps=1500 the same model reaches mean L1 ~740 (docs/vsat.md).
 """
 from eojax import config_lib, optim
+from eojax.weights import gpt2 as gpt2_weights
 
 
 def get_config(arg=None):
@@ -48,6 +50,8 @@ def get_config(arg=None):
     )
     config.model = dict(
         variant=arg.variant, n_layer=0, n_head=0, n_embd=0,  # 0 = the variant's size
+        n_inner=0,                 # MLP width; 0 = 4 * n_embd
+        vocab_size=0,              # 0 = the numeric tokenizer's, or the variant's (GPT-2's 50257) with bpe
         n_positions=0,             # 0 = the rows' length
         max_len=0,                 # token length of a row; 0 = computed from the columns
         dropout=0.0, dtype="float32", param_dtype="float32",
@@ -71,7 +75,10 @@ def get_config(arg=None):
 
     if arg.pretrained:
         config.init_from = f"{arg.pretrained}/model.safetensors"  # a file: the task imports the HF layout
-        config.model.update(tokenizer="bpe", tokenizer_dir=arg.pretrained, variant="distilgpt2")
+        hf = gpt2_weights.load_config(arg.pretrained)  # the model is built from the config alone
+        config.model.update(tokenizer="bpe", tokenizer_dir=arg.pretrained, variant="distilgpt2",
+                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                            n_inner=hf["n_inner"] or 0, vocab_size=hf["vocab_size"])
         config.optim.lr = 5e-5 if arg.optim == "adamw" else 2e-5
 
     if arg.runlocal:

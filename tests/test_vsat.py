@@ -1,17 +1,22 @@
 """Virtual Satellite: text rows, QA bits, tokenizer FSM, the padded loss, infill, baselines, outputs."""
 import datetime
+import functools
 import itertools
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 import rasterio
 
-from eojax import train
+from eojax import tasks, train
+from eojax.checkpoint import CheckpointMismatchError
 from eojax.data import qa, synthetic
-from eojax.vsat import great, timeseries, tokenizers
-from eojax.vsat import infill
+from eojax.tasks.base import DataSpec
+from eojax.vsat import great, infill, timeseries, tokenizers
+from eojax.vsat import task as vsat_task
 from helpers import ONE_DEVICE, load_config
 
 COLUMNS = ["X", "Y", "DOY", "B1", "B2", "B10"]
@@ -257,7 +262,7 @@ def syn_config(tmp_path_factory):
     d = tmp_path_factory.mktemp("vsat_syn")
     synthetic.write_time_series(str(d), seed=5, n_dates=5, height=24, width=24, sensor="landsat8",
                                 labels=False, cloud_fraction=0.25)
-    return lambda **kw: load_config("vsat", "runlocal", **{
+    return lambda arg="runlocal", **kw: load_config("vsat", arg, **{
         "input.source": "multiband", "input.synthetic_dir": "", "mesh": ONE_DEVICE,
         "input.paths": tuple(sorted(str(p) for p in d.glob("ts_*.tif"))), "input.qa_format": "eojax_synthetic",
         "input.bands": ("B2", "B3", "B4"), "input.target_date": "", "batch_size": 8,
@@ -305,7 +310,7 @@ def test_constrained_generation_and_failures_reported(syn_run):
     run, state = syn_run
     task = run.task
     known = np.array([[x, y, 100] for x in range(6) for y in range(5)])
-    cols, targets = list(timeseries.COORD_COLUMNS), list(task.series.band_names)
+    cols, targets = list(timeseries.COORD_COLUMNS), list(task.spec.info["bands"])
     res = infill.generate_values(task.model, state.params, task.tokenizer, known, cols, targets, dtype="uint8",
                                  batch_size=16, greedy=False, temperature=1.0, retries=1, max_number_tokens=3)
     for text in res["texts"]:
@@ -324,12 +329,14 @@ def test_trainer_runs_then_infill_fills_every_cell(syn_config, tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(result["train"]["loss"]) and "loss" in result["eval"]
     run, variables = train.load_for_inference(config, str(tmp_path))
-    out = run.task.infer(*variables, str(tmp_path), {"output": str(tmp_path / "infer"), "seed": 0})
+    with run.scope():  # as `eojax infer`
+        out = tasks.require_plugin(run.task, "infer", "eojax infer")(
+            run, variables, str(tmp_path), {"output": str(tmp_path / "infer"), "seed": 0})
     assert out["to_fill"] > 0 and out["filled"] + out["failed"] == out["to_fill"]
     assert out["holdout_generated"] + out["holdout_failed"] == out["holdout"] > 0
     for name in ("model", "linear", "nearest"):
         assert set(out["metrics"][name]) >= {"n", "l1", "l2"} or out["metrics"][name]["n"] == 0
-    ts, split = run.task.series, run.task.split
+    ts, split = run.input.series, run.input.split
     t = split["t"]
     with rasterio.open(out["status"]) as src:
         status = src.read(1)
@@ -362,22 +369,30 @@ def test_optimizers_reduce_tabular_loss(syn_config, optimizer):
         assert 0.0 <= float(metrics["sophia_win_rate"]) <= 1.0
 
 
-def test_pretrained_hf_gpt2_with_bpe(syn_config, tmp_path):
-    """configs/vsat.py's pretrained path on part A's tiny HF GPT-2 fixture plus a tiny BPE tokenizer:
-    the trainer imports the checkpoint (init_from=<dir>/model.safetensors), trains a step, and
-    constrained infill with the BPE tokenizer writes parseable rows."""
+@pytest.fixture
+def hf_folder(tmp_path):
+    """Part A's tiny HF GPT-2 fixture (2 x 64, 4 heads, vocabulary 300) plus a tiny BPE tokenizer."""
     pytest.importorskip("transformers")
-    import shutil
+    hf = tmp_path / "hf"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "gpt2_tiny"), hf)
+    _write_tiny_bpe(hf)
+    return hf
+
+
+def test_pretrained_hf_gpt2_with_bpe(syn_config, hf_folder, tmp_path):
+    """configs/vsat.py's pretrained path on the tiny HF GPT-2 and BPE tokenizer: the config takes the
+    checkpoint's sizes from its config.json (the variant alone would be distilgpt2's 6 x 768), the
+    trainer imports the checkpoint (init_from=<dir>/model.safetensors), trains a step, and
+    constrained infill with the BPE tokenizer writes parseable rows."""
     from eojax import checkpoint as ckpt_lib
     from eojax.weights import gpt2 as gpt2_weights
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "gpt2_tiny")
-    hf = tmp_path / "hf"
-    shutil.copytree(fixture, hf)
-    _write_tiny_bpe(hf)
-    config = syn_config(**{"init_from": str(hf / "model.safetensors"), "model.tokenizer": "bpe",
-                           "model.tokenizer_dir": str(hf), "input.bands": ("B4",), "optim.lr": 1e-4})
+    hf = hf_folder
+    config = syn_config(f"runlocal,pretrained={hf}", **{"input.bands": ("B4",), "optim.lr": 1e-4})
+    assert config.init_from == f"{hf}/model.safetensors" and config.model.tokenizer == "bpe"
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd, config.model.vocab_size) == (2, 4, 64, 300)
     run = train.setup(config, devices=jax.devices()[:1])
-    assert run.task.model.vocab_size == 300 and run.task.model.n_embd == 64  # the checkpoint's sizes
+    model = run.task.model
+    assert (model.vocab_size, model.n_embd, model.n_layer, model.n_head) == (300, 64, 2, 4)  # the checkpoint's sizes
     state = train.restore_or_init(run, ckpt_lib.Checkpointer(str(tmp_path / "ckpt")))
     ref = gpt2_weights.load_params(str(hf))
     np.testing.assert_array_equal(np.asarray(state.params["h_1"]["mlp"]["c_fc"]["kernel"]),
@@ -391,3 +406,49 @@ def test_pretrained_hf_gpt2_with_bpe(syn_config, tmp_path):
                                  max_number_tokens=3)
     for text in res["texts"]:
         assert great.parse_row(text, ["X", "Y", "DOY", "B4"])["Y"] == 3, text
+
+
+def test_pretrained_sizes_must_match_the_config(syn_config, hf_folder):
+    """The model comes from config.model alone: a HF checkpoint of other sizes is refused by name,
+    in one line, before any weight is read."""
+    config = syn_config(f"runlocal,pretrained={hf_folder}", **{"input.bands": ("B4",), "model.n_embd": 32,
+                                                              "model.n_head": 2})
+    data = tasks.make_input(config)
+    task = tasks.get(config, data.spec())
+    with pytest.raises(CheckpointMismatchError) as err:
+        task.load_pretrained(config.init_from, None)
+    message = str(err.value)
+    assert "n_embd 32 (checkpoint 64)" in message and "n_head 2 (checkpoint 4)" in message
+    assert "n_inner 128 (checkpoint 256)" in message and "n_layer" not in message and "\n" not in message
+
+
+def test_core_from_the_json_spec_reads_no_data(syn_config, monkeypatch):
+    """The core built from the DataSpec read back from JSON, with the series unreachable, rebuilds the
+    same tokenizer, lengths and model, and gives the same loss, as the one from the live spec."""
+    config = syn_config()
+    data = tasks.make_input(config)
+    live = data.spec()
+    assert set(live.info) >= {"bands", "dates", "tokenizer", "vocab_size", "columns", "digits"}
+    batch = {k: np.asarray(v) for k, v in next(iter(data.train(0, 1))).items() if k in live.elements}
+    read_back = DataSpec.from_json(json.loads(json.dumps(live.to_json())))
+    rng = jax.random.key(0)
+
+    def core(spec):
+        task = tasks.get(config, spec)
+        params = jax.jit(task.init)(rng, batch)["params"]
+        loss = jax.jit(lambda p, b: task.loss_fn(p, {}, b, jax.random.key(1), False)[0])(params, batch)
+        return (jax.tree.map(np.shape, params), float(loss), task.max_len, task.infill_length(),
+                task.max_number_tokens(), task.model_kwargs(), task.tokenizer.vocab, task.tokenizer.widths)
+
+    expected = core(live)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the core read the data")
+
+    monkeypatch.setattr(rasterio, "open", refuse)
+    monkeypatch.setattr(vsat_task, "load_series", refuse)
+    for attr, value in vars(vsat_task.VSatInput).items():
+        if not attr.startswith("__") and (callable(value) or isinstance(value, (property, functools.cached_property))):
+            monkeypatch.setattr(vsat_task.VSatInput, attr, refuse)
+    got = core(read_back)
+    assert got == expected and np.isfinite(got[1])

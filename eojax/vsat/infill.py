@@ -136,9 +136,16 @@ def generate_values(model, params, tok, known: np.ndarray, known_columns, target
 
 # ------------------------------------------------------------------ the whole infill
 
-def run(task, params, out_dir: str, seed: int = 0) -> dict:
-    """Fill the task's target date; write GeoTIFFs, status, PNG and metrics.json into out_dir."""
-    ts, split = task.series, task.split
+def run(run, variables, workdir: str, options) -> dict:
+    """`eojax infer` (the vsat 'infer' plug-in): fill the target date of the run's series (its input:
+    the data is what is filled) with the run's model; options: output (default <workdir>/infer), seed."""
+    out_dir = options.get("output") or os.path.join(workdir, "infer")
+    return fill(run.task, variables[0], run.input.series, run.input.split, out_dir, int(options.get("seed", 0)))
+
+
+def fill(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, seed: int = 0) -> dict:
+    """Fill the target date split["t"] of `ts` with the vsat core `task`; write GeoTIFFs, status, PNG
+    and metrics.json into out_dir."""
     t, cfg = split["t"], task.config.infill
     fill_y, fill_x = np.nonzero(split["fill"])
     hold_y, hold_x = np.nonzero(split["holdout"][t])

@@ -6,9 +6,15 @@ water) pixel and date. Held out: the usable pixels in a box on the target date (
 are the eval set (token loss) and what the infill is scored on. Training rows are sentences in a
 fresh random column order per sample and epoch (element i's order comes from rng (seed, i)), padded
 to a fixed length; the loss is next-token cross-entropy over real tokens only.
+
+`VSatInput` reads the series and makes the rows; `VSatTask`, the core, is built from the config and
+the DataSpec alone: its tokenizer from the spec's columns and digits per column (or config.model's
+BPE folder), its GPT-2 from config.model. The infill (`eojax infer`) reads the series through the
+run's input.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import grain
@@ -17,15 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eojax.checkpoint import CheckpointMismatchError
 from eojax.data import pipeline, qa as qa_lib
-from eojax.vsat import great, timeseries, tokenizers
 from eojax.models import gpt2 as gpt2_lib
 from eojax.optim import sample_labels
-from eojax.tasks.base import DataSpec, Task, elements
+from eojax.tasks.base import DataSpec, Input, Task, elements
+from eojax.vsat import great, infill, timeseries, tokenizers
+from eojax.weights import gpt2 as gpt2_weights
 
 _INPUT_KEYS = {"source", "root", "pathrow", "paths", "csv", "bands", "qa_format", "target_date",
                "holdout_box", "synthetic_dir"}
-_SIZE_KEYS = ("n_layer", "n_head", "n_embd")
+# config.model sizes; 0 (or absent, in configs older than n_inner / vocab_size) = the default
+# (the variant's; vocab_size: the numeric tokenizer's).
+_SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_inner", "vocab_size")
 
 
 class TextRows(grain.MapDataset):
@@ -57,89 +67,48 @@ class TextRows(grain.MapDataset):
         return {"tokens": tokens, "lengths": np.int32(len(ids))}
 
 
-class VSatTask(Task):
-    name = "vsat"
+class VSatInput(Input):
+    """The time series, its train / held-out split, and the text-row datasets made from them."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        unknown = set(config.input.keys()) - _INPUT_KEYS
-        if unknown:
-            raise ValueError(f"unknown config.input keys {sorted(unknown)}; known: {sorted(_INPUT_KEYS)}")
-        if config.model.tokenizer not in ("numeric", "bpe"):
-            raise ValueError(f"config.model.tokenizer={config.model.tokenizer!r}: 'numeric' or 'bpe'")
-        self._series = self._split = self._tok = self._model = None
-
-    # -- data ----------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def series(self) -> timeseries.TimeSeries:
-        if self._series is None:
-            self._series = load_series(self.config.input)
-        return self._series
+        return load_series(self.config.input)
 
-    @property
+    @functools.cached_property
     def split(self) -> dict:
         """target date index, train / held-out masks (T, H, W), pixels to fill on the target (H, W)."""
-        if self._split is None:
-            self._split = make_split(self.series, self.config.input.target_date, self.config.input.holdout_box)
-        return self._split
+        return make_split(self.series, self.config.input.target_date, self.config.input.holdout_box)
 
-    @property
+    @functools.cached_property
+    def digits(self) -> dict[str, int]:
+        return number_digits(self.series)
+
+    @functools.cached_property
     def tokenizer(self):
-        if self._tok is None:
-            m = self.config.model
-            if m.tokenizer == "numeric":
-                # Zero-padded to each column's most digits: fixed place value, fixed token count.
-                self._tok = tokenizers.NumericTokenizer(self.series.columns, widths=self.number_digits())
-            else:
-                if not m.tokenizer_dir:
-                    raise ValueError("config.model.tokenizer='bpe' needs config.model.tokenizer_dir (a local "
-                                     "folder with the GPT-2 tokenizer files)")
-                self._tok = tokenizers.BPETokenizer.from_directory(m.tokenizer_dir)
-        return self._tok
+        return make_tokenizer(self.config.model, self.series.columns, self.digits)
 
-    def number_digits(self) -> dict[str, int]:
-        """Most digits a value of each column can have: X / Y from the grid, DOY 3, bands from dtype."""
+    def build_spec(self) -> DataSpec:
+        """Pixel rows as token sequences (padded to max_len) with their lengths; the info holds what
+        the core rebuilds its tokenizer and its infill lengths from (columns, digits per column)."""
+        max_len = int(self.config.model.max_len) or row_length(self.tokenizer, self.digits, self.digits)
+        arrays = elements(tokens=((max_len,), np.int32), lengths=((), np.int32), weight=((), np.float32))
         ts = self.series
-        h, w = ts.shape
-        info = np.iinfo(ts.dtype) if np.issubdtype(np.dtype(ts.dtype), np.integer) else None
-        band = len(str(info.max)) + (info.min < 0) if info else 7
-        return {"X": len(str(w - 1)), "Y": len(str(h - 1)), "DOY": 3, **{b: band for b in ts.band_names}}
-
-    @property
-    def max_len(self) -> int:
-        """bos + every column's "<name> is <digits>" and separator + eos (a digit is at most a token)."""
-        if self.config.model.max_len:
-            return int(self.config.model.max_len)
-        tok = self.tokenizer
-        n = 2 + sum(len(tok.encode(tokenizers.field_prefix(tok, c, sep=True))) + d
-                    for c, d in self.number_digits().items())
-        return int(n)
-
-    def infill_length(self) -> int:
-        """Positions an infill row can reach: bos + the known columns + the generated ones."""
-        from eojax.vsat import infill
-        digits = self.number_digits()
-        prompt = 1 + sum(len(self.tokenizer.encode(tokenizers.field_prefix(self.tokenizer, c, sep=True)))
-                         + digits[c] for c in timeseries.COORD_COLUMNS)
-        return prompt + infill.max_new_tokens(self.tokenizer, self.series.band_names, True,
-                                              self.max_number_tokens())
-
-    def max_number_tokens(self) -> int:
-        """Tokens a generated value may take: config.infill.max_number_tokens, or (0) the digits of
-        the band dtype's largest value (a digit is at most one token in either tokenizer)."""
-        n = self.config.infill.max_number_tokens
-        return int(n) if n else max(self.number_digits()[b] for b in self.series.band_names)
+        return DataSpec(arrays, {"bands": list(ts.band_names), "dates": list(ts.dates),
+                                 "tokenizer": self.config.model.tokenizer,
+                                 "vocab_size": int(self.tokenizer.vocab_size),
+                                 "columns": list(ts.columns), "digits": dict(self.digits)})
 
     def _dataset(self, mask, random_order, seed):
-        return TextRows(self.series.rows(mask), self.series.columns, self.tokenizer, self.max_len, seed, random_order)
+        max_len = self.spec().elements["tokens"][0][0]
+        return TextRows(self.series.rows(mask), self.series.columns, self.tokenizer, max_len, seed, random_order)
 
-    def train_input(self, process_index, process_count):
+    def train(self, process_index, process_count):
         ds = self._dataset(self.split["train"], True, self.config.seed)
         return pipeline.make_iterator(ds, batch_size=self.config.batch_size // process_count,
                                       process_index=process_index, process_count=process_count,
                                       shuffle=True, seed=self.config.seed)
 
-    def eval_input(self, process_index, process_count):
+    def eval(self, process_index, process_count):
         if not self.split["holdout"].any():
             return None
         # The held-out rows in the infill's own layout: X, Y, DOY first, then the bands in order.
@@ -148,47 +117,89 @@ class VSatTask(Task):
                                           process_index=process_index, process_count=process_count,
                                           shuffle=False, num_epochs=1, drop_remainder=False)
 
-    def data_fingerprint(self):
+    def fingerprint(self):
         return {"files": self.series.fingerprint(), "dates": list(self.series.dates),
                 "bands": list(self.series.band_names), "target_date": self.series.dates[self.split["t"]],
                 "train_rows": int(self.split["train"].sum()), "holdout_rows": int(self.split["holdout"].sum())}
 
+
+class VSatTask(Task):
+    name = "vsat"
+    input_class = VSatInput
+    plugins = {"infer": "eojax.vsat.infill:run"}
+
+    @classmethod
+    def check_config(cls, config):
+        unknown = set(config.input.keys()) - _INPUT_KEYS
+        if unknown:
+            raise ValueError(f"unknown config.input keys {sorted(unknown)}; known: {sorted(_INPUT_KEYS)}")
+        m = config.model
+        if m.tokenizer not in ("numeric", "bpe"):
+            raise ValueError(f"config.model.tokenizer={m.tokenizer!r}: 'numeric' or 'bpe'")
+        if m.tokenizer == "bpe" and not m.tokenizer_dir:
+            raise ValueError("config.model.tokenizer='bpe' needs config.model.tokenizer_dir (a local "
+                             "folder with the GPT-2 tokenizer files)")
+
+    @functools.cached_property
+    def tokenizer(self):
+        return make_tokenizer(self.config.model, self.spec.info["columns"], self.digits)
+
+    @property
+    def digits(self) -> dict[str, int]:
+        """Most digits a value of each column can have (the input's number_digits)."""
+        return dict(self.spec.info["digits"])
+
+    @property
+    def max_len(self) -> int:
+        return self.spec.elements["tokens"][0][0]
+
+    def infill_length(self) -> int:
+        """Positions an infill row can reach: bos + the known columns + the generated ones."""
+        prompt = 1 + field_tokens(self.tokenizer, self.digits, timeseries.COORD_COLUMNS)
+        return prompt + infill.max_new_tokens(self.tokenizer, self.spec.info["bands"], True,
+                                              self.max_number_tokens())
+
+    def max_number_tokens(self) -> int:
+        """Tokens a generated value may take: config.infill.max_number_tokens, or (0) the digits of
+        the band dtype's largest value (a digit is at most one token in either tokenizer)."""
+        n = self.config.infill.max_number_tokens
+        return int(n) if n else max(self.digits[b] for b in self.spec.info["bands"])
+
     # -- model -----------------------------------------------------------------------------------------
     def model_kwargs(self) -> dict:
+        """GPT2 settings from the config alone: the variant's sizes overridden by config.model's
+        (configs/vsat.py sets a pretrained checkpoint's from its config.json)."""
         m = self.config.model
-        if self.config.init_from.endswith(".safetensors"):  # a Hugging Face GPT-2: its own sizes
-            from eojax.weights import gpt2 as gpt2_weights
-            hf = gpt2_weights.load_config(os.path.dirname(self.config.init_from))
-            kw = {k: hf[k] for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner")}
-        else:
-            kw = gpt2_lib.gpt2_config(m.variant, **{k: m[k] for k in _SIZE_KEYS if m[k]})
-        kw.update(vocab_size=self.tokenizer.vocab_size if m.tokenizer == "numeric" else kw.get("vocab_size", 50257),
-                  n_positions=max(self.max_len, m.n_positions, self.infill_length()), dropout=m.dropout,
+        kw = gpt2_lib.gpt2_config(m.variant, **{k: m[k] for k in _SIZE_KEYS if m.get(k)})
+        if m.tokenizer == "numeric" and not m.get("vocab_size"):
+            kw["vocab_size"] = self.tokenizer.vocab_size
+        kw.setdefault("vocab_size", 50257)
+        if kw["vocab_size"] < self.tokenizer.vocab_size:
+            raise ValueError(f"config.model.vocab_size={kw['vocab_size']} is smaller than the "
+                             f"{m.tokenizer} tokenizer's {self.tokenizer.vocab_size} tokens")
+        kw.update(n_positions=max(self.max_len, m.n_positions, self.infill_length()), dropout=m.dropout,
                   dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
         return kw
 
-    @property
+    @functools.cached_property
     def model(self) -> gpt2_lib.GPT2:
-        if self._model is None:
-            self._model = gpt2_lib.GPT2(**self.model_kwargs())
-        return self._model
-
-    def data_spec(self) -> DataSpec:
-        """Pixel rows as token sequences (padded to max_len) with their lengths."""
-        arrays = elements(tokens=((self.max_len,), np.int32), lengths=((), np.int32), weight=((), np.float32))
-        return DataSpec(arrays, {"bands": list(self.series.band_names), "dates": list(self.series.dates),
-                                 "tokenizer": self.config.model.tokenizer,
-                                 "vocab_size": int(getattr(self.tokenizer, "vocab_size", 0))})
+        return gpt2_lib.GPT2(**self.model_kwargs())
 
     def init(self, rng, batch):
         return self.model.init({"params": rng}, batch["tokens"][:, :-1], train=False)
 
     def load_pretrained(self, path, init_params):
-        """`config.init_from=<hf dir>/model.safetensors`: the Hugging Face GPT-2 in that folder."""
-        from eojax.checkpoint import CheckpointMismatchError
-        from eojax.weights import gpt2 as gpt2_weights
-
-        params = gpt2_weights.load_params(os.path.dirname(path))
+        """`config.init_from=<hf dir>/model.safetensors`: the Hugging Face GPT-2 in that folder, whose
+        sizes config.model must state (configs/vsat.py:pretrained=<hf dir> copies them)."""
+        directory = os.path.dirname(path)
+        ours = _sizes({k: getattr(self.model, k) for k in _SIZE_KEYS})
+        theirs = _sizes(gpt2_weights.load_config(directory))
+        differ = [f"{k} {ours[k]} (checkpoint {theirs[k]})" for k in ours if ours[k] != theirs[k]]
+        if differ:
+            raise CheckpointMismatchError(
+                f"{path}: config.model sizes differ from its config.json: {', '.join(differ)}; set them to "
+                f"the checkpoint's (configs/vsat.py:pretrained={directory} does)")
+        params = gpt2_weights.load_params(directory)
         # The checkpoint's position table may be longer than this task's rows need: keep the first ones.
         want = init_params["wpe"]["embedding"].shape
         wpe = params["wpe"]["embedding"]
@@ -244,11 +255,39 @@ class VSatTask(Task):
     def train_flops_per_example(self) -> float:
         return gpt2_lib.flops_per_sequence(self.model_kwargs(), self.max_len - 1, training=True)
 
-    # -- inference -------------------------------------------------------------------------------------
-    def infer(self, params, state, workdir, options):
-        from eojax.vsat import infill
-        out = options.get("output") or os.path.join(workdir, "infer")
-        return infill.run(self, params, out, seed=int(options.get("seed", 0)))
+
+def _sizes(cfg) -> dict:
+    """A GPT-2's sizes, the MLP width resolved (None = 4 * n_embd)."""
+    return {k: cfg[k] for k in _SIZE_KEYS} | {"n_inner": cfg["n_inner"] or 4 * cfg["n_embd"]}
+
+
+# ------------------------------------------------------------------------ tokens
+
+def number_digits(ts: timeseries.TimeSeries) -> dict[str, int]:
+    """Most digits a value of each column can have: X / Y from the grid, DOY 3, bands from dtype."""
+    h, w = ts.shape
+    info = np.iinfo(ts.dtype) if np.issubdtype(np.dtype(ts.dtype), np.integer) else None
+    band = len(str(info.max)) + (info.min < 0) if info else 7
+    return {"X": len(str(w - 1)), "Y": len(str(h - 1)), "DOY": 3, **{b: band for b in ts.band_names}}
+
+
+def make_tokenizer(model_cfg, columns, digits: dict[str, int]):
+    """config.model.tokenizer: 'numeric' zero-pads every column to its most digits (fixed place value,
+    fixed token count); 'bpe' is GPT-2's from config.model.tokenizer_dir."""
+    if model_cfg.tokenizer == "numeric":
+        return tokenizers.NumericTokenizer(columns, widths=digits)
+    return tokenizers.BPETokenizer.from_directory(model_cfg.tokenizer_dir)
+
+
+def field_tokens(tok, digits: dict[str, int], columns) -> int:
+    """Most tokens the `columns` take in a row: each one's "<name> is <digits>" and separator (a digit
+    is at most a token)."""
+    return sum(len(tok.encode(tokenizers.field_prefix(tok, c, sep=True))) + digits[c] for c in columns)
+
+
+def row_length(tok, digits: dict[str, int], columns) -> int:
+    """A whole row's most tokens: bos + the columns + eos."""
+    return 2 + field_tokens(tok, digits, columns)
 
 
 # ------------------------------------------------------------------------ data helpers
