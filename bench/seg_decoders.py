@@ -31,7 +31,7 @@ import optax  # noqa: E402
 from _common import load_config, time_steps  # noqa: E402
 from eojax import optim, train  # noqa: E402
 from eojax.seg import data as segdata  # noqa: E402
-from eojax.models import seg  # noqa: E402
+from eojax.seg import decoders as seg  # noqa: E402
 
 DECODER_ARGS = {"linear": {}, "fcn": dict(channels=256), "upernet": dict(channels=512),
                 "segformer": dict(channels=256), "muster": dict(channels=256, heads=8, window=7)}

@@ -98,7 +98,7 @@ def test_ema_averages_the_statistics_and_eval_uses_them(chips):
     assert max_diff(ema, ckpt_lib.host_numpy(state.model_state)) > 1e-4  # averaged, not the live stats
     params, model_state = train.eval_variables(run, state)
     assert model_state is state.ema_model_state and params is state.opt_state.ema
-    batch = run.global_batch(next(iter(run.task.eval_input(0, 1))))
+    batch = run.global_batch(next(iter(run.input.eval(0, 1))))
     with_ema = jax.device_get(run.eval_step(params, model_state, batch))
     with_live = jax.device_get(run.eval_step(params, state.model_state, batch))
     assert float(with_ema["loss_sum"]) != float(with_live["loss_sum"])

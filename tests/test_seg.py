@@ -1,7 +1,9 @@
 """Segmentation: decoder shapes, sliding windows, metrics, freezing, every decoder x mode, the probe
-sweep, GeoTIFF inference, one end-to-end run with best-checkpoint test and results.json."""
+sweep, GeoTIFF inference, the core from a saved DataSpec without the training data, one end-to-end
+run with best-checkpoint test and results.json."""
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +13,14 @@ import rasterio
 from affine import Affine
 
 from eojax import checkpoint as ckpt_lib
-from eojax import train, weights
+from eojax import tasks, train, weights
 from eojax.seg import data as segdata
 from eojax.models import encoders
 from eojax.seg import decoders as seg
 from eojax.seg.decoders import muster
 from eojax.seg import evaluation as seg_eval
+from eojax.seg.task import SegInput, SegTask
+from eojax.tasks.base import DataSpec
 from helpers import ONE_DEVICE, load_config
 
 DECODERS = ("linear", "fcn", "upernet", "segformer", "muster")
@@ -216,12 +220,32 @@ def test_init_from_a_published_prithvi_checkpoint(chips, tmp_path):
         np.testing.assert_array_equal(x, y)
     assert model_state is init.model_state  # the decoder's BatchNorm statistics as initialised
     random_mode = tiny_config(chips, mode="random", encoder="prithvi")
-    from eojax.seg.task import SegTask
     with pytest.raises(ValueError, match="random weights"):
-        SegTask(random_mode).load_pretrained(path, init.params)
+        SegTask(random_mode, run.task.spec).load_pretrained(path, init.params)
 
 
 # ------------------------------------------------------------------ inference and end to end
+
+def _write_scene(path):
+    """A 75 x 53 six-band GeoTIFF (band names in its descriptions) with a nodata corner -> its pixels
+    and transform."""
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(0.01, 0.4, size=(6, 75, 53)).astype(np.float32)
+    pixels[:, :3, :5] = 9999.0  # nodata corner
+    transform = Affine(30.0, 0.0, 612345.0, 0.0, -30.0, 4123450.0)
+    with rasterio.open(path, "w", driver="GTiff", height=75, width=53, count=6, dtype="float32",
+                       crs="EPSG:32611", transform=transform, nodata=9999.0) as dst:
+        dst.write(pixels)
+        for i, b in enumerate(segdata.BURNSCARS_BANDS):
+            dst.set_band_description(i + 1, b)
+    return pixels, transform
+
+
+def _infer(run, variables, workdir, options):
+    """`eojax infer` as the CLI runs it: the task's 'infer' plug-in in the run's scope."""
+    with run.scope():
+        return tasks.require_plugin(run.task, "infer", "eojax infer")(run, variables, workdir, options)
+
 
 def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tmp_path):
     config = tiny_config(chips)
@@ -230,16 +254,8 @@ def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tm
     init = run.init_state()
     params, model_state = init.params, init.model_state
     src_path = str(tmp_path / "scene.tif")
-    rng = np.random.default_rng(3)
-    pixels = rng.uniform(0.01, 0.4, size=(6, 75, 53)).astype(np.float32)
-    pixels[:, :3, :5] = 9999.0  # nodata corner
-    transform = Affine(30.0, 0.0, 612345.0, 0.0, -30.0, 4123450.0)
-    with rasterio.open(src_path, "w", driver="GTiff", height=75, width=53, count=6, dtype="float32",
-                       crs="EPSG:32611", transform=transform, nodata=9999.0) as dst:
-        dst.write(pixels)
-        for i, b in enumerate(segdata.BURNSCARS_BANDS):
-            dst.set_band_description(i + 1, b)
-    summary = run.task.infer(params, model_state, str(tmp_path), {"input": src_path, "output": str(tmp_path / "out")})
+    pixels, transform = _write_scene(src_path)
+    summary = _infer(run, (params, model_state), str(tmp_path), {"input": src_path, "output": str(tmp_path / "out")})
     with rasterio.open(summary["outputs"]["classes"]) as out:
         assert out.crs.to_string() == "EPSG:32611" and out.transform == transform
         assert (out.height, out.width, out.dtypes[0], out.nodata) == (75, 53, "uint8", 255)
@@ -255,6 +271,63 @@ def test_inference_geotiff_is_georeferenced_and_matches_sliding_window(chips, tm
     np.testing.assert_array_equal(classes, expected)
     assert summary["windows"] == len(seg_eval.window_offsets(75, 32)) * len(seg_eval.window_offsets(53, 32))
     assert summary["outputs"]["overlay"].endswith(".png")
+
+
+def test_config_mistakes_are_refused_before_any_data_is_read(tmp_path):
+    config = tiny_config(tmp_path / "no_such_folder", mode="finetune", **{"sweep.k": 2})
+    with pytest.raises(ValueError, match="frozen features"):
+        train.setup(config, devices=jax.devices()[:1])
+
+
+def test_core_from_the_saved_spec_needs_no_training_data(chips, tmp_path, monkeypatch):
+    """The core built from the JSON round trip of the DataSpec, with the chips gone, initialises and
+    scores a batch exactly as the live one; `eojax infer` of a run whose chips are gone (its
+    data_spec.json kept) predicts exactly as before."""
+    data, workdir = tmp_path / "chips", tmp_path / "run"
+    shutil.copytree(chips, data)
+    # All devices, as load_for_inference takes them; UperNet's BatchNorm gives a model state.
+    config = tiny_config(data, "upernet", "finetune", batch_size=8, mesh=(("data", -1), ("fsdp", 1), ("model", 1)))
+    config.input.normalize = "data"  # statistics of the chips themselves: they must travel in the spec
+    run = train.setup(config)
+    state = run.init_state()
+    batch = next(iter(run.input.train(0, 1)))
+    batch = {k: batch[k] for k in run.task.spec.elements}
+    saver = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    saver.save(1, state, run.train_iter, force=True)
+    saver.close()
+    train.save_spec(run.task.spec, str(workdir))
+    scene = str(tmp_path / "scene.tif")
+    _write_scene(scene)
+    variables = (state.params, state.model_state)
+    live = _infer(run, variables, str(workdir), {"input": scene, "output": str(tmp_path / "live")})
+
+    shutil.rmtree(data)
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the training data was read")
+    monkeypatch.setattr(segdata, "splits_from_config", unreachable)
+    monkeypatch.setattr(SegInput, "build_spec", unreachable)
+    spec = DataSpec.from_json(json.loads(json.dumps(run.task.spec.to_json())))
+    assert spec.info["mean"] is not None and spec == run.task.spec
+    core = SegTask(config, spec)
+    rng = jax.random.key(5)
+    shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(t.init, rng, batch))  # noqa: E731
+    assert shapes(core) == shapes(run.task)
+    params, model_state = ckpt_lib.host_numpy(variables)
+    loss = lambda task: jax.jit(task.loss_fn, static_argnums=4)(params, model_state, batch, rng, True)  # noqa: E731
+    (a, aux_a, state_a), (b, aux_b, state_b) = loss(run.task), loss(core)
+    assert float(a) == float(b) and float(aux_a["pixels"]) == float(aux_b["pixels"])
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(x, y)
+
+    again, restored = train.load_for_inference(config, str(workdir))
+    gone = _infer(again, restored, str(workdir), {"input": scene, "output": str(tmp_path / "gone")})
+    assert again._input is None  # no input stage was ever made
+    read = lambda summary: rasterio.open(summary["outputs"]["classes"]).read(1)  # noqa: E731
+    np.testing.assert_array_equal(read(gone), read(live))
+    with open(live["outputs"]["overlay"], "rb") as f, open(gone["outputs"]["overlay"], "rb") as g:
+        assert f.read() == g.read()
+    assert gone["class_fractions"] == live["class_fractions"]
 
 
 def test_end_to_end_best_checkpoint_test_split_and_results(chips, tmp_path):

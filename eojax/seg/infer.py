@@ -19,6 +19,7 @@ from rasterio.windows import Window
 
 from eojax.data.raster import RasterError, Scene
 from eojax.seg import evaluation as seg_eval
+from eojax.seg import pictures
 
 NODATA = 255
 
@@ -43,7 +44,11 @@ def _open_input(task, path: str) -> Scene:
     return Scene(path, bands=bands, nodata=c.nodata)
 
 
-def predict_geotiff(task, params, state, options: dict, workdir: str) -> dict:
+def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
+    """The `eojax infer` plug-in: classes (and probabilities) of the GeoTIFF options['input'] into
+    options['output'] (default <workdir>/infer). It needs only the task (band names and statistics
+    from the run's DataSpec), never the training data."""
+    task, (params, state) = run.task, variables
     scene = _open_input(task, options.get("input", ""))
     out_dir = options.get("output") or os.path.join(workdir, "infer")
     os.makedirs(out_dir, exist_ok=True)
@@ -125,10 +130,8 @@ def _read(scene: Scene, x: int, y: int, window: int):
 
 
 def _overlay_png(task, rows, path):
-    from eojax.seg.task import overlay
-
     pixels = np.concatenate([r[0] for r in rows], axis=1)
     valid = np.concatenate([r[1] for r in rows], axis=0)
     classes = np.concatenate([r[2] for r in rows], axis=0)
-    rgb = task._rgb(pixels, valid)
-    Image.fromarray(overlay(rgb, np.where(classes == NODATA, 0, classes))).save(path)
+    rgb = pictures.rgb(task, pixels, valid)
+    Image.fromarray(pictures.overlay(rgb, np.where(classes == NODATA, 0, classes))).save(path)

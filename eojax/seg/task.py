@@ -6,6 +6,11 @@ can give the encoder a lower lr), 'random' (like finetune, never loads pretraine
 Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained`, delegating to the
 encoder's converter, weights.common.load_encoder) or from an eojax MAE / SatMAE++ run folder.
 
+SegInput reads the image / mask pairs and states them as a DataSpec (band names, classes, the
+normalisation's statistics); SegTask, the model and its loss, is built from the config and that spec
+alone, so `eojax infer` (eojax/seg/infer.py) runs without the training data. Pictures:
+eojax/seg/pictures.py.
+
 Training reads random crops of the encoder's size; evaluation (and test) slides windows of that size
 over whole scenes and averages overlapping logits (seg_eval.sliding_window_logits). eval_fn returns
 a (C, C) confusion matrix that the trainer sums over all batches; finalize_eval derives the metrics.
@@ -20,69 +25,52 @@ optim.lr_scales on '^probes/probe_k/'. Eval reports mean and spread of the K mIo
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from jax.experimental import multihost_utils
 
-from eojax import viz, weights
-from eojax.checkpoint import key_problems, raise_mismatch
+from eojax import checkpoint as ckpt_lib
+from eojax import optim, weights
 from eojax.data import device
 from eojax.models import encoders
 from eojax.seg import data as segdata
 from eojax.seg import decoders as seg_models
 from eojax.seg import evaluation as seg_eval
-from eojax.tasks.base import DataSpec, Task, apply_model, elements, stats_info
+from eojax.tasks.base import DataSpec, Input, Task, apply_model, elements, stats_from_info, stats_info
 from eojax.weights import common as weights_common
 
 MODES = ("frozen", "finetune", "random")
-# Class colours of the overlays (class 0 transparent-ish grey, then red, yellow, cyan, ...).
-PALETTE = np.array([[80, 80, 80], [230, 40, 40], [250, 210, 30], [30, 200, 220], [150, 60, 220],
-                    [40, 200, 80], [240, 130, 30], [30, 90, 240]], np.uint8)
 
 
-class SegTask(Task):
-    name = "seg"
+class SegInput(Input):
+    """Image / mask pairs per split: random crops for training, whole scenes for val and test."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        m = config.model
-        if m.mode not in MODES:
-            raise ValueError(f"config.model.mode={m.mode!r} is unknown; one of {MODES}")
-        self.k = int(config.sweep.k)
-        if self.k and m.mode != "frozen":
-            raise ValueError("config.sweep.k > 0 trains probes on frozen features: set model.mode='frozen'")
-        if self.k and config.optim.clip_norm > 0:
-            raise ValueError("config.sweep.k > 0 needs optim.clip_norm=0: a global-norm clip would couple "
-                             "the probes (each must train exactly as it would alone)")
-        if m.mode == "frozen" and "^encoder/" not in tuple(config.optim.freeze):
-            raise ValueError("model.mode='frozen' needs config.optim.freeze to contain '^encoder/' "
-                             "(configs/seg.py sets it)")
-        self._sets = None
-        self._model = None
-
-    # -- data --------------------------------------------------------------------------------------
+    @functools.cached_property
     def pair_sets(self) -> dict:
         """The splits' image / mask pairs, opened and checked (headers only)."""
-        if self._sets is None:
-            c, m = self.config.input, self.config.model
-            nodata = c.nodata
-            self._sets = {split: segdata.PairSet(pairs, c.bands, nodata, num_classes=m.num_classes,
-                                                 ignore_index=m.ignore_index, mask_values=c.mask_values)
-                          for split, pairs in segdata.splits_from_config(c).items()}
-        return self._sets
+        c, m = self.config.input, self.config.model
+        return {split: segdata.PairSet(pairs, c.bands, c.nodata, num_classes=m.num_classes,
+                                       ignore_index=m.ignore_index, mask_values=c.mask_values)
+                for split, pairs in segdata.splits_from_config(c).items()}
 
     @functools.cached_property
     def stats(self):
         """The normalisation's BandStats, or None (input.normalize='none')."""
-        return segdata.band_stats(self.config.input, self.pair_sets()["train"])
+        return segdata.band_stats(self.config.input, self.pair_sets["train"])
+
+    def build_spec(self) -> DataSpec:
+        """Random crops of the encoder's size: raw band-first pixels, validity, class labels."""
+        train, s, m = self.pair_sets["train"], self.config.input.crop, self.config.model
+        arrays = elements(pixels=((len(train.band_names), s, s), train.scenes[0].dtype), valid=((s, s), bool),
+                          label=((s, s), np.int32), weight=((), np.float32))
+        return DataSpec(arrays, {"band_names": list(train.band_names), "num_classes": int(m.num_classes),
+                                 "class_names": list(m.class_names), **stats_info(self.stats)})
 
     def _input(self, split, process_index, process_count):
-        sets = self.pair_sets()
+        sets = self.pair_sets
         if split not in sets:
             return None
         c = self.config
@@ -92,23 +80,45 @@ class SegTask(Task):
         return segdata.make_input(c.input, sets[split], split=split, batch_size=batch // process_count,
                                   process_index=process_index, process_count=process_count, seed=c.seed)
 
-    def train_input(self, process_index, process_count):
+    def train(self, process_index, process_count):
         return self._input("train", process_index, process_count)
 
-    def eval_input(self, process_index, process_count):
+    def eval(self, process_index, process_count):
         return self._input("val", process_index, process_count)
 
-    def test_input(self, process_index, process_count):
+    def test(self, process_index, process_count):
         return self._input("test", process_index, process_count)
 
-    def data_fingerprint(self):
-        return segdata.fingerprint(self.pair_sets())
+    def fingerprint(self):
+        return segdata.fingerprint(self.pair_sets)
+
+
+class SegTask(Task):
+    name = "seg"
+    input_class = SegInput
+    plugins = {"pictures": "eojax.seg.pictures:write_pictures", "infer": "eojax.seg.infer:predict_geotiff"}
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.k = int(config.sweep.k)
+        self.band_names = list(spec.info["band_names"])
+        self.stats = stats_from_info(spec.info)  # None with input.normalize='none'
+
+    @classmethod
+    def check_config(cls, config):
+        m, k = config.model, int(config.sweep.k)
+        if m.mode not in MODES:
+            raise ValueError(f"config.model.mode={m.mode!r} is unknown; one of {MODES}")
+        if k and m.mode != "frozen":
+            raise ValueError("config.sweep.k > 0 trains probes on frozen features: set model.mode='frozen'")
+        if k and config.optim.clip_norm > 0:
+            raise ValueError("config.sweep.k > 0 needs optim.clip_norm=0: a global-norm clip would couple "
+                             "the probes (each must train exactly as it would alone)")
+        if m.mode == "frozen" and "^encoder/" not in tuple(config.optim.freeze):
+            raise ValueError("model.mode='frozen' needs config.optim.freeze to contain '^encoder/' "
+                             "(configs/seg.py sets it)")
 
     # -- model -------------------------------------------------------------------------------------
-    @property
-    def band_names(self) -> list[str]:
-        return self.pair_sets()["train"].band_names
-
     def _encoder(self):
         m = self.config.model
         fields = encoders.encoder_class(m.encoder).__dataclass_fields__
@@ -124,25 +134,13 @@ class SegTask(Task):
     def decoder(self) -> nn.Module:
         return self.model.decoder
 
-    @property
+    @functools.cached_property
     def model(self) -> seg_models.SegmentationModel:
-        if self._model is None:
-            m = self.config.model
-            decoder = seg_models.build_decoder(m.decoder, m.num_classes, dtype=jnp.dtype(m.dtype),
-                                               # a config saved before model.norm existed: its LayerNorm
-                                               norm=m.get("norm", "layer"), **dict(m.decoder_args))
-            self._model = seg_models.SegmentationModel(self._encoder(), decoder,
-                                                       freeze_encoder=m.mode == "frozen")
-        return self._model
-
-    def data_spec(self) -> DataSpec:
-        """Random crops of the encoder's size: raw band-first pixels, validity, class labels."""
-        c, s, m = len(self.band_names), self.config.input.crop, self.config.model
-        dtype = self.pair_sets()["train"].scenes[0].dtype
-        arrays = elements(pixels=((c, s, s), dtype), valid=((s, s), bool), label=((s, s), np.int32),
-                          weight=((), np.float32))
-        return DataSpec(arrays, {"band_names": list(self.band_names), "num_classes": int(m.num_classes),
-                                 "class_names": list(m.class_names), **stats_info(self.stats)})
+        m = self.config.model
+        decoder = seg_models.build_decoder(m.decoder, m.num_classes, dtype=jnp.dtype(m.dtype),
+                                           # a config saved before model.norm existed: its LayerNorm
+                                           norm=m.get("norm", "layer"), **dict(m.decoder_args))
+        return seg_models.SegmentationModel(self._encoder(), decoder, freeze_encoder=m.mode == "frozen")
 
     def images(self, batch):
         return device.to_model_input(batch["pixels"], batch["valid"], self.stats,
@@ -265,51 +263,10 @@ class SegTask(Task):
             encoder, _ = weights_common.load_encoder(path, abstract, self.model.encoder)
         return {**init_params, "encoder": encoder}  # the decoder as the trainer initialised it
 
-    # -- pictures and inference ----------------------------------------------------------------------
-    def _rgb(self, pixels, valid):
-        image = np.moveaxis(np.asarray(pixels, np.float32), 0, -1)
-        return viz.to_rgb8(image, self.band_names, valid)
-
-    def write_pictures(self, params, state, batch, workdir, step):
-        """image | truth | prediction | overlay, one row per scene (probe 0 in a sweep)."""
-        if not self.config.model.pictures:
-            return []
-        n = min(4, batch["pixels"].shape[0])
-        pred = jax.jit(lambda p, s, b: jnp.argmax(self.predict_scenes(p, s, self.images(b)), -1))(params, state, batch)
-        fetched = multihost_utils.process_allgather({"pred": pred, **batch}, tiled=True)
-        if jax.process_index() != 0:
-            return []
-        f = {k: np.asarray(v) for k, v in fetched.items()}
-        preds = f["pred"][0] if self.k else f["pred"]
-        rows = []
-        for i in range(n):
-            if f["weight"][i] <= 0:
-                continue
-            rgb = self._rgb(f["pixels"][i], f["valid"][i])
-            label = f["label"][i]
-            truth = np.where((label == self.config.model.ignore_index)[..., None], 0,
-                             PALETTE[np.clip(label, 0, len(PALETTE) - 1)])
-            rows.append([rgb, truth.astype(np.uint8), PALETTE[preds[i] % len(PALETTE)], overlay(rgb, preds[i])])
-        path = os.path.join(workdir, f"seg_prediction_step{step}.png")
-        return [viz.save_grid_png(path, rows)] if rows else []
-
-    def infer(self, params, state, workdir, options):
-        from eojax.seg import infer as seg_infer
-        return seg_infer.predict_geotiff(self, params, state, options, workdir)
-
-
-def overlay(rgb: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Class colours blended over an RGB picture; class 0 (background) left as it is."""
-    colour = PALETTE[classes % len(PALETTE)].astype(np.float32)
-    out = np.where((classes > 0)[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
-    return out.round().astype(np.uint8)
-
 
 def export_encoder(workdir: str, path: str, subtree: str = "encoder") -> str:
     """The encoder params of an eojax run's latest checkpoint (e.g. a MAE pretraining run; its EMA when
     it kept one, as its eval used) -> .npz, for `config.init_from` of a seg run with encoder 'mae'."""
-    from eojax import checkpoint as ckpt_lib
-    from eojax import optim
     params, _ = ckpt_lib.load_variables(workdir, None)
     if subtree not in params:
         raise KeyError(f"{workdir} params have no {subtree!r} subtree; they have {sorted(params)}")
@@ -321,14 +278,14 @@ def export_encoder(workdir: str, path: str, subtree: str = "encoder") -> str:
 
 def _load_npz_tree(path: str, abstract):
     """An .npz of '/'-joined parameter paths -> a tree like `abstract`; every key and shape must match."""
-    from eojax import optim
     if not str(path).endswith(".npz"):
         raise ValueError(f"encoder 'mae' loads an .npz of eojax encoder params (export_encoder); got {path}")
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     paths = optim.param_paths(abstract)
     want = dict(zip(jax.tree.leaves(paths), jax.tree.leaves(abstract)))
-    raise_mismatch(key_problems({k: a.shape for k, a in arrays.items()}, {k: s.shape for k, s in want.items()}, "file"),
-                   f"{path} does not fit the encoder")
+    problems = ckpt_lib.key_problems({k: a.shape for k, a in arrays.items()}, {k: s.shape for k, s in want.items()},
+                                     "file")
+    ckpt_lib.raise_mismatch(problems, f"{path} does not fit the encoder")
     return jax.tree.map(lambda p, s: jax.device_put(arrays[p].astype(s.dtype), getattr(s, "sharding", None)),
                         paths, abstract)
