@@ -4,6 +4,7 @@ frozen GPT-2 caption features, one trainer run."""
 import functools
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,18 @@ import optax
 import pytest
 import scipy.linalg
 
+from flax import linen as nn
+
+from eojax import checkpoint as ckpt_lib
+from eojax import train
 from eojax.diffusion import captions as captions_lib
 from eojax.data import synthetic
-from eojax.diffusion import fid, losses, samplers, schedules
+from eojax.diffusion import fid, losses, pictures, samplers, schedules
 from eojax.diffusion.model import space_to_depth_autoencoder
+from eojax.diffusion.task import DiffusionInput, DiffusionTask
 from eojax.diffusion import unet as unet_lib
 from eojax.diffusion.text_encoder import WordTokenizer
+from eojax.tasks import DataSpec
 from helpers import cli, load_config
 
 
@@ -302,6 +309,26 @@ def test_mae_features_bad_run_dir_is_named(tmp_path):
         fid.MAEFeatures(16, 3, run_dir=str(tmp_path))
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning", "ignore:Frechet distance from")
+def test_fd_features_from_an_mae_run(tmp_path, monkeypatch):
+    """fd.mae_run_dir: the encoder of an eojax MAE run (checkpoint.load_variables, run when the eval
+    step is first traced) gives the FD features of a diffusion eval."""
+    monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
+    mae_dir = tmp_path / "mae"
+    mae = load_config("mae", "runlocal", **{"total_steps": 1, "checkpoint_every": 1, "eval_every": 0,
+                                            "input.num_windows": 32})
+    train.train_and_evaluate(mae, str(mae_dir))
+    (mae_dir / "config.json").write_text(mae.to_json_best_effort())  # as `eojax train` writes it
+    config = load_config("diffusion", "runlocal,multispectral", **{  # 10 bands at 32x32, as the MAE
+        "input.synthetic_n": 24, "fd.mae_run_dir": str(mae_dir), "batch_size": 4, "sampler.num_steps": 2,
+        "model.block_out_channels": (16,), "model.attention": (True,), "model.heads": 2})
+    run = train.setup(config, devices=jax.devices()[:1])
+    metrics = train.evaluate(run, train.eval_variables(run, run.init_state()))
+    assert run.task.features.source == f"MAE encoder of {mae_dir}"
+    assert np.isfinite(metrics["fd"]) and metrics["fd_samples"] >= 2
+
+
 def test_mae_features_random_init_warns():
     with pytest.warns(UserWarning, match="random-init"):
         f = fid.MAEFeatures(16, 3, width=32, depth=1, heads=2)
@@ -364,6 +391,46 @@ def test_space_to_depth_autoencoder_is_lossless():
     np.testing.assert_allclose(np.asarray(ae.decode(z)), np.asarray(x))
 
 
+# --------------------------------------------------------------------------- saved DataSpec
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_core_from_saved_spec_needs_no_captions(tmp_path, monkeypatch):
+    """The core built from the JSON round trip of the DataSpec, with the captions and images
+    unreachable, has the live core's tokenizer, param shapes and losses, and the infer plug-in samples
+    the spec's default prompts (the first captions of the 3 most frequent classes) from it."""
+    monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
+    config = load_config("diffusion", "runlocal", **{
+        "input.synthetic_n": 24, "input.image_size": 16, "batch_size": 4, "fd.enabled": False,
+        "model.block_out_channels": (16,), "model.attention": (True,), "model.heads": 2, "sampler.num_steps": 2})
+    inp = DiffusionInput(config)
+    spec, source = inp.spec(), inp._source(inp.records[0], True)
+    batch = {k: np.stack([source[i][k] for i in range(4)]) for k in ("image", "tokens")}
+    batch.update(index=np.arange(4, dtype=np.int32), weight=np.ones(4, np.float32))
+    defaults = [cap for _, cap in inp.class_prompts(3)]
+    live = DiffusionTask(config, spec)
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the core read the training data")
+    for name in ("read_captions", "load_image"):
+        monkeypatch.setattr(captions_lib, name, unreachable)
+    monkeypatch.setattr(DiffusionInput, "build_spec", unreachable)
+    saved = DiffusionTask(config, DataSpec.from_json(json.loads(json.dumps(spec.to_json()))))
+
+    assert saved.tokenizer.vocab == inp.tokenizer.vocab and saved.channels == live.channels == 3
+    key = jax.random.key(0)
+    shapes = lambda task: jax.tree.map(lambda a: (a.shape, a.dtype), nn.meta.unbox(jax.eval_shape(task.init, key, batch)))
+    assert shapes(saved) == shapes(live)
+    params = nn.meta.unbox(jax.jit(live.init)(key, batch)["params"])
+    # train=True: caption dropout puts the tokenizer's padding id in
+    loss_live, loss_saved = [float(jax.jit(t.loss_fn, static_argnums=4)(params, {}, batch, jax.random.key(1), True)[0])
+                             for t in (live, saved)]
+    assert np.isfinite(loss_live) and loss_live == loss_saved
+
+    run = types.SimpleNamespace(task=saved, config=config)
+    out = pictures.infer(run, (params, {}), str(tmp_path), {"prompt": [], "num_samples": 1, "seed": 0,
+                                                            "output": str(tmp_path / "infer")})
+    assert out["prompts"] == defaults and len(out["files"]) == 3 and all(os.path.exists(f) for f in out["files"])
+
+
 # --------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -384,7 +451,9 @@ def test_train_cli_then_infer(tmp_path):
     assert os.path.exists(summary["pictures"][0])
     results = json.load(open(workdir / "results.json"))
     assert results["data_fingerprint"]["train_images"] > 0
+    # A caption file that does not exist: infer builds the model from the run's data_spec.json alone.
     proc = cli("infer", "diffusion:runlocal,multispectral", workdir, "diffusion", *small,
+               f"--config.input.captions={tmp_path / 'gone.json'}",
                "--prompt=a dense forest", "--prompt=farmland", "--num_samples=2", env_extra=env)
     out = json.loads(proc.stdout[proc.stdout.index("{"):])["infer"]
     pngs = [f for f in out["files"] if f.endswith(".png")]
@@ -449,18 +518,24 @@ def test_gpt2_text_encoder_hidden_states_and_padding(gpt2_dir):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_gpt2_captions_train_with_frozen_gpt2(gpt2_dir, tmp_path, monkeypatch):
-    """Two trainer steps with model.text_encoder='gpt2' (captions through the folder's BPE): the GPT-2
-    params stay bit-identical to the checkpoint's (their EMA within rounding); without optim.freeze
-    the config is refused."""
-    from eojax.diffusion.task import DiffusionTask
+    """Two trainer steps with model.text_encoder='gpt2' (captions through the folder's BPE; the GPT-2
+    params loaded by the trainer's pretrained_parts hook after init): they stay bit-identical to the
+    checkpoint's (their EMA within rounding); a checkpoint that does not fit is named; without
+    optim.freeze the config is refused."""
+    from eojax.checkpoint import CheckpointMismatchError
     from eojax.weights import gpt2 as gpt2_weights
-    from helpers import run_steps
 
     monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
     config = load_config("diffusion", f"runlocal,gpt2={gpt2_dir}", **{
         "input.synthetic_n": 48, "input.image_size": 16, "fd.enabled": False, "batch_size": 8,
         "model.block_out_channels": (16,), "model.attention": (True,), "model.heads": 2})
-    run, state, losses = run_steps(config, None, n=2)
+    run = train.setup(config)
+    assert run.task.pretrained_parts() == {"text_encoder": str(gpt2_dir)}
+    state = train.restore_or_init(run, ckpt_lib.Checkpointer(str(tmp_path / "ckpt")))
+    losses = []
+    for _ in range(2):
+        state, metrics = run.train_step(state, run.next_batch())
+        losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)), losses
     want = gpt2_weights.load_params(gpt2_dir)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params["text_encoder"], want)
@@ -469,9 +544,15 @@ def test_gpt2_captions_train_with_frozen_gpt2(gpt2_dir, tmp_path, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-8), ema, want)
     # the task tokenised its captions with the folder's BPE
     assert isinstance(run.task.tokenizer.encode("forest", 4)[0], np.integer) and run.task.tokenizer.pad_id == -1
+    # A text encoder of other sizes than the folder's GPT-2: one line naming the arrays that differ.
+    other = dict(state.params["text_encoder"], wpe={"embedding": jnp.zeros((3, 5))})
+    with pytest.raises(CheckpointMismatchError, match=r"shape of wpe/embedding: GPT-2 checkpoint \(\d+, \d+\) vs "
+                                                      r"model \(3, 5\)") as err:
+        run.task.load_pretrained_part("text_encoder", str(gpt2_dir), other)
+    assert "\n" not in str(err.value)
     bad = load_config("diffusion", f"runlocal,gpt2={gpt2_dir}", **{"optim.freeze": ()})
     with pytest.raises(ValueError, match="optim.freeze"):
-        DiffusionTask(bad)
+        DiffusionTask.check_config(bad)
 
 
 # ------------------------------------------------------------------------- InceptionV3 features
@@ -566,15 +647,15 @@ def test_inception_weights_import_round_trip(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         inception_weights.load(tmp_path / "missing.npz")
 
-    from eojax.diffusion.task import DiffusionTask
     monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "cache"))
     config = load_config("diffusion", "runlocal,multispectral", **{
         "input.synthetic_n": 24, "input.image_size": 16, "fd.features": "inception",
         "fd.inception_weights": str(tmp_path / "w.npz")})
-    task = DiffusionTask(config)
+    DiffusionTask.check_config(config)
+    task = DiffusionTask(config, DiffusionInput(config).spec())
     assert task.features.rgb == (2, 1, 0)  # B4, B3, B2 of the 10 Sentinel-2 bands
     out = jax.eval_shape(task.features, jnp.zeros((3, 16, 16, 10)))
     assert out.shape == (3, 2048)
     config.fd.inception_weights = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="fd.inception_weights"):
-        DiffusionTask(config)
+        DiffusionTask.check_config(config)

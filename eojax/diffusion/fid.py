@@ -25,6 +25,7 @@ import numpy as np
 import scipy.linalg
 from flax import linen as nn
 
+from eojax import checkpoint as ckpt_lib
 from eojax.models.vit import ViTEncoder, vit_config
 
 
@@ -116,8 +117,6 @@ class MAEFeatures:
 
 
 def _encoder_from_run(run_dir: str, image_size: int, channels: int):
-    from eojax import checkpoint as ckpt_lib
-
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"fd.mae_run_dir={run_dir}: no config.json (is it an eojax MAE run folder?)")

@@ -6,11 +6,16 @@ probability `model.caption_dropout`, which is what classifier-free guidance need
 Eval (held-out pairs): the denoising loss at fixed timesteps and fixed noise, and, with `fd.enabled`,
 the Frechet distance between held-out images and samples generated for their captions (features summed
 batch by batch on the device; the distance is taken in finalize_eval, reported with its sample count).
+
+DiffusionInput reads the caption records; its DataSpec.info carries what the core needs of them (band
+names, the word vocabulary, the class prompts of the sample grid and `eojax infer`), so DiffusionTask,
+and with it `eojax infer`, runs from a saved data_spec.json without the captions. The picture grid and
+`eojax infer` are plug-ins (eojax/diffusion/pictures.py).
 """
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import os
 import re
 import warnings
@@ -19,30 +24,128 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import rasterio
-from flax import linen as nn
+from flax import traverse_util
 
 from eojax import viz
-from eojax.diffusion import captions as captions_lib
+from eojax.checkpoint import CheckpointMismatchError, key_problems
 from eojax.data import pipeline, synthetic
+from eojax.diffusion import captions as captions_lib
 from eojax.diffusion import fid, losses, samplers
 from eojax.diffusion.inception import InceptionFeatures
 from eojax.diffusion.model import DiffusionModel, make_autoencoder
 from eojax.diffusion.schedules import Schedule
 from eojax.diffusion.text_encoder import BPECaptionTokenizer, WordTokenizer
-from eojax.tasks.base import DataSpec, Task, elements
+from eojax.tasks.base import DataSpec, Input, Task, elements
+from eojax.weights import gpt2 as gpt2_weights
 
+
+def _gpt2_tokenizer(config) -> BPECaptionTokenizer:
+    """model.text_encoder='gpt2': the BPE of the GPT-2 folder (config, not data: Input and core both
+    read it)."""
+    return BPECaptionTokenizer(gpt2_weights.load_tokenizer(config.model.text_init_from))
+
+
+class DiffusionInput(Input):
+    """Caption / image pairs: (train, held-out) records, their tokenizer, Grain sources."""
+
+    @functools.cached_property
+    def records(self) -> tuple[list, list]:
+        """(train, held-out) caption records, read once (the synthetic set is written on first use)."""
+        c = self.config.input
+        path = c.captions
+        if not path:
+            directory = os.path.join(synthetic.default_dir().parent, "captions",
+                                     f"{c.synthetic_bands}_{c.image_size}_{c.synthetic_n}_{c.synthetic_layout}")
+            path = synthetic.write_caption_dataset(directory, n=c.synthetic_n, size=c.image_size,
+                                                   seed=self.config.seed, layout=c.synthetic_layout,
+                                                   bands=c.synthetic_bands)
+        records = captions_lib.read_captions(path, skip_missing=c.skip_missing_images)
+        return captions_lib.split(records, c.eval_fraction)
+
+    @functools.cached_property
+    def tokenizer(self):
+        if self.config.model.text_encoder == "gpt2":
+            return _gpt2_tokenizer(self.config)
+        return WordTokenizer.from_captions([t for r in self.records[0] for t in r.captions],
+                                           self.config.input.vocab_size)
+
+    @functools.cached_property
+    def channels(self) -> int:
+        c = self.config.input
+        return captions_lib.load_image(self.records[0][0].path, c.image_size, tuple(c.bands), c.max_value).shape[-1]
+
+    @functools.cached_property
+    def band_names(self) -> list[str]:
+        return _band_names(self.records[0][0].path, tuple(self.config.input.bands))
+
+    def class_prompts(self, max_classes: int) -> list[list[str]]:
+        """[class, caption] for the most frequent classes of the training set: its first caption."""
+        train, _ = self.records
+        counts: dict[str, int] = {}
+        for r in train:
+            counts[r.label] = counts.get(r.label, 0) + 1
+        classes = sorted(counts, key=lambda k: (-counts[k], k))[:max_classes]
+        return [[k, next(r.captions[0] for r in train if r.label == k)] for k in classes]
+
+    def build_spec(self) -> DataSpec:
+        """Images in [-1, 1], channels-last, with their caption tokens and record index. info: what the
+        core rebuilds the tokenizer from (the word vocabulary; GPT-2's BPE comes from the config) and
+        the default prompts of the pictures and `eojax infer` (3 of them without --prompt)."""
+        c = self.config.input
+        size = c.image_size
+        arrays = elements(image=((size, size, self.channels), np.float32), tokens=((c.max_len,), np.int32),
+                          index=((), np.int32), weight=((), np.float32))
+        vocab = list(self.tokenizer.vocab) if isinstance(self.tokenizer, WordTokenizer) else None
+        return DataSpec(arrays, {"band_names": list(self.band_names), "vocab_size": len(self.tokenizer),
+                                 "vocab": vocab,
+                                 "prompts": self.class_prompts(max(self.config.pictures.max_classes, 3))})
+
+    def _source(self, records, train):
+        c = self.config.input
+        return captions_lib.CaptionSource(records, self.tokenizer, size=c.image_size, max_len=c.max_len,
+                                          bands=tuple(c.bands), max_value=c.max_value, train=train,
+                                          seed=self.config.seed)
+
+    def train(self, process_index, process_count):
+        train, _ = self.records
+        return pipeline.make_iterator(
+            _indexed(self._source(train, True)), batch_size=self.config.batch_size // process_count,
+            process_index=process_index, process_count=process_count, shuffle=True, seed=self.config.seed,
+            num_epochs=None, drop_remainder=True, worker_count=self.config.input.worker_count)
+
+    def eval(self, process_index, process_count):
+        _, held = self.records
+        if not held:
+            return None
+        return pipeline.make_iter_dataset(
+            _indexed(self._source(held, False)), batch_size=self.config.batch_size // process_count,
+            process_index=process_index, process_count=process_count, shuffle=False, num_epochs=1,
+            drop_remainder=False, worker_count=self.config.input.worker_count)
+
+    def fingerprint(self):
+        train, held = self.records
+        h = hashlib.sha256()
+        for r in train + held:
+            st = os.stat(r.path)
+            h.update(f"{r.path}|{st.st_size}|{int(st.st_mtime)}|{'|'.join(r.captions)}\n".encode())
+        return {"sha256": h.hexdigest(), "train_images": len(train), "held_out_images": len(held)}
 
 
 class DiffusionTask(Task):
     name = "diffusion"
+    input_class = DiffusionInput
+    plugins = {"pictures": "eojax.diffusion.pictures:write_pictures", "infer": "eojax.diffusion.pictures:infer"}
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._model = None
-        self._features = None
-        self._sample_fn = None
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.schedule = Schedule.from_config(config.diffusion.schedule)
+        self.band_names = list(spec.info["band_names"])
+        self.channels = spec.elements["image"][0][-1]
+
+    @classmethod
+    def check_config(cls, config):
         d = config.diffusion
-        self.schedule = Schedule.from_config(d.schedule)
+        Schedule.from_config(d.schedule)  # an unknown schedule name is named here
         if d.prediction not in losses.PREDICTIONS:
             raise ValueError(f"diffusion.prediction={d.prediction!r}; known: {losses.PREDICTIONS}")
         if config.sampler.name not in samplers.NAMES:
@@ -72,70 +175,12 @@ class DiffusionTask(Task):
                 raise ValueError("model.text_encoder='gpt2' is a frozen encoder: add optim.freeze="
                                  "('^text_encoder/',) (configs/diffusion.py's gpt2=<dir> argument does)")
 
-    # -- data ------------------------------------------------------------------------------------
-    @functools.cached_property
-    def records(self) -> tuple[list, list]:
-        """(train, held-out) caption records, read once (the synthetic set is written on first use)."""
-        c = self.config.input
-        path = c.captions
-        if not path:
-            directory = os.path.join(synthetic.default_dir().parent, "captions",
-                                     f"{c.synthetic_bands}_{c.image_size}_{c.synthetic_n}_{c.synthetic_layout}")
-            path = synthetic.write_caption_dataset(directory, n=c.synthetic_n, size=c.image_size,
-                                                   seed=self.config.seed, layout=c.synthetic_layout,
-                                                   bands=c.synthetic_bands)
-        records = captions_lib.read_captions(path, skip_missing=c.skip_missing_images)
-        return captions_lib.split(records, c.eval_fraction)
-
     @functools.cached_property
     def tokenizer(self):
-        return self._make_tokenizer([t for r in self.records[0] for t in r.captions])
-
-    @functools.cached_property
-    def channels(self) -> int:
-        c = self.config.input
-        return captions_lib.load_image(self.records[0][0].path, c.image_size, tuple(c.bands), c.max_value).shape[-1]
-
-    @functools.cached_property
-    def band_names(self) -> list[str]:
-        return _band_names(self.records[0][0].path, tuple(self.config.input.bands))
-
-    def _make_tokenizer(self, captions):
-        m = self.config.model
-        if m.text_encoder == "gpt2":
-            from eojax.weights import gpt2 as gpt2_weights
-            return BPECaptionTokenizer(gpt2_weights.load_tokenizer(m.text_init_from))
-        return WordTokenizer.from_captions(captions, self.config.input.vocab_size)
-
-    def _source(self, records, train):
-        c = self.config.input
-        return captions_lib.CaptionSource(records, self.tokenizer, size=c.image_size, max_len=c.max_len,
-                                          bands=tuple(c.bands), max_value=c.max_value, train=train,
-                                          seed=self.config.seed)
-
-    def train_input(self, process_index, process_count):
-        train, _ = self.records
-        return pipeline.make_iterator(
-            _indexed(self._source(train, True)), batch_size=self.config.batch_size // process_count,
-            process_index=process_index, process_count=process_count, shuffle=True, seed=self.config.seed,
-            num_epochs=None, drop_remainder=True, worker_count=self.config.input.worker_count)
-
-    def eval_input(self, process_index, process_count):
-        _, held = self.records
-        if not held:
-            return None
-        return pipeline.make_iter_dataset(
-            _indexed(self._source(held, False)), batch_size=self.config.batch_size // process_count,
-            process_index=process_index, process_count=process_count, shuffle=False, num_epochs=1,
-            drop_remainder=False, worker_count=self.config.input.worker_count)
-
-    def data_fingerprint(self):
-        train, held = self.records
-        h = hashlib.sha256()
-        for r in train + held:
-            st = os.stat(r.path)
-            h.update(f"{r.path}|{st.st_size}|{int(st.st_mtime)}|{'|'.join(r.captions)}\n".encode())
-        return {"sha256": h.hexdigest(), "train_images": len(train), "held_out_images": len(held)}
+        """The Input's tokenizer, rebuilt: from the vocabulary in the DataSpec, or GPT-2's BPE."""
+        if self.config.model.text_encoder == "gpt2":
+            return _gpt2_tokenizer(self.config)
+        return WordTokenizer(self.spec.info["vocab"])
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -143,62 +188,52 @@ class DiffusionTask(Task):
         m = self.config.model
         return make_autoencoder(m.autoencoder, self.channels, m.autoencoder_factor, m.latent_scale)
 
-    @property
+    @functools.cached_property
     def model(self) -> DiffusionModel:
-        if self._model is None:
-            m, ae = self.config.model, self.autoencoder
-            dtype = jnp.dtype(m.dtype)
-            max_len = self.config.input.max_len
-            if m.text_encoder == "gpt2":
-                from eojax.weights import gpt2 as gpt2_weights
-                text = dict(gpt2_weights.load_config(m.text_init_from), dropout=0.0, dtype=dtype)
-                if max_len > text["n_positions"] or len(self.tokenizer) > text["vocab_size"]:
-                    raise ValueError(f"model.text_init_from={m.text_init_from}: input.max_len={max_len} / "
-                                     f"tokenizer size {len(self.tokenizer)} exceed GPT-2's n_positions="
-                                     f"{text['n_positions']} / vocab_size={text['vocab_size']}")
-                context_dim = text["n_embd"]
-            else:
-                text = dict(vocab_size=len(self.tokenizer), max_len=max_len, width=m.text_width,
-                            depth=m.text_depth, heads=m.text_heads, dtype=dtype)
-                context_dim = m.text_width
-            unet = dict(in_channels=ae.latent_channels, out_channels=ae.latent_channels,
-                        block_out_channels=tuple(m.block_out_channels), attention=tuple(m.attention),
-                        layers_per_block=m.layers_per_block, heads=m.heads,
-                        transformer_depth=m.transformer_depth, cross_attention_dim=context_dim,
-                        norm_groups=m.norm_groups, dtype=dtype)
-            self._model = DiffusionModel(unet=unet, text=text, text_kind=m.text_encoder)
-        return self._model
-
-    def data_spec(self) -> DataSpec:
-        """Images in [-1, 1], channels-last, with their caption tokens and record index."""
-        c = self.config.input
-        size = c.image_size
-        arrays = elements(image=((size, size, self.channels), np.float32), tokens=((c.max_len,), np.int32),
-                          index=((), np.int32), weight=((), np.float32))
-        return DataSpec(arrays, {"band_names": list(self.band_names), "vocab_size": len(self.tokenizer)})
+        m, ae = self.config.model, self.autoencoder
+        dtype = jnp.dtype(m.dtype)
+        max_len, vocab_size = self.config.input.max_len, self.spec.info["vocab_size"]
+        if m.text_encoder == "gpt2":
+            text = dict(gpt2_weights.load_config(m.text_init_from), dropout=0.0, dtype=dtype)
+            if max_len > text["n_positions"] or vocab_size > text["vocab_size"]:
+                raise ValueError(f"model.text_init_from={m.text_init_from}: input.max_len={max_len} / "
+                                 f"tokenizer size {vocab_size} exceed GPT-2's n_positions="
+                                 f"{text['n_positions']} / vocab_size={text['vocab_size']}")
+            context_dim = text["n_embd"]
+        else:
+            text = dict(vocab_size=vocab_size, max_len=max_len, width=m.text_width,
+                        depth=m.text_depth, heads=m.text_heads, dtype=dtype)
+            context_dim = m.text_width
+        unet = dict(in_channels=ae.latent_channels, out_channels=ae.latent_channels,
+                    block_out_channels=tuple(m.block_out_channels), attention=tuple(m.attention),
+                    layers_per_block=m.layers_per_block, heads=m.heads,
+                    transformer_depth=m.transformer_depth, cross_attention_dim=context_dim,
+                    norm_groups=m.norm_groups, dtype=dtype)
+        return DiffusionModel(unet=unet, text=text, text_kind=m.text_encoder)
 
     def init(self, rng, batch):
+        """Random params throughout; a frozen GPT-2 encoder is loaded over them by the trainer
+        (pretrained_parts), which then starts the optimizer state and the EMA from it."""
         x0 = self.autoencoder.encode(batch["image"])
         t = jnp.zeros((x0.shape[0],), jnp.int32)
-        params = self.model.init(rng, x0, t, batch["tokens"])["params"]
-        if self.config.model.text_encoder == "gpt2":
-            params = dict(params, text_encoder=self._pretrained_text_encoder(params["text_encoder"]))
-        return {"params": params}
+        return {"params": self.model.init(rng, x0, t, batch["tokens"])["params"]}
 
-    def _pretrained_text_encoder(self, boxed):
-        """The GPT-2 checkpoint's params in place of the random ones, keeping their partitioning boxes.
-        Loaded here, inside init, so the optimizer state (and the EMA) start from them too."""
-        from eojax.checkpoint import CheckpointMismatchError
-        from eojax.weights import gpt2 as gpt2_weights
+    def pretrained_parts(self):
+        m = self.config.model
+        return {"text_encoder": m.text_init_from} if m.text_encoder == "gpt2" else {}
 
-        loaded = gpt2_weights.load_params(self.config.model.text_init_from)
-        is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-        want = jax.tree.map(lambda b: tuple(nn.meta.unbox(b).shape), boxed, is_leaf=is_box)
-        if jax.tree.map(np.shape, loaded) != want:
-            raise CheckpointMismatchError(f"model.text_init_from={self.config.model.text_init_from}: "
-                                          "parameter tree differs from the GPT-2 built from its config.json")
-        return jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v, nn.meta.unbox(b).dtype))
-                            if is_box(b) else jnp.asarray(v, b.dtype), boxed, loaded, is_leaf=is_box)
+    def load_pretrained_part(self, subtree, source, init_params):
+        """The GPT-2 checkpoint's params in place of the random `text_encoder` ones, with their dtypes
+        and shardings."""
+        if subtree != "text_encoder":
+            raise ValueError(f"the diffusion task loads no pretrained '{subtree}'")
+        loaded = gpt2_weights.load_params(source)
+        shapes = lambda tree: {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+        problems = key_problems(shapes(loaded), shapes(init_params), source="GPT-2 checkpoint")
+        if problems:
+            raise CheckpointMismatchError(f"model.text_init_from={source}: the GPT-2 built from its config.json "
+                                          f"differs from the model's text_encoder: {'; '.join(problems)}")
+        return jax.tree.map(lambda v, a: jax.device_put(jnp.asarray(v, a.dtype), a.sharding), loaded, init_params)
 
     # -- loss ------------------------------------------------------------------------------------
     def _denoising_loss(self, params, x0, tokens, t, noise):
@@ -260,19 +295,19 @@ class DiffusionTask(Task):
         return out
 
     # -- sampling --------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def features(self):
-        """The FD feature extractor: fid.MAEFeatures, or InceptionV3 from fd.inception_weights."""
-        if self._features is None:
-            f, c = self.config.fd, self.config.input
+        """The FD feature extractor: fid.MAEFeatures, or InceptionV3 from fd.inception_weights.
+        Built on first use, which is inside the traced eval step: compile-time eval makes its params
+        (a checkpoint read, a jitted init) concrete arrays, not values of that trace."""
+        f, c = self.config.fd, self.config.input
+        with jax.ensure_compile_time_eval():
             if f.features == "inception":
-                self._features = InceptionFeatures(f.inception_weights, viz.rgb_indices(self.band_names),
-                                                   fid_variant=f.inception_variant == "pytorch-fid")
-                return self._features
-            self._features = fid.MAEFeatures(c.image_size, self.channels, f.mae_run_dir, width=f.feature_width,
-                                             depth=f.feature_depth, heads=f.feature_heads,
-                                             patch_size=f.patch_size, seed=f.seed)
-        return self._features
+                return InceptionFeatures(f.inception_weights, viz.rgb_indices(self.band_names),
+                                         fid_variant=f.inception_variant == "pytorch-fid")
+            return fid.MAEFeatures(c.image_size, self.channels, f.mae_run_dir, width=f.feature_width,
+                                   depth=f.feature_depth, heads=f.feature_heads, patch_size=f.patch_size,
+                                   seed=f.seed)
 
     def _generate(self, params, tokens, keys):
         """Samples (B, H, W, C) in [-1, 1] for caption tokens (B, L), noise from per-row keys (B,)."""
@@ -291,76 +326,29 @@ class DiffusionTask(Task):
                             clip=s.clip * ae.scaling_factor if ae.bounded else 0.0)
         return jnp.clip(ae.decode(z), -1.0, 1.0)
 
+    @functools.cached_property
+    def _jit_generate(self):
+        return jax.jit(self._generate)
+
     def sample(self, params, captions, seed: int = 0) -> np.ndarray:
         """Host numpy samples (N, H, W, C) in [-1, 1], one per caption, deterministic from `seed`
         (sample i's noise depends on (seed, i) only). Runs in chunks of `config.batch_size` so that
         pictures and `eojax infer` share one compiled sampler whatever the number of prompts."""
         tokens = self.tokenizer.encode_batch(list(captions), self.config.input.max_len)
         n, chunk = len(tokens), self.config.batch_size
-        if self._sample_fn is None:
-            self._sample_fn = jax.jit(self._generate)
         out = []
         for start in range(0, n, chunk):
             idx = np.arange(start, start + chunk)
             tok = np.full((chunk, tokens.shape[1]), self.tokenizer.pad_id, np.int32)
             tok[:min(chunk, n - start)] = tokens[start:start + chunk]
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.asarray(idx))
-            out.append(np.asarray(jax.device_get(self._sample_fn(params, jnp.asarray(tok), keys))))
+            out.append(np.asarray(jax.device_get(self._jit_generate(params, jnp.asarray(tok), keys))))
         return np.concatenate(out)[:n]
-
-    def class_prompts(self, max_classes: int) -> list[tuple[str, str]]:
-        """(class, caption) for the most frequent classes of the training set: its first caption."""
-        train, _ = self.records
-        counts: dict[str, int] = {}
-        for r in train:
-            counts[r.label] = counts.get(r.label, 0) + 1
-        classes = sorted(counts, key=lambda k: (-counts[k], k))[:max_classes]
-        return [(k, next(r.captions[0] for r in train if r.label == k)) for k in classes]
 
     def to_rgb8(self, images) -> list[np.ndarray]:
         """[-1, 1] images -> uint8 RGB tiles (the B4/B3/B2 bands of multispectral output), linear scale."""
         idx = viz.rgb_indices(self.band_names)
         return [(np.clip((im[..., idx] + 1) / 2, 0, 1) * 255).round().astype(np.uint8) for im in images]
-
-    def write_pictures(self, params, state, batch, workdir, step):
-        """A grid of samples: one row per caption class (the row captions go to a .txt beside it)."""
-        p = self.config.pictures
-        prompts = self.class_prompts(p.max_classes)
-        images = self.sample(params, [cap for _, cap in prompts for _ in range(p.samples_per_class)],
-                             seed=self.config.seed)
-        if jax.process_index() != 0:
-            return []
-        tiles = self.to_rgb8(images)
-        k = p.samples_per_class
-        rows = [tiles[i * k:(i + 1) * k] for i in range(len(prompts))]
-        path = os.path.join(workdir, f"diffusion_samples_step{step}.png")
-        viz.save_grid_png(path, rows)
-        with open(path[:-4] + ".txt", "w") as f:
-            f.writelines(f"row {i}: [{cls}] {cap}\n" for i, (cls, cap) in enumerate(prompts))
-        return [path]
-
-    def infer(self, params, state, workdir, options):
-        """`eojax infer diffusion --prompt=...`: num_samples PNGs per prompt (and float32 GeoTIFFs in
-        data units when infer.geotiff or the data has other than 3 bands)."""
-        prompts = list(options.get("prompt") or [cap for _, cap in self.class_prompts(3)])
-        n, out_dir = int(options.get("num_samples") or 1), options["output"]
-        unknown = sorted({w for pr in prompts for w in self.tokenizer.unknown_words(pr)})
-        images = self.sample(params, [pr for pr in prompts for _ in range(n)], seed=int(options.get("seed", 0)))
-        multiband = self.config.infer.geotiff or self.channels != 3
-        files = []
-        if jax.process_index() == 0:
-            os.makedirs(out_dir, exist_ok=True)
-            tiles = self.to_rgb8(images)
-            for i, pr in enumerate(prompts):
-                slug = re.sub(r"[^a-z0-9]+", "_", pr.lower()).strip("_")[:60] or "empty"
-                for j in range(n):
-                    base = os.path.join(out_dir, f"{i:02d}_{slug}_{j}")
-                    viz.save_grid_png(base + ".png", [[tiles[i * n + j]]], scale=1)
-                    files.append(base + ".png")
-                    if multiband:
-                        files.append(_write_geotiff(base + ".tif", images[i * n + j], self.band_names,
-                                                    self.config.input.max_value, pr))
-        return {"prompts": prompts, "num_samples": n, "files": files, "unknown_words": unknown}
 
 
 def _indexed(ds):
@@ -378,17 +366,3 @@ def _band_names(path, bands) -> list[str]:
     if len(idx) == 3 and not all(names):
         return ["R", "G", "B"]
     return [n or f"band{i}" for n, i in zip(names, idx)]
-
-
-def _write_geotiff(path, image, band_names, max_value, prompt) -> str:
-    data = ((image + 1) / 2 * (max_value or (255.0 if len(band_names) == 3 else 5000.0))).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0],
-                           count=data.shape[2], dtype="float32") as dst:
-            dst.write(data.transpose(2, 0, 1))
-            for i, name in enumerate(band_names):
-                dst.set_band_description(i + 1, name)
-            dst.update_tags(prompt=prompt, source="eojax diffusion sample")
-    return path
-

@@ -1,0 +1,78 @@
+"""The diffusion family's plug-ins: the class-prompt sample grid written after training ('pictures')
+and `eojax infer diffusion --prompt=...` ('infer'). Both sample through the core (DiffusionTask.sample)
+and take their default prompts from the DataSpec, so they need no caption file."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import jax
+import numpy as np
+import rasterio
+
+from eojax import viz
+
+
+def class_prompts(task, max_classes: int) -> list[tuple[str, str]]:
+    """(class, caption) for the most frequent classes of the training set (DiffusionInput.class_prompts,
+    kept in the DataSpec)."""
+    return [(cls, cap) for cls, cap in task.spec.info["prompts"][:max_classes]]
+
+
+def write_pictures(run, variables, batch, workdir, step) -> list[str]:
+    """A grid of samples: one row per caption class (the row captions go to a .txt beside it)."""
+    task, (params, _) = run.task, variables
+    p = run.config.pictures
+    prompts = class_prompts(task, p.max_classes)
+    images = task.sample(params, [cap for _, cap in prompts for _ in range(p.samples_per_class)],
+                         seed=run.config.seed)
+    if jax.process_index() != 0:
+        return []
+    tiles = task.to_rgb8(images)
+    k = p.samples_per_class
+    rows = [tiles[i * k:(i + 1) * k] for i in range(len(prompts))]
+    path = os.path.join(workdir, f"diffusion_samples_step{step}.png")
+    viz.save_grid_png(path, rows)
+    with open(path[:-4] + ".txt", "w") as f:
+        f.writelines(f"row {i}: [{cls}] {cap}\n" for i, (cls, cap) in enumerate(prompts))
+    return [path]
+
+
+def infer(run, variables, workdir, options) -> dict:
+    """`eojax infer diffusion --prompt=...`: num_samples PNGs per prompt (and float32 GeoTIFFs in
+    data units when infer.geotiff or the data has other than 3 bands). Without --prompt: the first
+    caption of each of the 3 most frequent training classes."""
+    task, config, (params, _) = run.task, run.config, variables
+    prompts = list(options.get("prompt") or [cap for _, cap in class_prompts(task, 3)])
+    n, out_dir = int(options.get("num_samples") or 1), options["output"]
+    unknown = sorted({w for pr in prompts for w in task.tokenizer.unknown_words(pr)})
+    images = task.sample(params, [pr for pr in prompts for _ in range(n)], seed=int(options.get("seed", 0)))
+    multiband = config.infer.geotiff or task.channels != 3
+    files = []
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        tiles = task.to_rgb8(images)
+        for i, pr in enumerate(prompts):
+            slug = re.sub(r"[^a-z0-9]+", "_", pr.lower()).strip("_")[:60] or "empty"
+            for j in range(n):
+                base = os.path.join(out_dir, f"{i:02d}_{slug}_{j}")
+                viz.save_grid_png(base + ".png", [[tiles[i * n + j]]], scale=1)
+                files.append(base + ".png")
+                if multiband:
+                    files.append(_write_geotiff(base + ".tif", images[i * n + j], task.band_names,
+                                                config.input.max_value, pr))
+    return {"prompts": prompts, "num_samples": n, "files": files, "unknown_words": unknown}
+
+
+def _write_geotiff(path, image, band_names, max_value, prompt) -> str:
+    data = ((image + 1) / 2 * (max_value or (255.0 if len(band_names) == 3 else 5000.0))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0],
+                           count=data.shape[2], dtype="float32") as dst:
+            dst.write(data.transpose(2, 0, 1))
+            for i, name in enumerate(band_names):
+                dst.set_band_description(i + 1, name)
+            dst.update_tags(prompt=prompt, source="eojax diffusion sample")
+    return path
