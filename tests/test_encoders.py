@@ -143,7 +143,7 @@ def test_dofa_is_wavelength_driven():
     swapped = build("dofa", variant="mu", input_bands=tuple(six[i] for i in perm))
     for a, b in zip(jax.jit(enc.apply)(params, x), jax.jit(swapped.apply)(params, x[..., perm])):
         np.testing.assert_allclose(a, b, atol=2e-5)
-    rgb = build("dofa", variant="mu", wavelengths=(0.665, 0.56, 0.493))
+    rgb = build("dofa", variant="mu", wavelengths=(0.665, 0.56, 0.49), feature_norm="standardise")
     maps = jax.jit(rgb.apply)(params, x[..., :3])
     assert [m.shape for m in maps] == [(2, 4, 4, 32)] * 4
     m = np.asarray(maps[0])  # per-sample standardised over (h, w, D)

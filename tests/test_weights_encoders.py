@@ -227,9 +227,10 @@ def dofa_shapes(grid):
     return out
 
 
-def dofa_reference(sd, img, waves, layers, heads=2, gen_heads=2):
-    """img (B, C, H, W) -> [(B, D, h, w)] as PANGAEA's DOFA_Encoder with use_norm (LayerNorm over
-    (D, h, w), weight 1, bias 0)."""
+def dofa_reference(sd, img, waves, layers, mode, heads=2, gen_heads=2):
+    """img (B, C, H, W) -> [(B, D, h, w)] as PANGAEA's DOFA_Encoder: mode 'final' as now (the
+    checkpoint's LayerNorm on the tokens after the last block), 'standardise' as before Oct 2024 with
+    use_norm=True (a LayerNorm over (D, h, w) of each output, weight 1, bias 0)."""
     g = "patch_embed.weight_generator."
     t = g + "transformer_encoder.layers.0."
     e = sincos_ref(E, np.asarray(waves) * 1000)
@@ -252,25 +253,32 @@ def dofa_reference(sd, img, waves, layers, heads=2, gen_heads=2):
     outs = []
     for k in range(DEPTH):
         x = np_timm_block(x, sd, f"blocks.{k}", heads, 1e-6)
+        if k == DEPTH - 1 and mode == "final":
+            x = np_ln(x, sd, "norm", 1e-6)
         if k in layers:
             o = x[:, 1:].transpose(0, 2, 1).reshape(b, D, n_h, n_w)
-            mu = o.mean(axis=(1, 2, 3), keepdims=True)
-            outs.append((o - mu) / np.sqrt(o.var(axis=(1, 2, 3), keepdims=True) + 1e-6))
+            if mode == "standardise":
+                mu = o.mean(axis=(1, 2, 3), keepdims=True)
+                o = (o - mu) / np.sqrt(o.var(axis=(1, 2, 3), keepdims=True) + 1e-6)
+            outs.append(o)
     return outs
 
 
+@pytest.mark.parametrize("mode", ["final", "standardise"])
 @pytest.mark.parametrize("bands", [("B4", "B3", "B2"), ("B2", "B3", "B4", "B8A", "B11", "B12")])
-def test_dofa_layout_matches_reference_forward(bands):
-    waves = {"B2": 0.493, "B3": 0.56, "B4": 0.665, "B8A": 0.865, "B11": 1.61, "B12": 2.19}
+def test_dofa_layout_matches_reference_forward(bands, mode):
+    waves = {"B2": 0.49, "B3": 0.56, "B4": 0.665, "B8A": 0.864, "B11": 1.61, "B12": 2.20}  # PANGAEA's dofa.yaml
     sd = random_sd(dofa_shapes(4))
     sd["pos_embed"][:, 0] = 0.0
-    enc = build("dofa", variant="mu", input_bands=bands, layers=LAYERS)
+    sd["norm.weight"] += 1.0
+    enc = build("dofa", variant="mu", input_bands=bands, layers=LAYERS, feature_norm=mode)
     params, report = wdofa.dofa_from_torch(sd, enc)
     assert report["wavelengths"] == tuple(waves[b] for b in bands)
-    assert set(report["ignored"]) == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    norm = {"norm.weight", "norm.bias"} if mode == "standardise" else set()
+    assert set(report["ignored"]) == {"head.weight", "head.bias"} | norm
     img = RNG.standard_normal((B, len(bands), 32, 32)).astype(np.float32)
     got = np_apply(enc, params, img.transpose(0, 2, 3, 1))
-    for g, w in zip(got, dofa_reference(sd, img, [waves[b] for b in bands], LAYERS)):
+    for g, w in zip(got, dofa_reference(sd, img, [waves[b] for b in bands], LAYERS, mode)):
         np.testing.assert_allclose(g, w.transpose(0, 2, 3, 1), rtol=1e-3, atol=1e-3)
 
 
@@ -344,15 +352,16 @@ def croma_reference(sd, img, layers, heads=4, pre="s2_encoder."):
     return [o.transpose(0, 2, 1).reshape(b, D, hh // P, ww // P) for o in outs]
 
 
-def test_croma_layout_matches_reference_forward():
+@pytest.mark.parametrize("layers", [LAYERS, (0, 2)])  # norm_out on the last requested layer
+def test_croma_layout_matches_reference_forward(layers):
     sd = random_sd(croma_shapes())
     sd["s1_encoder.linear_input.weight"] = np.zeros((D, 2 * P * P), np.float32)  # the SAR branch
-    enc = build("croma", variant="mu", layers=LAYERS)
+    enc = build("croma", variant="mu", layers=layers)
     params, report = wcroma.croma_from_torch(sd, enc)
     assert list(report["ignored"]) == ["s1_encoder.linear_input.weight"]
     img = RNG.standard_normal((B, 12, 32, 32)).astype(np.float32)
     got = np_apply(enc, params, img.transpose(0, 2, 3, 1))
-    for g, w in zip(got, croma_reference(sd, img, LAYERS)):
+    for g, w in zip(got, croma_reference(sd, img, layers)):
         np.testing.assert_allclose(g, w.transpose(0, 2, 3, 1), rtol=2e-4, atol=2e-4)
     # Base: ViT-B/8 over 12 bands; shape table only.
     table = {e.key: e.shape for e in wcroma._entries(build("croma", variant="base"), "s2_encoder.")}

@@ -13,10 +13,13 @@ torch key -> eojax path; D width, E = wave_dim (128), p patch, M generator MLP (
   ...weight_generator.fc_bias.weight (D, E)                     .../fc_bias/kernel (E, D)
   cls_token (1, 1, D), pos_embed (1, 1 + h*w, D)                cls_token, pos_embed (resampled)
   blocks.k.* (timm Block)                                       blocks/block_k/*
+  norm (D,), eps 1e-6; only with feature_norm='final'           norm (after the last block)
 The fc_weight output index is (row, col, d) of the generated kernel for each band; eojax keeps that
 order and permutes the generated kernel at run time, so the weights copy unchanged.
-Ignored (reported): norm / fc_norm / head (the classifier side: PANGAEA's features do not use them),
+Ignored (reported): fc_norm / head (the classifier), norm with feature_norm 'standardise' or 'none',
 mask_token and a decoder. Nothing is zero-filled: the kernel is generated for the data's bands.
+The keys are those PANGAEA's DOFA_Encoder.load_encoder_weights reads from DOFA_ViT_base_e100.pth
+(its own parameter names, bare): tests/fixtures/reference/dofa holds a small file in that layout.
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ import numpy as np
 from flax import traverse_util
 
 from eojax.models.encoders.base import resize_grid_embed
-from eojax.models.encoders.dofa import DOFA, NUM_WEIGHT_TOKENS
+from eojax.models.encoders.dofa import DOFA, NUM_WEIGHT_TOKENS, feature_norm_mode
 from eojax.weights import common
 
-_IGNORED = ((("norm.", "fc_norm.", "head."), "final norm / classifier: DOFA's feature maps do not use it"),
+_IGNORED = ((("fc_norm.", "head."), "classifier: DOFA's feature maps do not use it"),
+            (("norm.",), "final norm: used only with feature_norm='final'"),
             (("mask_token", "decoder"), "decoder of the pretraining MAE: not in this model"))
 
 
@@ -58,6 +62,8 @@ def _entries(enc: DOFA, pre: str = "") -> list[common.Entry]:
            common.same(f"{pre}pos_embed", (1, g, d), ("pos_embed",))]
     for k in range(enc.depth):
         out += common.timm_block(f"{pre}blocks.{k}", ("blocks", f"block_{k}"), d, enc.heads, mlp)
+    if feature_norm_mode(enc.feature_norm) == "final":
+        out += common.ln(f"{pre}norm", ("norm",), d)
     return out
 
 
@@ -70,6 +76,9 @@ def dofa_from_torch(state_dict: Mapping[str, np.ndarray], encoder: DOFA, *, stri
     entries = _entries(encoder, pre)
     pos_key = f"{pre}pos_embed"
     problems = common.check_entries(sd, entries, skip={pos_key})
+    if feature_norm_mode(encoder.feature_norm) == "final" and f"{pre}norm.weight" not in sd:
+        problems.append("feature_norm='final' applies the checkpoint's final norm; for a file "
+                        "without it set feature_norm='none' (or 'standardise')")
     report: dict[str, Any] = {"ignored": {}, "resized": {}, "wavelengths": encoder.band_wavelengths()}
     pe, g = sd.get(pos_key), encoder.image_size // encoder.patch_size
     if pe is not None and pe.shape != (1, 1 + g * g, encoder.width):

@@ -47,11 +47,14 @@ BAND_ALIASES = {
     "B01": "B1", "B09": "B9",
 }
 
-# Central wavelengths in micrometres (DOFA's wave list; Sentinel-2 MSI and Sentinel-1 C-band).
+# Wavelengths in micrometres that DOFA generates its patch kernels from: the `wave_list` of PANGAEA's
+# configs/encoder/dofa.yaml, exactly (Sentinel-2 MSI centres rounded as PANGAEA rounds them;
+# Sentinel-1 C-band as 3.75), so bands given by name get the reference's kernels. Only DOFA reads it.
 WAVELENGTHS_UM = {
-    "B1": 0.443, "B2": 0.493, "B3": 0.56, "B4": 0.665, "B5": 0.704, "B6": 0.74, "B7": 0.783,
-    "B8": 0.842, "B8A": 0.865, "B9": 0.945, "B10": 1.375, "B11": 1.61, "B12": 2.19,
-    "VV": 3.75, "VH": 3.75,
+    "B1": 0.44, "B2": 0.49, "B3": 0.56, "B4": 0.665, "B5": 0.705, "B6": 0.74, "B7": 0.783,
+    "B8": 0.832, "B8A": 0.864, "B9": 0.945, "B10": 1.373, "B11": 1.61, "B12": 2.20,
+    "VV": 3.75, "VH": 3.75, "ASC_VV": 3.75, "ASC_VH": 3.75, "DSC_VV": 3.75, "DSC_VH": 3.75,
+    "VV-VH": 3.75,
 }
 
 

@@ -5,8 +5,8 @@
   attention bias    bias[h, i, j] = -slope_h * |pos_i - pos_j| (Euclidean, in patches), with
                     ALiBi's geometric per-head slopes; added to every block's logits
   blocks            pre-norm, q/k/v without bias, exact-GELU MLP, LayerNorm eps 1e-5
-  final norm        `norm_out`, applied to the last block's output (PANGAEA applies it to the last
-                    requested layer: the same for the default layers (3, 5, 7, 11))
+  final norm        `norm_out`, applied to the last requested layer's output only (as PANGAEA's
+                    BaseTransformer with output_layers), whichever block that is
 The bias is computed for the input's own grid, so any size divisible by 8 works without resampling.
 """
 from __future__ import annotations
@@ -82,7 +82,6 @@ class CROMA(PublishedViT):
                          dropout=self.dropout, scan=self.scan, remat=self.remat,
                          attention_impl=self.attention_impl, qkv_bias=False, norm_eps=1e-5,
                          name="blocks", **kw)
-        outs = blocks(x, train, bias, return_layers=layers + (self.depth - 1,))
-        last = LayerNorm(epsilon=1e-5, name="norm_out", **kw)(outs[-1])
-        return [(last if i == self.depth - 1 else o).reshape(b, *grid, self.width)
-                for i, o in zip(layers, outs)]
+        outs = blocks(x, train, bias, return_layers=layers)
+        norm, top = LayerNorm(epsilon=1e-5, name="norm_out", **kw), max(layers)
+        return [(norm(o) if i == top else o).reshape(b, *grid, self.width) for i, o in zip(layers, outs)]

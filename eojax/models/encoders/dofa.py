@@ -14,9 +14,14 @@ padding at the image border; kept so pretrained weights see what they were train
 Then a cls token, fixed 2D sin-cos positions (a never-trained parameter, resampled bicubically for
 another grid), and timm pre-norm blocks (LayerNorm eps 1e-6).
 
-Feature maps: PANGAEA normalises each returned layer with a LayerNorm over (D, h, w) jointly whose
-affine parameters are not in the checkpoint (so they stay 1 and 0 when the encoder is frozen); here
-that is the parameter-free per-sample standardisation it amounts to (feature_norm=True).
+Feature maps (`feature_norm`, FEATURE_NORMS):
+  'final'        (default) current PANGAEA: the checkpoint's LayerNorm `norm` (eps 1e-6) on the
+                 last block's tokens, so only the map of block depth-1 is normalised, if requested.
+  'standardise'  PANGAEA before Oct 2024 with its class default use_norm=True (eojax's earlier
+                 default): every returned map standardised over (h, w, D), what its LayerNorm over
+                 (D, h, w) with affine 1 / 0 amounts to; the checkpoint's `norm` is not used.
+  'none'         the blocks' tokens as they are (that older PANGAEA as its dofa.yaml ran it).
+True / False (the earlier boolean field) mean 'standardise' / 'none'.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from eojax.models.vit import patchify
 Dtype = Any
 SCALER = 0.01  # the reference scales the generated kernel and bias by this
 NUM_WEIGHT_TOKENS = 128
+FEATURE_NORMS = ("final", "standardise", "none")
 
 VARIANTS = {
     "mu": dict(image_size=32, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64, wave_dim=16,
@@ -54,6 +60,14 @@ def band_wavelengths(bands) -> tuple[float, ...]:
         raise ValueError(f"dofa: no wavelength known for bands {unknown}; give `wavelengths` "
                          f"(micrometres) instead. Known: {sorted(WAVELENGTHS_UM)}")
     return tuple(out)
+
+
+def feature_norm_mode(value) -> str:
+    """DOFA's `feature_norm` as one of FEATURE_NORMS (the earlier booleans accepted)."""
+    mode = {True: "standardise", False: "none"}[value] if isinstance(value, bool) else value
+    if mode not in FEATURE_NORMS:
+        raise ValueError(f"dofa: feature_norm={value!r} is unknown; one of {FEATURE_NORMS}")
+    return mode
 
 
 def _dense(features, names, name, bias_value=0.0, **kw):
@@ -126,7 +140,7 @@ class DOFA(PublishedViT):
     """images (B, H, W, C), C = len(wavelengths) -> [(B, H/p, W/p, width)] for `layers`.
 
     The bands are given by `wavelengths` (micrometres) or by name (`input_bands`, looked up in
-    base.WAVELENGTHS_UM); nothing is zero-filled, any subset works.
+    base.WAVELENGTHS_UM, PANGAEA's DOFA wave list); nothing is zero-filled, any subset works.
     """
 
     converter: ClassVar[str] = "eojax.weights.dofa:load_pretrained"  # weights.common.load_encoder
@@ -136,7 +150,7 @@ class DOFA(PublishedViT):
     generator_heads: int = 4
     generator_mlp_dim: int = 2048
     patch_padding: int = 1
-    feature_norm: bool = True
+    feature_norm: str = "final"  # FEATURE_NORMS (module docstring)
 
     bands = None  # wavelength-driven: any bands
 
@@ -153,6 +167,7 @@ class DOFA(PublishedViT):
     @nn.compact
     def __call__(self, images, train: bool = False):
         layers = check_layers(self.layers, self.depth, "dofa")
+        mode = feature_norm_mode(self.feature_norm)
         waves = self.band_wavelengths()
         if images.ndim != 4 or images.shape[-1] != len(waves):
             raise ValueError(f"dofa: expected images (B, H, W, {len(waves)}) for wavelengths "
@@ -175,8 +190,13 @@ class DOFA(PublishedViT):
         blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                          dropout=self.dropout, scan=self.scan, remat=self.remat,
                          attention_impl=self.attention_impl, name="blocks", **kw)
-        maps = [o[:, 1:].reshape(b, *grid, self.width) for o in blocks(x, train, return_layers=layers)]
-        return [standardise(m) for m in maps] if self.feature_norm else maps
+        last = self.depth - 1
+        outs = blocks(x, train, return_layers=layers + ((last,) if mode == "final" else ()))
+        if mode == "final":  # always built, so the parameter tree does not depend on `layers`
+            normed = LayerNorm(epsilon=1e-6, name="norm", **kw)(outs[-1])
+            outs = [normed if i == last else o for i, o in zip(layers, outs)]
+        maps = [o[:, 1:].reshape(b, *grid, self.width) for o in outs]
+        return [standardise(m) for m in maps] if mode == "standardise" else maps
 
 
 def standardise(x, eps: float = 1e-6):
