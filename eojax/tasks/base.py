@@ -169,7 +169,8 @@ def plugin(task: Task, kind: str):
 def require_plugin(task: Task, kind: str, command: str):
     fn = plugin(task, kind)
     if fn is None:
-        raise NotApplicableError(f"the '{task.name}' task has no `{command}` (it registers no {kind!r} plug-in)")
+        raise NotApplicableError(f"the '{task.name}' task has no `{command}` entry point (it registers no "
+                                 f"{kind!r} plug-in)")
     return fn
 
 
