@@ -1,9 +1,11 @@
 """The one optimizer builder: `build(config.optim, total_steps) -> Optimizer`.
 
-AdamW, SGD (momentum / Nesterov), Sophia-H (Hutchinson, optax.contrib) and Sophia-G (eojax's GNB
-estimator, sophia.py), with warmup + decay schedules, weight-decay masks, frozen parameters and
-global-norm clipping. Parameter trees are plain (unboxed) nested dicts of arrays; masks are regexes
-matched with re.search on the '/'-joined parameter path, e.g. 'encoder/block_0/ln1/scale'.
+AdamW, SGD (momentum / Nesterov), Sophia-H (Hutchinson, optax.contrib), Sophia-G (the official
+SophiaG of Liuhong99/Sophia, sophia.py) and aispace's Sophia variant ('sophia_aispace', the kyegomez
+copy koyacolab/aispace trained with, sophia.py), with warmup + decay schedules, weight-decay masks,
+frozen parameters and global-norm clipping (torch's clip_grad_norm_ formula for the two torch-derived
+Sophias, optax's for the rest). Parameter trees are plain (unboxed) nested dicts of arrays; masks are
+regexes matched with re.search on the '/'-joined parameter path, e.g. 'encoder/block_0/ln1/scale'.
 
 Weight decay (`no_decay`): the default skips biases ('bias$'), norm scales ('scale$': flax LayerNorm /
 GroupNorm / RMSNorm name theirs 'scale'), and embeddings. An embedding is a parameter whose *own name*
@@ -16,7 +18,8 @@ Frozen parameters (`freeze`) get an update of exactly 0.0, so they stay bit-iden
   for them and clip_norm's global norm covers trainable gradients only.
 - Sophia: its Hessian estimator differentiates obj_fn / sampled_obj_fn over the whole parameter
   tree, so the chain keeps full-tree state; frozen gradients are zeroed at the start (so clipping
-  and momentum ignore them) and frozen updates are zeroed at the end (weight decay would move them).
+  and momentum ignore them; Sophia-G also zeroes them in the sampled gradient before clipping it) and
+  frozen updates are zeroed at the end (weight decay would move them).
 A freeze pattern that matches no parameter is an error (a typo would silently train everything).
 
 SGD weight decay is coupled (added to the gradient before momentum, as torch.optim.SGD); AdamW and
@@ -54,14 +57,15 @@ from eojax.optim.sophia import gnb_estimator, sample_labels
 __all__ = ["NAMES", "SCHEDULES", "Optimizer", "build", "default_config", "param_paths",
            "sample_labels", "gnb_estimator"]
 
-NAMES = ("adamw", "sgd", "sophia_h", "sophia_g")
-_NEEDS = {"adamw": (), "sgd": (), "sophia_h": ("obj_fn",), "sophia_g": ("sampled_obj_fn",)}
+NAMES = ("adamw", "sgd", "sophia_h", "sophia_g", "sophia_aispace")
+_NEEDS = {"adamw": (), "sgd": (), "sophia_h": ("obj_fn",), "sophia_g": ("sampled_obj_fn",),
+          "sophia_aispace": ()}
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every optimizer field with its default; experiment configs start from this."""
     return ml_collections.ConfigDict(dict(
-        name="adamw",              # adamw | sgd | sophia_h | sophia_g
+        name="adamw",              # adamw | sgd | sophia_h | sophia_g | sophia_aispace
         lr=1e-3,                   # peak learning rate
         schedule="cosine",         # cosine | linear | constant | step
         warmup_steps=0,            # linear warmup from 0 to lr
@@ -78,8 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
         lr_scales=(),              # ((regex, factor), ...): per-group lr multipliers, first match wins
         ema_decay=0.0,             # > 0: keep an EMA of the params (eval_params), e.g. 0.999
         accum_steps=1,             # gradient-accumulation micro-steps (done by the trainer)
-        sophia=dict(gamma=0.01, clip=1.0, b1=0.965, b2=0.99, update_every=10, eps=1e-12,
-                    seed=0),       # seed: PRNG of the Hutchinson / GNB estimators
+        # gamma: the official rho; eps: 1e-15 as the official denominator rho * bs * h + 1e-15
+        # (Sophia-H: max(gamma * h, eps)); update_every: Hessian refresh interval k (not used by
+        # sophia_aispace, which updates h every step); seed: PRNG of the Hutchinson / GNB estimators.
+        sophia=dict(gamma=0.01, clip=1.0, b1=0.965, b2=0.99, update_every=10, eps=1e-15, seed=0),
     ))
 
 
@@ -262,11 +268,21 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
                        diagnostics=lambda opt_state, params=None: {}, needs=())
 
     s = c.sophia
-    key = jax.random.PRNGKey(s.seed)
-    estimator = (optax.contrib.hutchinson_estimator_diag_hessian(key) if c.name == "sophia_h"
-                 else gnb_estimator(s.seed))
-    core = scale_by_sophia(b1=s.b1, b2=s.b2, eps=s.eps, gamma=s.gamma, clip_threshold=s.clip,
-                           update_interval=s.update_every, hessian_diagonal_fn=estimator)
+    if c.name == "sophia_h":
+        estimator = optax.contrib.hutchinson_estimator_diag_hessian(jax.random.PRNGKey(s.seed))
+        core = scale_by_sophia(b1=s.b1, b2=s.b2, eps=s.eps, gamma=s.gamma, clip_threshold=s.clip,
+                               update_interval=s.update_every, hessian_diagonal_fn=estimator)
+        ratio = sophia_lib.optax_ratio(s.b1, s.gamma, s.eps)
+    else:  # the torch-derived Sophias clip as torch.nn.utils.clip_grad_norm_ does
+        clip = [sophia_lib.clip_by_global_norm_torch(c.clip_norm)] if c.clip_norm > 0 else []
+        if c.name == "sophia_g":
+            estimator = gnb_estimator(s.seed, c.clip_norm, frozen if c.freeze else None)
+            core = sophia_lib.scale_by_sophia_g(s.b1, s.b2, s.gamma, s.eps, s.clip, s.update_every,
+                                                estimator)
+            ratio = sophia_lib.official_ratio(s.gamma, s.eps)
+        else:
+            core = sophia_lib.scale_by_sophia_aispace(s.b1, s.b2, s.gamma, s.eps, s.clip)
+            ratio = sophia_lib.official_ratio(s.gamma * sophia_lib.AISPACE_BS, s.eps)
     zero_frozen = [optax.masked(optax.set_to_zero(), frozen)] if c.freeze else []
     tx = optax.chain(*zero_frozen, *clip, core, *decay, optax.scale_by_learning_rate(schedule),
                      *zero_frozen)
@@ -276,7 +292,7 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
         include = None
         if c.freeze and params is not None:
             include = jax.tree.map(lambda f: not f, frozen(params))
-        return {"sophia_win_rate": sophia_lib.win_rate(state, s.b1, s.gamma, s.eps, s.clip, include)}
+        return {"sophia_win_rate": sophia_lib.win_rate(state, ratio, s.clip, include)}
 
     return _finish(c, tx, schedule, diagnostics=diagnostics, needs=_NEEDS[c.name])
 
