@@ -61,7 +61,7 @@ class Run:
     abstract_state: Any
     init_state: Callable[[], TrainState]
     init_opt_state: Callable[[Any], Any]
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    train_step: Callable[..., tuple[TrainState, dict]]  # (state, batch, hessian_batch=None)
     eval_step: Callable[[Any, Any, dict], dict]
     flops_per_step: float
     jit_step: Any  # the jitted train step, for lowering / compiling it (FLOP count, benches)
@@ -82,8 +82,9 @@ class Run:
 
     def lower_step(self):
         """The train step lowered for this run's shapes and shardings."""
+        batches = (self.abstract_batch(),) * (2 if self.optimizer.hessian_batch_every else 1)
         with self.scope():
-            return self.jit_step.lower(self.abstract_state, self.abstract_batch())
+            return self.jit_step.lower(self.abstract_state, *batches)
 
     def compile_step(self):
         """The compiled train step (a jax.stages.Compiled: its memory_analysis() and cost_analysis()
@@ -208,15 +209,19 @@ def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec 
 
     batch_shardings = parallel.global_batch_shardings(dummy, mesh, rules)
     step_fn = _make_train_step(task, optimizer, accum, step_rng)
-    jit_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+    batches = (batch_shardings,) * (2 if optimizer.hessian_batch_every else 1)
+    jit_step = jax.jit(step_fn, in_shardings=(state_shardings, *batches),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     jit_eval = jax.jit(lambda params, model_state, batch: task.eval_fn(params, model_state, batch, step_rng),
                        in_shardings=(param_shardings, model_state_shardings, batch_shardings),
                        out_shardings=replicated)
 
-    def train_step(state, batch):
+    def train_step(state, batch, hessian_batch=None):
+        """`hessian_batch`: the fresh batch of a Hessian refresh (optimizer.takes_hessian_batch);
+        other steps of such an optimizer estimate nothing and are given the step's own batch."""
+        extra = (batch if hessian_batch is None else hessian_batch,) if optimizer.hessian_batch_every else ()
         with scope(mesh, rules, config.kernels):
-            return jit_step(state, batch)
+            return jit_step(state, batch, *extra)
 
     def eval_step(params, model_state, batch):
         with scope(mesh, rules, config.kernels):
@@ -250,7 +255,7 @@ def _make_train_step(task, optimizer, accum: int, base_rng):
         (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return value, aux, grads, new_state
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, hessian_batch: dict | None = None):
         rng = jax.random.fold_in(base_rng, state.step)
         if accum == 1:
             loss, aux, grads, model_state = loss_and_grads(state.params, state.model_state, batch, rng)
@@ -275,7 +280,8 @@ def _make_train_step(task, optimizer, accum: int, base_rng):
         if "obj_fn" in optimizer.needs:
             extra["obj_fn"] = lambda p: task.loss_fn(p, state.model_state, batch, rng, True)[0]
         if "sampled_obj_fn" in optimizer.needs:
-            extra["sampled_obj_fn"] = lambda p, r: task.sampled_loss_fn(p, state.model_state, batch, r)
+            sampled = batch if hessian_batch is None else hessian_batch
+            extra["sampled_obj_fn"] = lambda p, r: task.sampled_loss_fn(p, state.model_state, sampled, r)
         updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         ema_model_state = optimizer.average_model_state(state.ema_model_state, model_state, state.opt_state)
@@ -415,7 +421,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_good = checkpointer.latest_step()
     for step in range(first_step + 1, config.total_steps + 1):
         _debug_kill(step, checkpointer, during_save=False)
-        state, metrics = run.train_step(state, run.next_batch())
+        # A Hessian refresh's fresh batch comes first, as in the official Sophia loop.
+        hessian = run.next_batch() if run.optimizer.takes_hessian_batch(step - 1) else None
+        state, metrics = run.train_step(state, run.next_batch(), hessian)
         pending_losses.append(metrics["loss"])
         steps_since += 1
         progress.update(1)

@@ -14,6 +14,7 @@ import rasterio
 from eojax import tasks, train
 from eojax.checkpoint import CheckpointMismatchError
 from eojax.data import qa, synthetic
+from eojax.optim import sophia as sophia_lib
 from eojax.tasks.base import DataSpec
 from eojax.vsat import great, infill, timeseries, tokenizers
 from eojax.vsat import task as vsat_task
@@ -367,6 +368,37 @@ def test_optimizers_reduce_tabular_loss(syn_config, optimizer):
     assert after < before - 0.2, (before, after)
     if optimizer == "sophia_g":
         assert 0.0 <= float(metrics["sophia_win_rate"]) <= 1.0
+
+
+def test_sophia_g_estimates_the_hessian_on_a_fresh_batch(syn_config, tmp_path, monkeypatch):
+    """As the official loop: the refresh before steps k, 2k, ... estimates on a batch of its own, drawn
+    before the step's gradient batch; other steps ignore it."""
+    config = syn_config(**{"optim.name": "sophia_g", "optim.sophia.update_every": 2, "total_steps": 5,
+                           "eval_every": 0, "checkpoint_every": 5})
+    run = train.setup(config, devices=jax.devices()[:1])
+    assert [run.optimizer.takes_hessian_batch(i) for i in range(6)] == [False, False, True, False, True, False]
+    a, b = run.next_batch(), run.next_batch()
+    copy = lambda state: jax.tree.map(lambda x: x.copy(), state)  # noqa: E731 - the step donates its state
+    nu = lambda state: np.asarray(sophia_lib.find_sophia_state(state.opt_state).nu["wte"]["embedding"])  # noqa: E731
+
+    def after(state, hessian_batch):
+        new, _ = run.train_step(copy(state), a, hessian_batch)
+        return new
+
+    state = run.init_state()
+    np.testing.assert_array_equal(nu(after(state, b)), nu(after(state, a)))  # step 0: no refresh
+    for _ in range(2):
+        state, _ = run.train_step(state, run.next_batch())
+    with_b, with_a = nu(after(state, b)), nu(after(state, a))  # step 2 refreshes on the batch it is given
+    assert np.abs(with_b - with_a).max() > 1e-3 * np.abs(with_a).max()
+
+    # The training loop draws k + 1 batches per k steps: 5 steps, refreshes before steps 2 and 4.
+    calls = []
+    original = train.Run.next_batch
+    monkeypatch.setattr(train.Run, "next_batch", lambda self: calls.append(1) or original(self))
+    config.mesh = (("data", -1), ("fsdp", 1), ("model", 1))  # the loop runs on every device
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert len(calls) == 7
 
 
 @pytest.fixture

@@ -103,6 +103,9 @@ class Optimizer:
     keeps_ema: optim.ema_decay > 0.
     average_model_state(ema, new, opt_state): the model state's EMA (e.g. BatchNorm statistics) after
         the update from `opt_state`, with the decay the parameters' EMA used ({} without an EMA).
+    hessian_batch_every: k > 0 when the optimizer's Hessian estimate takes a batch of its own before
+        steps k, 2k, ... (Sophia-G: the official loop estimates on a fresh batch that no gradient
+        sees); the trainer then draws it from the input and passes it as the step's `hessian_batch`.
     """
     tx: optax.GradientTransformationExtraArgs
     schedule: Callable[[Any], jax.Array]
@@ -112,6 +115,13 @@ class Optimizer:
     eval_params: Callable[[Any, Any], Any] = lambda params, opt_state: params
     keeps_ema: bool = False
     average_model_state: Callable[[Any, Any, Any], Any] = lambda ema, new, opt_state: ema
+    hessian_batch_every: int = 0
+
+    def takes_hessian_batch(self, step: int) -> bool:
+        """Whether the update of step `step` (0-based: the state's step before it) refreshes the
+        Hessian on a fresh batch."""
+        k = self.hessian_batch_every
+        return k > 0 and step > 0 and step % k == 0
 
 
 # ---------------------------------------------------------------- parameter paths and masks
@@ -294,19 +304,21 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
             include = jax.tree.map(lambda f: not f, frozen(params))
         return {"sophia_win_rate": sophia_lib.win_rate(state, ratio, s.clip, include)}
 
-    return _finish(c, tx, schedule, diagnostics=diagnostics, needs=_NEEDS[c.name])
+    return _finish(c, tx, schedule, diagnostics=diagnostics, needs=_NEEDS[c.name],
+                   hessian_batch_every=s.update_every if c.name == "sophia_g" else 0)
 
 
-def _finish(c, tx, schedule, diagnostics, needs) -> Optimizer:
+def _finish(c, tx, schedule, diagnostics, needs, hessian_batch_every: int = 0) -> Optimizer:
     """Adds the parameter-group lr factors and the EMA around the optimizer's own chain."""
     if c.lr_scales:
         tx = optax.chain(tx, _scale_by_group(c.lr_scales))
+    common = dict(schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name,
+                  hessian_batch_every=hessian_batch_every)
     if c.ema_decay <= 0:
-        return Optimizer(tx=tx, schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name)
-    return Optimizer(tx=_with_ema(tx, c.ema_decay), schedule=schedule, diagnostics=diagnostics, needs=needs,
-                     name=c.name, eval_params=lambda params, opt_state: opt_state.ema, keeps_ema=True,
-                     average_model_state=lambda ema, new, opt_state: _ema_step(ema, new, opt_state.count,
-                                                                               c.ema_decay))
+        return Optimizer(tx=tx, **common)
+    return Optimizer(tx=_with_ema(tx, c.ema_decay), eval_params=lambda params, opt_state: opt_state.ema,
+                     keeps_ema=True, average_model_state=lambda ema, new, opt_state: _ema_step(
+                         ema, new, opt_state.count, c.ema_decay), **common)
 
 
 def _scale_by_group(lr_scales) -> optax.GradientTransformation:
