@@ -4,9 +4,17 @@
       --config.input.root=/data/hls_burn_scars --config.init_from=/weights/Prithvi_100M.pt
   eojax train --config=configs/seg.py:encoder=mae,decoder=upernet,mode=frozen,runlocal --workdir=/tmp/seg
   eojax infer seg --config=configs/seg.py:...,runlocal --workdir=/tmp/seg --input=scene.tif
+  # the PANGAEA fork's (sig-gis/pangaea-bench) burn-scar runs: input layer retrained, whole scenes
+  eojax train --config=configs/seg.py:encoder=prithvi,decoder=upernet,mode=retrain_input,\
+      preprocessing=seg_resize_input_layer,epochs=16 --workdir=/tmp/seg --config.init_from=...
 
 Arguments: encoder=<prithvi|dofa|croma|mae|satmae>, decoder=<linear|fcn|upernet|segformer|muster>,
-mode=<frozen|finetune|random>, data=<burnscars|solaris>, sweep=<K> (K probes on frozen features in one
+mode=<frozen|finetune|random|retrain_input> (retrain_input: only the encoder's patch embedding and the
+decoder train, as the PANGAEA fork's `finetune=retrain_input`),
+preprocessing=<seg_default|seg_resize_input_layer|seg_resize> (PANGAEA's names: random crops of the
+encoder's size; whole scenes through an encoder built at the scene size; whole scenes resized to the
+encoder's size, logits resized back), epochs=<N> (80; an epoch = 60 steps, the 486 burn-scar training
+scenes at batch 8), data=<burnscars|solaris>, sweep=<K> (K probes on frozen features in one
 compiled step; sweep_lr: probe k gets lr x 10^(-1 + 2k/(K-1)) instead of only its own seed),
 encoder_lr=<factor> (finetune: the encoder's lr relative to the decoder's), runlocal.
 
@@ -33,11 +41,12 @@ TINY_DECODER_ARGS = {"linear": {}, "fcn": dict(channels=32), "upernet": dict(cha
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, encoder="prithvi", decoder="upernet", mode="frozen", data="burnscars",
-                               sweep=0, sweep_lr=False, encoder_lr=1.0, runlocal=False)
+                               preprocessing="seg_default", epochs=80, sweep=0, sweep_lr=False, encoder_lr=1.0,
+                               runlocal=False)
     config = config_lib.trainer_defaults()
     config.task = "seg"
     config.batch_size = 8
-    config.total_steps = 4_800  # 80 epochs of the 486 burn-scar training scenes at batch 8
+    config.total_steps = 60 * arg.epochs  # 60 steps: an epoch of the 486 burn-scar training scenes at batch 8
     config.eval_every = 300  # 5 epochs
     config.checkpoint_every = 300
     config.log_every = 20
@@ -55,8 +64,9 @@ def get_config(arg=None):
         mask_values=(),  # raw mask value of class 0, 1, ...; empty = the value is the class
         normalize="pangaea" if arg.data == "burnscars" else "data",  # pangaea | data | none
         mean=(), std=(),
-        crop=CROPS.get(arg.encoder, 224),
-        num_crops=480,  # random crops per epoch
+        preprocessing=arg.preprocessing,  # seg_default | seg_resize_input_layer | seg_resize (eojax.seg.modes)
+        crop=CROPS.get(arg.encoder, 224),  # the encoder input size (seg_resize_input_layer: unused, the scene size)
+        num_crops=480,  # random crops per epoch (seg_default)
         eval_stride=0,  # 0 = the crop: PANGAEA's evenly spread windows
         eval_batch_size=8,
         worker_count=0,
@@ -77,6 +87,9 @@ def get_config(arg=None):
                         step_boundaries=(0.6, 0.9), step_factor=0.1)
     if arg.mode == "frozen":
         config.optim.freeze = ("^encoder/",)
+    elif arg.mode == "retrain_input":
+        from eojax.seg import modes
+        config.optim.freeze = (modes.retrain_input_freeze(arg.encoder),)
     elif arg.encoder_lr != 1.0:
         config.optim.lr_scales = (("^encoder/", arg.encoder_lr),)
 

@@ -3,6 +3,8 @@ sweep, GeoTIFF inference, the core from a saved DataSpec without the training da
 run with best-checkpoint test and results.json."""
 import json
 import math
+import os
+import re
 import shutil
 
 import jax
@@ -11,19 +13,24 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from flax import linen as nn
 
 from eojax import checkpoint as ckpt_lib
-from eojax import tasks, train, weights
+from eojax import optim, tasks, train, weights
 from eojax.seg import data as segdata
 from eojax.models import encoders
 from eojax.seg import decoders as seg
 from eojax.seg.decoders import muster
 from eojax.seg import evaluation as seg_eval
-from eojax.seg.task import SegInput, SegTask
+from eojax.seg import modes as seg_modes
+from eojax.seg.decoders.blocks import resize as resize_logits
+from eojax.seg.task import SegInput, SegTask, resize_to_encoder
 from eojax.tasks.base import DataSpec
 from helpers import ONE_DEVICE, load_config
 
 DECODERS = ("linear", "fcn", "upernet", "segformer", "muster")
+RESIZE_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "reference", "seg_resize",
+                              "resize.npz")
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +229,135 @@ def test_init_from_a_published_prithvi_checkpoint(chips, tmp_path):
     random_mode = tiny_config(chips, mode="random", encoder="prithvi")
     with pytest.raises(ValueError, match="random weights"):
         SegTask(random_mode, run.task.spec).load_pretrained(path, init.params)
+
+
+# ------------------------------------------------------------------ the PANGAEA fork's mode and preprocessings
+
+def _paths(tree):
+    return jax.tree.leaves(optim.param_paths(tree))
+
+
+@pytest.mark.parametrize("encoder", ["mae", "prithvi", "croma", "dofa"])
+def test_retrain_input_trains_only_the_input_layer(chips, encoder):
+    """mode=retrain_input: after trainer steps every encoder parameter but the patch embedding's
+    (weight and bias; DOFA: its whole weight generator) is bit-identical, and those all moved."""
+    config = tiny_config(chips, mode="retrain_input", encoder=encoder)
+    assert config.optim.freeze == (seg_modes.retrain_input_freeze(encoder),)
+    _, before, after, losses = _run(config)
+    assert all(np.isfinite(losses)), losses
+    layer = seg_modes.input_layer(encoder)
+    trained = 0
+    for path, x, y in zip(_paths(before["encoder"]), jax.tree.leaves(before["encoder"]),
+                          jax.tree.leaves(after["encoder"])):
+        if re.match(rf"{layer}(_\d+)?/", path):
+            assert float(np.max(np.abs(x - y))) > 0, f"{path} did not train"
+            trained += 1
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=f"{path} changed")
+    assert trained >= 2  # the projection's kernel and bias at least
+    assert all(_changed(before["decoder"]["head"], after["decoder"]["head"]))
+
+
+def test_mode_and_preprocessing_mistakes_are_refused(tmp_path):
+    config = tiny_config(tmp_path / "none", mode="retrain_input", **{"optim.freeze": ("^encoder/",)})
+    with pytest.raises(ValueError, match="retrain_input.*optim.freeze"):
+        SegTask.check_config(config)
+    with pytest.raises(ValueError, match="preprocessing='resize' is unknown"):
+        SegTask.check_config(tiny_config(tmp_path / "none", **{"input.preprocessing": "resize"}))
+    config = load_config("seg", "encoder=croma,mode=retrain_input,preprocessing=seg_resize_input_layer,epochs=16")
+    assert config.optim.freeze == (r"^encoder/(?!linear_input(_\d+)?/)",)
+    assert config.input.preprocessing == "seg_resize_input_layer" and config.total_steps == 16 * 60
+
+
+def test_resize_input_layer_builds_the_encoder_at_the_scene_size(chips, tmp_path):
+    """preprocessing=seg_resize_input_layer (the fork's): the encoder is built at the scenes' size
+    (Prithvi: the fixed sin-cos of the scene's grid, also when a checkpoint of another grid is loaded,
+    as the fork's resize_input), training batches are whole scenes, each once per epoch, and the
+    eval confusion matrix is the model's on whole scenes."""
+    config = tiny_config(chips, mode="retrain_input", encoder="prithvi", arg=",preprocessing=seg_resize_input_layer")
+    run = train.setup(config, devices=jax.devices()[:1])
+    task = run.task
+    assert task.spec.elements["pixels"][0] == (6, 64, 64) and task.model.encoder.image_size == 64
+    state = run.init_state()
+    from eojax.models.encoders.prithvi import pos_embed_table
+    from eojax.weights.prithvi import prithvi_to_torch
+    grid_pos = pos_embed_table(16, (1, 8, 8))  # 64 px, patch 8
+    np.testing.assert_allclose(np.asarray(state.params["encoder"]["pos_embed"]), grid_pos, atol=1e-6)
+    small = encoders.build("prithvi", "mu", **{**dict(config.model.encoder_args), "image_size": 32,
+                                               "input_bands": segdata.BURNSCARS_BANDS})
+    shapes = nn.unbox(jax.eval_shape(lambda x: small.init(jax.random.key(0), x), jnp.zeros((1, 32, 32, 6)))["params"])
+    rng = np.random.default_rng(0)
+    published = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    path = str(tmp_path / "prithvi_32px.npz")
+    np.savez(path, **prithvi_to_torch(published, small))
+    loaded, _ = weights.load(state.params, path, task, state.model_state)
+    np.testing.assert_allclose(np.asarray(loaded["encoder"]["pos_embed"]), grid_pos, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(loaded["encoder"]["patch_embed"]["kernel"]),
+                                  published["patch_embed"]["kernel"])
+
+    pairs = run.input.pair_sets["train"]
+    scenes = [pairs.read(i) for i in range(len(pairs.scenes))]
+    it = run.input.train(0, 1)
+    seen = []
+    for _ in range(len(scenes) // config.batch_size):  # one epoch
+        batch = next(it)
+        assert batch["pixels"].shape == (config.batch_size, 6, 64, 64)
+        for b in range(config.batch_size):
+            match = [i for i, sc in enumerate(scenes) if np.array_equal(sc["pixels"], batch["pixels"][b])]
+            assert len(match) == 1
+            np.testing.assert_array_equal(batch["label"][b], scenes[match[0]]["label"])
+            seen.append(match[0])
+    assert len(set(seen)) == len(seen)
+
+    params, model_state = ckpt_lib.host_numpy((state.params, state.model_state))
+    batch = next(iter(run.input.eval(0, 1)))
+    got = jax.jit(task.eval_fn)(params, model_state, batch, jax.random.key(0))["confusion"]
+    logits = task.model.apply({"params": params, **model_state}, task.images(batch))  # whole scenes
+    np.testing.assert_array_equal(np.asarray(got), _numpy_confusion(batch, np.argmax(np.asarray(logits), -1)))
+
+
+def _numpy_confusion(batch, pred, k=2, ignore=-1):
+    keep = (batch["label"] != ignore) & (batch["weight"] > 0)[:, None, None]
+    return np.bincount(batch["label"][keep] * k + pred[keep], minlength=k * k).reshape(k, k).astype(np.float32)
+
+
+def test_resize_to_encoder_matches_the_forks_resize():
+    """PANGAEA's ResizeToEncoder (the fork's file run by scripts/fixtures/reference_seg_resize.py) and
+    its decoders' interpolation of the logits back: eojax within 1e-5 relative (measured ~3e-7)."""
+    f = np.load(RESIZE_FIXTURE)
+    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))  # noqa: E731
+    for image, want in (("scene", "resized"), ("small", "grown")):
+        got = resize_to_encoder(jnp.asarray(np.moveaxis(f[image], 0, -1))[None], 40)[0]
+        assert rel(got, np.moveaxis(f[want], 0, -1)) < 1e-5, image
+    up = resize_logits(jnp.asarray(np.moveaxis(f["logits"], 0, -1))[None], (90, 90))[0]
+    assert rel(up, np.moveaxis(f["upsampled"], 0, -1)) < 1e-5
+
+
+def test_seg_resize_scores_against_full_resolution_labels(chips):
+    """preprocessing=seg_resize: whole 64-px scenes resized to the 32-px encoder, the decoder's logits
+    resized straight to 64 px; the loss counts every full-resolution label and the eval confusion
+    matrix equals the direct computation."""
+    config = tiny_config(chips, "linear", arg=",preprocessing=seg_resize")
+    run = train.setup(config, devices=jax.devices()[:1])
+    task = run.task
+    assert task.spec.elements["pixels"][0] == (6, 64, 64) and task.model.encoder.image_size == 32
+    state = run.init_state()
+    params, model_state = ckpt_lib.host_numpy((state.params, state.model_state))
+    batch = next(iter(run.input.eval(0, 1)))
+    assert batch["label"].shape[-2:] == (64, 64)
+    got = jax.jit(task.eval_fn)(params, model_state, batch, jax.random.key(0))
+    images = task.images(batch)
+    small = jax.image.resize(images, (images.shape[0], 32, 32, 6), "bilinear", antialias=True)
+    feats = task.model.apply({"params": params}, small, method="features")
+    logits = task.model.apply({"params": params}, feats, (64, 64), method="decode")
+    direct = _numpy_confusion(batch, np.argmax(np.asarray(logits), -1))
+    np.testing.assert_array_equal(np.asarray(got["confusion"]), direct)
+    train_batch = next(run.input.train(0, 1))
+    assert train_batch["pixels"].shape == (config.batch_size, 6, 64, 64)
+    _, aux, _ = jax.jit(task.loss_fn, static_argnums=4)(params, model_state, train_batch, jax.random.key(0), True)
+    assert float(aux["pixels"]) == float(np.sum(train_batch["label"] != -1))
+    _, _, _, losses = _run(config)
+    assert all(np.isfinite(losses))
 
 
 # ------------------------------------------------------------------ inference and end to end

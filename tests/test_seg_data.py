@@ -146,3 +146,27 @@ def test_tfds_builder_matches_the_files(root, tmp_path):
                                    else records[i]["name"]])
         for k, v in source[i].items():
             np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+
+def test_whole_scene_preprocessings(root, tmp_path):
+    """seg_resize_input_layer / seg_resize train on whole scenes (every scene once per epoch); the
+    element size is the crop, the largest side (padded, square) or the scenes' one size; seg_resize
+    refuses scenes of several sizes, naming them."""
+    from ml_collections import ConfigDict
+    pairs = segdata.PairSet(segdata.burnscars_splits(root)["train"], nodata=9999.0, num_classes=2)
+    assert segdata.scene_size(pairs, "seg_default", 32) == (32, 32)
+    assert segdata.scene_size(pairs, "seg_resize_input_layer", 32) == (48, 48)
+    assert segdata.scene_size(pairs, "seg_resize", 32) == (48, 48)
+    cfg = ConfigDict(dict(preprocessing="seg_resize", crop=32, num_crops=4, worker_count=0))
+    it = segdata.make_input(cfg, pairs, split="train", batch_size=3, seed=0)
+    epoch = [next(it) for _ in range(len(pairs.scenes) // 3)]
+    whole = [pairs.read(i)["pixels"] for i in range(len(pairs.scenes))]
+    found = [next(i for i, w in enumerate(whole) if np.array_equal(w, p)) for b in epoch for p in b["pixels"]]
+    assert sorted(found) == list(range(len(pairs.scenes)))  # 9 scenes, 3 batches: each once
+    wide = np.full((6, 48, 56), 0.1, np.float32)
+    odd = segdata.Pair(_write(tmp_path / "w_merged.tif", wide, "float32"),
+                       _write(tmp_path / "w.mask.tif", np.zeros((1, 48, 56)), "int16"))
+    mixed = segdata.PairSet(pairs.pairs + [odd], nodata=9999.0, num_classes=2)
+    assert segdata.scene_size(mixed, "seg_resize_input_layer", 32) == (56, 56)
+    with pytest.raises(RasterError, match="one size.*48x56"):
+        segdata.scene_size(mixed, "seg_resize", 32)

@@ -13,9 +13,11 @@ Layouts:
 - SpaceNet buildings from solaris (`dataset='solaris'`): the 900 x 900 pan image and its pixel-aligned
   0/255 footprint mask cut into a 3 x 3 grid of 300 x 300 chips (6 train, 1 val, 2 test).
 
-Elements carry raw band-first pixels in the file's dtype (normalised on the device, as every eojax
-input), `valid` (no band at nodata) and an int32 `label` in which missing mask values, values that are
-no class and invalid pixels are `ignore_index`.
+Training elements are random crops (input.preprocessing='seg_default') or whole scenes (the resize
+preprocessings, eojax.seg.modes); evaluation elements are whole scenes. Elements carry raw band-first
+pixels in the file's dtype (normalised on the device, as every eojax input), `valid` (no band at
+nodata) and an int32 `label` in which missing mask values, values that are no class and invalid
+pixels are `ignore_index`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from rasterio.windows import Window
 from eojax.data import pipeline, synthetic
 from eojax.data.raster import RasterError, Scene, expand_paths
 from eojax.data.stats import BandStats, load_or_compute_stats
+from eojax.seg.modes import preprocessing
 
 BURNSCARS_BANDS = ("B2", "B3", "B4", "B8A", "B11", "B12")
 BURNSCARS_CLASSES = ("not_burned", "burn_scar")
@@ -289,16 +292,45 @@ def band_stats(cfg, train: PairSet) -> BandStats | None:
     return BandStats(mean=mean, std=std, count=np.zeros(len(names), np.int64), band_names=names)
 
 
+def scene_size(pairs: PairSet, mode: str, crop: int) -> tuple[int, int]:
+    """(H, W) of a training element: the crop ('seg_default'); the largest side of the split's scenes,
+    square ('seg_resize_input_layer': the encoder is built at that size, smaller scenes padded); the
+    scenes' one size ('seg_resize', which resizes each scene as it is, so padding would be resized
+    into the picture)."""
+    if mode == "seg_default":
+        return crop, crop
+    sizes = sorted({(s.height, s.width) for s in pairs.scenes})
+    if mode == "seg_resize_input_layer":
+        side = max(max(hw) for hw in sizes)
+        return side, side
+    if len(sizes) > 1:
+        big = max(pairs.scenes, key=lambda s: (s.height, s.width))
+        raise RasterError(f"input.preprocessing='seg_resize' resizes whole scenes, so a split's scenes need "
+                          f"one size; {pairs.scenes[0].path} is {pairs.scenes[0].height}x"
+                          f"{pairs.scenes[0].width} but {big.path} is {big.height}x{big.width}")
+    return sizes[0]
+
+
 def make_input(cfg, pairs: PairSet, *, split: str, batch_size: int, process_index: int = 0,
-               process_count: int = 1, seed: int = 0):
-    """split 'train': endless checkpointable iterator of random crops; otherwise one pass over the
-    whole scenes (re-iterable), the last batch padded with weight-0 rows."""
-    if split == "train":
+               process_count: int = 1, seed: int = 0, window: int | None = None):
+    """split 'train': endless checkpointable iterator of random crops ('seg_default'), or of whole
+    scenes, every scene once per epoch, reshuffled each epoch (the resize preprocessings);
+    otherwise one pass over the whole scenes (re-iterable), the last batch padded with weight-0 rows.
+    `window` is the model's input size (default input.crop): whole scenes are padded to at least it,
+    except under 'seg_resize', which takes each scene at its own size."""
+    mode = preprocessing(cfg)
+    if split == "train" and mode == "seg_default":
         ds = RandomCrops(pairs, cfg.crop, cfg.num_crops, seed)
         return pipeline.make_iterator(ds, batch_size=batch_size, process_index=process_index,
                                       process_count=process_count, shuffle=True, seed=seed,
                                       worker_count=cfg.worker_count)
-    ds = WholeScenes(pairs, min_size=cfg.crop)
+    if mode == "seg_resize":
+        scene_size(pairs, mode, cfg.crop)  # one size, or a one-line error
+    ds = WholeScenes(pairs, min_size=0 if mode == "seg_resize" else (window or cfg.crop))
+    if split == "train":
+        return pipeline.make_iterator(ds, batch_size=batch_size, process_index=process_index,
+                                      process_count=process_count, shuffle=True, seed=seed,
+                                      worker_count=cfg.worker_count)
     return pipeline.make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
                                       process_count=process_count, shuffle=False, num_epochs=1,
                                       drop_remainder=False, worker_count=cfg.worker_count)

@@ -4,6 +4,9 @@ of windows by row of windows, so memory holds at most two rows of windows, never
 The windows and the averaging are those of evaluation (seg_eval.window_offsets, overlapping logits
 averaged per pixel): after row i of windows is predicted, every output row above the next row's
 start has seen all its windows and is final, so it is written (rasterio windowed writes) and dropped.
+Windows are the training element's size (`task.window`: input.crop; under the resize preprocessings
+the training scenes' size, and 'seg_resize' resizes each window to the encoder and its logits back,
+as it did the scenes in training).
 Outputs (CRS and transform copied from the input): `<stem>_classes.tif` (uint8, 255 = no data),
 optionally `<stem>_probabilities.tif` (float32, one band per class), and `<stem>_overlay.png`.
 """
@@ -53,8 +56,8 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
     out_dir = options.get("output") or os.path.join(workdir, "infer")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(scene.path))[0]
-    window = task.config.input.crop
-    stride = task.config.input.eval_stride or window
+    wy, wx = task.window  # the training element's size (input.crop, or the scene's)
+    stride = task.config.input.eval_stride
     k = task.config.model.num_classes
     probabilities = bool(task.config.infer.probabilities)
 
@@ -64,7 +67,7 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
         return logits[0] if task.k else logits  # a sweep predicts with probe 0
 
     h, w = scene.height, scene.width
-    ys, xs = seg_eval.window_offsets(h, window, stride), seg_eval.window_offsets(w, window, stride)
+    ys, xs = seg_eval.window_offsets(h, wy, stride or wy), seg_eval.window_offsets(w, wx, stride or wx)
     profile = dict(driver="GTiff", height=h, width=w, crs=scene.crs, transform=scene.transform, tiled=True,
                    blockxsize=256, blockysize=256)
     paths = {"classes": os.path.join(out_dir, f"{stem}_classes.tif")}
@@ -79,16 +82,16 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
         base, total = 0, np.zeros((0, w, k), np.float32)
         count = np.zeros((0, w), np.float32)
         for i, y in enumerate(ys):
-            crops = [_read(scene, x, y, window) for x in xs]
+            crops = [_read(scene, x, y, wy, wx) for x in xs]
             logits = np.asarray(predict(params, state, np.stack([c[0] for c in crops]),
                                         np.stack([c[1] for c in crops])))
-            need = y + window - base
+            need = y + wy - base
             if need > total.shape[0]:
                 grow = need - total.shape[0]
                 total = np.concatenate([total, np.zeros((grow, w, k), np.float32)])
                 count = np.concatenate([count, np.zeros((grow, w), np.float32)])
             for j, x in enumerate(xs):
-                hh, ww = min(window, h - y), min(window, w - x)
+                hh, ww = min(wy, h - y), min(wx, w - x)
                 total[y - base:y - base + hh, x:x + ww] += logits[j, :hh, :ww]
                 count[y - base:y - base + hh, x:x + ww] += 1
             done = ys[i + 1] if i + 1 < len(ys) else h
@@ -119,13 +122,13 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
                                 zip(task.config.model.class_names or range(k), class_counts)}}
 
 
-def _read(scene: Scene, x: int, y: int, window: int):
-    """A window x window crop at (x, y), zero-padded (invalid) where the scene is smaller."""
-    hh, ww = min(window, scene.height - y), min(window, scene.width - x)
+def _read(scene: Scene, x: int, y: int, wy: int, wx: int):
+    """A wy x wx crop at (x, y), zero-padded (invalid) where the scene is smaller."""
+    hh, ww = min(wy, scene.height - y), min(wx, scene.width - x)
     pixels, valid = scene.read_pixels(Window(x, y, ww, hh))
-    if (hh, ww) != (window, window):
-        pixels = np.pad(pixels, ((0, 0), (0, window - hh), (0, window - ww)))
-        valid = np.pad(valid, ((0, window - hh), (0, window - ww)))
+    if (hh, ww) != (wy, wx):
+        pixels = np.pad(pixels, ((0, 0), (0, wy - hh), (0, wx - ww)))
+        valid = np.pad(valid, ((0, wy - hh), (0, wx - ww)))
     return pixels, valid
 
 

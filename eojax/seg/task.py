@@ -1,8 +1,10 @@
 """Semantic segmentation on frozen / fine-tuned / random encoders (PANGAEA protocol), and probe sweeps.
 
-Modes (config.model.mode): 'frozen' (encoder params frozen by the optimizer's freeze mask
-'^encoder/', features under stop_gradient), 'finetune' (everything trains; config.optim.lr_scales
-can give the encoder a lower lr), 'random' (like finetune, never loads pretrained weights).
+Modes (config.model.mode, eojax.seg.modes): 'frozen' (encoder params frozen by the optimizer's
+freeze mask '^encoder/', features under stop_gradient), 'finetune' (everything trains;
+config.optim.lr_scales can give the encoder a lower lr), 'random' (like finetune, never loads
+pretrained weights), 'retrain_input' (the PANGAEA fork's: the freeze mask leaves only the encoder's
+input layer, its patch embedding, and the decoder to train; gradients flow through the encoder).
 Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained`, delegating to the
 encoder's converter, weights.common.load_encoder) or from an eojax MAE / SatMAE++ run folder.
 
@@ -11,9 +13,12 @@ normalisation's statistics); SegTask, the model and its loss, is built from the 
 alone, so `eojax infer` (eojax/seg/infer.py) runs without the training data. Pictures:
 eojax/seg/pictures.py.
 
-Training reads random crops of the encoder's size; evaluation (and test) slides windows of that size
-over whole scenes and averages overlapping logits (seg_eval.sliding_window_logits). eval_fn returns
-a (C, C) confusion matrix that the trainer sums over all batches; finalize_eval derives the metrics.
+Preprocessing (config.input.preprocessing, eojax.seg.modes): 'seg_default' trains on random crops of
+the encoder's size and evaluates (and tests) with windows of that size slid over whole scenes,
+overlapping logits averaged (seg_eval.sliding_window_logits); 'seg_resize_input_layer' builds the
+encoder at the scene size and trains and evaluates on whole scenes; 'seg_resize' resizes whole scenes
+to the encoder's size and the logits back to the scene's. eval_fn returns a (C, C) confusion matrix
+that the trainer sums over all batches; finalize_eval derives the metrics.
 
 Sweep (config.sweep.k = K > 0, frozen mode): K decoders ("probes", e.g. linear probes) on the same
 frozen features, trained by the one trainer in one compiled step: the encoder runs once per batch,
@@ -39,10 +44,11 @@ from eojax.models import encoders
 from eojax.seg import data as segdata
 from eojax.seg import decoders as seg_models
 from eojax.seg import evaluation as seg_eval
+from eojax.seg import modes as seg_modes
 from eojax.tasks.base import DataSpec, Input, Task, apply_model, elements, stats_from_info, stats_info
 from eojax.weights import common as weights_common
 
-MODES = ("frozen", "finetune", "random")
+MODES = seg_modes.MODES
 
 
 class SegInput(Input):
@@ -62,10 +68,12 @@ class SegInput(Input):
         return segdata.band_stats(self.config.input, self.pair_sets["train"])
 
     def build_spec(self) -> DataSpec:
-        """Random crops of the encoder's size: raw band-first pixels, validity, class labels."""
-        train, s, m = self.pair_sets["train"], self.config.input.crop, self.config.model
-        arrays = elements(pixels=((len(train.band_names), s, s), train.scenes[0].dtype), valid=((s, s), bool),
-                          label=((s, s), np.int32), weight=((), np.float32))
+        """Training elements (random crops of the encoder's size, or whole scenes under the resize
+        preprocessings): raw band-first pixels, validity, class labels."""
+        train, c, m = self.pair_sets["train"], self.config.input, self.config.model
+        h, w = segdata.scene_size(train, seg_modes.preprocessing(c), c.crop)
+        arrays = elements(pixels=((len(train.band_names), h, w), train.scenes[0].dtype), valid=((h, w), bool),
+                          label=((h, w), np.int32), weight=((), np.float32))
         return DataSpec(arrays, {"band_names": list(train.band_names), "num_classes": int(m.num_classes),
                                  "class_names": list(m.class_names), **stats_info(self.stats)})
 
@@ -77,8 +85,10 @@ class SegInput(Input):
         batch = c.batch_size if split == "train" else c.input.eval_batch_size
         if batch % process_count:
             raise ValueError(f"batch size {batch} ({split}) does not divide over {process_count} processes")
+        window = self.spec().elements["pixels"][0][-1]  # the training element's size
         return segdata.make_input(c.input, sets[split], split=split, batch_size=batch // process_count,
-                                  process_index=process_index, process_count=process_count, seed=c.seed)
+                                  process_index=process_index, process_count=process_count, seed=c.seed,
+                                  window=window)
 
     def train(self, process_index, process_count):
         return self._input("train", process_index, process_count)
@@ -103,6 +113,13 @@ class SegTask(Task):
         self.k = int(config.sweep.k)
         self.band_names = list(spec.info["band_names"])
         self.stats = stats_from_info(spec.info)  # None with input.normalize='none'
+        self.preprocessing = seg_modes.preprocessing(config.input)
+        # The training element's (H, W): the crop, or the scene under the resize preprocessings; the
+        # size of evaluation's (and inference's) windows.
+        self.window = tuple(spec.elements["pixels"][0][-2:])
+        # The encoder's input size: the crop, or the scene ('seg_resize_input_layer').
+        self.input_size = (self.window[0] if self.preprocessing == "seg_resize_input_layer"
+                           else int(config.input.crop))
 
     @classmethod
     def check_config(cls, config):
@@ -117,13 +134,22 @@ class SegTask(Task):
         if m.mode == "frozen" and "^encoder/" not in tuple(config.optim.freeze):
             raise ValueError("model.mode='frozen' needs config.optim.freeze to contain '^encoder/' "
                              "(configs/seg.py sets it)")
+        if m.mode == "retrain_input":
+            want = seg_modes.retrain_input_freeze(m.encoder)
+            if tuple(config.optim.freeze) != (want,):
+                raise ValueError(f"model.mode='retrain_input' trains only the encoder's input layer: "
+                                 f"config.optim.freeze must be ({want!r},) (configs/seg.py sets it), "
+                                 f"got {tuple(config.optim.freeze)}")
+        pre = seg_modes.preprocessing(config.input)
+        if pre not in seg_modes.PREPROCESSINGS:
+            raise ValueError(f"config.input.preprocessing={pre!r} is unknown; one of {seg_modes.PREPROCESSINGS}")
 
     # -- model -------------------------------------------------------------------------------------
     def _encoder(self):
         m = self.config.model
         fields = encoders.encoder_class(m.encoder).__dataclass_fields__
         kwargs = dict(m.encoder_args)
-        derived = {"image_size": self.config.input.crop, "in_channels": len(self.band_names),
+        derived = {"image_size": self.input_size, "in_channels": len(self.band_names),
                    "input_bands": tuple(self.band_names), "dtype": jnp.dtype(m.dtype)}
         for key, value in derived.items():
             if key in fields and key not in kwargs:
@@ -166,17 +192,21 @@ class SegTask(Task):
         return variables
 
     def logits(self, params, state, images, rng=None, train=False):
-        """(B, H, W, C) -> (logits (B, H, W, K) float32, new model state); in a sweep (P, B, H, W, K)."""
+        """(B, H, W, C) -> (logits (B, H, W, K) float32, new model state); in a sweep (P, B, H, W, K).
+        'seg_resize': the images are resized to the encoder's input size and the logits come back at
+        (H, W)."""
         rng = jax.random.key(0) if rng is None else rng
+        size = images.shape[-3:-1]
+        if self.preprocessing == "seg_resize":
+            images = resize_to_encoder(images, self.input_size)
         if not self.k:  # the dropout rng of probe `probe_seed`, as in a sweep
-            return apply_model(self.model, params, state, images, train=train,
+            return apply_model(self.model, params, state, images, train=train, size=size,
                                rngs={"dropout": jax.random.fold_in(rng, self._probe_ids()[0])})
         feats = self.model.apply({"params": {"encoder": params["encoder"]}}, images, train,
                                  method="features")
         probes = [f"probe_{k}" for k in range(self.k)]
         stack = lambda tree: jax.tree.map(lambda *x: jnp.stack(x), *[tree["probes"][p] for p in probes])  # noqa: E731
         rngs = jnp.stack([jax.random.fold_in(rng, i) for i in self._probe_ids()])
-        size = images.shape[-3:-1]
 
         def decode(p, s, r):
             return apply_model(self.model, {"decoder": p}, {c: {"decoder": t} for c, t in s.items()}, feats, size,
@@ -208,19 +238,24 @@ class SegTask(Task):
         return jnp.sum(per), {"probe_loss_mean": jnp.mean(per), "probe_loss_min": jnp.min(per)}, state
 
     def predict_scenes(self, params, state, images):
-        """Sliding-window logits over whole scenes: (B, H, W, K) (sweep: (P, B, H, W, K))."""
+        """Logits over whole scenes: (B, H, W, K) (sweep: (P, B, H, W, K)). Sliding windows of the
+        training element's size (one window when the scenes are that size, as under
+        'seg_resize_input_layer'); 'seg_resize' resizes each scene whole."""
         c, m = self.config.input, self.config.model
-        stride = c.eval_stride or c.crop
         predict = lambda x: self.logits(params, state, x)[0]  # noqa: E731
+        if self.preprocessing == "seg_resize":
+            return predict(images)
+        window = self.window[0]
+        stride = c.eval_stride or window
         if not self.k:
-            return seg_eval.sliding_window_logits(predict, images, c.crop, stride)
+            return seg_eval.sliding_window_logits(predict, images, window, stride)
         ncls = m.num_classes
 
         def stacked(x):  # probes side by side on the class axis, so windows are averaged once
             y = predict(x)  # (P, N, w, w, K)
             return jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], self.k * ncls)
 
-        out = seg_eval.sliding_window_logits(stacked, images, c.crop, stride)
+        out = seg_eval.sliding_window_logits(stacked, images, window, stride)
         return jnp.moveaxis(out.reshape(*out.shape[:-1], self.k, ncls), -2, 0)
 
     def eval_fn(self, params, state, batch, rng):
@@ -262,6 +297,17 @@ class SegTask(Task):
         else:
             encoder, _ = weights_common.load_encoder(path, abstract, self.model.encoder)
         return {**init_params, "encoder": encoder}  # the decoder as the trainer initialised it
+
+
+def resize_to_encoder(images, size: int):
+    """(B, H, W, C) -> (B, size, size, C), computed in float32: PANGAEA's ResizeToEncoder
+    (torchvision's resize: bilinear, half-pixel centres, antialiased when shrinking; jax.image.resize
+    computes the same triangle filter)."""
+    b, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    return jax.image.resize(images.astype(jnp.float32), (b, size, size, c), "bilinear",
+                            antialias=True).astype(images.dtype)
 
 
 def export_encoder(workdir: str, path: str, subtree: str = "encoder") -> str:

@@ -50,8 +50,10 @@ class SegmentationModel(nn.Module):
     def decode(self, feats, size, train: bool = False):
         return resize(self.decoder(feats, train=train).astype(jnp.float32), size)
 
-    def __call__(self, images, train: bool = False):
-        return self.decode(self.features(images, train), images.shape[-3:-1], train)
+    def __call__(self, images, train: bool = False, size=None):
+        """`size`: the logits' (H, W), default the images' (PANGAEA's output_shape: a resized scene's
+        logits go straight back to the scene's size)."""
+        return self.decode(self.features(images, train), size or images.shape[-3:-1], train)
 
 
 __all__ = ["DECODERS", "FeaturePyramid", "SegmentationModel", "build_decoder"]
