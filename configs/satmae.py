@@ -10,6 +10,11 @@ Loss = 0.6 * MSE + 0.4 * (0.5 * L1 at 2x + 0.5 * L1 at 4x).
 
 Arguments: runlocal, variant=<mu|tiny|base|large> (paper: base / large at 96 px, patch 8),
 spatial_mask (mask the same locations in every group), single_scale (no multi-scale head).
+model.pred_order: 'bands' (each group's decoder head predicts its own bands), 'reference' (SatMAE++'s:
+the group predictions concatenated in group order are read as band order, as a published SatMAE++
+pretraining checkpoint was trained) or 'auto' (default: 'reference' when --config.init_from names a
+checkpoint file, 'bands' otherwise; `eojax eval` / `infer` of such a run need the same init_from or
+pred_order='reference').
 Your own data: --config.input.paths="('/data/s2/*.tif',)" --config.input.bands="(...10 names...)",
 or other bands with --config.model.groups="(('B2','B3','B4'),('B5','B6','B7'))".
 The default config reads 384 px native windows, so it needs scenes of at least 384 x 384 pixels (the
@@ -36,7 +41,7 @@ def get_config(arg=None):
 
     # Shape keys at 0 take the variant's own size (eojax.mae.satmae.VARIANTS).
     config.model = dict(
-        variant=arg.variant, groups="sentinel2_10", patch_size=8, mask_ratio=0.75,
+        variant=arg.variant, groups="sentinel2_10", patch_size=8, mask_ratio=0.75, pred_order="auto",
         spatial_mask=arg.spatial_mask, norm_pix_loss=False, width=0, depth=0, heads=0, mlp_dim=0,
         group_embed_dim=0, decoder_width=0, decoder_depth=0, decoder_heads=0, decoder_group_embed_dim=0,
         dropout=0.0, dtype="float32", param_dtype="float32", scan=False, remat=False,

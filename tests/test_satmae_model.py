@@ -18,9 +18,11 @@ from eojax.mae.satmae import (
     decoder_pos_group_embed,
     interpolate_pos_embed,
     pos_group_embed,
+    pred_bands,
     satmae_config,
 )
 from eojax.models.upsample import UpsampleBlock
+from eojax.models.vit import patchify, unpatchify
 from eojax.parallel import make_mesh
 
 RNGS = {"params": jax.random.key(0), "mask": jax.random.key(1)}
@@ -263,6 +265,33 @@ def test_masked_loss_invariances(norm_pix):
     assert abs(mse(moved) - base) > 1e-3
 
 
+def test_pred_order_reference_reads_group_order_as_band_order(mu):
+    """pred_order='reference' (SatMAE++): the group predictions concatenated in group order are the
+    reconstruction's bands, and the loss compares them so; with contiguous groups the orders agree."""
+    assert pred_bands(GROUPS_S2_10, "bands") == GROUPS_S2_10
+    assert pred_bands(GROUPS_S2_10, "reference") == ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9))
+    with pytest.raises(ValueError, match="pred_order='groups'"):
+        pred_bands(GROUPS_S2_10, "groups")
+    model, params, x, fwd = mu
+    ref = _mu(pred_order="reference")
+    out, out_ref = fwd(params, x, _key(9)), _fwd(ref)(params, x, _key(9))
+    jax.tree.map(np.testing.assert_array_equal, out["pred"], out_ref["pred"])  # same weights, same heads
+    concat = np.concatenate([unpatchify(pr, 4, 16, 16, len(g)) for pr, g in zip(out["pred"], GROUPS_S2_10)], -1)
+    np.testing.assert_allclose(out_ref["recon"], concat, atol=1e-6)
+    np.testing.assert_allclose(out["recon"], concat[..., np.argsort(sum(GROUPS_S2_10, ()))], atol=1e-6)
+    # The loss: each group's bands are compared with the predictions that stand for them.
+    mask = np.asarray(out["mask"])
+    target = np.asarray(patchify(x, 4)).reshape(8, 16, 16, 10)
+    rec = np.asarray(patchify(jnp.asarray(concat), 4)).reshape(8, 16, 16, 10)  # reference band order
+    num = sum((((rec - target)[..., list(g)] ** 2).mean((-1, -2)) * mask[:, i]).sum()
+              for i, g in enumerate(GROUPS_S2_10))
+    got = float(satmae_loss(out_ref, x, None, 4, GROUPS_S2_10, pred_order="reference")[0])
+    assert got == pytest.approx(num / mask.sum(), rel=1e-5)
+    assert abs(got - float(satmae_loss(out_ref, x, None, 4, GROUPS_S2_10)[0])) > 1e-4  # 'bands' differs
+    contiguous = ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9))
+    assert pred_bands(contiguous, "reference") == contiguous
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-scale head
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +346,32 @@ def test_group_channel_vit_loads_mae_encoder(mu):
     # A different grid (24 x 32 px: 6 x 8 patches): positions recomputed, no parameter change.
     big = jax.jit(vit.apply)({"params": enc}, jax.random.normal(_key(7), (2, 24, 32, 10)))
     assert big.shape == (2, 1 + 3 * 48, 32) and np.isfinite(big).all()
+
+
+def test_group_channel_vit_learned_embed(mu):
+    """learned_embed=True (the fine-tuning ViT): pos_embed / channel_embed parameters initialised to
+    the fixed sin-cos (the same function as the fixed model until trained), both used; another grid
+    resizes pos_embed."""
+    model, params, x, fwd = mu
+    kw = {k: v for k, v in satmae_config("mu").items() if k in ENC_KEYS}
+    fixed, learned = GroupChannelViT(**kw), GroupChannelViT(**kw, learned_embed=True)
+    p = nn.unbox(jax.jit(learned.init)(RNGS, x))["params"]
+    assert p["pos_embed"].shape == (16, 24) and p["channel_embed"].shape == (3, 8)
+    table = pos_group_embed(32, 8, 3, 4, 4)
+    np.testing.assert_allclose(p["pos_embed"], table[0, :, :24], atol=1e-6)
+    np.testing.assert_allclose(p["channel_embed"], table[:, 0, 24:], atol=1e-6)
+    enc = dict(params["params"]["encoder"])
+    want = jax.jit(fixed.apply)({"params": enc}, x)
+    ones = dict(enc, pos_embed=p["pos_embed"], channel_embed=p["channel_embed"])
+    np.testing.assert_allclose(jax.jit(learned.apply)({"params": ones}, x), want, atol=1e-5)
+    moved = dict(ones, channel_embed=ones["channel_embed"] + 1.0)
+    assert not np.allclose(jax.jit(learned.apply)({"params": moved}, x), want, atol=1e-3)
+    big = jax.random.normal(_key(7), (2, 24, 32, 10))  # 6 x 8 patches: pos_embed resized
+    diff = (learned.apply({"params": ones}, big, method=GroupChannelViT.embed)
+            - fixed.apply({"params": enc}, big, method=GroupChannelViT.embed))  # (B, G, N, D)
+    want = np.asarray(interpolate_pos_embed(ones["pos_embed"], (4, 4), (6, 8))) - pos_group_embed(32, 8, 3, 6, 8)[0, :, :24]
+    np.testing.assert_allclose(diff[..., :24], np.broadcast_to(want, (2, 3, 48, 24)), atol=1e-5)
+    np.testing.assert_allclose(diff[..., 24:], 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["bicubic", "bilinear"])

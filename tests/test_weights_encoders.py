@@ -156,7 +156,8 @@ def test_prithvi_base_key_shapes_and_prefixes():
 
 def test_prithvi_prefix_resize_and_band_report(caplog):
     """terratorch layout ('encoder.' + decoder), a 3-frame checkpoint into a 1-frame model of another
-    size: pos_embed resampled (3 -> 1 frames picks the middle frame), missing bands zero-filled."""
+    size: its pos_embed is not used (the model's 3D sin-cos for T = 1, t = 0, as PANGAEA), missing
+    bands zero-filled."""
     sd = random_sd(prithvi_shapes(3, 4, "encoder."))
     sd["encoder.pos_embed"] = prithvi_3d_sincos(3, 4, 4).astype(np.float32)
     sd["decoder.decoder_embed.weight"] = np.zeros((16, D), np.float32)
@@ -164,8 +165,8 @@ def test_prithvi_prefix_resize_and_band_report(caplog):
     with caplog.at_level(logging.WARNING):
         params, report = wprithvi.prithvi_from_torch(sd, enc)
         common.log_report("test", report)
-    assert report["resized"] == {"encoder.pos_embed": ((3, 4, 4), (1, 4, 4))}
-    np.testing.assert_allclose(params["pos_embed"][0, 1:], sd["encoder.pos_embed"][0, 17:33], atol=1e-6)
+    assert report["resized"] == {} and "grid (3, 4, 4)" in report["ignored"]["encoder.pos_embed"]
+    np.testing.assert_allclose(params["pos_embed"], prithvi_3d_sincos(1, 4, 4), atol=1e-6)  # t = 0
     assert report["zero_filled_bands"] == ["B3", "B11", "B12"]
     assert "decoder.decoder_embed.weight" in report["ignored"]
     assert "B3" in caplog.text and "zero-fill" in caplog.text

@@ -469,3 +469,92 @@ def test_load_pretrained_places_params(mae_params, tmp_path):
     assert params["cls_token"].dtype == jnp.bfloat16 and params["cls_token"].sharding == rep
     want = dict(mae_params["encoder"], cls_token=mae_params["encoder"]["cls_token"].astype(jnp.bfloat16))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fine-tuning ViT's trained embeddings, the decoder order, the seg encoder's loader
+# ---------------------------------------------------------------------------------------------
+def test_learned_embed_import_and_round_trip():
+    """GroupChannelViT(learned_embed=True) takes a fine-tuned checkpoint's trained pos_embed /
+    channel_embed (channel_cls_embed and pos_embed row 0 folded into cls_token, as before); export
+    writes them back. A pretraining checkpoint starts it from its sin-cos; a pos_embed of another grid
+    is replaced by the model's sin-cos, as main_finetune.py drops it."""
+    sd = _reference_state_dict(seed=9, finetune=True)
+    rng = np.random.default_rng(10)
+    sd["pos_embed"] = sd["pos_embed"] + 0.1 * rng.standard_normal(sd["pos_embed"].shape).astype(np.float32)
+    sd["channel_embed"] = sd["channel_embed"] + 0.1 * rng.standard_normal((1, 3, 8)).astype(np.float32)
+    learned = dict(VIT, learned_embed=True)
+    params, ignored = satmae_from_torch(sd, learned, strict=False)
+    assert set(ignored) == {"head.weight", "head.bias"}
+    np.testing.assert_array_equal(params["pos_embed"], sd["pos_embed"][0, 1:])
+    np.testing.assert_array_equal(params["channel_embed"], sd["channel_embed"][0])
+    fixed, _ = satmae_from_torch(sd, VIT, strict=False)  # the sin-cos model keeps the rest equal
+    _assert_trees_equal({k: v for k, v in params.items() if not k.endswith("embed")}, fixed)
+    back = satmae_to_torch(params, learned)
+    np.testing.assert_array_equal(back["pos_embed"][0, 1:], sd["pos_embed"][0, 1:])
+    np.testing.assert_array_equal(back["channel_embed"], sd["channel_embed"])
+    _assert_trees_equal(satmae_from_torch(back, learned)[0], params)
+    # Reference fine-tuning forward with the trained embeddings == eojax.
+    img = np.random.default_rng(11).standard_normal((16, 16, 10)).astype(np.float32)
+    tokens = np.stack([_patch_conv(img[..., g], sd[f"patch_embed.{i}.proj.weight"],
+                                   sd[f"patch_embed.{i}.proj.bias"]) for i, g in enumerate(CFG["groups"])])
+    emb = np.concatenate([np.broadcast_to(sd["pos_embed"][0, 1:], (3, 16, 24)),
+                          np.broadcast_to(sd["channel_embed"][0][:, None], (3, 16, 8))], -1)
+    x = np.concatenate([sd["cls_token"][0] + np.concatenate([sd["pos_embed"][0, :1], sd["channel_cls_embed"][0]], -1),
+                        (tokens + emb).reshape(48, 32)])
+    for k in range(2):
+        x = _timm_block(x, sd, f"blocks.{k}", heads=2)
+    ref = _ln(x, sd["norm.weight"], sd["norm.bias"])
+    _close(GroupChannelViT(**learned).apply({"params": params}, img[None])[0], ref, 1e-3)
+    # A pretraining checkpoint: the sin-cos; another grid: the model's sin-cos, reported.
+    pre, _ = satmae_from_torch(_reference_state_dict(seed=12), learned, strict=False)
+    np.testing.assert_allclose(pre["pos_embed"], _ref_2d(24, 4)[0, 1:], atol=1e-6)
+    np.testing.assert_allclose(pre["channel_embed"], _ref_1d(8, np.arange(3)), atol=1e-6)
+    other = dict(sd, pos_embed=_ref_2d(24, 6) + 0.1)
+    moved, ignored = satmae_from_torch(other, learned, strict=False)
+    assert "pos_embed" in ignored and "main_finetune" in ignored["pos_embed"]
+    np.testing.assert_allclose(moved["pos_embed"], _ref_2d(24, 4)[0, 1:], atol=1e-6)
+    with pytest.raises(ValueError, match="learned_embed"):
+        satmae_from_torch(sd, dict(CFG, learned_embed=True))
+
+
+def test_fixed_embed_model_refuses_trained_embeddings():
+    sd = _reference_state_dict(seed=13, finetune=True)
+    sd["channel_embed"] = sd["channel_embed"] + 0.5
+    with pytest.raises(CheckpointMismatchError, match="channel_embed: differs .* set learned_embed=True"):
+        satmae_from_torch({k: v for k, v in sd.items() if not k.startswith("head.")}, VIT)
+
+
+def test_load_pretrained_decoder_order(tmp_path, caplog):
+    """A pretraining checkpoint into a SatMAE with non-contiguous groups and eojax's pred_order: the
+    same weights, with a warning naming the reference's order; none with it or contiguous groups."""
+    from safetensors.numpy import save_file
+    path = str(tmp_path / "pretrain.safetensors")
+    save_file(_reference_state_dict(seed=14), path)
+    abstract = nn.unbox(jax.eval_shape(SatMAE(**CFG).init, RNGS, jnp.zeros((1, 16, 16, 10))))["params"]
+    want, _ = satmae_from_torch(_reference_state_dict(seed=14), CFG)
+    contiguous = dict(CFG, groups=((0, 1, 2, 3), (4, 5, 6, 7), (8, 9)))
+    for kwargs, warns in [(CFG, True), (dict(CFG, pred_order="reference"), False), (contiguous, False)]:
+        caplog.clear()
+        params = load_pretrained(path, abstract, kwargs)
+        assert ("pred_order='reference'" in caplog.text) == warns
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
+
+
+def test_seg_encoder_loader_reports_other_parts(tmp_path):
+    """The seg encoder 'satmae' (common.load_encoder): the decoder / multi-scale head of a pretraining
+    checkpoint and a fine-tuned classifier are reported, not refused; an unknown key still is."""
+    from safetensors.numpy import save_file
+    from eojax.models import encoders
+    from eojax.weights import common
+    enc = encoders.build("satmae", "mu", layers=(1,))
+    abstract = nn.unbox(jax.eval_shape(enc.init, RNGS, jnp.zeros((1, 16, 16, 10))))["params"]
+    for name, sd in [("pre", _reference_state_dict(seed=15)), ("ft", _reference_state_dict(seed=15, finetune=True))]:
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        params, report = common.load_encoder(tmp_path / f"{name}.safetensors", abstract, enc)
+        enc_keys = ("cls_token", "pos_embed", "channel_embed", "channel_cls_embed", "patch_embed.", "blocks.", "norm.")
+        assert set(report["ignored"]) == {k for k in sd if not k.startswith(enc_keys)}
+        _assert_trees_equal(params, satmae_from_torch(sd, VIT, strict=False)[0])
+    save_file(dict(sd, extra=np.zeros(3, np.float32)), str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="not in this model: extra"):
+        common.load_encoder(tmp_path / "bad.safetensors", abstract, enc)

@@ -12,7 +12,10 @@ Deviations from the reference (techmn/satmae_pp), all deliberate:
   * Patch vectors use eojax's (row, col, channel) pixel order, not the reference's (channel, row, col).
   * The reference concatenates the per-group predictions in group order and then treats them as band
     order (loss and multi-scale input); with non-contiguous groups that pairs a prediction with
-    another band. Here every group's prediction is compared with, and placed at, its own bands.
+    another band. By default (pred_order='bands') every group's prediction is compared with, and
+    placed at, its own bands; pred_order='reference' is SatMAE++'s order, which a published
+    pretraining checkpoint's decoder and multi-scale head were trained on (the satmae task picks it
+    for config.init_from=<file>). The two agree when the groups are contiguous.
   * Losses honour a validity mask (nodata), at every scale.
   * All convolutions use Xavier-uniform kernels (the reference leaves the transposed and 1x1 convs
     at torch's default init).
@@ -46,6 +49,9 @@ VARIANTS = {
     "base": dict(width=768, depth=12, heads=12, group_embed_dim=256),
     "large": dict(width=1024, depth=24, heads=16, group_embed_dim=256),
 }
+# How a group's decoder prediction maps to bands (SatMAE.pred_order, pred_bands).
+PRED_ORDERS = ("bands", "reference")
+
 _COMMON = dict(image_size=96, patch_size=8, groups=GROUPS_S2_10, decoder_width=512, decoder_depth=8,
                decoder_heads=16, decoder_group_embed_dim=128, mask_ratio=0.75, spatial_mask=False,
                multiscale=True, norm_pix_loss=False)
@@ -67,6 +73,18 @@ def _check_groups(groups) -> int:
     if not groups or any(len(g) == 0 for g in groups) or sorted(flat) != list(range(len(flat))):
         raise ValueError(f"groups must partition channels 0..C-1 exactly once, got {groups}")
     return len(flat)
+
+
+def pred_bands(groups, pred_order: str = "bands") -> tuple[tuple[int, ...], ...]:
+    """The bands each group's decoder prediction stands for: the group's own bands ('bands'), or
+    SatMAE++'s reading ('reference'): the predictions concatenated in group order ARE band order, so
+    group i predicts the consecutive bands after those of groups 0..i-1."""
+    if pred_order not in PRED_ORDERS:
+        raise ValueError(f"pred_order={pred_order!r}: one of {PRED_ORDERS}")
+    if pred_order == "bands":
+        return tuple(tuple(int(c) for c in g) for g in groups)
+    starts = np.cumsum([0] + [len(g) for g in groups])
+    return tuple(tuple(range(a, b)) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()))
 
 
 def pos_group_embed(width: int, group_dim: int, num_groups: int, grid_h: int, grid_w: int):
@@ -96,6 +114,11 @@ class GroupChannelViT(nn.Module):
 
     The encoder of SatMAE (same parameter tree). Positions are recomputed for the input's own
     grid, so a fine-tuning resolution different from pretraining needs no parameter change.
+
+    learned_embed=True is the reference's fine-tuning ViT (GroupChannelsVisionTransformer), whose
+    position and group embeddings are trained: parameters `pos_embed` (h * w, width - c) for the
+    configured grid and `channel_embed` (G, c), initialised to the same sin-cos; an input of another
+    grid gets `pos_embed` resized bicubically (interpolate_pos_embed).
     """
 
     image_size: int | Sequence[int] = 96
@@ -113,11 +136,25 @@ class GroupChannelViT(nn.Module):
     remat: bool = False
     use_cls_token: bool = True
     attention_impl: str | None = None
+    learned_embed: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) token grid of the configured image_size."""
+        h, w = _pair(self.image_size)
+        return h // self.patch_size, w // self.patch_size
 
     def setup(self):
         self.in_channels = _check_groups(self.groups)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.patch_embed = [PatchEmbed(self.patch_size, self.width, **kw) for _ in self.groups]
+        if self.learned_embed:  # (h * w, D - c) and (G, c): the fixed table's two parts, trainable
+            table = pos_group_embed(self.width, self.group_embed_dim, len(self.groups), *self.grid)
+            c = self.width - self.group_embed_dim
+            self.pos_embed = self.param("pos_embed", _constant(table[0, :, :c]),
+                                        table[0, :, :c].shape, self.param_dtype)
+            self.channel_embed = self.param("channel_embed", _constant(table[:, 0, c:]),
+                                            table[:, 0, c:].shape, self.param_dtype)
         if self.use_cls_token:
             self.cls_token = self.param(
                 "cls_token", layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
@@ -139,8 +176,15 @@ class GroupChannelViT(nn.Module):
                              f"got {images.shape}")
         gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
         x = jnp.stack([emb(images[..., list(g)]) for emb, g in zip(self.patch_embed, self.groups)], 1)
-        pe = pos_group_embed(self.width, self.group_embed_dim, len(self.groups), gh, gw)
-        return x + jnp.asarray(pe, self.dtype)[None]
+        if not self.learned_embed:
+            pe = pos_group_embed(self.width, self.group_embed_dim, len(self.groups), gh, gw)
+            return x + jnp.asarray(pe, self.dtype)[None]
+        g, n = len(self.groups), gh * gw
+        pos = interpolate_pos_embed(self.pos_embed, self.grid, (gh, gw)).astype(self.dtype)
+        pe = jnp.concatenate([jnp.broadcast_to(pos[None], (g, n, pos.shape[-1])),
+                              jnp.broadcast_to(self.channel_embed.astype(self.dtype)[:, None],
+                                               (g, n, self.group_embed_dim))], axis=-1)
+        return x + pe[None]
 
     def prepend_cls(self, tokens):
         if not self.use_cls_token:
@@ -193,6 +237,7 @@ class SatMAE(nn.Module):
     multiscale: bool = True
     multiscale_ratio: int = 4  # hidden channels of the multi-scale head = C * ratio
     norm_pix_loss: bool = False  # read by satmae_loss; kept with the model like MAE
+    pred_order: str = "bands"  # PRED_ORDERS; 'reference' for a published SatMAE++ checkpoint
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -202,6 +247,7 @@ class SatMAE(nn.Module):
     attention_impl: str | None = None
 
     def setup(self):
+        pred_bands(self.groups, self.pred_order)  # a bad pred_order fails at init
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = GroupChannelViT(
             image_size=self.image_size, patch_size=self.patch_size, groups=self.groups,
@@ -262,13 +308,22 @@ class SatMAE(nn.Module):
 
         h, w = images.shape[1:3]
         parts = [unpatchify(pr, self.patch_size, h, w, len(gr)) for pr, gr in zip(pred, self.groups)]
-        order = np.argsort([ch for gr in self.groups for ch in gr])  # group order -> band order
-        recon = jnp.concatenate(parts, axis=-1)[..., order]
+        recon = jnp.concatenate(parts, axis=-1)[..., _to_band_order(self.groups, self.pred_order)]
         out = dict(pred=pred, mask=mask, recon=recon, latent=latent, keep_idx=keep_idx,
                    restore_idx=restore_idx)
         if self.multiscale:
             out["up2"], out["up4"] = self.multiscale_head(recon)
         return out
+
+
+def _to_band_order(groups, pred_order: str) -> np.ndarray:
+    """Indices that reorder the group predictions, concatenated in group order, into band order."""
+    return np.argsort([c for g in pred_bands(groups, pred_order) for c in g])
+
+
+def _constant(value: np.ndarray):
+    """A replicated parameter initialiser returning `value` (a fixed table made trainable)."""
+    return layers.partitioned(lambda key, shape, dtype: jnp.asarray(value, dtype), (None,) * value.ndim)
 
 
 def _masked_l1(pred, target, valid):
@@ -284,11 +339,14 @@ def _masked_l1(pred, target, valid):
 
 
 def satmae_loss(out: Mapping, images, valid, patch_size: int, groups, norm_pix_loss: bool = False,
-                  targets2=None, valid2=None, targets4=None, valid4=None, weights=(0.6, 0.4)):
+                  targets2=None, valid2=None, targets4=None, valid4=None, weights=(0.6, 0.4),
+                  pred_order: str = "bands"):
     """SatMAE++ loss with validity masks. Returns (loss, aux of float32 scalars).
 
     mse: per pixel, the squared error averaged over the group's bands, weighted by valid * masked
       (mask of that group at that patch) and summed over all groups, divided by the total weight.
+      The predictions are read in the model's pred_order (pred_bands): with 'reference' a group's
+      bands are compared with whichever group's prediction stands for them, as SatMAE++ does.
       With every pixel valid this is the reference's forward_loss: per-patch group means summed over
       masked (group, patch) pairs / the total masked count. norm_pix_loss standardises each target
       patch over its valid pixels and ALL bands together (as the reference), unbiased var, eps 1e-6.
@@ -311,10 +369,11 @@ def satmae_loss(out: Mapping, images, valid, patch_size: int, groups, norm_pix_l
         var = jnp.sum(sq, axis=(2, 3), keepdims=True) / jnp.maximum(count - 1.0, 1.0)
         target = (target - mean) / jnp.sqrt(var + 1e-6)
     mask = out["mask"].astype(jnp.float32)
+    pred = jnp.concatenate([pr.astype(jnp.float32).reshape(b, n, pp, -1) for pr in out["pred"]], -1)
+    pred = pred[..., _to_band_order(groups, pred_order)]  # (B, N, p*p, C) in band order
     num, den = 0.0, 0.0
     for i, group in enumerate(groups):
-        pred = out["pred"][i].astype(jnp.float32).reshape(b, n, pp, len(group))
-        err = jnp.mean((pred - target[..., list(group)]) ** 2, axis=-1)  # (B, N, p*p)
+        err = jnp.mean((pred[..., list(group)] - target[..., list(group)]) ** 2, axis=-1)  # (B, N, p*p)
         wgt = v * mask[:, i, :, None]
         num = num + jnp.sum(jnp.where(wgt > 0, err, 0.0) * wgt)
         den = den + jnp.sum(wgt)

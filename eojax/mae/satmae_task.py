@@ -11,9 +11,10 @@ import functools
 
 import numpy as np
 
-from eojax.mae import satmae
+from eojax.mae import satmae, weights as satmae_weights
 from eojax.mae.task import MAETask
 
+PRED_ORDERS = ("auto",) + satmae.PRED_ORDERS  # config.model.pred_order
 _SHAPE_KEYS = ("width", "depth", "heads", "mlp_dim", "group_embed_dim", "decoder_width",
                "decoder_depth", "decoder_heads", "decoder_group_embed_dim")
 
@@ -45,11 +46,22 @@ class SatMAETask(MAETask):
             raise ValueError(f"model.groups={spec!r} must use every input band exactly once: {names}")
         return groups
 
+    def pred_order(self) -> str:
+        """config.model.pred_order, 'auto' (the default, also when absent) resolved: SatMAE++'s order
+        when config.init_from is a published checkpoint file (its decoder and multi-scale head were
+        trained in it), eojax's ('bands') otherwise."""
+        order = self.config.model.get("pred_order", "auto")
+        if order != "auto":
+            return order
+        init_from = self.config.get("init_from")
+        return "reference" if init_from and satmae_weights.is_checkpoint_file(init_from) else "bands"
+
     def model_kwargs(self) -> dict:
         m = self.config.model
         skip = ("variant", "groups")
         overrides = {k: v for k, v in m.items() if k not in skip and not (k in _SHAPE_KEYS and v == 0)}
         overrides.update(image_size=self.config.input.window, groups=self.groups(),
+                         pred_order=self.pred_order(),
                          multiscale=tuple(self.config.input.scales) == (1, 2, 4),
                          dtype=np.dtype(m.dtype), param_dtype=np.dtype(m.param_dtype))
         return satmae.satmae_config(m.variant, **overrides)
@@ -59,6 +71,9 @@ class SatMAETask(MAETask):
         scales = tuple(config.input.scales)
         if scales not in ((1,), (1, 2, 4)):
             raise ValueError(f"input.scales={scales}: the group MAE takes (1,) or (1, 2, 4)")
+        order = config.model.get("pred_order", "auto")
+        if order not in PRED_ORDERS:
+            raise ValueError(f"model.pred_order={order!r}: one of {PRED_ORDERS}")
 
     @functools.cached_property
     def model(self) -> satmae.SatMAE:
@@ -68,13 +83,12 @@ class SatMAETask(MAETask):
         return satmae.satmae_loss(
             out, images["image"], valid["valid"], self.model.patch_size, self.model.groups,
             self.config.model.norm_pix_loss, targets2=images.get("image_2x"), valid2=valid.get("valid_2x"),
-            targets4=images.get("image_4x"), valid4=valid.get("valid_4x"))
+            targets4=images.get("image_4x"), valid4=valid.get("valid_4x"), pred_order=self.model.pred_order)
 
     def load_pretrained(self, path, abstract_params):
         """A published SatMAE++ checkpoint (.safetensors / .npz / .pth). Parts this model lacks (a
         multi-scale head, a classifier) are dropped with a warning; anything missing or misshapen is
-        an error naming the keys."""
-        from eojax.mae import weights as satmae_weights
+        an error naming the keys. model.pred_order='auto' reads the decoder in SatMAE++'s order."""
         return satmae_weights.load_pretrained(path, abstract_params, self.model_kwargs(), strict=False)
 
     def train_flops_per_example(self) -> float:

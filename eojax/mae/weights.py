@@ -22,18 +22,28 @@ torch key -> eojax path (MAE tree; the GroupChannelViT tree is the `encoder/` su
   up_blockb.up_norm|res_norm.*, proj_out .../up_norm|res_norm/ln/*, proj_out (3, 3, M, C)
 With scan=True the blocks are stacked under `layers` after the mapping.
 
-Fixed embeddings (pos_embed, channel_embed, decoder_pos_embed, decoder_channel_embed) are not eojax
-parameters: eojax recomputes the same sin-cos for whatever grid it runs on, so the checkpoint's grid
-(rows of pos_embed) is irrelevant and nothing is interpolated. Their widths must match (D - c, c) and
-their values must be the sin-cos; fine-tuning trains them (and interpolates pos_embed to a new grid),
-so a drifted embedding fails a strict import and is listed as ignored otherwise. The vit layout adds
-pos_embed[0] and channel_cls_embed to the cls token; eojax adds nothing, so they are folded into it.
+Embeddings. The pretraining model's pos_embed, channel_embed, decoder_pos_embed and
+decoder_channel_embed are fixed sin-cos: they are not eojax parameters, eojax recomputes the same
+sin-cos for whatever grid it runs on, so the checkpoint's grid (rows of pos_embed) is irrelevant.
+Their widths must match (D - c, c) and their values must be the sin-cos; a drifted one fails a strict
+import and is listed as ignored otherwise. The fine-tuning ViT trains pos_embed and channel_embed:
+import such a checkpoint into GroupChannelViT(learned_embed=True) (the seg encoder: model.encoder_args
+.learned_embed=True), which holds them as parameters:
+  pos_embed (1, 1 + N, D - c)            pos_embed (N, D - c) (row 0 is folded into cls_token)
+  channel_embed (1, G, c)                channel_embed (G, c)
+A pos_embed of another grid is dropped and the model keeps the sin-cos of its own grid, as the
+reference's main_finetune.py does (it deletes checkpoint keys of another shape before loading). A
+pretraining checkpoint imported so starts from its sin-cos, as the reference's fine-tuning does. The
+vit layout adds pos_embed[0] and channel_cls_embed to the cls token; eojax adds nothing, so they are
+folded into it.
 
-Decoder caveat: the reference concatenates the group predictions in group order and trains them
-against band order, so its decoder_pred.i output j learns band (offset_i + j); eojax places it at band
-groups[i][j]. Weights are copied unchanged, so with non-contiguous groups (the default S2 grouping)
-an imported pretraining decoder misplaces some bands (and feeds them so to the multi-scale head).
-The encoder (what fine-tuning uses) is exact.
+Decoder order: the reference concatenates the group predictions in group order and trains them
+against band order, so its decoder_pred.i output j learns band (offset_i + j), and its multi-scale
+head takes them in that order. Weights are copied unchanged; SatMAE(pred_order='reference') reads
+them so (the satmae task chooses it for a published file: model.pred_order='auto'). With
+non-contiguous groups (the default S2 grouping) `load_pretrained` warns when it imports a
+pretraining checkpoint into a model with eojax's pred_order='bands' (right only for a file exported
+from such a model).
 """
 from __future__ import annotations
 
@@ -53,14 +63,14 @@ from eojax.weights.common import Entry as _Entry, conv as _conv, linear as _line
 from eojax.weights.common import export as _common_export, patch as _patch, raise_problems as _raise, same as _same
 from eojax.weights.common import timm_block as _block
 from eojax.mae.satmae import (SatMAE, GroupChannelViT, _check_groups,
-                                 decoder_pos_group_embed, pos_group_embed)
+                                 decoder_pos_group_embed, pos_group_embed, pred_bands)
 from eojax.models.vit import _pair
 
 _TOL = 1e-4  # the reference computes its sin-cos in float32, eojax in float64
 _KEYS = ("image_size", "patch_size", "groups", "width", "depth", "heads", "mlp_dim", "group_embed_dim",
          "decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_dim",
          "decoder_group_embed_dim", "multiscale", "multiscale_ratio", "use_cls_token", "scan",
-         "param_dtype")
+         "param_dtype", "learned_embed", "pred_order")
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
@@ -84,14 +94,18 @@ def _config(model_kwargs: Mapping, target: str | None):
     """Model fields (defaults filled in) and the target tree: 'mae' or 'vit' (None: 'mae' when any
     SatMAE-only field is given)."""
     mae_f, vit_f = SatMAE.__dataclass_fields__, GroupChannelViT.__dataclass_fields__
-    unknown = sorted(set(model_kwargs) - set(mae_f))
+    fields = {**vit_f, **mae_f}
+    unknown = sorted(set(model_kwargs) - set(fields))
     if unknown:
-        raise TypeError(f"model_kwargs has fields SatMAE does not: {unknown}")
+        raise TypeError(f"model_kwargs has fields neither SatMAE nor GroupChannelViT has: {unknown}")
     if target is None:
         target = "mae" if any(k not in vit_f for k in model_kwargs) else "vit"
     if target not in ("mae", "vit"):
         raise ValueError(f"target must be 'mae' or 'vit', got {target!r}")
-    cfg = {k: mae_f[k].default for k in _KEYS}
+    if target == "mae" and model_kwargs.get("learned_embed"):
+        raise ValueError("learned_embed is the fine-tuning ViT's (GroupChannelViT); SatMAE's embeddings "
+                         "are fixed sin-cos")
+    cfg = {k: fields[k].default for k in _KEYS}
     cfg.update({k: v for k, v in model_kwargs.items() if k in _KEYS})
     cfg["groups"] = tuple(tuple(int(c) for c in g) for g in cfg["groups"])
     cfg["channels"] = _check_groups(cfg["groups"])
@@ -112,7 +126,7 @@ def _entries(cfg, target) -> list[_Entry]:
         out += _block(f"blocks.{k}", enc + ("blocks", f"block_{k}"), d, cfg["heads"], cfg["mlp_dim"])
     out += _ln("norm", enc + ("norm",), d)
     if target == "vit":
-        return out
+        return out + (_learned_entries(cfg) if cfg["learned_embed"] else [])
     dd = cfg["decoder_width"]
     out += _linear("decoder_embed", ("decoder_embed",), d, dd)
     out.append(_same("mask_token", (1, 1, dd), ("mask_token",)))
@@ -138,6 +152,16 @@ def _entries(cfg, target) -> list[_Entry]:
     return out
 
 
+def _learned_entries(cfg) -> list[_Entry]:
+    """The fine-tuning ViT's trained embeddings (GroupChannelViT(learned_embed=True)); pos_embed's
+    row 0 is folded into cls_token (satmae_from_torch), so it exports as zeros."""
+    d, c, g = cfg["width"], cfg["group_embed_dim"], len(cfg["groups"])
+    n = cfg["grid"][0] * cfg["grid"][1]
+    return [_same("pos_embed", (1, 1 + n, d - c), ("pos_embed",), lambda a: a[0, 1:],
+                  lambda a: np.concatenate([np.zeros_like(a[:1]), a])[None]),
+            _same("channel_embed", (1, g, c), ("channel_embed",), lambda a: a[0], lambda a: a[None])]
+
+
 def _fixed(cfg, target, layout, grid) -> dict[str, np.ndarray]:
     """The reference's fixed embeddings for a grid (a zero cls row first), from eojax's own ones."""
     d, c, g = cfg["width"], cfg["group_embed_dim"], len(cfg["groups"])
@@ -154,10 +178,13 @@ def _fixed(cfg, target, layout, grid) -> dict[str, np.ndarray]:
     return out
 
 
-def _fixed_problems(sd, cfg, target, layout) -> tuple[list[str], dict[str, str]]:
-    """(shape problems, {key: why its values cannot be used}) of the fixed embeddings."""
+def _fixed_problems(sd, cfg, target, layout, learned=()) -> tuple[list[str], dict[str, str]]:
+    """(shape problems, {key: why its values cannot be used}) of the fixed embeddings (not `learned`,
+    which the key table checks)."""
     problems, drift = [], {}
     for key, ref in _fixed(cfg, target, layout, cfg["grid"]).items():
+        if key in learned:
+            continue
         a, any_grid = sd.get(key), key.endswith("pos_embed")
         want = f"(1, {'N + 1' if any_grid else ref.shape[1]}, {ref.shape[2]})"
         if a is None:
@@ -177,8 +204,9 @@ def _fixed_problems(sd, cfg, target, layout) -> tuple[list[str], dict[str, str]]
         lo = 1 if key == "pos_embed" and layout == "vit" else 0  # vit: row 0 is folded into cls
         err = float(np.max(np.abs(a[:, lo:].astype(np.float64) - ref[:, lo:]), initial=0.0))
         if not err <= _TOL:
-            drift[key] = (f"differs from the fixed sin-cos by up to {err:.3g} (trained or interpolated);"
-                          " eojax always uses the sin-cos")
+            drift[key] = (f"differs from the fixed sin-cos by up to {err:.3g} (trained or interpolated); "
+                          "this model uses the sin-cos; set learned_embed=True to load trained embeddings "
+                          "(the seg encoder: model.encoder_args.learned_embed=True)")
     return problems, drift
 
 
@@ -224,6 +252,8 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     layout = "vit" if "channel_cls_embed" in sd else "mae"
     entries = _entries(cfg, target)
+    learned = {"pos_embed", "channel_embed"} if target == "vit" and cfg["learned_embed"] else set()
+    notes = _other_grid(sd, cfg) if learned else {}
     problems, skip = _group_problems(sd, cfg, target)
     for e in entries:
         if e.key not in sd:
@@ -233,7 +263,7 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
     if "norm.weight" not in sd and "fc_norm.weight" in sd:
         problems.append("fc_norm but no norm: a global-pool classifier, whose norm follows the pooling; "
                         "GroupChannelViT normalises the tokens, so it cannot take this checkpoint")
-    fixed_problems, drift = _fixed_problems(sd, cfg, target, layout)
+    fixed_problems, drift = _fixed_problems(sd, cfg, target, layout, learned)
     problems += fixed_problems
     fixed = {"pos_embed", "channel_embed", "channel_cls_embed"}
     fixed |= {"decoder_pos_embed", "decoder_channel_embed"} if target == "mae" else set()
@@ -243,7 +273,7 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
         problems += [f"{k}: {why}" for k, why in drift.items()]
     if problems:
         _raise(problems, "SatMAE++ checkpoint")
-    ignored = {} if strict else dict(drift)
+    ignored = dict(notes) if strict else dict(drift, **notes)
     for k in [] if strict else unexpected:
         ignored[k] = next((why for pre, why in _WHY if k.startswith(pre)), "not in this model")
 
@@ -258,6 +288,18 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
     return traverse_util.unflatten_dict(_scan_layout(flat, cfg, target, stack=True)), ignored
 
 
+def _other_grid(sd: dict, cfg) -> dict[str, str]:
+    """A trained pos_embed of another grid than the model's is replaced (in sd) by the sin-cos of the
+    model's grid, as main_finetune.py drops checkpoint keys of another shape; {key: why} if so."""
+    pe, d, c = sd.get("pos_embed"), cfg["width"], cfg["group_embed_dim"]
+    n = cfg["grid"][0] * cfg["grid"][1]
+    if pe is None or pe.ndim != 3 or pe.shape[::2] != (1, d - c) or pe.shape[1] == 1 + n:
+        return {}  # absent, misshapen (reported by the key table) or of the model's grid
+    sd["pos_embed"] = _fixed(cfg, "vit", "vit", cfg["grid"])["pos_embed"]
+    return {"pos_embed": f"{pe.shape[1] - 1} positions, not the model's grid {cfg['grid']}: its sin-cos "
+                         "is used (as the reference's main_finetune.py)"}
+
+
 def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | None = None
                     ) -> dict[str, np.ndarray]:
     """eojax params -> SatMAE++ state dict: the pretraining (mae) layout for a SatMAE tree,
@@ -269,7 +311,8 @@ def satmae_to_torch(params: Mapping, model_kwargs: Mapping, *, target: str | Non
     flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
     flat = _scan_layout(flat, cfg, target, stack=False)
     sd = _common_export(flat, _entries(cfg, target), "eojax params")
-    sd.update(_fixed(cfg, target, target, cfg["grid"]))
+    for key, value in _fixed(cfg, target, target, cfg["grid"]).items():
+        sd.setdefault(key, value)  # learned embeddings come from the params
     return sd
 
 
@@ -300,12 +343,24 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
     a tree with 'encoder' is a SatMAE, otherwise a GroupChannelViT. Names and shapes are
     checked against it (CheckpointMismatchError); arrays are cast to its dtypes. strict=False drops
     the decoder of a pretraining checkpoint (and a classifier head); what was dropped is logged.
+    A SatMAE++ checkpoint's decoder is read right with pred_order='reference' (see the module doc).
     """
-    sd = load_state_dict(path)
+    return _load(load_state_dict(path), path, abstract_params, model_kwargs, strict, {})[0]
+
+
+def _load(sd, path, abstract_params, model_kwargs, strict, ignored) -> tuple[Any, dict[str, str]]:
+    """(placed params, {ignored key: why}) of load_pretrained; `ignored`: keys already left out."""
     wrapped = set(abstract_params) == {"params"}
     abstract = abstract_params["params"] if wrapped else abstract_params
     target = "mae" if "encoder" in abstract else "vit"
-    params, ignored = satmae_from_torch(sd, model_kwargs, target=target, strict=strict)
+    cfg, _ = _config(model_kwargs, target)
+    groups = cfg["groups"]
+    if target == "mae" and pred_bands(groups, cfg["pred_order"]) != pred_bands(groups, "reference"):
+        logging.warning("init_from %s: the model reads its decoder in eojax's band order (pred_order="
+                        "'bands'); a SatMAE++ checkpoint's decoder and multi-scale head were trained in "
+                        "SatMAE++'s (pred_order='reference'), which differs for the groups %s", path, groups)
+    params, more = satmae_from_torch(sd, model_kwargs, target=target, strict=strict)
+    ignored = {**ignored, **more}
     check_compatible(params, abstract, f"SatMAE++ checkpoint {path}")
     by_reason: dict[str, list[str]] = {}
     for key, why in ignored.items():
@@ -316,11 +371,20 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
 
     placed = common.place(traverse_util.flatten_dict(params), abstract)
     logging.info("initialised params from SatMAE++ checkpoint %s", path)
-    return {"params": placed} if wrapped else placed
+    return ({"params": placed} if wrapped else placed), ignored
 
 
 def load_encoder(path, abstract_params: Any, encoder, *, strict: bool = True):
-    """(params, report) of a SatMAE++ encoder (the seg encoder 'satmae') from a published file."""
-    from eojax.mae.satmae import GroupChannelViT
+    """(params, report) of a SatMAE++ encoder (the seg encoder 'satmae') from a published file.
+
+    The parts of a pretraining or fine-tuning checkpoint that are not the encoder (decoder,
+    multi-scale head, classifier) are left out and reported in report['ignored'], as the other seg
+    encoders' converters do; any other unexpected key and, when strict, trained embeddings loaded
+    into fixed ones (set learned_embed=True) are errors."""
     kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__ if f not in ("parent", "name")}
-    return load_pretrained(path, abstract_params, kwargs, strict=strict), {}
+    sd = load_state_dict(path)
+    parts = {k: why for k in sd for starts, why in _WHY
+             if k.startswith(starts) and not k.startswith("fc_norm.")}  # fc_norm: its own error
+    sd = {k: v for k, v in sd.items() if k not in parts}
+    params, ignored = _load(sd, path, abstract_params, kwargs, strict, parts)
+    return params, {"ignored": ignored}

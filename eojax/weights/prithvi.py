@@ -6,11 +6,16 @@ encoder-only dict. torch key -> eojax path, D width, p patch, t tubelet, C = 6 b
   patch_embed.proj.weight (D, C, t, p, p)   patch_embed/kernel (t*p*p*C, D), (frame, row, col, band)
   patch_embed.proj.bias (D,)                patch_embed/bias
   cls_token (1, 1, D)                       cls_token
-  pos_embed (1, 1 + T*h*w, D)               pos_embed, resampled when the grid differs
+  pos_embed (1, 1 + T*h*w, D)               pos_embed; of another grid: not used (below)
   blocks.k.* (timm Block)                   blocks/block_k/* (scan: blocks/layers stacked)
 Ignored (reported): the final `norm` (PANGAEA's Prithvi features do not use it), mask_token and
 the decoder. The checkpoint's band count must be 6; bands the data lacks are zero-filled by the
 encoder at run time, and the report names them.
+
+A pos_embed of another (frames, rows, cols) grid than the model's (Prithvi-100M's 3 frames on
+single-date input, another image size) is not used: the model keeps its fixed 3D sin-cos for its own
+grid, as PANGAEA's loader skips a pos_embed of another shape and keeps the sin-cos it built (for
+one frame: t = 0). The report lists the key as ignored, with both grids.
 """
 from __future__ import annotations
 
@@ -20,8 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from eojax.models.encoders.base import band_plan, resize_grid_embed
-from eojax.models.encoders.prithvi import BANDS, Prithvi
+from eojax.models.encoders.base import band_plan
+from eojax.models.encoders.prithvi import BANDS, Prithvi, pos_embed_table
 from eojax.weights import common
 
 _IGNORED = ((("norm.",), "final norm: Prithvi's feature maps are taken before it (as PANGAEA)"),
@@ -42,9 +47,9 @@ def _entries(enc: Prithvi, pre: str = "") -> list[common.Entry]:
     return out
 
 
-def checkpoint_grid(rows: int, model_grid: tuple[int, int, int]) -> tuple[int, int, int]:
+def checkpoint_grid(rows: int, model_grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
     """(frames, h, w) of a checkpoint's pos_embed with `rows` grid rows (cls excluded): the model's
-    spatial grid if it divides, else a square grid of the fewest frames."""
+    spatial grid if it divides, else a square grid of the fewest frames; None if neither fits."""
     _, h, w = model_grid
     if rows % (h * w) == 0:
         return rows // (h * w), h, w
@@ -52,15 +57,16 @@ def checkpoint_grid(rows: int, model_grid: tuple[int, int, int]) -> tuple[int, i
         s = math.isqrt(rows // frames)
         if rows % frames == 0 and s * s * frames == rows:
             return frames, s, s
-    raise ValueError(f"cannot read a (frames, h, w) grid from {rows} position rows")
+    return None
 
 
 def prithvi_from_torch(state_dict: Mapping[str, np.ndarray], encoder: Prithvi, *, strict: bool = True
                        ) -> tuple[dict, dict[str, Any]]:
-    """State dict -> (eojax params, report). The report holds 'ignored' {key: why}, 'resized'
-    {key: (checkpoint grid, model grid)}, 'zero_filled_bands' and 'unused_bands' (data bands).
-    Missing keys, shape mismatches (a pos_embed of another grid is resampled, not refused) and,
-    when strict, unknown keys raise one CheckpointMismatchError naming each key and both shapes."""
+    """State dict -> (eojax params, report). The report holds 'ignored' {key: why} (a pos_embed of
+    another grid among them), 'resized' (always empty: nothing is resampled), 'zero_filled_bands' and
+    'unused_bands' (data bands). Missing keys, shape mismatches (a pos_embed of another grid is
+    replaced by the model's sin-cos, not refused) and, when strict, unknown keys raise one
+    CheckpointMismatchError naming each key and both shapes."""
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     pre = common.find_prefix(sd, "patch_embed.proj.weight", "Prithvi checkpoint")
     entries = _entries(encoder, pre)
@@ -74,9 +80,10 @@ def prithvi_from_torch(state_dict: Mapping[str, np.ndarray], encoder: Prithvi, *
                             f"{encoder.width})")
         elif pe.shape[1] != 1 + math.prod(encoder.grid):
             src = checkpoint_grid(pe.shape[1] - 1, encoder.grid)
-            grid = np.asarray(resize_grid_embed(pe[0, 1:], src, encoder.grid))
-            sd[pos_key] = np.concatenate([pe[:, :1], grid[None]], axis=1)
-            report["resized"][pos_key] = (src, encoder.grid)
+            src = f"grid {src}" if src else f"{pe.shape[1] - 1} positions"
+            report["ignored"][pos_key] = (f"{src}, not the model's grid {encoder.grid}: the fixed 3D "
+                                          "sin-cos of the model's grid is used (as PANGAEA)")
+            sd[pos_key] = pos_embed_table(encoder.width, encoder.grid)
     known = {e.key for e in entries}
     for k in sorted(set(sd) - known):
         rest = k[len(pre):] if k.startswith(pre) else k

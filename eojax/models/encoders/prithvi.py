@@ -8,8 +8,9 @@ chosen blocks' tokens without the final norm (the checkpoint's `norm` is not use
 tokens are averaged over time into one map per layer.
 
 pos_embed is a parameter (so a checkpoint's exact values are used) that is never trained
-(stop_gradient; the optimizer also skips it in weight decay), as the reference's frozen buffer. It is
-resampled bicubically when the input's (frames, rows, cols) grid differs from the configured one.
+(stop_gradient; the optimizer also skips it in weight decay), as the reference's frozen buffer. An
+input whose (frames, rows, cols) grid differs from the configured one gets the fixed 3D sin-cos of
+its own grid (frame 0 for a single date), which is what the reference builds for that grid.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from eojax.models.encoders.base import (PublishedViT, arrange_bands, check_layers, grid_of,
-                                        resize_grid_embed)
+from eojax.models.encoders.base import PublishedViT, arrange_bands, check_layers, grid_of
 from eojax.models.layers import Encoder, partitioned, sincos_1d
 
 
@@ -44,6 +44,13 @@ def sincos_3d(embed_dim: int, frames: int, rows: int, cols: int) -> np.ndarray:
     t, r, c = np.meshgrid(np.arange(frames), np.arange(rows), np.arange(cols), indexing="ij")
     return np.concatenate([sincos_1d(d_space, c.reshape(-1)), sincos_1d(d_space, r.reshape(-1)),
                            sincos_1d(d_time, t.reshape(-1))], axis=1)
+
+
+def pos_embed_table(embed_dim: int, grid) -> np.ndarray:
+    """(1, 1 + T*h*w, D) float32: a zero cls row, then sincos_3d of the (frames, rows, cols) grid, as
+    get_3d_sincos_pos_embed(..., cls_token=True)."""
+    pe = sincos_3d(embed_dim, *grid)
+    return np.concatenate([np.zeros((1, embed_dim)), pe])[None].astype(np.float32)
 
 
 def tubelets(videos, t: int, p: int):
@@ -98,7 +105,8 @@ class Prithvi(PublishedViT):
         pos = self.param("pos_embed", partitioned(self._sincos_init, (None, None, "embed")),
                          (1, 1 + int(np.prod(self.grid)), self.width), self.param_dtype)
         pos = jax.lax.stop_gradient(pos[0]).astype(self.dtype)
-        x = x + resize_grid_embed(pos[1:], self.grid, grid)[None]
+        grid_pos = pos[1:] if grid == self.grid else jnp.asarray(sincos_3d(self.width, *grid), self.dtype)
+        x = x + grid_pos[None]
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype) + pos[:1], (b, 1, self.width)), x], 1)
 
         blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
@@ -108,6 +116,5 @@ class Prithvi(PublishedViT):
         return [o[:, 1:].reshape(b, *grid, self.width).mean(axis=1) for o in outs]
 
     def _sincos_init(self, key, shape, dtype):
-        del key
-        pe = sincos_3d(self.width, *self.grid)
-        return jnp.asarray(np.concatenate([np.zeros((1, self.width), np.float32), pe])[None], dtype)
+        del key, shape
+        return jnp.asarray(pos_embed_table(self.width, self.grid), dtype)
