@@ -171,6 +171,72 @@ def test_sea_tiles_get_no_coordinate_or_date_loss_and_all_sea_is_finite():
     assert float(total) == pytest.approx(want_total, rel=1e-5)
 
 
+# -- the reference's losses (PhilEO, loss_mode='reference') -------------------------------------------------
+PHILEO = os.path.join(os.path.dirname(__file__), "fixtures", "reference", "phileo", "losses.npz")
+
+
+def _phileo_problem():
+    """The fixture's inputs as eojax's model outputs and labels (scripts/fixtures/reference_phileo.py)."""
+    f = dict(np.load(PHILEO))
+    k = len(f["log_kappa"])
+    yp, yt = f["y_pred"], f["y_true"]
+    out = {"climate": jnp.asarray(yp[:, :31]), "vmf": jnp.asarray(yp[:, 31:31 + k]),
+           "date": jnp.asarray(yp[:, 31 + k:])}
+    labels = {"climate": jnp.asarray(yt[:, :31]), "latlon": jnp.asarray(f["latlon"]),
+              "coords": jnp.asarray(yt[:, 31:34]), "date": jnp.asarray(yt[:, 34:]), "doy": jnp.asarray(f["doy"])}
+    lat, lon = f["centres_latlon"].astype(np.float64).T
+    kw = dict(log_kappa=jnp.asarray(f["log_kappa"]), centres=jnp.asarray(encoding.latlon_to_xyz(lat, lon), jnp.float32))
+    return f, out, labels, kw
+
+
+def _max_rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want) / np.abs(want)))
+
+
+def test_reference_mode_matches_phileo_losses():
+    """loss_mode='reference' gives the numbers of PhilEO's own MvMFLoss and GeographicalLoss (run by
+    scripts/fixtures/reference_phileo.py on fixed inputs, float64): per-row mixture NLL, the land rows'
+    mean, the geographic loss and its parts, and an all-sea batch (loss = climate loss). Measured max
+    relative difference 1.6e-6 (eojax float32)."""
+    f, out, labels, kw = _phileo_problem()
+    n = len(f["doy"])
+    xyz = encoding.latlon_to_xyz(labels["latlon"][:, 0], labels["latlon"][:, 1])
+    rows = jax.jit(losses.vmf_mixture_nll, static_argnums=4)(out["vmf"], kw["log_kappa"], kw["centres"], xyz, "reference")
+    assert _max_rel(rows, f["mvmf_rows"]) < 1e-4
+    geo = jax.jit(lambda o, lb, w: losses.geographic_loss(o, lb, w, mode="reference", **kw))
+    loss, parts = geo(out, labels, jnp.ones(n))
+    assert _max_rel(parts["coord_loss"], f["mvmf_land"]) < 1e-4
+    for got, key in ((loss, "geo_loss"), (parts["coord_loss"], "geo_coord"), (parts["climate_loss"], "geo_kg"),
+                     (parts["date_loss"], "geo_date")):
+        assert _max_rel(got, f[key]) < 1e-4, key
+    # The reference's land rule (< 0.95) counts the rows with 0.92 and 0.94 sea; eojax's default (< 0.9) not.
+    sea = np.asarray(labels["climate"][:, 0])
+    assert float(parts["land_fraction"]) == pytest.approx(np.mean(sea < 0.95)) and np.any((sea >= 0.9) & (sea < 0.95))
+    # All-sea rows: the reference's loop trains on the climate loss alone.
+    only_sea = {k: v[sea >= 0.95] for k, v in labels.items()}
+    loss, parts = geo({k: v[sea >= 0.95] for k, v in out.items()}, only_sea, jnp.ones(int(np.sum(sea >= 0.95))))
+    assert _max_rel(loss, f["sea_loss"]) < 1e-4 and float(parts["coord_loss"]) == 0.0 == float(parts["date_loss"])
+    # The exact mode differs in each respect: normaliser, coarse climate targets, land rule.
+    exact, exact_parts = losses.geographic_loss(out, labels, jnp.ones(n), **kw)
+    assert float(exact_parts["land_fraction"]) == pytest.approx(np.mean(sea < 0.9))
+    assert _max_rel(exact_parts["climate_loss"], f["geo_kg"]) > 1e-3
+    exact_rows = losses.vmf_mixture_nll(out["vmf"], kw["log_kappa"], kw["centres"], xyz)
+    # log(4 pi) + log(1 - exp(-2 kappa)) per component: log(4 pi) where every kappa is large.
+    assert np.all(np.asarray(exact_rows) > np.asarray(rows))
+
+
+def test_sea_threshold_follows_the_loss_mode():
+    config = load_config("geo", "runlocal")
+    assert config.model.loss_mode == "exact" and losses.sea_threshold(config.model) == 0.9
+    assert losses.sea_threshold(load_config("geo", "runlocal,loss_mode=reference").model) == 0.95
+    config.model.sea_threshold = 0.8
+    assert losses.sea_threshold(config.model) == 0.8
+    from eojax.geo.task import GeoTask
+    with pytest.raises(ValueError, match="loss_mode"):
+        GeoTask.check_config(load_config("geo", "runlocal", **{"model.loss_mode": "phileo"}))
+
+
 # -- label making ---------------------------------------------------------------------------------------------
 def _utm_inverse(easting, northing, zone, north=True):
     """WGS84 UTM -> (lat, lon) degrees by Snyder (1987), eqs. 8-12 .. 8-18 (independent of GDAL/PROJ)."""
@@ -340,6 +406,94 @@ def test_training_mean_baseline_by_hand():
     assert abs(b["latlon"][1]) == pytest.approx(abs(want_lon), abs=1e-4) and abs(want_lon) > 179  # across the date line
     assert b["doy"] == pytest.approx(2.5, abs=1e-9)  # circular mean of days 360 and 10 (day 0 = unknown)
     assert CLASSES[b["climate_class"]] == "Cfb" and b["coarse_group"] == 3
+
+
+# -- scenes held out of training --------------------------------------------------------------------------------
+def test_held_out_scene_names_and_fractions():
+    import ml_collections
+    from eojax.geo.data import held_out_scenes
+    sources = tuple({"path": p} for p in ("a/one.tif", "b/two.tif", "c/three.tif", "d/four.tif"))
+
+    def held(**kw):
+        return held_out_scenes(ml_collections.ConfigDict({"sources": sources, **kw}))
+    assert held() == [] and held(eval_scenes=()) == []
+    assert held(eval_scenes=(2, "a/one.tif", "four.tif", -1)) == [0, 2, 3]
+    assert len(held(eval_fraction=0.5)) == 2 and held(eval_fraction=0.5) == held(eval_fraction=0.5)
+    assert len(held(eval_fraction=0.1)) == 1  # at least one scene
+    for kw, match in ((dict(eval_scenes=(4,)), "index 4"), (dict(eval_scenes=("five.tif",)), "five.tif"),
+                      (dict(eval_fraction=1.0), r"\[0, 1\)"), (dict(eval_scenes=(1,), eval_fraction=0.5), "not both")):
+        with pytest.raises(ValueError, match=match):
+            held(**kw)
+
+
+def _scene_centres(inp):
+    """(n, 2) lat/lon of the centre window of every scene of a GeoInput."""
+    size = int(inp.config.input.window)
+    return inp.labeler.label(np.arange(len(inp.scenes)), [s.height // 2 - size // 2 for s in inp.scenes],
+                             [s.width // 2 - size // 2 for s in inp.scenes], size)["latlon"]
+
+
+def _nearest_scene(latlon, centres):
+    km = metrics.haversine_km(latlon[:, None, 0], latlon[:, None, 1], centres[None, :, 0], centres[None, :, 1])
+    return np.argmin(km, axis=1)
+
+
+def test_held_out_scenes_never_reach_training(test_data):
+    """input.eval_scenes: training batches, the baseline / centres sample never come from the held-out
+    scenes; eval reads every grid window of the held-out scenes (flagged) first, then the training
+    scenes'. The runlocal scenes are far apart, so the nearest scene centre names each window's scene."""
+    from eojax import tasks
+    config = load_config("geo", "runlocal", **{"input.eval_scenes": (3, "ms1.tif"), "input.baseline_windows": 64,
+                                               "batch_size": 8, "input.num_windows": 64})
+    inp = tasks.make_input(config)
+    assert inp.held_out == [3, 6] and inp.train_scenes == [0, 1, 2, 4, 5, 7]
+    centres = _scene_centres(inp)
+    assert set(_nearest_scene(inp.label_sample["latlon"], centres)) <= set(inp.train_scenes)
+    assert inp.spec().elements["held_out"] == ((), np.dtype(bool))
+    it = inp.train(0, 1)
+    for _ in range(4):
+        batch = next(it)
+        assert not batch["held_out"].any()
+        assert set(_nearest_scene(batch["latlon"], centres)) <= set(inp.train_scenes)
+    rows = [b for b in inp.eval(0, 1)]
+    held = np.concatenate([b["held_out"][b["weight"] > 0] for b in rows])
+    scene = np.concatenate([_nearest_scene(b["latlon"][b["weight"] > 0], centres) for b in rows])
+    assert held.any() and not held[np.argmin(held):].any()  # held-out windows first
+    np.testing.assert_array_equal(held, np.isin(scene, [3, 6]))
+    assert set(scene) == set(range(8))
+    assert inp.fingerprint()["held_out_scenes"] == ["stars/L7_ETMs.tif", "solaris/ms1.tif"]
+    everything = tasks.make_input(load_config("geo", "runlocal", **{"input.eval_fraction": 0.5}))
+    assert len(everything.held_out) == 4
+    alone = tasks.make_input(load_config("geo", "runlocal", **{"input.eval_scenes": tuple(range(8))}))
+    with pytest.raises(ValueError, match="nothing is left to train on"):
+        alone.train(0, 1)
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_on_other_scenes(tmp_path):
+    """Train on 6 runlocal scenes holding out 2; `eojax eval` (train.evaluate_checkpoint) with a config
+    naming only the 2 others builds the core from the run's saved DataSpec (its vMF centres and
+    baseline; the other scenes would give other centres, which once failed with a
+    CheckpointMismatchError on head/log_kappa) and scores them exactly as training's held-out eval did."""
+    from eojax import tasks, train
+    from eojax.geo.task import GeoInput
+    small = {"total_steps": 2, "eval_every": 0, "checkpoint_every": 2, "best_metric": "", "log_every": 1,
+             "batch_size": 8, "input.baseline_windows": 64, "input.num_windows": 64}
+    config = load_config("geo", "runlocal,backbone=vit", **small, **{"input.eval_scenes": (3, 6)})
+    ev = train.train_and_evaluate(config, str(tmp_path))["eval"]
+    assert ev["insample_land_windows"] > 0 and ev["land_windows"] > 0
+    for key in ("km_median", "climate_top1", "baseline_km_median", "insample_km_median", "insample_baseline_km_median"):
+        assert np.isfinite(ev[key]), key
+    sources = tuple(config.input.sources[i] for i in (3, 6))
+    other = load_config("geo", "runlocal,backbone=vit", **small, **{"input.sources": sources})
+    saved = train.saved_spec(str(tmp_path))
+    assert saved.info["num_centres"] != len(GeoInput(other).centres())
+    got = train.evaluate_checkpoint(other, str(tmp_path))
+    assert not any(k.startswith("insample_") for k in got)
+    for key, value in ev.items():
+        if not key.startswith("insample_"):
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert tasks.make_input(other).held_out == []
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------

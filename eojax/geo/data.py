@@ -5,6 +5,10 @@ Scenes may differ in sensor, dtype and band count; each source names the bands t
 gives the same number of channels (a single-band scene may repeat its band). Pixels reach the model
 as float32 and are standardised per window and band on the device (`standardize`), because the
 scenes' value ranges (uint8 stretches, uint16 DNs, float reflectances, elevations) share no scale.
+
+Scenes may be held out of training (`input.eval_scenes` / `input.eval_fraction`, `held_out_scenes`):
+training, the baseline and the vMF centres see only the others; the eval split reads the held-out
+scenes' grid windows first, then the training scenes', each window flagged `held_out`.
 """
 from __future__ import annotations
 
@@ -52,45 +56,91 @@ def open_sources(input_cfg) -> tuple[list[Scene], dict[str, str]]:
     return scenes, dates
 
 
-class AddLabels:
-    """Batch map: adds the window labels, casts pixels to float32. Picklable (Grain workers)."""
+def _source_index(sources: list[dict], name) -> int:
+    """A held-out scene named by its 0-based index in input.sources (negative counts from the end),
+    its path as written there, or its file name."""
+    n = len(sources)
+    if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+        if not -n <= name < n:
+            raise ValueError(f"input.eval_scenes: index {name} is not one of the {n} sources (0..{n - 1})")
+        return int(name) % n
+    paths = [str(s.get("path", "")) for s in sources]
+    matches = [i for i, p in enumerate(paths) if name in (p, os.path.basename(p))]
+    if len(matches) != 1:
+        raise ValueError(f"input.eval_scenes: {name!r} names {len(matches)} of the sources; give an index or "
+                         f"one of {paths}")
+    return matches[0]
 
-    def __init__(self, labeler: WindowLabeler, size: int):
+
+def held_out_scenes(input_cfg) -> list[int]:
+    """Indices of the sources held out of training: `input.eval_scenes` (indices, paths or file names)
+    or `input.eval_fraction` (int(fraction * scenes), at least 1, picked by a fixed shuffle that does
+    not depend on config.seed, as the reference's fixed-seed split of its files); neither: none."""
+    sources = [dict(s) for s in input_cfg.sources]
+    names = tuple(input_cfg.get("eval_scenes", ()) or ())
+    fraction = float(input_cfg.get("eval_fraction", 0.0) or 0.0)
+    if names and fraction:
+        raise ValueError("set input.eval_scenes or input.eval_fraction, not both")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"input.eval_fraction must be in [0, 1), got {fraction}")
+    if fraction:
+        order = np.random.default_rng(12345).permutation(len(sources))
+        return sorted(order[:max(1, int(len(sources) * fraction))].tolist())
+    return sorted({_source_index(sources, name) for name in names})
+
+
+class AddLabels:
+    """Batch map: adds the window labels and the held-out flag, casts pixels to float32. The batch's
+    scene numbers index `scene_ids` (the dataset's scenes as indices into the labeler's). Picklable
+    (Grain workers)."""
+
+    def __init__(self, labeler: WindowLabeler, size: int, scene_ids=None, held_out=()):
         self.labeler, self.size = labeler, int(size)
+        self.scene_ids = None if scene_ids is None else np.asarray(scene_ids, np.int64)
+        self.held_out = np.asarray(held_out, np.int64)
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)
+        ids = batch["scene"] if self.scene_ids is None else self.scene_ids[batch["scene"]]
         out["pixels"] = batch["pixels"].astype(np.float32, copy=False)
-        out.update(self.labeler.label(batch["scene"], batch["row"], batch["col"], self.size))
+        out.update(self.labeler.label(ids, batch["row"], batch["col"], self.size))
+        out["held_out"] = np.isin(ids, self.held_out)
         return out
 
 
 def labelled_batches(scenes, labeler, input_cfg, *, split, batch_size, process_index, process_count,
-                     seed):
-    """Train: endless random windows (a checkpointable iterator); eval: every grid window once."""
+                     seed, scene_ids=None, held_out=()):
+    """Train: endless random windows (a checkpointable iterator); eval: every grid window once.
+    `scene_ids`: the scenes (indices into `scenes` and the labeler's) to draw from, default all;
+    `held_out`: the indices whose windows are flagged held_out."""
     size = int(input_cfg.window)
+    scene_ids = list(range(len(scenes))) if scene_ids is None else list(scene_ids)
+    chosen = [scenes[i] for i in scene_ids]
+    labels = AddLabels(labeler, size, scene_ids, held_out)
     if split == "train":
-        ds = pipeline.random_window_dataset(scenes, size=size, num_windows=int(input_cfg.num_windows),
+        ds = pipeline.random_window_dataset(chosen, size=size, num_windows=int(input_cfg.num_windows),
                                             seed=seed, min_valid_fraction=float(input_cfg.min_valid_fraction))
         it = pipeline.make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
                                         process_count=process_count, shuffle=True, seed=seed,
                                         num_epochs=None, drop_remainder=True)
-        return iter(it.map(AddLabels(labeler, size)))
-    ds = pipeline.grid_window_dataset(scenes, size=size, stride=int(input_cfg.eval_stride) or size,
+        return iter(it.map(labels))
+    ds = pipeline.grid_window_dataset(chosen, size=size, stride=int(input_cfg.eval_stride) or size,
                                       min_valid_fraction=float(input_cfg.min_valid_fraction))
     it = pipeline.make_iter_dataset(ds, batch_size=batch_size, process_index=process_index,
                                     process_count=process_count, shuffle=False, num_epochs=1,
                                     drop_remainder=False)
-    return it.map(AddLabels(labeler, size))
+    return it.map(labels)
 
 
-def label_sample(scenes, labeler, size: int, n: int, seed: int, min_valid: float) -> dict:
+def label_sample(scenes, labeler, size: int, n: int, seed: int, min_valid: float, scene_ids=None) -> dict:
     """Labels of n windows drawn as training draws them (no pixels read): for the training-mean
-    baseline and for vMF centres from training locations."""
-    sampler = RandomWindowSampler(scenes, size, min_valid)
+    baseline and for vMF centres from training locations. `scene_ids`: the training scenes (indices
+    into `scenes`), default all."""
+    scene_ids = np.arange(len(scenes)) if scene_ids is None else np.asarray(scene_ids)
+    sampler = RandomWindowSampler([scenes[i] for i in scene_ids], size, min_valid)
     rng = np.random.default_rng((seed, 7))
     picks = [sampler.sample(rng) for _ in range(n)]
-    ids = np.array([i for i, _ in picks])
+    ids = scene_ids[np.array([i for i, _ in picks], np.int64)]
     rows = np.array([w.row_off for _, w in picks])
     cols = np.array([w.col_off for _, w in picks])
     return labeler.label(ids, rows, cols, size)
