@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from typing import Any, Callable
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
@@ -401,13 +404,149 @@ def _debug_kill(step: int, checkpointer: ckpt_lib.Checkpointer, during_save: boo
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: run the same command again to resume
+
+
+class Preempted(SystemExit):
+    """The run stopped on SIGTERM / SIGINT (or the cluster's preemption notice) after saving the step
+    it had reached; running the same command again resumes from it. Exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step, self.directory = step, directory
+        self.message = (f"preempted: stopped after step {step}, saved in {directory}; run the same command "
+                        "again to resume")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the training loop to stop at the next step boundary, where it saves.
+    A single process notes the signal itself. In a multi-process run JAX's preemption service (which
+    owns SIGTERM there, and gets SIGINT forwarded) makes all processes agree on the step to stop at."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            wanted = {signal.SIGINT: self._note if not self._multi else self._forward}
+            if not self._multi:
+                wanted[signal.SIGTERM] = self._note
+            for sig, handler in wanted.items():
+                self._previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        self.received = signal.Signals(signum).name
+        logging.warning("%s received: stopping after this step, once its checkpoint is saved", self.received)
+
+    def _forward(self, signum, frame):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop_at(self, step: int) -> bool:
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received is not None
+
+
+class WorkdirLock:
+    """<workdir>/eojax.lock (host, pid, process start, time) while a run trains there: a second trainer
+    is refused, naming the holder; a lock left by a dead process of this host is taken over with a
+    warning. In a multi-process run process 0 holds it."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "eojax.lock")
+        self.held = False
+
+    def __enter__(self):
+        if jax.process_index() != 0:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not _is_dead(holder):
+                    raise WorkdirLockedError(
+                        f"{os.path.dirname(self.path)} is in use by another eojax run (host {holder.get('host')}, "
+                        f"pid {holder.get('pid')}, since {holder.get('since')}); wait for it, or delete "
+                        f"{self.path} if that run is gone")
+                logging.warning("taking over %s, left by %s", self.path, holder or "an unreadable lock")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise WorkdirLockedError(f"could not take {self.path}: another run took it at the same moment")
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+
+class WorkdirLockedError(RuntimeError):
+    pass
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _is_dead(holder: dict) -> bool:
+    """Whether the lock's process is gone (only knowable on this host)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = int(holder.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return holder.get("start") is not None and _process_start(pid) != holder.get("start")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config.task` in `workdir`; returns the final train and eval metrics."""
+    """Trains `config.task` in `workdir`; returns the final train and eval metrics. Raises Preempted
+    (a SystemExit with PREEMPTED_EXIT_CODE) after saving, on SIGTERM / SIGINT."""
     parallel.maybe_initialize_distributed(**config.distributed)
+    with WorkdirLock(workdir), StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return _train(config, workdir, stop, cleanup)
+
+
+def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     run = setup(config)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                          every=config.checkpoint_every)
+    cleanup.callback(checkpointer.close)  # on any exit: pending saves finish, no thread outlives the run
     writer = metric_writer.MetricWriter(workdir)
+    cleanup.callback(writer.close)
     save_spec(run.task.spec, workdir)
     best = BestKeeper(config, workdir)
     state = restore_or_init(run, checkpointer)
@@ -416,9 +555,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_peak = peak * (jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count())
 
     progress = _progress(config, first_step)
+    cleanup.callback(progress.close)
     pending_losses, last = [], {}
     tick, steps_since = time.perf_counter(), 0
-    last_good = checkpointer.latest_step()
     for step in range(first_step + 1, config.total_steps + 1):
         _debug_kill(step, checkpointer, during_save=False)
         # A Hessian refresh's fresh batch comes first, as in the official Sophia loop.
@@ -428,11 +567,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steps_since += 1
         progress.update(1)
         is_last = step == config.total_steps
-        saving = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        preempted = stop.stop_at(step)
+        saving = is_last or preempted or (config.checkpoint_every and step % config.checkpoint_every == 0)
         if saving or step % config.log_every == 0:
-            _stop_if_nonfinite(pending_losses, step, last_good, checkpointer.directory)
+            _stop_if_nonfinite(pending_losses, step, checkpointer)
             pending_losses = []
-        if step % config.log_every == 0 or is_last:
+        if step % config.log_every == 0 or is_last or preempted:
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - tick
             last["examples_per_sec"] = steps_since * config.batch_size / elapsed
@@ -442,16 +582,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             progress.set_postfix(loss=f"{last['loss']:.4g}")
             tick, steps_since = time.perf_counter(), 0
         if saving:
-            checkpointer.save(step, state, run.train_iter, force=is_last)
-            last_good = step
+            checkpointer.save(step, state, run.train_iter, force=is_last or preempted)
             _debug_kill(step, checkpointer, during_save=True)
+        if preempted:
+            checkpointer.wait()
+            error = Preempted(step, checkpointer.directory)
+            logging.warning(error.message)
+            raise error
         if config.eval_every and step % config.eval_every == 0 and not is_last:
             variables = eval_variables(run, state)
             metrics = evaluate(run, variables)
             writer.write(step, metrics, prefix="eval")
             best.update(step, metrics, variables)
     progress.close()
-    checkpointer.close()
+    checkpointer.wait()
 
     final = eval_variables(run, state)
     eval_metrics = evaluate(run, final)
@@ -467,7 +611,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if write_pictures is not None:
         with run.scope():
             pictures = write_pictures(run, final, _picture_batch(run), workdir, int(state.step))
-    writer.close()
     result = {"train": last, "eval": eval_metrics, "test": test_metrics, "best": best.record,
               "pictures": pictures}
     _write_results(run, workdir, result)
@@ -506,11 +649,13 @@ def _picture_batch(run: Run) -> dict:
     return run.global_batch(local if local is not None else next(run.train_iter))
 
 
-def _stop_if_nonfinite(losses: list, step: int, last_good: int | None, directory: str) -> None:
+def _stop_if_nonfinite(losses: list, step: int, checkpointer: ckpt_lib.Checkpointer) -> None:
     values = np.asarray(jax.device_get(losses))
     if not np.all(np.isfinite(values)):
         bad = step - len(values) + 1 + int(np.argmin(np.isfinite(values)))
-        kept = f"the last good checkpoint (step {last_good}) is kept in {directory}" if last_good else \
+        checkpointer.wait()  # name only a checkpoint whose write has finished
+        good = checkpointer.latest_step()
+        kept = f"the newest saved checkpoint, step {good}, is kept in {checkpointer.directory}" if good else \
             "no checkpoint had been written yet"
         raise NonFiniteLossError(f"loss became non-finite at step {bad}; stopping the run; {kept}")
 
