@@ -350,11 +350,12 @@ def _scenes_from_cfg(input_cfg) -> list[Scene]:
 def describe_stats(input_cfg) -> dict:
     """JSON-able summary of `config.input`'s scenes and band statistics (`eojax stats`)."""
     scenes = _scenes_from_cfg(input_cfg)
-    stats, path = load_or_compute_stats(scenes)
+    stats, path = load_or_compute_stats(scenes, valid_range=_cfg(input_cfg, "valid_range", ()))
     return {"scenes": [{"path": s.path, "shape": [s.height, s.width], "crs": str(s.crs),
                         "dtype": s.dtype, "nodata": s.nodata} for s in scenes],
-            "bands": {b: {"mean": float(m), "std": float(sd), "count": int(c)} for b, m, sd, c in
-                      zip(stats.band_names, stats.mean, stats.std, stats.count)},
+            "bands": {b: {"mean": float(stats.mean[i]), "std": float(stats.std[i]), "count": int(stats.count[i]),
+                          "min": float(stats.min[i]), "max": float(stats.max[i])}
+                      for i, b in enumerate(stats.band_names)},
             "cache": path}
 
 
@@ -374,6 +375,9 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
     or `sources` (list of dicts path / bands / resampling / nodata / names, implies stacking);
     `scales` (default (1,); e.g. (1, 2, 4) adds pixels_2x / pixels_4x of real native pixels, see
     eojax.data.multiscale).
+    `valid_range` ((lo, hi), None for an open end; default () = |x| <= stats.FLOAT_LIMIT ~ 1.8e19 for
+    float rasters, any value for integer ones): a valid pixel outside it stops the run before
+    training, naming the file and band (checked with the statistics, so only with `normalize`).
     info: num_channels, band_names, stats (BandStats or None), scenes, num_windows, dtype, scales,
     source_channels (channel-index tuples, one per stacked source; one tuple of all channels
     otherwise), element_spec (key -> (per-element shape, dtype)).
@@ -406,7 +410,8 @@ def image_input_info(input_cfg) -> dict:
     checked), statistics (computed once, cached), window, scales, band names, channels per stacked
     source, and element_spec (key -> (per-element shape, dtype)) of the windows' arrays."""
     scenes = _scenes_from_cfg(input_cfg)
-    stats = load_or_compute_stats(scenes)[0] if _cfg(input_cfg, "normalize", True) else None
+    stats = (load_or_compute_stats(scenes, valid_range=_cfg(input_cfg, "valid_range", ()))[0]
+             if _cfg(input_cfg, "normalize", True) else None)
     size = int(_cfg(input_cfg, "window", 64))
     scales = check_scales(_cfg(input_cfg, "scales", (1,)))
     spec = _WindowDataset(scenes, lambda i: None, 0, size, scales)  # for its dtype and element_spec only

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 
@@ -27,6 +27,16 @@ BandSpec = Sequence["str | int"]
 
 class RasterError(ValueError):
     """Bad raster input; the message names the file, band or value at fault."""
+
+
+def read_error(path: str, window: Window | None, e: Exception) -> RasterError:
+    """A failed GDAL read (a truncated or corrupt file that still opens) -> one line naming the file
+    and window. rasterio says only "Read failed. See previous exception"; GDAL's reason is the cause."""
+    where = ""
+    if window is not None:
+        r, c = int(window.row_off), int(window.col_off)
+        where = f" in window rows {r}..{r + int(window.height) - 1}, cols {c}..{c + int(window.width) - 1}"
+    return RasterError(f"{path}: read failed{where} ({e.__cause__ or e}); the file is truncated or corrupt")
 
 
 def _natural_key(s: str):
@@ -82,12 +92,21 @@ class _WindowReading:
         return image, valid
 
     def check(self):
-        """Raises RasterError if the scene has no valid pixel (a reduced-resolution check)."""
+        """Raises RasterError if the scene has no valid pixel (a reduced-resolution check), naming
+        the bands (and their files) that hold no valid pixel at all."""
         mask, _ = self.validity_overview()
         if not mask.any():
+            empty = [ch for ch in range(self.num_channels) if not self._band_any[ch]]
+            if empty:
+                files = ", ".join(dict.fromkeys(self.band_file(ch) for ch in empty))
+                raise RasterError(
+                    f"{files}: every pixel is nodata/NaN in band(s) {[self.band_names[ch] for ch in empty]} "
+                    f"(nodata {[self.nodata[ch] for ch in empty]}); pass the right `nodata` or drop the "
+                    f"band or file")
             raise RasterError(
-                f"{self.path}: every pixel is nodata/NaN (bands {self.band_names}, nodata "
-                f"{self.nodata}); pass the right `nodata` or drop this file")
+                f"{self.path}: every pixel is nodata/NaN in at least one of the bands {self.band_names} "
+                f"(nodata {self.nodata}), though no band is empty on its own; pass the right `nodata` or "
+                f"drop this file")
         return self
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
@@ -225,6 +244,10 @@ class Scene(_WindowReading):
             src.close()
         self._local = threading.local()
 
+    def band_file(self, ch: int) -> str:
+        """The file holding channel `ch` (a template has one file per band)."""
+        return next(path for path, _, channels in self._reads if ch in range(self.num_channels)[channels])
+
     def __repr__(self):
         return (f"Scene({self.path!r}, bands={self.band_names}, {self.height}x{self.width}, "
                 f"{self.crs}, {self.dtype})")
@@ -249,6 +272,13 @@ class Scene(_WindowReading):
         if self._float_src:
             valid &= ~np.isnan(raw).any(axis=-3)
         return valid
+
+    def _band_valid(self, raw: np.ndarray) -> np.ndarray:
+        """(C, h, w) raw -> (C, h, w) validity of each band on its own (the rule of `valid_mask`)."""
+        ok = ~np.isnan(raw) if self._float_src else np.ones(raw.shape, bool)
+        for v, chs in self._nodata_checks:
+            ok[chs] &= raw[chs] != v
+        return ok
 
     def read_raw(self, window: Window, out: np.ndarray) -> np.ndarray:
         """Reads `window` (inside the raster) into `out` ((C, h, w), this scene's dtype), values
@@ -288,8 +318,12 @@ class Scene(_WindowReading):
         oh, ow = max(1, math.ceil(self.height / f)), max(1, math.ceil(self.width / f))
         raw = np.empty((len(self.band_names), oh, ow), self._np_dtype)
         for path, indexes, channels in self._reads:
-            self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
+            try:
+                self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
+            except RasterioError as e:
+                raise read_error(path, None, e) from None
         mask = self.valid_mask(raw)
+        self._band_any = self._band_valid(raw).any(axis=(1, 2))  # names the empty bands in check()
         scales = (self.height / oh, self.width / ow)
         self._overview = (max_size, mask, scales)
         return mask, scales
@@ -304,13 +338,19 @@ def _read_window(src, indexes: list[int], window: Window, out: np.ndarray) -> No
     ~20 us GDAL takes to copy a cached 96 x 96 x 10 window. `DatasetReaderBase._read` is the call
     `read()` ends in; if a rasterio version changes it, eojax falls back to `read()` for good
     (tests/test_data.py checks the two agree)."""
+    # try/except costs nothing until something is raised (Python >= 3.11).
     if _FAST_READ[0]:
         try:
             src._read(indexes, out, window, None)
             return
         except (AttributeError, TypeError):
             _FAST_READ[0] = False
-    src.read(indexes, window=window, out=out)
+        except RasterioError as e:
+            raise read_error(src.name, window, e) from None
+    try:
+        src.read(indexes, window=window, out=out)
+    except RasterioError as e:
+        raise read_error(src.name, window, e) from None
 
 
 def expand_paths(paths: Sequence[str] | str) -> list[str]:

@@ -23,12 +23,13 @@ import numpy as np
 from rasterio.crs import CRS
 from affine import Affine
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.transform import array_bounds
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
-from eojax.data.raster import RasterError, _open, _WindowReading
+from eojax.data.raster import RasterError, _open, _WindowReading, read_error
 
 # Sources whose values float32 cannot hold exactly are stacked as float64.
 _WIDE = {"float64", "int32", "uint32", "int64", "uint64"}
@@ -231,6 +232,10 @@ class StackedScene(_WindowReading):
                  self.dtype] + [f"{s.path}|{s.indexes}|{s.resampling.name}|{s.nodata}" for s in self._sources]
         return "\n".join(parts)
 
+    def band_file(self, ch: int) -> str:
+        """The source file of channel `ch`."""
+        return next(s.path for s, chs in zip(self._sources, self.source_channels) if ch in chs)
+
     def __repr__(self):
         return (f"StackedScene({self._files}, bands={self.band_names}, {self.height}x{self.width}, "
                 f"{self.crs}, {self.dtype})")
@@ -245,12 +250,12 @@ class StackedScene(_WindowReading):
         for k, (s, chs) in enumerate(zip(self._sources, self.source_channels)):
             src, vrt = self._handle(k)
             part = raw[chs[0]:chs[-1] + 1]
-            if vrt is None:
-                src.read(s.indexes, window=window, out=part)
-                if s.nodata is not None and not np.isnan(s.nodata):
-                    part[part == np.asarray(s.nodata).astype(self._np_dtype)] = np.nan
-            else:
-                vrt.read(s.indexes, window=window, out=part)
+            try:
+                (src if vrt is None else vrt).read(s.indexes, window=window, out=part)
+            except RasterioError as e:
+                raise read_error(s.path, window, e) from None
+            if vrt is None and s.nodata is not None and not np.isnan(s.nodata):
+                part[part == np.asarray(s.nodata).astype(self._np_dtype)] = np.nan
         valid = ~np.isnan(raw).any(axis=0)
         if out is not None and raw is not out:
             out[...] = raw
@@ -267,15 +272,20 @@ class StackedScene(_WindowReading):
             return self._overview[1], self._overview[2]
         f = max(1.0, max(self.height, self.width) / max_size)
         if f == 1.0:
-            mask = self.read_pixels(Window(0, 0, self.width, self.height))[1]
+            ok = ~np.isnan(self.read_pixels(Window(0, 0, self.width, self.height))[0])
         else:
             oh, ow = max(1, math.ceil(self.height / f)), max(1, math.ceil(self.width / f))
             coarse = self.transform @ Affine.scale(self.width / ow, self.height / oh)
-            mask = np.ones((oh, ow), bool)
-            for s in self._sources:
+            ok = np.empty((self.num_channels, oh, ow), bool)
+            for s, chs in zip(self._sources, self.source_channels):
                 src, vrt = self._vrt(s, coarse, oh, ow, Resampling.nearest)
                 with src, vrt:
-                    mask &= ~np.isnan(vrt.read(s.indexes)).any(axis=0)
+                    try:
+                        ok[chs[0]:chs[-1] + 1] = ~np.isnan(vrt.read(s.indexes))
+                    except RasterioError as e:
+                        raise read_error(s.path, None, e) from None
+        mask = ok.all(axis=0)
+        self._band_any = ok.any(axis=(1, 2))  # names the empty bands in check()
         scales = (self.height / mask.shape[0], self.width / mask.shape[1])
         self._overview = (max_size, mask, scales)
         return mask, scales
