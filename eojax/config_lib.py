@@ -1,4 +1,5 @@
-"""Shared pieces of the config files in configs/.
+"""Shared pieces of the config files in configs/, and the checks a run's config and workdir pass
+before anything runs (`validate`, `check_workdir`, `disk_check`).
 
 They live in the package (not in configs/common.py as DESIGN.md sketched) so that a config file can
 import them from any working directory once eojax is installed; see docs/architecture.md.
@@ -6,9 +7,15 @@ import them from any working directory once eojax is installed; see docs/archite
 from __future__ import annotations
 
 import ast
-from typing import Any
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
 
 import ml_collections
+
+from eojax import errors
 
 # One rule set serves data parallel, FSDP and tensor parallel: the mesh sizes decide which are active
 # (an axis of size 1 shards nothing). 'batch' comes first so activations give fsdp to the batch and
@@ -120,3 +127,112 @@ def make_runlocal(config: ml_collections.ConfigDict, *, total_steps: int, checkp
     config.update(total_steps=total_steps, batch_size=16, log_every=10, eval_every=eval_every,
                   eval_steps=2, checkpoint_every=checkpoint_every)
     config.optim.update(lr=lr, warmup_steps=warmup_steps)
+
+
+# Trainer keys that count steps or things: 0 is not meaningful for these ...
+_POSITIVE = ("total_steps", "batch_size", "log_every", "keep_checkpoints")
+# ... and 0 means "off" for these: eval and checkpoint only at the end, eval on the whole eval set.
+_NON_NEGATIVE = ("eval_every", "checkpoint_every", "eval_steps")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises errors.ConfigError naming the first trainer key with an impossible value. Cheap (no jax,
+    no data): the command line calls it before anything runs. The families check their own keys in
+    their task's `check_config`, the optimizer its own in `optim.build`."""
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            raise errors.ConfigError(f"config.{key}={config[key]!r} is invalid: {allowed}")
+
+    for key in _POSITIVE:
+        if key in config:
+            need(_is_int(config[key]) and config[key] >= 1, key, "must be an integer >= 1")
+    for key in _NON_NEGATIVE:
+        if key in config:
+            need(_is_int(config[key]) and config[key] >= 0, key, "must be an integer >= 0 (0 = off)")
+    if config.get("best_metric"):
+        need(config.get("best_mode") in ("max", "min"), "best_mode", "must be 'max' or 'min'")
+    if "mesh" in config:
+        mesh = config.mesh
+        need(isinstance(mesh, (tuple, list)) and len(mesh) > 0
+             and all(isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str) and _is_int(a[1])
+                     and (a[1] >= 1 or a[1] == -1) for a in mesh),
+             "mesh", "must be ((axis name, size), ...) with sizes >= 1 or -1 (the rest of the devices)")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_workdir(workdir: str, *, create: bool) -> None:
+    """Raises errors.WorkdirError unless `workdir` is a directory; with `create` (a run to train) it
+    is made when missing and must be writable, without (eval, verify: reading a run, perhaps an
+    archived read-only one) it must exist. Remote paths (gs://...) are left to the storage layer."""
+    if "://" in workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise errors.WorkdirError(f"--workdir={workdir} is a file, not a directory")
+    if not create:
+        if not os.path.isdir(workdir):
+            raise errors.WorkdirError(f"--workdir={workdir} does not exist")
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise errors.WorkdirError(f"cannot create --workdir={workdir}: {e.strerror}") from e
+    try:  # a real write: os.access misjudges read-only mounts, ACLs and root squash
+        with tempfile.TemporaryFile(dir=workdir, prefix=".eojax-write-test"):
+            pass
+    except OSError as e:
+        raise errors.WorkdirError(f"--workdir={workdir} is not writable: {e.strerror}") from e
+
+
+def disk_check(workdir: str, bytes_per_checkpoint: int, keep: int) -> None:
+    """Free space of `workdir`'s filesystem against its checkpoints: `keep` of them plus the one being
+    written before the oldest is deleted, less what the run's checkpoints already hold. Raises
+    errors.WorkdirError when not even one more checkpoint fits; warns when `keep` + 1 may not."""
+    if "://" in workdir:
+        return
+    free = shutil.disk_usage(workdir).free
+    held = _tree_bytes(os.path.join(workdir, "checkpoints"))
+    wanted = max(bytes_per_checkpoint * (keep + 1) - held, bytes_per_checkpoint)
+    if free < bytes_per_checkpoint:
+        raise errors.WorkdirError(
+            f"--workdir={workdir}: {_size(free)} free, but one checkpoint needs about "
+            f"{_size(bytes_per_checkpoint)}; free space or use another workdir")
+    if free < wanted:
+        logging.warning("%s: %s free; config.keep_checkpoints=%d checkpoints of about %s each may need %s",
+                        workdir, _size(free), keep, _size(bytes_per_checkpoint), _size(wanted))
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:  # deleted meanwhile (Orbax removing an old step)
+                pass
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, value, type name) of every leaf of `config`, in key order; a placeholder (a typed
+    field that is still None) is named by its type."""
+    for key in sorted(config.keys()):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from flat_items(value, f"{prefix}{key}.")
+            continue
+        kind = type(value).__name__
+        if value is None:
+            field_type = config.get_ref(key).get_type()
+            kind = f"{field_type.__name__} or None" if field_type not in (None, type(None)) else "None"
+        yield f"{prefix}{key}", value, kind

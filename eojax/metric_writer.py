@@ -1,4 +1,5 @@
-"""Where training metrics go: the console, TensorBoard event files and a JSON-lines file.
+"""Where training metrics go: the console, TensorBoard event files and a JSON-lines file; and the
+console itself: the progress bar and the log handler that prints above it.
 
 Only process 0 writes; the JSON-lines file is what tests and notebooks read back.
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 # Dense bf16/f32 matmul peaks per chip, for MFU. Keys are substrings of jax's device_kind.
 _KNOWN_PEAK_TFLOPS = {
@@ -75,6 +78,58 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class Progress:
+    """The training progress bar (tqdm on stderr), or nothing when not `enabled`. Its clock starts
+    when the first step has finished: that step includes compilation (minutes for a big model), which
+    would otherwise dominate the rate and the ETA for the rest of the run. Until then it says
+    'compiling'. Log records print above it through LogHandler."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, **tqdm_options):
+        self._bar = None
+        self._timing = False
+        if enabled:
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, postfix="compiling",
+                             **tqdm_options)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is None:
+            return
+        if self._timing:
+            self._bar.update(n)
+            return
+        # The first step: count it, then restart the clock there. The bar has taken no rate samples
+        # yet (tqdm takes them in update()), so only its start and last-print marks move.
+        self._timing = True
+        bar = self._bar
+        bar.n = bar.last_print_n = bar.initial = bar.n + n
+        bar.start_t = bar.last_print_t = time.time()
+        bar.set_postfix_str("")
+
+    def set_postfix(self, **values) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    @property
+    def format_dict(self) -> dict:
+        """tqdm's numbers (n, elapsed, rate, ...): what the bar shows."""
+        return self._bar.format_dict if self._bar is not None else {}
+
+
+class LogHandler(logging.Handler):
+    """Log records on stderr, printed above a progress bar (tqdm.write clears and redraws it) rather
+    than through it; without a bar, plain lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's contract: a failing handler reports and never raises
+            self.handleError(record)
 
 
 def _fmt(v: float) -> str:
