@@ -107,6 +107,7 @@ def image_input_defaults(**overrides) -> ml_collections.ConfigDict:
         resampling="bilinear",  # per-path tuple or one name, when stacking
         reference=ml_collections.config_dict.placeholder(str),  # the grid to stack onto (default: finest)
         scales=(1,),  # (1, 2, 4): also real 2x and 4x windows as targets (SatMAE++ multi-scale)
+        valid_range=(),  # (lo, hi) every valid pixel lies in (None: open end); (): |x| <= 1.8e19 for float rasters
     ))
     c.update(overrides)
     return c

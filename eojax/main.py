@@ -252,8 +252,6 @@ def main(command: str, family: str | None = None) -> int:
     config_lib.check_workdir(workdir, create=command == "train")
     from eojax import train  # imports jax: keep `--help` and usage errors fast
     if command == "train":
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
         result = train.train_and_evaluate(config, workdir)
         summary = {k: result[k] for k in ("train", "eval", "test", "best", "pictures")}
     elif command in ("export", "infer"):

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
-from eojax import metric_writer, optim, parallel, tasks, weights
+from eojax import config_lib, metric_writer, optim, parallel, tasks, weights
 from eojax.models import layers
 
 
@@ -535,13 +535,20 @@ def _is_dead(holder: dict) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config.task` in `workdir`; returns the final train and eval metrics. Raises Preempted
     (a SystemExit with PREEMPTED_EXIT_CODE) after saving, on SIGTERM / SIGINT."""
+    config_lib.validate(config)
     parallel.maybe_initialize_distributed(**config.distributed)
     with WorkdirLock(workdir), StopSignals() as stop, contextlib.ExitStack() as cleanup:
         return _train(config, workdir, stop, cleanup)
 
 
 def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    if jax.process_index() == 0:  # once the lock is held: a refused run overwrites nothing
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     run = setup(config)
+    if jax.process_index() == 0:
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state))
+        config_lib.disk_check(workdir, size, config.keep_checkpoints)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                          every=config.checkpoint_every)
     cleanup.callback(checkpointer.close)  # on any exit: pending saves finish, no thread outlives the run
@@ -586,9 +593,7 @@ def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStac
             _debug_kill(step, checkpointer, during_save=True)
         if preempted:
             checkpointer.wait()
-            error = Preempted(step, checkpointer.directory)
-            logging.warning(error.message)
-            raise error
+            raise Preempted(step, checkpointer.directory)
         if config.eval_every and step % config.eval_every == 0 and not is_last:
             variables = eval_variables(run, state)
             metrics = evaluate(run, variables)
@@ -661,16 +666,8 @@ def _stop_if_nonfinite(losses: list, step: int, checkpointer: ckpt_lib.Checkpoin
 
 
 def _progress(config, first_step: int):
-    if config.progress_bar and jax.process_index() == 0:
-        from tqdm import tqdm
-        return tqdm(total=config.total_steps, initial=first_step, unit="step", dynamic_ncols=True)
-    return _NoProgress()
-
-
-class _NoProgress:
-    def update(self, n): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
+    return metric_writer.Progress(config.total_steps, first_step,
+                                  enabled=config.progress_bar and jax.process_index() == 0)
 
 
 SPEC_FILE = "data_spec.json"
@@ -703,6 +700,7 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str) -> tuple
     """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with), for
     `eojax eval` / `infer` / `export`. The model is built from the run's saved DataSpec when it has
     one (the training data need not be there), else from the config's input."""
+    config_lib.validate(config)
     parallel.maybe_initialize_distributed(**config.distributed)
     run = setup(config, spec=saved_spec(workdir))
     return run, ckpt_lib.load_variables(workdir, run.abstract_state.params, run.abstract_state.model_state)
