@@ -60,6 +60,10 @@ def get_config(arg=None):
         train_images="", train_masks="", val_images="", val_masks="", test_images="", test_masks="",
         mask_suffix=("_merged.tif", ".mask.tif"),
         bands=(),  # names or 1-based indices; empty = all
+        # The bands' sensor (eojax.data.sensors: sentinel2a, landsat8, hls_s30, ...), which says what
+        # their names mean to the encoders; '' = found from the files (Landsat MTL, HLS / Landsat /
+        # Sentinel-2 file names, band descriptions) or the names. Burn scars: HLS in S30's band names.
+        sensor="hls_s30" if arg.data == "burnscars" else "",
         nodata=9999.0 if arg.data == "burnscars" else None,
         mask_values=(),  # raw mask value of class 0, 1, ...; empty = the value is the class
         normalize="pangaea" if arg.data == "burnscars" else "data",  # pangaea | data | none

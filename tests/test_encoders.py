@@ -40,7 +40,7 @@ def shapes(enc, x):
     ("satmae", dict(variant="base", image_size=96), (1, 96, 96, 10), 12),
     ("prithvi", dict(variant="base"), (1, 224, 224, 6), 14),
     ("prithvi", dict(variant="base", num_frames=3), (1, 3, 224, 224, 6), 14),
-    ("dofa", dict(variant="base", input_bands=("B4", "B3", "B2")), (1, 224, 224, 3), 14),
+    ("dofa", dict(variant="base", input_bands=("B4", "B3", "B2"), sensor="sentinel2a"), (1, 224, 224, 3), 14),
     ("dofa", dict(variant="base", input_bands=("B2", "B3", "B4", "B8A", "B11", "B12")), (1, 224, 224, 6), 14),
     ("croma", dict(variant="base"), (1, 120, 120, 12), 15),
 ])

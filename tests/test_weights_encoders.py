@@ -161,7 +161,8 @@ def test_prithvi_prefix_resize_and_band_report(caplog):
     sd = random_sd(prithvi_shapes(3, 4, "encoder."))
     sd["encoder.pos_embed"] = prithvi_3d_sincos(3, 4, 4).astype(np.float32)
     sd["decoder.decoder_embed.weight"] = np.zeros((16, D), np.float32)
-    enc = build("prithvi", variant="mu", image_size=32, input_bands=("RED", "B2", "NIR_NARROW"))
+    enc = build("prithvi", variant="mu", image_size=32, input_bands=("RED", "B2", "NIR_NARROW"),
+                sensor="hls_s30")
     with caplog.at_level(logging.WARNING):
         params, report = wprithvi.prithvi_from_torch(sd, enc)
         common.log_report("test", report)
@@ -272,7 +273,7 @@ def test_dofa_layout_matches_reference_forward(bands, mode):
     sd = random_sd(dofa_shapes(4))
     sd["pos_embed"][:, 0] = 0.0
     sd["norm.weight"] += 1.0
-    enc = build("dofa", variant="mu", input_bands=bands, layers=LAYERS, feature_norm=mode)
+    enc = build("dofa", variant="mu", input_bands=bands, sensor="sentinel2a", layers=LAYERS, feature_norm=mode)
     params, report = wdofa.dofa_from_torch(sd, enc)
     assert report["wavelengths"] == tuple(waves[b] for b in bands)
     norm = {"norm.weight", "norm.bias"} if mode == "standardise" else set()
@@ -284,7 +285,7 @@ def test_dofa_layout_matches_reference_forward(bands, mode):
 
 
 def test_dofa_base_shapes_resize_and_errors(tmp_path):
-    table = {e.key: e.shape for e in wdofa._entries(build("dofa", variant="base", input_bands=("B2",)))}
+    table = {e.key: e.shape for e in wdofa._entries(build("dofa", variant="base", input_bands=("B2",), sensor="s2"))}
     assert table["patch_embed.weight_generator.fc_weight.weight"] == (16 * 16 * 768, 128)
     assert table["patch_embed.weight_generator.transformer_encoder.layers.0.linear1.weight"] == (2048, 128)
     assert table["patch_embed.weight_generator.weight_tokens"] == (128, 128)
@@ -375,7 +376,7 @@ def test_croma_layout_matches_reference_forward(layers):
 def test_croma_files_round_trip_and_band_report(tmp_path, caplog):
     """Nested {'s2_encoder': {...}} .pth (torch, weights_only) and flat .npz, through load_pretrained;
     export -> import is the identity; missing bands are reported."""
-    enc = build("croma", variant="mu", input_bands=("B2", "B3", "B4", "B8"))
+    enc = build("croma", variant="mu", input_bands=("B2", "B3", "B4", "B8"), sensor="sentinel2a")
     abstract = nn.unbox(jax.eval_shape(enc.init, jax.random.key(0), jnp.zeros((1, 32, 32, 4))))["params"]
     params = jax.tree.map(lambda a: RNG.standard_normal(a.shape).astype(np.float32), abstract)
     sd = wcroma.croma_to_torch(params, enc)

@@ -387,4 +387,10 @@ def load_encoder(path, abstract_params: Any, encoder, *, strict: bool = True):
              if k.startswith(starts) and not k.startswith("fc_norm.")}  # fc_norm: its own error
     sd = {k: v for k, v in sd.items() if k not in parts}
     params, ignored = _load(sd, path, abstract_params, kwargs, strict, parts)
-    return params, {"ignored": ignored}
+    report = {"ignored": ignored}
+    if getattr(encoder, "bands", None) is not None:  # named bands: matched by common name / wavelength
+        source, missing, unused = encoder.plan_bands()
+        report.update(zero_filled_bands=missing, unused_bands=unused,
+                      band_sources=common.band_sources(encoder, source))
+        common.log_report(f"SatMAE++ checkpoint {path}", {k: v for k, v in report.items() if k != "ignored"})
+    return params, report

@@ -33,7 +33,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from eojax.data import pipeline, synthetic
+from eojax.data import pipeline, sensors, synthetic
 from eojax.data.raster import RasterError, Scene, expand_paths
 from eojax.data.stats import BandStats, load_or_compute_stats
 from eojax.seg.modes import preprocessing
@@ -267,6 +267,27 @@ def splits_from_config(cfg) -> dict[str, list[Pair]]:
             out["test"] = pick("test")
         return out
     raise ValueError(f"input.dataset={cfg.dataset!r} is unknown; one of 'burnscars', 'folder', 'solaris'")
+
+
+def sensor(cfg, sets: dict[str, PairSet]) -> str:
+    """The sensor of the images' bands (eojax.data.sensors): input.sensor, else found from every
+    scene's files (Landsat MTL beside them, HLS / Landsat / Sentinel-2 file names, band descriptions
+    and tags), else from the band names; '' when nothing names one. Scenes of different sensors are
+    an error (one band list cannot mean both)."""
+    configured = cfg.get("sensor", "")
+    if configured:
+        return sensors.get(configured).name
+    found = {}
+    for split, pairs in sets.items():
+        for pair, scene in zip(pairs.pairs, pairs.scenes):
+            name = sensors.detect(scene.files, scene.band_names)
+            if name:
+                found.setdefault(name, pair.image)
+    if len(found) > 1:
+        raise ValueError("the images are of several sensors: "
+                         + "; ".join(f"{s} ({p})" for s, p in found.items())
+                         + "; set input.sensor to the one their band names follow")
+    return next(iter(found), "")
 
 
 def band_stats(cfg, train: PairSet) -> BandStats | None:

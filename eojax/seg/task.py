@@ -39,7 +39,7 @@ from flax import linen as nn
 
 from eojax import checkpoint as ckpt_lib
 from eojax import optim, weights
-from eojax.data import device
+from eojax.data import device, sensors
 from eojax.models import encoders
 from eojax.seg import data as segdata
 from eojax.seg import decoders as seg_models
@@ -63,6 +63,11 @@ class SegInput(Input):
                 for split, pairs in segdata.splits_from_config(c).items()}
 
     @functools.cached_property
+    def sensor(self) -> str:
+        """The bands' sensor: input.sensor, or found from the files ('' when unknown)."""
+        return segdata.sensor(self.config.input, self.pair_sets)
+
+    @functools.cached_property
     def stats(self):
         """The normalisation's BandStats, or None (input.normalize='none')."""
         return segdata.band_stats(self.config.input, self.pair_sets["train"])
@@ -74,7 +79,8 @@ class SegInput(Input):
         h, w = segdata.scene_size(train, seg_modes.preprocessing(c), c.crop)
         arrays = elements(pixels=((len(train.band_names), h, w), train.scenes[0].dtype), valid=((h, w), bool),
                           label=((h, w), np.int32), weight=((), np.float32))
-        return DataSpec(arrays, {"band_names": list(train.band_names), "num_classes": int(m.num_classes),
+        return DataSpec(arrays, {"band_names": list(train.band_names), "sensor": self.sensor,
+                                 "num_classes": int(m.num_classes),
                                  "class_names": list(m.class_names), **stats_info(self.stats)})
 
     def _input(self, split, process_index, process_count):
@@ -112,6 +118,9 @@ class SegTask(Task):
         super().__init__(config, spec)
         self.k = int(config.sweep.k)
         self.band_names = list(spec.info["band_names"])
+        # The bands' sensor for the encoders' band matching; a spec written before the sensor
+        # registry meant Sentinel-2 names, '' = unknown (names must then be unambiguous).
+        self.sensor = spec.info.get("sensor", sensors.LEGACY_SENSOR) or None
         self.stats = stats_from_info(spec.info)  # None with input.normalize='none'
         self.preprocessing = seg_modes.preprocessing(config.input)
         # The training element's (H, W): the crop, or the scene under the resize preprocessings; the
@@ -150,7 +159,8 @@ class SegTask(Task):
         fields = encoders.encoder_class(m.encoder).__dataclass_fields__
         kwargs = dict(m.encoder_args)
         derived = {"image_size": self.input_size, "in_channels": len(self.band_names),
-                   "input_bands": tuple(self.band_names), "dtype": jnp.dtype(m.dtype)}
+                   "input_bands": tuple(self.band_names), "sensor": self.sensor,
+                   "dtype": jnp.dtype(m.dtype)}
         for key, value in derived.items():
             if key in fields and key not in kwargs:
                 kwargs[key] = value

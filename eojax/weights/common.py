@@ -270,6 +270,12 @@ def place(flat: Mapping[tuple, np.ndarray], abstract_params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(put, abstract_params)
 
 
+def band_sources(encoder: nn.Module, source: list) -> dict[str, str | None]:
+    """{encoder band: the data band (input_bands name) filling it, or None (zero-filled)}."""
+    provided = list(encoder.input_bands) if encoder.input_bands is not None else list(encoder.bands)
+    return {slot: None if j is None else str(provided[j]) for slot, j in zip(encoder.bands, source)}
+
+
 def log_report(what: str, report: Mapping[str, Any]) -> None:
     """One warning line per kind of deviation (ignored keys grouped by reason)."""
     by_reason: dict[str, list[str]] = {}
@@ -281,6 +287,10 @@ def log_report(what: str, report: Mapping[str, Any]) -> None:
     if report.get("zero_filled_bands"):
         logging.warning("%s: the data lacks bands %s; the encoder zero-fills them", what,
                         report["zero_filled_bands"])
+    moved = {k: v for k, v in report.get("band_sources", {}).items() if v is not None and v != k}
+    if moved:  # matched by common name and wavelength, not by name
+        logging.info("%s: the encoder's bands are filled from the data's %s", what,
+                     ", ".join(f"{k} <- {v}" for k, v in moved.items()))
     if report.get("unused_bands"):
         logging.warning("%s: the encoder has no slot for the data's bands %s; they are dropped", what,
                         report["unused_bands"])

@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from eojax.models.encoders.base import band_plan
 from eojax.models.encoders.croma import BANDS, CROMA
 from eojax.weights import common
 
@@ -68,8 +67,9 @@ def croma_from_torch(state_dict: Mapping[str, np.ndarray], encoder: CROMA, *, st
     flat = common.convert(sd, entries, encoder.param_dtype)
     if encoder.scan:
         flat = common.stack_blocks(flat, ("blocks",), encoder.depth)
-    _, missing, unused = band_plan(BANDS, encoder.input_bands, "croma")
-    report.update(zero_filled_bands=missing, unused_bands=unused)
+    source, missing, unused = encoder.plan_bands()
+    report.update(zero_filled_bands=missing, unused_bands=unused,
+                  band_sources=common.band_sources(encoder, source))
     return traverse_util.unflatten_dict(flat), report
 
 

@@ -25,7 +25,6 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from eojax.models.encoders.base import band_plan
 from eojax.models.encoders.prithvi import BANDS, Prithvi, pos_embed_table
 from eojax.weights import common
 
@@ -99,8 +98,9 @@ def prithvi_from_torch(state_dict: Mapping[str, np.ndarray], encoder: Prithvi, *
     flat = common.convert(sd, entries, encoder.param_dtype)
     if encoder.scan:
         flat = common.stack_blocks(flat, ("blocks",), encoder.depth)
-    _, missing, unused = band_plan(BANDS, encoder.input_bands, "prithvi")
-    report.update(zero_filled_bands=missing, unused_bands=unused)
+    source, missing, unused = encoder.plan_bands()
+    report.update(zero_filled_bands=missing, unused_bands=unused,
+                  band_sources=common.band_sources(encoder, source))
     return traverse_util.unflatten_dict(flat), report
 
 

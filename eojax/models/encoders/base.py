@@ -8,12 +8,14 @@ works, as DOFA).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from eojax.data import sensors
 
 DEFAULT_LAYERS = (3, 5, 7, 11)
 
@@ -29,6 +31,7 @@ class PublishedViT(nn.Module):
     mlp_dim: int | None = None
     layers: tuple = DEFAULT_LAYERS
     input_bands: tuple | None = None  # bands the data provides, by name; None: exactly `bands`
+    sensor: str | None = None  # the input_bands' sensor (eojax.data.sensors); None: from the names
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -36,20 +39,20 @@ class PublishedViT(nn.Module):
     remat: bool = False
     attention_impl: str | None = None
 
+    bands_sensor: ClassVar[str] = sensors.LEGACY_SENSOR  # the sensor of a fixed-band encoder's `bands`
+
     @property
     def embed_dim(self) -> int:
         return self.width
 
-# Other names for Sentinel-2 bands: HLS (Prithvi's pretraining data) calls them by colour.
-BAND_ALIASES = {
-    "BLUE": "B2", "GREEN": "B3", "RED": "B4", "NIR_NARROW": "B8A", "SWIR_1": "B11", "SWIR_2": "B12",
-    "B02": "B2", "B03": "B3", "B04": "B4", "B05": "B5", "B06": "B6", "B07": "B7", "B08": "B8",
-    "B01": "B1", "B09": "B9",
-}
+    def plan_bands(self) -> tuple[list[int | None], list[str], list[str]]:
+        return plan_bands(self)
+
 
 # Wavelengths in micrometres that DOFA generates its patch kernels from: the `wave_list` of PANGAEA's
 # configs/encoder/dofa.yaml, exactly (Sentinel-2 MSI centres rounded as PANGAEA rounds them;
-# Sentinel-1 C-band as 3.75), so bands given by name get the reference's kernels. Only DOFA reads it.
+# Sentinel-1 C-band as 3.75), so Sentinel-2 bands given by name get the reference's kernels. Only
+# DOFA reads it; bands of other sensors take the sensor registry's centres (eojax.data.sensors).
 WAVELENGTHS_UM = {
     "B1": 0.44, "B2": 0.49, "B3": 0.56, "B4": 0.665, "B5": 0.705, "B6": 0.74, "B7": 0.783,
     "B8": 0.832, "B8A": 0.864, "B9": 0.945, "B10": 1.373, "B11": 1.61, "B12": 2.20,
@@ -59,35 +62,79 @@ WAVELENGTHS_UM = {
 
 
 def canonical_band(name: str) -> str:
-    up = str(name).strip().upper()
-    return BAND_ALIASES.get(up, up)
+    """'b02' -> 'B2', 'SR_B5' -> 'B5'; other names upper-cased (sensors.native_name)."""
+    return sensors.native_name(name)
 
 
-def band_plan(expected: Sequence[str], provided: Sequence[str] | None, model: str
+def data_bands(provided: Sequence[str], sensor: str | None, model: str) -> list[sensors.Band | None]:
+    """The data's bands through the sensor registry (None for names it does not know, e.g. 'VV');
+    a name that is ambiguous without a sensor is an error naming the choices."""
+    provided = [str(b) for b in provided]
+    keys = [canonical_band(b) for b in provided]
+    dupes = sorted({b for b, k in zip(provided, keys) if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"{model}: input_bands {tuple(provided)} name {dupes} more than once")
+    try:
+        bands = sensors.resolve(provided, sensor, strict=False)
+    except ValueError as e:
+        raise ValueError(f"{model}: {e}") from None
+    same = [f"{a} = {b}" for i, (a, x) in enumerate(zip(provided, bands)) for b, y in
+            zip(provided[i + 1:], bands[i + 1:]) if x is not None and x.sensor and x == y]
+    if same:
+        raise ValueError(f"{model}: input_bands {tuple(provided)} name one band twice ({', '.join(same)})")
+    return bands
+
+
+def match_bands(slots: Sequence[sensors.Band], data: Sequence[sensors.Band | None]) -> list[int | None]:
+    """For each encoder slot, the index of the data band filling it, or None: bands of the same
+    common name, nearest centre wavelength first, each used once (three S2 red-edge bands go to
+    their own slots; Landsat 8's B5 'nir08' to Sentinel-2's B8A)."""
+    pairs = sorted((abs(s.centre_um - d.centre_um) if d.centre_um is not None else 0.0, i, j)
+                   for i, s in enumerate(slots) for j, d in enumerate(data)
+                   if d is not None and d.common_name is not None and d.common_name == s.common_name)
+    source: list[int | None] = [None] * len(slots)
+    used = set()
+    for _, i, j in pairs:
+        if source[i] is None and j not in used:
+            source[i] = j
+            used.add(j)
+    return source
+
+
+def band_plan(expected: Sequence[str], provided: Sequence[str] | None, model: str,
+              sensor: str | None = None, expected_sensor: str = sensors.LEGACY_SENSOR
               ) -> tuple[list[int | None], list[str], list[str]]:
     """How to build the encoder's band stack from the data's bands.
 
-    Returns (source, missing, unused): source[i] is the index in the data of the encoder's band i,
-    or None when the data lacks it (it is zero-filled, i.e. set to the normalised mean); unused are
-    the data's bands the encoder has no slot for. provided=None means exactly `expected`.
+    expected: the encoder's band names, bands of `expected_sensor`; provided: the data's, bands of
+    `sensor` (None: found from the names, else each name must be unambiguous). Bands are matched by
+    common name and wavelength (match_bands), not by name. Returns (source, missing, unused):
+    source[i] is the index in the data of the encoder's band i, or None when the data lacks it (it
+    is zero-filled, i.e. set to the normalised mean); unused are the data's bands the encoder has no
+    slot for. provided=None means exactly `expected`.
     """
     if provided is None:
         return list(range(len(expected))), [], []
-    provided = [canonical_band(b) for b in provided]
-    dupes = sorted({b for b in provided if provided.count(b) > 1})
-    if dupes:
-        raise ValueError(f"{model}: input_bands {tuple(provided)} name {dupes} more than once")
-    index = {b: i for i, b in enumerate(provided)}
-    source = [index.get(canonical_band(b)) for b in expected]
+    provided = [str(b) for b in provided]
+    data = data_bands(provided, sensor, model)
+    source = match_bands(sensors.resolve(expected, expected_sensor), data)
     missing = [b for b, s in zip(expected, source) if s is None]
-    unused = [b for b in provided if b not in {canonical_band(e) for e in expected}]
+    unused = [b for j, b in enumerate(provided) if j not in source]
     if len(missing) == len(expected):
         raise ValueError(f"{model}: none of the data's bands {tuple(provided)} is one of the "
                          f"encoder's {tuple(expected)}")
     return source, missing, unused
 
 
-def arrange_bands(images, expected: Sequence[str], provided: Sequence[str] | None, model: str):
+def plan_bands(encoder) -> tuple[list[int | None], list[str], list[str]]:
+    """band_plan of a fixed-band encoder's `bands` (of its `bands_sensor`) and its input_bands (of
+    its `sensor`)."""
+    return band_plan(encoder.bands, encoder.input_bands, type(encoder).__name__.lower(), encoder.sensor,
+                     encoder.bands_sensor)
+
+
+def arrange_bands(images, expected: Sequence[str], provided: Sequence[str] | None, model: str,
+                  sensor: str | None = None, expected_sensor: str = sensors.LEGACY_SENSOR):
     """(..., len(provided)) -> (..., len(expected)) in the encoder's band order, missing bands zero.
     Warns (once per trace) which bands are zero-filled and which are dropped."""
     n = len(expected) if provided is None else len(provided)
@@ -95,7 +142,7 @@ def arrange_bands(images, expected: Sequence[str], provided: Sequence[str] | Non
         what = "its bands" if provided is None else f"input_bands {tuple(provided)}"
         raise ValueError(f"{model}: images have {images.shape[-1]} channels (last axis of "
                          f"{images.shape}) but {what} say {n}")
-    source, missing, unused = band_plan(expected, provided, model)
+    source, missing, unused = band_plan(expected, provided, model, sensor, expected_sensor)
     if missing:
         logging.warning("%s: the data lacks bands %s; they are zero-filled", model, missing)
     if unused:

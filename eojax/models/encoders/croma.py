@@ -64,13 +64,15 @@ class CROMA(PublishedViT):
     heads: int = 16
 
     bands = BANDS
+    bands_sensor: ClassVar[str] = "sentinel2a"
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         layers = check_layers(self.layers, self.depth, "croma")
         if images.ndim != 4:
             raise ValueError(f"croma: expected images (B, H, W, C), got {images.shape}")
-        x = arrange_bands(images, BANDS, self.input_bands, "croma").astype(self.dtype)
+        x = arrange_bands(images, BANDS, self.input_bands, "croma", self.sensor,
+                          self.bands_sensor).astype(self.dtype)
         b, h, w, _ = x.shape
         grid = (grid_of(h, self.patch_size, "croma"), grid_of(w, self.patch_size, "croma"))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from eojax.models.encoders.base import (WAVELENGTHS_UM, PublishedViT, canonical_band,
-                                        check_layers, grid_of, resize_grid_embed)
+from eojax.data import sensors
+from eojax.models.encoders.base import (WAVELENGTHS_UM, PublishedViT, canonical_band, check_layers,
+                                        data_bands, grid_of, resize_grid_embed)
 from eojax.models.layers import Attention, Encoder, LayerNorm, Mlp, partitioned, sincos_1d, sincos_2d
 from eojax.models.vit import patchify
 
@@ -50,15 +51,30 @@ VARIANTS = {
 }
 
 
-def band_wavelengths(bands) -> tuple[float, ...]:
-    """Central wavelengths (micrometres) of named bands (Sentinel-2 B1..B12, B8A, S1 VV/VH)."""
-    out, unknown = [], []
-    for b in bands:
-        w = WAVELENGTHS_UM.get(canonical_band(b))
-        (unknown.append(b) if w is None else out.append(w))
+def band_wavelengths(bands, sensor: str | None = None) -> tuple[float, ...]:
+    """Central wavelengths (micrometres) of named bands, of `sensor` (None: found from the names).
+
+    Sentinel-2 names (bands of a 'sentinel2' family sensor: S2A, S2B, HLS S30) take DOFA's own table
+    (WAVELENGTHS_UM, PANGAEA's wave_list) so they get the reference's kernels; bands of other sensors
+    the registry's centre (Landsat 8 B5 -> 0.865); names the registry does not know, DOFA's table
+    (Sentinel-1 VV / VH)."""
+    bands = [str(b) for b in bands]
+    unknown = [b for b in bands if not sensors.known(b) and canonical_band(b) not in WAVELENGTHS_UM]
     if unknown:
         raise ValueError(f"dofa: no wavelength known for bands {unknown}; give `wavelengths` "
-                         f"(micrometres) instead. Known: {sorted(WAVELENGTHS_UM)}")
+                         f"(micrometres) instead. Known: {sorted(WAVELENGTHS_UM)}, and the bands of "
+                         f"{', '.join(sensors.names())}")
+    out = []
+    for name, band in zip(bands, data_bands(bands, sensor, "dofa")):
+        if band is None:
+            out.append(WAVELENGTHS_UM[canonical_band(name)])
+        elif band.sensor and sensors.get(band.sensor).family == "sentinel2" and band.name in WAVELENGTHS_UM:
+            out.append(WAVELENGTHS_UM[band.name])
+        elif band.centre_um is None:
+            raise ValueError(f"dofa: {name!r} is a common name ({band.common_name}); its wavelength "
+                             "depends on the sensor: give `sensor` or `wavelengths` (micrometres)")
+        else:
+            out.append(band.centre_um)
     return tuple(out)
 
 
@@ -139,8 +155,9 @@ class DynamicPatchEmbed(nn.Module):
 class DOFA(PublishedViT):
     """images (B, H, W, C), C = len(wavelengths) -> [(B, H/p, W/p, width)] for `layers`.
 
-    The bands are given by `wavelengths` (micrometres) or by name (`input_bands`, looked up in
-    base.WAVELENGTHS_UM, PANGAEA's DOFA wave list); nothing is zero-filled, any subset works.
+    The bands are given by `wavelengths` (micrometres) or by name (`input_bands` of `sensor`:
+    band_wavelengths; Sentinel-2 names take PANGAEA's DOFA wave list); nothing is zero-filled, any
+    subset works.
     """
 
     converter: ClassVar[str] = "eojax.weights.dofa:load_pretrained"  # weights.common.load_encoder
@@ -162,7 +179,7 @@ class DOFA(PublishedViT):
             return tuple(float(w) for w in self.wavelengths)
         if self.input_bands is None:
             raise ValueError("dofa: give the bands' `wavelengths` (micrometres) or `input_bands` names")
-        return band_wavelengths(self.input_bands)
+        return band_wavelengths(self.input_bands, self.sensor)
 
     @nn.compact
     def __call__(self, images, train: bool = False):

@@ -71,6 +71,7 @@ class Prithvi(PublishedViT):
     tubelet_size: int = 1
 
     bands = BANDS
+    bands_sensor: ClassVar[str] = "hls_s30"  # HLS (S30 names), as Prithvi-100M
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -88,7 +89,8 @@ class Prithvi(PublishedViT):
             images = images[:, None]
         if images.ndim != 5:
             raise ValueError(f"prithvi: expected (B, H, W, C) or (B, T, H, W, C), got {images.shape}")
-        x = arrange_bands(images, BANDS, self.input_bands, "prithvi").astype(self.dtype)
+        x = arrange_bands(images, BANDS, self.input_bands, "prithvi", self.sensor,
+                          self.bands_sensor).astype(self.dtype)
         b, frames, h, w, _ = x.shape
         if frames % self.tubelet_size:
             raise ValueError(f"prithvi: {frames} frames are not a multiple of tubelet_size "
