@@ -30,7 +30,8 @@ BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B1
 VARIANTS = {
     "mu": dict(image_size=32, patch_size=8, width=32, depth=4, heads=4, mlp_dim=64, layers=(0, 1, 2, 3)),
     "base": dict(image_size=120, patch_size=8, width=768, depth=12, heads=16),
-    "large": dict(image_size=120, patch_size=8, width=1024, depth=24, heads=16, layers=(7, 11, 15, 23)),
+    # PANGAEA taps (3, 5, 7, 11) of CROMA-large too (configs/encoder/croma_optical.yaml).
+    "large": dict(image_size=120, patch_size=8, width=1024, depth=24, heads=16),
 }
 
 
