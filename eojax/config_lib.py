@@ -75,6 +75,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     c.eval_steps = 0  # 0 = the whole eval set
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.restart_from_scratch_if_corrupt = False  # when no checkpoint of the workdir is intact
     c.init_from = ""  # a workdir or checkpoint folder whose params start this run
     c.best_metric = ""  # an eval metric (e.g. "miou"): keep the best params in <workdir>/best, test on them
     c.best_mode = "max"  # or "min"

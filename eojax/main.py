@@ -279,11 +279,9 @@ def _print_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _print_verify(report) -> int:
-    """verify_run's table; exit CHECKPOINT when a step is corrupt. Steps without checksums (written
-    before eojax recorded them, or remote) are listed as unverified: they restore as before."""
-    from eojax import checkpoint
+    """verify_run's table; its exit status (errors.CHECKPOINT when a step is corrupt)."""
     print(report)
-    return errors.CHECKPOINT if report.count(checkpoint.CORRUPT) else 0
+    return report.exit_code()
 
 
 def _report(e: BaseException, verbose: bool) -> int:

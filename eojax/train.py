@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
-from eojax import config_lib, metric_writer, optim, parallel, tasks, weights
+from eojax import config_lib, errors, metric_writer, optim, parallel, tasks, weights
 from eojax.models import layers
 
 
@@ -359,8 +359,10 @@ class BestKeeper:
                 return False
         keeper = ckpt_lib.Checkpointer(self.directory, keep=1, async_save=False)
         params, model_state = variables
-        keeper.save(step, {"params": params, "model_state": model_state}, force=True)
+        saved = keeper.save(step, {"params": params, "model_state": model_state}, force=True)
         keeper.close()
+        if not saved:  # non-finite parameters are never kept
+            return False
         self.record = {"step": step, "metric": self.metric, "value": value}
         if jax.process_index() == 0:
             with open(self.record_path, "w") as f:
@@ -376,10 +378,10 @@ class BestKeeper:
 
 def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState:
     """Phase 6: this workdir's latest checkpoint, else `config.init_from`, else scratch."""
-    step = checkpointer.latest_step()
-    if step is not None:
+    step, state = checkpointer.restore_latest_intact(run.abstract_state, run.train_iter)
+    if step is not None:  # the newest intact step (damaged newer ones are skipped, with a warning)
         logging.info("resuming from %s/%d", checkpointer.directory, step)
-        return checkpointer.restore(step, run.abstract_state, run.train_iter)
+        return state
     state = run.init_state()
     parts = run.task.pretrained_parts()
     if run.config.init_from or parts:
@@ -404,7 +406,7 @@ def _debug_kill(step: int, checkpointer: ckpt_lib.Checkpointer, during_save: boo
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: run the same command again to resume
+PREEMPTED_EXIT_CODE = errors.PREEMPTED  # 75, EX_TEMPFAIL: run the same command again to resume
 
 
 class Preempted(SystemExit):
@@ -549,8 +551,9 @@ def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStac
     if jax.process_index() == 0:
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state))
         config_lib.disk_check(workdir, size, config.keep_checkpoints)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                                         every=config.checkpoint_every)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, every=config.checkpoint_every,
+        restart_from_scratch_if_corrupt=config.get("restart_from_scratch_if_corrupt", False))
     cleanup.callback(checkpointer.close)  # on any exit: pending saves finish, no thread outlives the run
     writer = metric_writer.MetricWriter(workdir)
     cleanup.callback(writer.close)
@@ -658,10 +661,10 @@ def _stop_if_nonfinite(losses: list, step: int, checkpointer: ckpt_lib.Checkpoin
     values = np.asarray(jax.device_get(losses))
     if not np.all(np.isfinite(values)):
         bad = step - len(values) + 1 + int(np.argmin(np.isfinite(values)))
-        checkpointer.wait()  # name only a checkpoint whose write has finished
-        good = checkpointer.latest_step()
-        kept = f"the newest saved checkpoint, step {good}, is kept in {checkpointer.directory}" if good else \
-            "no checkpoint had been written yet"
+        checkpointer.wait()  # name only a checkpoint whose write has finished and was verified
+        good = ckpt_lib.newest_verified_step(checkpointer.directory)
+        kept = f"the newest verified checkpoint, step {good}, is kept in {checkpointer.directory}" \
+            if good is not None else "no checkpoint had been written yet"
         raise NonFiniteLossError(f"loss became non-finite at step {bad}; stopping the run; {kept}")
 
 
