@@ -415,6 +415,7 @@ def test_config_mistakes_are_refused_before_any_data_is_read(tmp_path):
         train.setup(config, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_core_from_the_saved_spec_needs_no_training_data(chips, tmp_path, monkeypatch):
     """The core built from the JSON round trip of the DataSpec, with the chips gone, initialises and
     scores a batch exactly as the live one; `eojax infer` of a run whose chips are gone (its
