@@ -15,7 +15,7 @@ finalised, then the integrity record, which in training runs in a background thr
 save, overlapping training), then restore with a fresh
 Checkpointer (verification included). The integrity parts are timed on their own on the same state
 and step folder: the finiteness check (`nonfinite_arrays`, one device reduction per array), the
-record (`record_integrity`, CRC-32 of every file just written, so read from the page cache) and the
+record (`record_integrity`, XXH3-64 of every file just written, so read from the page cache) and the
 verification (`check_step`), against the time without them (total - integrity part):
 - loop ovh: what the training loop waits for (the finiteness check; the record runs in a background
   thread at the next save);

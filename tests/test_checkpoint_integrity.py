@@ -5,11 +5,11 @@ import json
 import logging
 import os
 import shutil
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xxhash
 
 from eojax import checkpoint as ckpt_lib
 from eojax import errors
@@ -95,7 +95,7 @@ DAMAGE = {"random_bytes": _random_bytes, "truncated": _truncate, "deleted_manife
 
 
 def test_records_match_an_independent_checksum(written):
-    """Every file of every step is recorded with its size and CRC-32, computed here again."""
+    """Every file of every step is recorded with its size and XXH3-64 hash, computed here again."""
     directory, _ = written
     for step in ("2", "3", "4"):
         step_dir = directory / step
@@ -104,7 +104,7 @@ def test_records_match_an_independent_checksum(written):
         files = {k: v for k, v in _contents(step_dir).items() if k != ckpt_lib.INTEGRITY_FILE}
         assert sorted(recorded) == sorted(files) and len(files) > 10
         for name, data in files.items():
-            assert recorded[name] == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+            assert recorded[name] == {"size": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}, name
         assert ckpt_lib.check_step(str(step_dir)) == (ckpt_lib.INTACT, "")
 
 
