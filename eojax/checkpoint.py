@@ -533,8 +533,8 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
         abstract_params = _abstract_from_metadata(saved_params)
         abstract_model_state = _abstract_from_metadata(saved_state)
     abstract_model_state = abstract_model_state or {}
-    check_compatible(saved_params, abstract_params, f"the params of {step_dir}")
-    check_compatible(saved_state, abstract_model_state, f"the model state of {step_dir}")
+    check_compatible(saved_params, abstract_params, f"{step_dir} (its params)")
+    check_compatible(saved_state, abstract_model_state, f"{step_dir} (its model state)")
     # Partial restore: only these subtrees are read (the optimizer state may be large).
     target, args = {}, {}
     for key, tree in ((params_key, abstract_params), ((state_key,), abstract_model_state)):

@@ -544,11 +544,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    if jax.process_index() == 0:  # once the lock is held: a refused run overwrites nothing
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    if config.init_from and "://" not in config.init_from and not os.path.exists(config.init_from):
+        raise errors.CheckpointError(f"config.init_from={config.init_from!r} does not exist")
     run = setup(config)
     if jax.process_index() == 0:
+        # Once the lock is held and the config has passed setup's checks: a refused run overwrites nothing.
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state))
         config_lib.disk_check(workdir, size, config.keep_checkpoints)
     checkpointer = ckpt_lib.Checkpointer(

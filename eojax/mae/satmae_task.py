@@ -68,6 +68,7 @@ class SatMAETask(MAETask):
 
     @classmethod
     def check_config(cls, config):
+        super().check_config(config)
         scales = tuple(config.input.scales)
         if scales not in ((1,), (1, 2, 4)):
             raise ValueError(f"input.scales={scales}: the group MAE takes (1,) or (1, 2, 4)")

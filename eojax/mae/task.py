@@ -49,6 +49,13 @@ class MAETask(Task):
     input_class = MAEInput
     plugins = {"pictures": "eojax.mae.pictures:write_pictures", "export": "eojax.mae.export:export_run"}
 
+    @classmethod
+    def check_config(cls, config):
+        window, patch = int(config.input.window), int(config.model.get("patch_size", 0) or 0)
+        if window <= 0 or (patch and window % patch):
+            raise ValueError(f"config.input.window={window} must be a positive multiple of the patch size"
+                             + (f" {patch}" if patch else ""))
+
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self.stats = stats_from_info(spec.info)  # None with input.normalize=False
