@@ -370,6 +370,7 @@ def test_optimizers_reduce_tabular_loss(syn_config, optimizer):
         assert 0.0 <= float(metrics["sophia_win_rate"]) <= 1.0
 
 
+@pytest.mark.slow
 def test_sophia_g_estimates_the_hessian_on_a_fresh_batch(syn_config, tmp_path, monkeypatch):
     """As the official loop: the refresh before steps k, 2k, ... estimates on a batch of its own, drawn
     before the step's gradient batch; other steps ignore it."""
