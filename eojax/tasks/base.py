@@ -9,6 +9,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from eojax.data.stats import BandStats
+
 
 class NotApplicableError(ValueError):
     """A trainer feature that makes no sense for this task (e.g. Sophia-G without logits)."""
@@ -176,7 +178,6 @@ def require_plugin(task: Task, kind: str, command: str):
 
 def stats_from_info(info: Mapping):
     """DataSpec info (stats_info's mean / std) -> a BandStats, or None without statistics."""
-    from eojax.data.stats import BandStats
     if info.get("mean") is None:
         return None
     mean = np.asarray(info["mean"], np.float64)
