@@ -67,9 +67,12 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="adamw",              # adamw | sgd | sophia_h | sophia_g | sophia_aispace
         lr=1e-3,                   # peak learning rate
-        schedule="cosine",         # cosine | linear | constant | step
+        schedule="cosine",         # cosine | cosine_restarts | linear | constant | step
         warmup_steps=0,            # linear warmup from 0 to lr
         end_lr_factor=0.0,         # cosine / linear decay to lr * end_lr_factor at total_steps
+        # 'cosine_restarts': num_cycles cosines from lr to lr * end_lr_factor after the warmup, each
+        # restarting at lr (Hugging Face's cosine with hard restarts when end_lr_factor is 0)
+        num_cycles=1,
         step_boundaries=(0.6, 0.9),  # 'step': fractions of total_steps
         step_factor=0.1,           # 'step': lr *= step_factor at each boundary
         weight_decay=0.0,
@@ -209,6 +212,7 @@ def _validate(c: ml_collections.ConfigDict, total_steps: int):
     # warmup_steps > total_steps is allowed (a short debug run of a long config just stays in warmup).
     _require(_is_int(c.warmup_steps) and c.warmup_steps >= 0, "warmup_steps", c.warmup_steps, "an int >= 0")
     _require(c.end_lr_factor >= 0, "end_lr_factor", c.end_lr_factor, "a number >= 0")
+    _require(_is_int(c.num_cycles) and c.num_cycles >= 1, "num_cycles", c.num_cycles, "an int >= 1")
     b = c.step_boundaries
     _require(isinstance(b, tuple) and all(0 < x <= 1 for x in b) and list(b) == sorted(b),
              "step_boundaries", b, "ascending fractions of total_steps in (0, 1]")
@@ -259,7 +263,7 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
     c = _merged(cfg)
     _validate(c, total_steps)
     schedule = make_schedule(c.schedule, c.lr, total_steps, c.warmup_steps, c.end_lr_factor,
-                             c.step_boundaries, c.step_factor)
+                             c.step_boundaries, c.step_factor, c.num_cycles)
     clip = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
     decay = ([optax.add_decayed_weights(c.weight_decay, mask=_decay_mask(c.no_decay))]
              if c.weight_decay > 0 else [])
