@@ -1,53 +1,109 @@
-"""Virtual Satellite: a GPT-2 writing Landsat-8 pixels as GReaT text rows fills a cloudy date.
+"""Virtual Satellite: a GPT-2 fills the cloudy pixels of a date in a satellite time series.
 
   eojax train --config=configs/vsat.py:runlocal --workdir=/tmp/eojax_vsat
-  eojax infer --config=configs/vsat.py:runlocal --workdir=/tmp/eojax_vsat
+  eojax eval vsat --config=configs/vsat.py:runlocal --workdir=/tmp/eojax_vsat   # model vs 4 references
+  eojax infer --config=configs/vsat.py:runlocal --workdir=/tmp/eojax_vsat       # fill the clouds
 
-Trains on the clear pixels (X, Y, DOY, B1..B7 as "B3 is 7421, X is 12, ..." in a random column order)
-of the 8 dates of Landsat-8 path/row 013/032 in ../shared/data/gdalcubes_L8NY18 (found through
-EOJAX_TEST_DATA, or set --config.input.root), regridded onto the first date's grid; holds out a box
-of clear pixels on the target date 2018-08-27 (the cloudiest date with clear dates on both sides).
-`eojax infer` fills that date's cloud and shadow pixels by constrained generation, writes the filled
-series as GeoTIFFs plus a before / after PNG, and prints per-band L1 / L2 on the held-out box for the
-model, linear temporal interpolation and the nearest clear date.
+Two modes (docs/vsat.md):
+- `mode=context` (default, task 'vsat'): per (pixel, date) a sequence of continuous tokens, the
+  pixel's clear values on its nearest dates with their date offsets, the K nearest clear pixels of the
+  target date with their offset and their difference to the pixel on a shared clear date, and the
+  date last; GPT-2 blocks and a regression head (L1: the conditional median) write the bands.
+- `mode=great` (task 'vsat_great'): koyacolab/aispace's GReaT text rows "B3 is 7421, X is 12, ..."
+  in a random column order, digit tokens, constrained generation.
 
-Arguments (comma separated): runlocal, optim=<adamw|sophia_g|sophia_h|sophia_aispace>,
-variant=<mu|distilgpt2|gpt2>, pretrained=<folder of a Hugging Face GPT-2: config.json, model.safetensors,
-tokenizer files> (that model and its BPE tokenizer, fine-tuned; its config.json is read here and its
-sizes set in config.model, which the checkpoint must then match).
-`:runlocal`: a 2-layer width-64 GPT-2 with eojax's digit tokenizer, 300 steps of batch 32: ~40 s of
-CPU time on a 2-core CPU (train + infer); the train loss falls from ~3.3 (ln of the 29-token
-vocabulary) to ~1.4 nats per token, held-out eval loss ~1.47. This tiny model fills every cloudy
-pixel but is far less accurate than the baselines (mean L1 ~3300 DN vs ~730-1000): it demonstrates
-the pipeline. With --config.total_steps=1500 the same model reaches mean L1 ~740 (docs/vsat.md).
+Data (default): the 8 dates of Landsat-8 path/row 013/032 in ../shared/data/gdalcubes_L8NY18
+(EOJAX_TEST_DATA, or --config.input.root), regridded onto the first date's grid; the clear pixels of
+a box on the target date 2018-08-27 are held out (never trained on) and scored.
+`:runlocal` runs on eojax's built-in synthetic Landsat-8 series (8 dates of 64 x 64 pixels with
+clouds, shadows and a QA band; written once under ~/.cache/eojax) unless --config.input.source is
+given: 300 steps of a 2-layer width-64 model, about a minute on a 2-core CPU.
+
+Arguments (comma separated): runlocal, mode=<context|great>,
+optim=<sophia_g (default)|adamw|sophia_h|sophia_aispace>; mode=great also takes
+variant=<mu|distilgpt2|gpt2> and pretrained=<folder of a Hugging Face GPT-2: config.json,
+model.safetensors, tokenizer files> (that model and its BPE tokenizer, fine-tuned).
 """
 from eojax import config_lib, optim
 from eojax.weights import gpt2 as gpt2_weights
 
 
+def _input():
+    return dict(
+        source="landsat",          # landsat | multiband | csv | eopatch | synthetic
+        root="",                   # landsat: folder of USGS band files ('' = $EOJAX_TEST_DATA/gdalcubes_L8NY18)
+        pathrow="013032",
+        paths=(),                  # multiband: one GeoTIFF per date with a QA band
+        synthetic_dir="",          # synthetic: where eojax's series is written ('' = its cache)
+        csv="",                    # csv: aispace's layout
+        bands=("B1", "B2", "B3", "B4", "B5", "B6", "B7"),
+        qa_format="landsat_c1",    # eojax.data.qa formats
+        target_date="2018-08-27",  # the date to fill ('' = the one with most cloud + shadow): this
+                                   # one is mid-series and 16 % cloud + shadow
+        holdout="box",             # clear pixels of the target date hidden and scored: box | random | none
+        holdout_box=(0.3, 0.3, 0.6, 0.6),  # box: fractions x0, y0, x1, y1 of the grid
+        holdout_fraction=0.1,      # random: this fraction of the pixels (their clear ones)
+        holdout_seed=0,
+        # Precision, masks, same-day acquisitions (eojax/vsat/timeseries.py's docstring):
+        decimals=0, rounding="error", year=2000, mask_band="", mask_format="", mask_cloud_value=1,
+        mask_paths=(), feature="", same_day="error",
+    )
+
+
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, runlocal=False, optim="adamw", variant="mu", pretrained="")
+    arg = config_lib.parse_arg(arg, runlocal=False, mode="context", optim="", variant="mu", pretrained="")
+    if arg.mode not in ("context", "great"):
+        raise ValueError(f"configs/vsat.py: mode={arg.mode!r}: 'context' or 'great'")
+    if arg.mode == "great":
+        return _great(arg)
     config = config_lib.trainer_defaults()
     config.task = "vsat"
+    config.total_steps = 3_000
+    config.batch_size = 256
+    config.log_every = 100
+    config.eval_every = 1_000
+    config.checkpoint_every = 1_000
+    config.input = _input()
+    config.model = dict(
+        n_own=8,                   # the pixel's clear dates nearest the target date
+        n_neighbours=16,           # the nearest clear pixels of the target date ...
+        radius=12,                 # ... within this many pixels
+        n_layer=3, n_head=4, n_embd=64,
+        dropout=0.0, dtype="float32", param_dtype="float32",
+    )
+    config.infill = dict(batch_size=1024)
+    config.optim = optim.default_config()
+    name = arg.optim or "sophia_g"
+    config.optim.update(name=name, lr=2e-3, b2=0.95, weight_decay=0.01, warmup_steps=100, clip_norm=1.0,
+                        end_lr_factor=0.01)
+    if name.startswith("sophia"):
+        config.optim.sophia.update(b1=0.965, b2=0.99, update_every=10, gamma=SOPHIA_GAMMA)
+    if arg.runlocal:
+        config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")
+        config_lib.make_runlocal(config, total_steps=300, checkpoint_every=300, eval_every=0, lr=2e-3,
+                                 warmup_steps=30)
+        config.batch_size = 64
+        config.log_every = 50
+        config.eval_steps = 4
+        config.model.update(n_layer=2, n_embd=64)
+    return config
+
+
+SOPHIA_GAMMA = 0.05
+
+
+def _great(arg):
+    """mode=great: aispace's GReaT text rows (the X, Y, DOY and bands of a pixel and date)."""
+    name = arg.optim or "adamw"
+    config = config_lib.trainer_defaults()
+    config.task = "vsat_great"
     config.total_steps = 20_000
     config.batch_size = 64
     config.log_every = 50
     config.eval_every = 1_000
     config.checkpoint_every = 1_000
 
-    config.input = dict(
-        source="landsat",          # landsat | multiband | csv
-        root="",                   # landsat: folder of USGS band files ('' = $EOJAX_TEST_DATA/gdalcubes_L8NY18)
-        pathrow="013032",
-        paths=(),                  # multiband: one GeoTIFF per date with a QA band
-        synthetic_dir="",          # multiband without paths: eojax's synthetic series written here
-        csv="",                    # csv: aispace's layout
-        bands=("B1", "B2", "B3", "B4", "B5", "B6", "B7"),
-        qa_format="landsat_c1",    # eojax.data.qa formats
-        target_date="2018-08-27",  # the date to fill ('' = the one with most cloud + shadow): this
-                                   # one is mid-series (both baselines apply) and 16 % cloud + shadow
-        holdout_box=(0.3, 0.3, 0.6, 0.6),  # fractions x0, y0, x1, y1 of the grid, on the target date
-    )
+    config.input = _input()
     config.model = dict(
         variant=arg.variant, n_layer=0, n_head=0, n_embd=0,  # 0 = the variant's size
         n_inner=0,                 # MLP width; 0 = 4 * n_embd
@@ -67,12 +123,12 @@ def get_config(arg=None):
     )
 
     config.optim = optim.default_config()
-    config.optim.update(name=arg.optim, lr=6e-4, b2=0.95, weight_decay=0.1, warmup_steps=200, clip_norm=1.0)
-    if arg.optim.startswith("sophia"):
+    config.optim.update(name=name, lr=6e-4, b2=0.95, weight_decay=0.1, warmup_steps=200, clip_norm=1.0)
+    if name.startswith("sophia"):
         # Sophia's GPT-2 settings (Liu et al. 2023): rho 0.05 as gamma, Hessian every 10 steps.
         config.optim.update(lr=3e-4, weight_decay=0.2)
         config.optim.sophia.update(gamma=0.05, b1=0.965, b2=0.99, update_every=10)
-    if arg.optim == "sophia_aispace":
+    if name == "sophia_aispace":
         config.optim.no_decay = ()  # aispace's SophiaG gets model.parameters(): one group, all decayed
 
     if arg.pretrained:
@@ -81,9 +137,10 @@ def get_config(arg=None):
         config.model.update(tokenizer="bpe", tokenizer_dir=arg.pretrained, variant="distilgpt2",
                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                             n_inner=hf["n_inner"] or 0, vocab_size=hf["vocab_size"])
-        config.optim.lr = 5e-5 if arg.optim == "adamw" else 2e-5
+        config.optim.lr = 5e-5 if name == "adamw" else 2e-5
 
     if arg.runlocal:
+        config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")
         config_lib.make_runlocal(config, total_steps=300, checkpoint_every=300, eval_every=0, lr=2e-3,
                                  warmup_steps=30)
         config.batch_size = 32
@@ -91,7 +148,7 @@ def get_config(arg=None):
         config.eval_steps = 4
         if not arg.pretrained:
             config.model.update(variant="mu", n_layer=2, n_head=4, n_embd=64)
-        if arg.optim in ("sophia_g", "sophia_h"):
+        if name in ("sophia_g", "sophia_h"):
             # Measured on this task (bench/vsat_sophia.py): gamma 0.05 leaves a win rate of ~0.02
             # (nearly every coordinate clipped, i.e. sign descent); gamma 1 gives ~0.3, inside the
             # paper's advised 0.1-0.5.

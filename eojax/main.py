@@ -31,8 +31,9 @@ from eojax import config_lib, errors, hostmem
 # name -> (one line of help, its flags besides --verbose and --config.KEY=VALUE overrides)
 COMMANDS = {
     "train": ("train config.task in --workdir; resumes from its latest checkpoint", ("config", "workdir")),
-    "eval": ("evaluate the latest checkpoint of --workdir (and the kept best on the test split)",
-             ("config", "workdir")),
+    "eval": ("evaluate the latest checkpoint of --workdir (and the kept best on the test split); "
+             "eojax eval [FAMILY] (vsat: also the model against its references)", ("config", "workdir", "output",
+                                                                                  "seed")),
     "stats": ("per-band statistics of config.input (computed once, cached beside the data)", ("config",)),
     "export": ("per-window embeddings of the latest checkpoint -> one GeoTIFF per input raster",
                ("config", "workdir", "input", "output")),
@@ -158,7 +159,7 @@ def _config_load_error(e: OSError) -> str:
 
 
 def _command(positional: list[str]) -> tuple[str, str | None]:
-    """-> (command, family); only `infer` takes a family word (checked against config.task)."""
+    """-> (command, family); `infer` and `eval` take a family word (checked against config.task)."""
     words = positional[1:]
     if not words:
         raise errors.ConfigError("no command given; `eojax --help` lists them: " + ", ".join(COMMANDS))
@@ -167,7 +168,7 @@ def _command(positional: list[str]) -> tuple[str, str | None]:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise errors.ConfigError(f"unknown command {command!r}; {hint}commands: {', '.join(COMMANDS)}")
-    if len(words) > (2 if command == "infer" else 1):
+    if len(words) > (2 if command in ("infer", "eval") else 1):
         raise errors.ConfigError(f"eojax {command}: unexpected argument(s) {' '.join(words[1:])!r}")
     return command, (words[1] if len(words) == 2 else None)
 
@@ -240,8 +241,8 @@ def main(command: str, family: str | None = None) -> int:
         config_lib.validate(config)  # printed first: the table shows what to fix
         return 0
     config_lib.validate(config)
-    if family is not None and family != config.task:
-        raise errors.ConfigError(f"eojax infer {family}: the config trains task {config.task!r}, not {family!r}")
+    if family is not None and family not in (config.task, config.task.split("_")[0]):
+        raise errors.ConfigError(f"eojax {command} {family}: the config trains task {config.task!r}, not {family!r}")
 
     if command == "stats":
         from eojax.data import pipeline
@@ -266,6 +267,14 @@ def main(command: str, family: str | None = None) -> int:
             summary = {"features" if command == "export" else "infer": plug_in(run, variables, workdir, options)}
     else:
         summary = {"eval": train.evaluate_checkpoint(config, workdir)}
+        from eojax import tasks
+        run, variables = train.load_for_inference(config, workdir)
+        family_eval = tasks.plugin(run.task, "eval")  # a family's own scoring, e.g. vsat's references
+        if family_eval is not None:
+            options = {"output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "eval")),
+                       "seed": _SEED.value}
+            with run.scope():
+                summary[run.task.name] = family_eval(run, variables, workdir, options)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -16,7 +16,7 @@ from eojax.checkpoint import CheckpointMismatchError
 from eojax.data import qa, synthetic
 from eojax.optim import sophia as sophia_lib
 from eojax.tasks.base import DataSpec
-from eojax.vsat import great, infill, timeseries, tokenizers
+from eojax.vsat import great, infill, references, timeseries, tokenizers
 from eojax.vsat import task as vsat_task
 from helpers import ONE_DEVICE, load_config
 
@@ -230,20 +230,23 @@ def test_fsm_without_prompt_forces_first_column():
 
 # ---------------------------------------------------------------- baselines
 
-def test_baselines_match_direct_numpy():
+def test_references_match_direct_numpy():
+    """The four references against per-pixel loops written from their definitions."""
     rng = np.random.default_rng(1)
     t_dates = ["2020-01-05", "2020-02-11", "2020-03-01", "2020-05-20", "2020-07-04", "2020-09-30"]
     values = rng.uniform(0, 1000, (6, 2, 5, 4)).astype(np.float32)
-    classes = np.where(rng.random((6, 5, 4)) < 0.4, qa.CLOUD, qa.CLEAR).astype(np.uint8)
-    classes[:, 0, 0] = qa.CLOUD  # a pixel never clear: both baselines must report it
-    ts = timeseries.TimeSeries(values, classes, tuple(t_dates), ("B1", "B2"))
+    known = rng.random((6, 5, 4)) >= 0.4
+    known[:, 0, 0] = False  # a pixel never clear: the per-pixel references must report it
     t = 3
     ys, xs = np.nonzero(np.ones((5, 4), bool))
-    out = infill.temporal_baselines(ts, t, ys, xs, qa.usable(ts.classes))
     days = np.array([datetime.date.fromisoformat(d).toordinal() for d in t_dates], float)
+    out = references.compute(values, known, days, t, ys, xs)
     for k, (y, x) in enumerate(zip(ys, xs)):
-        clear = [i for i in range(6) if i != t and classes[i, y, x] == qa.CLEAR]
-        assert out["linear"][1][k] == out["nearest"][1][k] == bool(clear)
+        clear = [i for i in range(6) if i != t and known[i, y, x]]
+        assert out["linear"][1][k] == out["nearest"][1][k] == out["nearest_shifted"][1][k] == bool(clear)
+        assert out["median"][1][k]
+        for c in range(2):
+            np.testing.assert_allclose(out["median"][0][k, c], np.median(values[t, c][known[t]]), rtol=1e-6)
         if not clear:
             continue
         for c in range(2):
@@ -251,6 +254,9 @@ def test_baselines_match_direct_numpy():
             np.testing.assert_allclose(out["linear"][0][k, c], lin, rtol=1e-6)
         near = min(clear, key=lambda i: (abs(days[i] - days[t]), i))
         np.testing.assert_allclose(out["nearest"][0][k], values[near, :, y, x])
+        both = known[near] & known[t]
+        shift = [np.mean(values[t, c][both].astype(np.float64) - values[near, c][both]) for c in range(2)]
+        np.testing.assert_allclose(out["nearest_shifted"][0][k], values[near, :, y, x] + np.array(shift), rtol=1e-6)
     err = infill.band_errors(np.array([[1.0, 2.0], [3.0, 5.0]]), np.array([[0.0, 0.0], [0.0, 0.0]]),
                              np.array([True, True]), ["B1", "B2"])
     assert err["l1"] == {"B1": 2.0, "B2": 3.5} and err["l2"] == {"B1": 5.0, "B2": 14.5}
@@ -263,7 +269,7 @@ def syn_config(tmp_path_factory):
     d = tmp_path_factory.mktemp("vsat_syn")
     synthetic.write_time_series(str(d), seed=5, n_dates=5, height=24, width=24, sensor="landsat8",
                                 labels=False, cloud_fraction=0.25)
-    return lambda arg="runlocal", **kw: load_config("vsat", arg, **{
+    return lambda arg="runlocal,mode=great", **kw: load_config("vsat", arg, **{
         "input.source": "multiband", "input.synthetic_dir": "", "mesh": ONE_DEVICE,
         "input.paths": tuple(sorted(str(p) for p in d.glob("ts_*.tif"))), "input.qa_format": "eojax_synthetic",
         "input.bands": ("B2", "B3", "B4"), "input.target_date": "", "batch_size": 8,
@@ -333,9 +339,9 @@ def test_trainer_runs_then_infill_fills_every_cell(syn_config, tmp_path):
     with run.scope():  # as `eojax infer`
         out = tasks.require_plugin(run.task, "infer", "eojax infer")(
             run, variables, str(tmp_path), {"output": str(tmp_path / "infer"), "seed": 0})
-    assert out["to_fill"] > 0 and out["filled"] + out["failed"] == out["to_fill"]
-    assert out["holdout_generated"] + out["holdout_failed"] == out["holdout"] > 0
-    for name in ("model", "linear", "nearest"):
+    assert out["to_fill"] > 0 and out["filled"] + out["failed"] == out["to_fill"] and out["holdout"] > 0
+    assert out["metrics"]["model"]["n"] == round(out["metrics"]["model"]["filled_fraction"] * out["holdout"])
+    for name in ("model", *references.NAMES):
         assert set(out["metrics"][name]) >= {"n", "l1", "l2"} or out["metrics"][name]["n"] == 0
     ts, split = run.input.series, run.input.split
     t = split["t"]
@@ -420,7 +426,7 @@ def test_pretrained_hf_gpt2_with_bpe(syn_config, hf_folder, tmp_path):
     from eojax import checkpoint as ckpt_lib
     from eojax.weights import gpt2 as gpt2_weights
     hf = hf_folder
-    config = syn_config(f"runlocal,pretrained={hf}", **{"input.bands": ("B4",), "optim.lr": 1e-4})
+    config = syn_config(f"runlocal,mode=great,pretrained={hf}", **{"input.bands": ("B4",), "optim.lr": 1e-4})
     assert config.init_from == f"{hf}/model.safetensors" and config.model.tokenizer == "bpe"
     assert (config.model.n_layer, config.model.n_head, config.model.n_embd, config.model.vocab_size) == (2, 4, 64, 300)
     run = train.setup(config, devices=jax.devices()[:1])
@@ -444,7 +450,7 @@ def test_pretrained_hf_gpt2_with_bpe(syn_config, hf_folder, tmp_path):
 def test_pretrained_sizes_must_match_the_config(syn_config, hf_folder):
     """The model comes from config.model alone: a HF checkpoint of other sizes is refused by name,
     in one line, before any weight is read."""
-    config = syn_config(f"runlocal,pretrained={hf_folder}", **{"input.bands": ("B4",), "model.n_embd": 32,
+    config = syn_config(f"runlocal,mode=great,pretrained={hf_folder}", **{"input.bands": ("B4",), "model.n_embd": 32,
                                                               "model.n_head": 2})
     data = tasks.make_input(config)
     task = tasks.get(config, data.spec())
@@ -479,7 +485,7 @@ def test_core_from_the_json_spec_reads_no_data(syn_config, monkeypatch):
         raise AssertionError("the core read the data")
 
     monkeypatch.setattr(rasterio, "open", refuse)
-    monkeypatch.setattr(vsat_task, "load_series", refuse)
+    monkeypatch.setattr(timeseries, "load_series", refuse)
     for attr, value in vars(vsat_task.VSatInput).items():
         if not attr.startswith("__") and (callable(value) or isinstance(value, (property, functools.cached_property))):
             monkeypatch.setattr(vsat_task.VSatInput, attr, refuse)

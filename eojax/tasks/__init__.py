@@ -11,7 +11,8 @@ _TASKS = {
     "mae": "eojax.mae.task:MAETask",
     "satmae": "eojax.mae.satmae_task:SatMAETask",  # SatMAE++ and GRID-MAE (configs/satmae.py, gridmae.py)
     "seg": "eojax.seg.task:SegTask",
-    "vsat": "eojax.vsat.task:VSatTask",
+    "vsat": "eojax.vsat.context:ContextTask",  # configs/vsat.py; mode=great: the GReaT text rows
+    "vsat_great": "eojax.vsat.task:VSatTask",
     "diffusion": "eojax.diffusion.task:DiffusionTask",
     "geo": "eojax.geo.task:GeoTask",
 }

@@ -31,37 +31,13 @@ import rasterio
 
 from eojax import viz
 from eojax.data import qa as qa_lib
-from eojax.vsat import great, timeseries, tokenizers
+from eojax.vsat import great, references, timeseries, tokenizers
 from eojax.vsat import generate as gen_lib
 
 OBSERVED, FILLED, FAILED, NODATA = range(4)
 
 
 # ------------------------------------------------------------------ baselines
-
-def temporal_baselines(ts: timeseries.TimeSeries, t: int, ys, xs, usable) -> dict:
-    """Per pixel (ys, xs) of date t, from the pixel's usable values on the other dates:
-    'linear': linear interpolation in time between the nearest usable dates before and after
-    (the nearest one alone at either end of the series); 'nearest': the nearest usable date
-    (ties: the earlier). -> {name: (values (N, C) float, ok (N,) bool)}; ok False = no usable date."""
-    days = np.array([datetime.date.fromisoformat(d).toordinal() for d in ts.dates], np.float64)
-    use = usable[:, ys, xs].T.copy()  # (N, T)
-    use[:, t] = False
-    vals = np.moveaxis(ts.values[:, :, ys, xs], 2, 0).astype(np.float64)  # (N, T, C)
-    n, nt = use.shape
-    rows = np.arange(n)
-    before, after = use & (days < days[t]), use & (days > days[t])
-    has_b, has_a = before.any(1), after.any(1)
-    ib = nt - 1 - np.argmax(before[:, ::-1], axis=1)  # last usable date before t
-    ia = np.argmax(after, axis=1)  # first usable date after t
-    vb, va = vals[rows, ib], vals[rows, ia]
-    w = ((days[t] - days[ib]) / np.where(has_a & has_b, days[ia] - days[ib], 1.0))[:, None]
-    linear = np.where((has_b & has_a)[:, None], vb + w * (va - vb), np.where(has_b[:, None], vb, va))
-    dist = np.where(use, np.abs(days[None] - days[t]), np.inf)
-    nearest = vals[rows, np.argmin(dist, axis=1)]
-    ok = use.any(1)
-    return {"linear": (linear, ok), "nearest": (nearest, ok)}
-
 
 def band_errors(pred: np.ndarray, truth: np.ndarray, ok: np.ndarray, band_names) -> dict:
     """Per-band L1 (mean |error|) and L2 (mean error^2) over the rows where `ok`, plus their means."""
@@ -143,60 +119,121 @@ def run(run, variables, workdir: str, options) -> dict:
     return fill(run.task, variables[0], run.input.series, run.input.split, out_dir, int(options.get("seed", 0)))
 
 
+def evaluate(run, variables, workdir: str, options) -> dict:
+    """`eojax eval vsat` (the 'eval' plug-in): the held-out clear pixels of the target date filled by
+    the model and by the four references; metrics.json, a PNG and GeoTIFFs in options['output']."""
+    out_dir = options.get("output") or os.path.join(workdir, "eval")
+    return score(run.task, variables[0], run.input.series, run.input.split, out_dir, int(options.get("seed", 0)))
+
+
 def fill(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, seed: int = 0) -> dict:
-    """Fill the target date split["t"] of `ts` with the vsat core `task`; write GeoTIFFs, status, PNG
-    and metrics.json into out_dir."""
-    t, cfg = split["t"], task.config.infill
+    """Fill the cloud and shadow pixels of the target date split["t"] of `ts` with the vsat core
+    `task` (and score its held-out pixels); write GeoTIFFs, status, PNG and metrics.json into out_dir."""
+    t = split["t"]
     fill_y, fill_x = np.nonzero(split["fill"])
     hold_y, hold_x = np.nonzero(split["holdout"][t])
     ys, xs = np.concatenate([fill_y, hold_y]), np.concatenate([fill_x, hold_x])
-    known = np.stack([xs, ys, np.full(len(xs), ts.doy[t])], 1)
     tick = time.perf_counter()
-    res = generate_values(task.model, params, task.tokenizer, known, timeseries.COORD_COLUMNS, ts.band_names,
-                          dtype=ts.dtype, batch_size=cfg.batch_size, greedy=cfg.greedy,
-                          temperature=cfg.temperature, retries=cfg.retries,
-                          max_number_tokens=task.max_number_tokens(), seed=seed)
+    values, ok = task.fill_values(params, ts, split, ys, xs, seed)
     seconds = time.perf_counter() - tick
     nf = len(fill_y)
-    ok_fill, ok_hold = res["ok"][:nf], res["ok"][nf:]
+    ok_fill = ok[:nf]
 
     # The filled target date; every other date is written as read (regridded).
     after = ts.values[t].copy()
-    after[:, fill_y[ok_fill], fill_x[ok_fill]] = res["values"][:nf][ok_fill].T
+    after[:, fill_y[ok_fill], fill_x[ok_fill]] = values[:nf][ok_fill].T
     status = np.where(ts.classes[t] == qa_lib.FILL, NODATA, OBSERVED).astype(np.uint8)
     status[fill_y, fill_x] = np.where(ok_fill, FILLED, FAILED)
     os.makedirs(out_dir, exist_ok=True)
     files = []
     for i, date in enumerate(ts.dates):
-        values = after if i == t else ts.values[i]
-        files.append(timeseries.write_date(ts, values, os.path.join(out_dir, f"filled_{date}.tif")))
+        files.append(timeseries.write_date(ts, after if i == t else ts.values[i],
+                                           os.path.join(out_dir, f"filled_{date}.tif")))
     status_path = os.path.join(out_dir, f"status_{ts.dates[t]}.tif")
     _write_status(ts, status, status_path)
     png = os.path.join(out_dir, f"infill_{ts.dates[t]}.png")
     _before_after_png(ts, t, after, status, png)
-
-    truth = np.moveaxis(ts.values[t][:, hold_y, hold_x], 0, 1)
-    metrics = {"model": band_errors(res["values"][nf:].astype(np.float64), truth, ok_hold, ts.band_names)}
-    for name, (pred, ok) in temporal_baselines(ts, t, hold_y, hold_x, qa_lib.usable(ts.classes)).items():
-        metrics[name] = band_errors(np.rint(pred), truth, ok, ts.band_names)
     summary = {
         "target_date": ts.dates[t], "requested": int(len(ys)), "to_fill": int(nf),
-        "filled": int(ok_fill.sum()), "failed": int(nf - ok_fill.sum()),
-        "holdout": int(len(hold_y)), "holdout_generated": int(ok_hold.sum()),
-        "holdout_failed": int(len(hold_y) - ok_hold.sum()),
-        "retried_rows": int((res["attempts"] > 1).sum()), "rows_per_sec": round(len(ys) / seconds, 1),
-        "metrics": metrics, "geotiffs": files, "status": status_path, "png": png,
+        "filled": int(ok_fill.sum()), "failed": int(nf - ok_fill.sum()), "holdout": int(len(hold_y)),
+        "pixels_per_sec": round(len(ys) / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
+        "metrics": compare(ts, split, values[nf:], ok[nf:], hold_y, hold_x) if len(hold_y) else {},
+        "geotiffs": files, "status": status_path, "png": png,
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(summary, out_dir)
+    if summary["metrics"]:
+        print(metrics_table(summary["metrics"]))
+    return summary
+
+
+def score(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, seed: int = 0) -> dict:
+    """The held-out pixels of the target date: the model against the references (metrics.json, a PNG
+    of truth, each method and its error, one GeoTIFF per method of the date with them filled)."""
+    t = split["t"]
+    hold_y, hold_x = np.nonzero(split["holdout"][t])
+    if not len(hold_y):
+        raise ValueError("config.input.holdout='none' hides no pixel: nothing to score (use 'box' or 'random')")
+    tick = time.perf_counter()
+    values, ok = task.fill_values(params, ts, split, hold_y, hold_x, seed)
+    seconds = time.perf_counter() - tick
+    metrics = compare(ts, split, values, ok, hold_y, hold_x)
+    preds = {"model": (values, ok), **references.compute(ts.values, split["train"], _days(ts), t, hold_y, hold_x)}
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    for name, (pred, good) in preds.items():
+        date = ts.values[t].copy()
+        date[:, hold_y[good], hold_x[good]] = pred[good].T
+        files[name] = timeseries.write_date(ts, date, os.path.join(out_dir, f"{name}_{ts.dates[t]}.tif"))
+    png = os.path.join(out_dir, f"holdout_{ts.dates[t]}.png")
+    _comparison_png(ts, t, split["holdout"][t], preds, png)
+    summary = {"target_date": ts.dates[t], "holdout": int(len(hold_y)), "seconds": round(seconds, 2),
+               "metrics": metrics, "geotiffs": files, "png": png}
+    _write_json(summary, out_dir)
     print(metrics_table(metrics))
     return summary
 
 
+def _days(ts) -> np.ndarray:
+    return np.array([datetime.date.fromisoformat(d[:10]).toordinal() for d in ts.dates], np.float64)
+
+
+def compare(ts, split, values, ok, hold_y, hold_x) -> dict:
+    """Per-band and mean L1 / L2 of the model and the four references on the held-out pixels, the
+    fraction each filled, and how much its values vary per pixel (std ratio to the truth, per band)."""
+    t = split["t"]
+    truth = np.moveaxis(ts.values[t][:, hold_y, hold_x], 0, 1).astype(np.float64)
+    preds = {"model": (values, ok), **references.compute(ts.values, split["train"], _days(ts), t, hold_y, hold_x)}
+    out = {}
+    for name, (pred, good) in preds.items():
+        m = band_errors(pred.astype(np.float64), truth, good, ts.band_names)
+        m["filled_fraction"] = round(float(good.mean()), 4) if len(good) else 0.0
+        if good.any():
+            spread = pred[good].std(0) / np.maximum(truth[good].std(0), 1e-12)
+            m["std_ratio"] = dict(zip(ts.band_names, np.round(spread, 3).tolist()))
+        out[name] = m
+    best = min(references.NAMES, key=lambda k: out[k].get("l1_mean", np.inf))
+    if "l1_mean" in out["model"] and out[best].get("l1_mean", 0) > 0:
+        out["summary"] = {"best_reference": best,
+                          "gain_over_best": round(1 - out["model"]["l1_mean"] / out[best]["l1_mean"], 4)}
+    return out
+
+
+def _write_json(summary, out_dir):
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
 def metrics_table(metrics: dict) -> str:
-    lines = ["| method | pixels | mean L1 (DN) | mean L2 (DN^2) |", "| --- | --- | --- | --- |"]
+    lines = ["| method | pixels | filled | mean L1 | mean L2 | min std ratio |", "| --- | --- | --- | --- | --- | --- |"]
     for name, m in metrics.items():
-        lines.append(f"| {name} | {m['n']} | {m.get('l1_mean', 'n/a')} | {m.get('l2_mean', 'n/a')} |")
+        if name == "summary":
+            continue
+        spread = min(m["std_ratio"].values()) if m.get("std_ratio") else "n/a"
+        lines.append(f"| {name} | {m['n']} | {m['filled_fraction']} | {m.get('l1_mean', 'n/a')} | "
+                     f"{m.get('l2_mean', 'n/a')} | {spread} |")
+    if "summary" in metrics:
+        lines.append(f"model vs the best reference ({metrics['summary']['best_reference']}): "
+                     f"{100 * metrics['summary']['gain_over_best']:.1f} % lower mean L1")
     return "\n".join(lines)
 
 
@@ -220,3 +257,26 @@ def _before_after_png(ts, t, after, status, path):
     tiles = [viz.to_rgb8(before, ts.band_names, valid, ref=filled), mask,
              viz.to_rgb8(filled, ts.band_names, valid, ref=filled)]
     viz.save_grid_png(path, [tiles], scale=max(1, 256 // max(status.shape)))
+
+
+def _comparison_png(ts, t, hold, preds: dict, path):
+    """Top row: the truth, then each method's date (held-out pixels replaced); bottom row: each
+    method's mean absolute error over the bands on the held-out pixels (white = the largest error of
+    any method), one stretch for every tile."""
+    valid = np.isfinite(ts.values[t]).all(0)
+    truth = np.nan_to_num(np.moveaxis(ts.values[t], 0, -1))
+    ys, xs = np.nonzero(hold)
+    images, errors = [], []
+    for pred, good in preds.values():
+        image = truth.copy()
+        image[ys[good], xs[good]] = pred[good]
+        images.append(image)
+        err = np.zeros(hold.shape)
+        err[ys[good], xs[good]] = np.abs(pred[good] - truth[ys[good], xs[good]]).mean(1)
+        errors.append(err)
+    top = max(max(e.max() for e in errors), 1e-12)
+    grey = lambda e: np.repeat((255 * np.clip(e / top, 0, 1)).round().astype(np.uint8)[..., None], 3, -1)
+    rows = [[viz.to_rgb8(truth, ts.band_names, valid)] + [viz.to_rgb8(im, ts.band_names, valid, ref=truth)
+                                                         for im in images],
+            [np.zeros(hold.shape + (3,), np.uint8)] + [grey(e) for e in errors]]
+    viz.save_grid_png(path, rows, scale=max(1, 192 // max(hold.shape)))

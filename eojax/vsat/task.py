@@ -31,8 +31,7 @@ from eojax.tasks.base import DataSpec, Input, Task, elements
 from eojax.vsat import great, infill, timeseries, tokenizers
 from eojax.weights import gpt2 as gpt2_weights
 
-_INPUT_KEYS = {"source", "root", "pathrow", "paths", "csv", "bands", "qa_format", "target_date",
-               "holdout_box", "synthetic_dir"}
+_INPUT_KEYS = timeseries.INPUT_KEYS | {"holdout", "holdout_fraction", "holdout_seed"}
 # config.model sizes; 0 (or absent, in configs older than n_inner / vocab_size) = the default
 # (the variant's; vocab_size: the numeric tokenizer's).
 _SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_inner", "vocab_size")
@@ -67,17 +66,26 @@ class TextRows(grain.MapDataset):
         return {"tokens": tokens, "lengths": np.int32(len(ids))}
 
 
-class VSatInput(Input):
-    """The time series, its train / held-out split, and the text-row datasets made from them."""
+class SeriesInput(Input):
+    """The time series and its train / held-out split, shared by both modes' inputs."""
 
     @functools.cached_property
     def series(self) -> timeseries.TimeSeries:
-        return load_series(self.config.input)
+        return timeseries.load_series(self.config.input)
 
     @functools.cached_property
     def split(self) -> dict:
         """target date index, train / held-out masks (T, H, W), pixels to fill on the target (H, W)."""
-        return make_split(self.series, self.config.input.target_date, self.config.input.holdout_box)
+        return make_split(self.series, self.config.input)
+
+    def fingerprint(self):
+        return {"files": self.series.fingerprint(), "dates": list(self.series.dates),
+                "bands": list(self.series.band_names), "target_date": self.series.dates[self.split["t"]],
+                "train_pixels": int(self.split["train"].sum()), "holdout_pixels": int(self.split["holdout"].sum())}
+
+
+class VSatInput(SeriesInput):
+    """GReaT mode: the text-row datasets made from the series."""
 
     @functools.cached_property
     def digits(self) -> dict[str, int]:
@@ -117,22 +125,20 @@ class VSatInput(Input):
                                           process_index=process_index, process_count=process_count,
                                           shuffle=False, num_epochs=1, drop_remainder=False)
 
-    def fingerprint(self):
-        return {"files": self.series.fingerprint(), "dates": list(self.series.dates),
-                "bands": list(self.series.band_names), "target_date": self.series.dates[self.split["t"]],
-                "train_rows": int(self.split["train"].sum()), "holdout_rows": int(self.split["holdout"].sum())}
+def check_input_config(config):
+    unknown = set(config.input.keys()) - _INPUT_KEYS
+    if unknown:
+        raise ValueError(f"unknown config.input keys {sorted(unknown)}; known: {sorted(_INPUT_KEYS)}")
 
 
 class VSatTask(Task):
-    name = "vsat"
+    name = "vsat_great"
     input_class = VSatInput
     plugins = {"infer": "eojax.vsat.infill:run"}
 
     @classmethod
     def check_config(cls, config):
-        unknown = set(config.input.keys()) - _INPUT_KEYS
-        if unknown:
-            raise ValueError(f"unknown config.input keys {sorted(unknown)}; known: {sorted(_INPUT_KEYS)}")
+        check_input_config(config)
         m = config.model
         if m.tokenizer not in ("numeric", "bpe"):
             raise ValueError(f"config.model.tokenizer={m.tokenizer!r}: 'numeric' or 'bpe'")
@@ -252,6 +258,17 @@ class VSatTask(Task):
         mask = self.label_mask(batch)
         return {"loss_sum": (ce * mask).sum(), "count": mask.sum()}
 
+    def fill_values(self, params, ts, split, ys, xs, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (ys, xs) of the target date by constrained generation from "X, Y, DOY" prompts ->
+        (values (N, C) float, ok (N,) bool: parsed and fits the band dtype)."""
+        cfg = self.config.infill
+        known = np.stack([xs, ys, np.full(len(xs), ts.doy[split["t"]])], 1)
+        res = infill.generate_values(self.model, params, self.tokenizer, known, timeseries.COORD_COLUMNS,
+                                     ts.band_names, dtype=ts.dtype, batch_size=cfg.batch_size, greedy=cfg.greedy,
+                                     temperature=cfg.temperature, retries=cfg.retries,
+                                     max_number_tokens=self.max_number_tokens(), seed=seed)
+        return res["values"].astype(np.float64), res["ok"]
+
     def train_flops_per_example(self) -> float:
         return gpt2_lib.flops_per_sequence(self.model_kwargs(), self.max_len - 1, training=True)
 
@@ -266,9 +283,7 @@ def _sizes(cfg) -> dict:
 def number_digits(ts: timeseries.TimeSeries) -> dict[str, int]:
     """Most digits a value of each column can have: X / Y from the grid, DOY 3, bands from dtype."""
     h, w = ts.shape
-    info = np.iinfo(ts.dtype) if np.issubdtype(np.dtype(ts.dtype), np.integer) else None
-    band = len(str(info.max)) + (info.min < 0) if info else 7
-    return {"X": len(str(w - 1)), "Y": len(str(h - 1)), "DOY": 3, **{b: band for b in ts.band_names}}
+    return {"X": len(str(w - 1)), "Y": len(str(h - 1)), "DOY": 3, **ts.value_digits()}
 
 
 def make_tokenizer(model_cfg, columns, digits: dict[str, int]):
@@ -292,46 +307,40 @@ def row_length(tok, digits: dict[str, int], columns) -> int:
 
 # ------------------------------------------------------------------------ data helpers
 
-def load_series(cfg) -> timeseries.TimeSeries:
-    """config.input -> TimeSeries: 'landsat' (USGS band files under root, one path/row), 'multiband'
-    (one file per date with a QA band; paths, or synthetic_dir for eojax's synthetic series), 'csv'."""
-    if cfg.source == "landsat":
-        root = cfg.root or os.path.join(os.environ.get("EOJAX_TEST_DATA", ""), "gdalcubes_L8NY18")
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"config.input.root={root!r} is not a folder (set it, or EOJAX_TEST_DATA "
-                                    "to the shared data folder)")
-        scenes = timeseries.landsat_scenes(root, cfg.pathrow, tuple(cfg.bands))
-        return timeseries.from_band_files(scenes, qa_format=cfg.qa_format)
-    if cfg.source == "multiband":
-        paths = list(cfg.paths)
-        if not paths and cfg.synthetic_dir:  # eojax's synthetic series (deterministic, rewritten atomically)
-            from eojax.data import synthetic
-            paths = synthetic.write_time_series(cfg.synthetic_dir, seed=5, n_dates=6, height=32, width=32,
-                                                sensor="landsat8", labels=False)
-        return timeseries.from_multiband_files(paths, qa_format=cfg.qa_format, bands=tuple(cfg.bands))
-    if cfg.source == "csv":
-        return timeseries.from_csv(cfg.csv, bands=tuple(cfg.bands))
-    raise ValueError(f"config.input.source={cfg.source!r}: one of 'landsat', 'multiband', 'csv'")
-
-
-def make_split(ts: timeseries.TimeSeries, target_date: str, box) -> dict:
-    """The target date (given, or the date with the most cloud + shadow), the held-out box on it
-    (fractions x0, y0, x1, y1 of the grid), and the masks that follow."""
+def make_split(ts: timeseries.TimeSeries, cfg) -> dict:
+    """The target date (config.input.target_date, or the date with the most cloud + shadow) and the
+    clear pixels hidden on it (input.holdout: 'box', the clear pixels inside input.holdout_box,
+    fractions x0, y0, x1, y1 of the grid, as aispace; 'random', a fraction input.holdout_fraction of
+    the date's clear pixels drawn with input.holdout_seed; 'none'), and the masks that follow."""
+    if len(ts.dates) < 2:
+        raise ValueError(f"the time series has one date ({ts.dates[0]}): filling a date needs others")
     usable = qa_lib.usable(ts.classes)
-    if target_date:
-        t = ts.date_index(target_date)
-    else:
-        t = int(np.argmax(qa_lib.to_fill(ts.classes).sum(axis=(1, 2))))
+    t = ts.date_index(cfg.target_date) if cfg.target_date else int(np.argmax(qa_lib.to_fill(ts.classes).sum(axis=(1, 2))))
     h, w = ts.shape
-    x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise ValueError(f"config.input.holdout_box={tuple(box)} must be fractions x0 < x1, y0 < y1 in [0, 1]")
-    in_box = np.zeros((h, w), bool)
-    in_box[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))] = True
+    kind = cfg.get("holdout", "box")
+    hidden = np.zeros((h, w), bool)
+    if kind == "box":
+        x0, y0, x1, y1 = cfg.holdout_box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"config.input.holdout_box={tuple(cfg.holdout_box)} must be fractions x0 < x1, "
+                             "y0 < y1 in [0, 1]")
+        hidden[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))] = True
+    elif kind == "random":
+        frac = float(cfg.holdout_fraction)
+        if not 0 < frac < 1:
+            raise ValueError(f"config.input.holdout_fraction={frac} must be in (0, 1)")
+        hidden = np.random.default_rng(int(cfg.get("holdout_seed", 0))).random((h, w)) < frac
+    elif kind != "none":
+        raise ValueError(f"config.input.holdout={kind!r}: 'box', 'random' or 'none'")
     holdout = np.zeros_like(usable)
-    holdout[t] = usable[t] & in_box
+    holdout[t] = usable[t] & hidden
+    if kind != "none" and not holdout[t].any():
+        raise ValueError(f"config.input.holdout={kind!r} hides no clear pixel of {ts.dates[t]}: nothing "
+                         "to score on (move the box or pick another date)")
     train = usable & ~holdout
+    if not train[t].any():
+        raise ValueError(f"no clear pixel is left visible on the target date {ts.dates[t]}")
     if not train.any():
         raise ValueError("no usable (clear) pixel is left to train on")
     return {"t": t, "train": train, "holdout": holdout, "fill": qa_lib.to_fill(ts.classes[t]),
-            "box": in_box}
+            "box": hidden}

@@ -80,7 +80,7 @@ from eojax.data.raster import RasterError
 from eojax.data.stack import StackedScene
 
 COORD_COLUMNS = ("X", "Y", "DOY")
-SOURCES = ("landsat", "multiband", "csv", "eopatch")
+SOURCES = ("landsat", "multiband", "csv", "eopatch", "synthetic")
 ROUNDING = ("error", "nearest")
 SAME_DAY = ("error", "mosaic")
 MASK_FORMATS = ("binary", *qa_lib.FORMATS)
@@ -916,6 +916,12 @@ def load_series(cfg) -> TimeSeries:
             raise ValueError("config.input.root: name the EOPatch folder")
         ts = from_eopatch(_one_path(given, "config.input.root"), feature=_opt(cfg, "feature") or "",
                           bands=bands, mask=mask_band or "CLM", mask_format=fmt, cloud_value=cloud, **common)
+    elif source == "synthetic":  # eojax's built-in series, the demo data: written once, in the cache
+        from eojax.data import synthetic
+        directory = _opt(cfg, "synthetic_dir") or str(synthetic.default_dir() / "vsat_series")
+        paths = synthetic.write_time_series(directory, seed=5, n_dates=8, height=64, width=64,
+                                            sensor="landsat8", labels=False)
+        ts = from_multiband_files(paths, qa_format="eojax_synthetic", bands=bands, **common)
     else:
         raise ValueError(f"config.input.source={source!r}: one of {SOURCES}")
     if len(ts.dates) < 2:

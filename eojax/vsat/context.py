@@ -1,0 +1,375 @@
+"""The context mode of the Virtual Satellite: a GPT-2 that reads what is known around a pixel and
+writes its value.
+
+What predicts a cloudy pixel is (1) the same pixel on other dates and (2) its clear neighbours on
+the target date, read against how those neighbours relate to the pixel on a date when both were
+clear. A sequence per (pixel, date) holds exactly that, as continuous tokens (no digits):
+
+  own_1 .. own_M   the pixel's clear values on the M dates nearest in time, with their date offsets
+  nb_1 .. nb_K     the K nearest clear pixels of the target date: their value, their offset (dx, dy)
+                   and their difference to the pixel on the nearest date when both were clear
+  query            the target date (season), last
+
+The context comes first and the unknown last, so a causal GPT-2 sees all of it (both earlier and
+later dates) when it writes the value: fill-in-the-middle ordering. Values enter through a linear
+embedding (nearby values get nearby embeddings, unlike unrelated digit tokens) and leave through a
+regression head; the L1 loss makes the prediction a conditional median, the estimate that minimises
+the mean absolute error the infill is judged by, without sampling.
+
+Training examples hide a random box of the target date around the pixel (from a single pixel to
+most of the neighbour window), so that the model meets the neighbour layouts of real clouds: the
+nearest clear pixels on one side only, or far away.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import math
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eojax.data import pipeline
+from eojax.models import gpt2 as gpt2_lib, layers
+from eojax.tasks.base import DataSpec, Task, elements
+from eojax.vsat.task import SeriesInput, check_input_config
+
+# Feature widths of the date and offset encodings (see _date_features / _offset_features).
+DATE_FEATURES = 8
+OFFSET_FEATURES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Token counts of a sequence: M own dates, K neighbours, within `radius` pixels."""
+    n_own: int = 8
+    n_neighbours: int = 16
+    radius: int = 12
+
+    @property
+    def length(self) -> int:
+        return self.n_own + self.n_neighbours + 1
+
+
+class Source:
+    """What examples are cut from: normalised values (T, C, H, W) (NaN where unknown), the pixels
+    that may be read as context (T, H, W), days since the first date and day of year per date."""
+
+    def __init__(self, values: np.ndarray, known: np.ndarray, days: np.ndarray, doy: np.ndarray,
+                 layout: Layout):
+        self.values = np.where(known[:, None], values, 0.0).astype(np.float32)
+        self.known = known.astype(bool)
+        self.days = np.asarray(days, np.float64)
+        self.doy = np.asarray(doy, np.float64)
+        self.layout = layout
+        r = layout.radius
+        self._known_padded = np.pad(self.known, ((0, 0), (r, r), (r, r)))
+        oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+        self._oy, self._ox = oy.ravel(), ox.ravel()
+        # Ties between equally distant neighbours break the same way everywhere (raster order).
+        self._dist = np.hypot(oy, ox).ravel() + 1e-6 * np.arange(oy.size)
+
+    @property
+    def num_bands(self) -> int:
+        return self.values.shape[1]
+
+    def examples(self, t, y, x, hide=None) -> dict:
+        """Sequences for pixels (t[i], y[i], x[i]) -> dict of (N, ...) arrays. hide (N, 4) int: a box
+        y0, x0, y1, x1 of the target date read as unknown (training's simulated cloud); the pixel
+        itself is never context."""
+        t, y, x = (np.asarray(a, np.int64) for a in (t, y, x))
+        n, lay = len(t), self.layout
+        h, w = self.known.shape[1:]
+        # -- the pixel's own clear dates, nearest in time first
+        own_known = self.known[:, y, x].T.copy()  # (N, T)
+        own_known[np.arange(n), t] = False
+        gap = np.abs(self.days[None, :] - self.days[t][:, None])
+        order = np.argsort(np.where(own_known, gap, np.inf), axis=1, kind="stable")[:, :lay.n_own]
+        own_mask = np.take_along_axis(own_known, order, 1)
+        if order.shape[1] < lay.n_own:  # fewer dates than tokens: the rest is padding
+            short = lay.n_own - order.shape[1]
+            order = np.pad(order, ((0, 0), (0, short)))
+            own_mask = np.pad(own_mask, ((0, 0), (0, short)))
+        own_val = self.values[order, :, y[:, None], x[:, None]]  # (N, M, C)
+        own_dt = self.days[order] - self.days[t][:, None]
+        # -- the K nearest clear pixels of the target date inside the window
+        s = 2 * lay.radius + 1
+        rows = y[:, None] + np.arange(s)[None]
+        cols = x[:, None] + np.arange(s)[None]
+        win = self._known_padded[t[:, None, None], rows[:, :, None], cols[:, None, :]].reshape(n, -1)
+        ny_all, nx_all = y[:, None] + self._oy[None], x[:, None] + self._ox[None]
+        if hide is not None:
+            hide = np.asarray(hide, np.int64)
+            inside = ((ny_all >= hide[:, :1]) & (ny_all < hide[:, 2:3]) & (nx_all >= hide[:, 1:2])
+                      & (nx_all < hide[:, 3:4]))
+            win &= ~inside
+        win[:, s * s // 2] = False  # the pixel itself
+        dist = np.where(win, self._dist[None], np.inf)
+        k = min(lay.n_neighbours, s * s)
+        pick = np.argpartition(dist, k - 1, axis=1)[:, :k]
+        pick = np.take_along_axis(pick, np.argsort(np.take_along_axis(dist, pick, 1), axis=1), 1)
+        nb_mask = np.isfinite(np.take_along_axis(dist, pick, 1))
+        ny = np.clip(np.take_along_axis(ny_all, pick, 1), 0, h - 1)
+        nx = np.clip(np.take_along_axis(nx_all, pick, 1), 0, w - 1)
+        nb_val = self.values[t[:, None], :, ny, nx]  # (N, K, C)
+        # -- each neighbour against the pixel, on the clear date (not t) nearest to t shared by both
+        both = self.known[:, ny, nx] & self.known[:, y, x][:, :, None]  # (T, N, K)
+        both[t, np.arange(n)] = False
+        ref = np.argmin(np.where(both, gap.T[:, :, None], np.inf), axis=0)  # (N, K)
+        ref_ok = np.take_along_axis(both, ref[None], 0)[0] & nb_mask
+        ref_diff = self.values[ref, :, ny, nx] - self.values[ref, :, y[:, None], x[:, None]]
+        ref_dt = self.days[ref] - self.days[t][:, None]
+        return {
+            "own_val": own_val * own_mask[..., None], "own_dt": own_dt * own_mask, "own_mask": own_mask,
+            "nb_val": nb_val * nb_mask[..., None], "nb_mask": nb_mask,
+            "nb_dy": (ny - y[:, None]) * nb_mask, "nb_dx": (nx - x[:, None]) * nb_mask,
+            "nb_ref_diff": ref_diff * ref_ok[..., None], "nb_ref_dt": ref_dt * ref_ok, "nb_ref_ok": ref_ok,
+            "doy": self.doy[t],
+        }
+
+    def random_hide(self, rng: np.random.Generator, y, x) -> np.ndarray:
+        """Training's simulated clouds: a box containing each pixel, its sides drawn between 1 and
+        the window (small boxes more often: isolated cloudy pixels are common, large clouds too)."""
+        n, s = len(y), 2 * self.layout.radius + 1
+        side = 1 + np.floor(s * rng.random((n, 2)) ** 2).astype(np.int64)
+        start = np.stack([y, x], 1) - np.floor(rng.random((n, 2)) * side).astype(np.int64)
+        return np.concatenate([start, start + side], 1)
+
+
+def element_shapes(layout: Layout, num_bands: int) -> dict:
+    """Per-example shapes and dtypes of `Source.examples` plus the target (the DataSpec's)."""
+    m, k, c = layout.n_own, layout.n_neighbours, num_bands
+    f, b = np.float32, np.bool_
+    return {"own_val": ((m, c), f), "own_dt": ((m,), f), "own_mask": ((m,), b),
+            "nb_val": ((k, c), f), "nb_mask": ((k,), b), "nb_dy": ((k,), f), "nb_dx": ((k,), f),
+            "nb_ref_diff": ((k, c), f), "nb_ref_dt": ((k,), f), "nb_ref_ok": ((k,), b),
+            "doy": ((), f), "target": ((c,), f)}
+
+
+# ------------------------------------------------------------------------ model
+
+def _date_features(dt):
+    """A date offset in days -> (..., 8): signed and log scale, and phases of a year / half year /
+    quarter / month (the seasonal cycle tells dates a year apart are alike)."""
+    feats = [dt / 365.25, jnp.sign(dt) * jnp.log1p(jnp.abs(dt)) / 6.0]
+    for period in (365.25, 182.6, 91.3):
+        a = 2 * math.pi * dt / period
+        feats += [jnp.sin(a), jnp.cos(a)]
+    return jnp.stack(feats, -1)
+
+
+def _offset_features(dy, dx, radius: int):
+    d = jnp.sqrt(dy ** 2 + dx ** 2)
+    return jnp.stack([dy / radius, dx / radius, d / radius, jnp.log1p(d) / 3.0], -1)
+
+
+class ContextGPT2(nn.Module):
+    """GPT-2 blocks (eojax.models.gpt2) over continuous context tokens, a regression head on the last
+    (query) token. Output: (N, C) normalised values."""
+
+    num_bands: int
+    layout: Layout
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, batch, train: bool = False):
+        lay, d = self.layout, self.n_embd
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        f32 = lambda a: jnp.asarray(a, jnp.float32)
+        own = jnp.concatenate([f32(batch["own_val"]), _date_features(f32(batch["own_dt"]))], -1)
+        nb = jnp.concatenate([
+            f32(batch["nb_val"]), f32(batch["nb_ref_diff"]),
+            _offset_features(f32(batch["nb_dy"]), f32(batch["nb_dx"]), lay.radius),
+            _date_features(f32(batch["nb_ref_dt"])), f32(batch["nb_ref_ok"])[..., None]], -1)
+        doy = 2 * math.pi * f32(batch["doy"]) / 365.25
+        query = jnp.stack([jnp.sin(doy), jnp.cos(doy)], -1)[:, None]
+        x = jnp.concatenate([nn.Dense(d, name="embed_own", **kw)(own),
+                             nn.Dense(d, name="embed_neighbour", **kw)(nb),
+                             nn.Dense(d, name="embed_query", **kw)(query)], 1)
+        n = x.shape[0]
+        valid = jnp.concatenate([batch["own_mask"], batch["nb_mask"], jnp.ones((n, 1), bool)], 1)
+        wpe = self.param("wpe", nn.initializers.normal(0.01), (lay.length, d), self.param_dtype)
+        x = (x + wpe[None]).astype(self.dtype)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        causal = jnp.tril(jnp.ones((lay.length, lay.length), bool))
+        mask = causal[None] & valid[:, None, :]
+        for i in range(self.n_layer):
+            x, _ = gpt2_lib.Block(self.n_head, 4 * d, self.n_layer, self.dropout, name=f"h_{i}", **kw)(
+                x, mask, train)
+        x = gpt2_lib.LayerNorm(1e-5, name="ln_f", **kw)(x[:, -1])
+        return nn.Dense(self.num_bands, name="head", dtype=jnp.float32, param_dtype=self.param_dtype)(x)
+
+
+# ------------------------------------------------------------------------ the family's input and core
+
+class ContextExamples(grain.MapDataset):
+    """Element i: pixel i % N of `pixels` (t, y, x) with its context; `hide` draws training's
+    simulated cloud from rng (seed, i), so epochs differ and element i is the same after a restore."""
+
+    def __init__(self, source: Source, target: np.ndarray, pixels: np.ndarray, seed: int, hide: bool):
+        super().__init__()
+        self._source, self._target, self._pixels = source, target, pixels
+        self._seed, self._hide = int(seed), hide
+
+    def __len__(self) -> int:
+        return len(self._pixels)
+
+    def __str__(self) -> str:
+        return f"ContextExamples({len(self._pixels)} pixels, {self._source.layout})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        t, y, x = (self._pixels[int(index) % len(self._pixels)][i:i + 1] for i in range(3))
+        hide = None
+        if self._hide:
+            hide = self._source.random_hide(np.random.default_rng((self._seed, int(index))), y, x)
+        ex = {k: v[0] for k, v in self._source.examples(t, y, x, hide).items()}
+        ex["target"] = self._target[t[0], :, y[0], x[0]]
+        return {k: np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f" else None) for k, v in ex.items()}
+
+
+def layout_of(model_cfg) -> Layout:
+    return Layout(int(model_cfg.n_own), int(model_cfg.n_neighbours), int(model_cfg.radius))
+
+
+def make_source(ts, known: np.ndarray, stats: dict, layout: Layout) -> Source:
+    """The series normalised with the spec's per-band statistics, `known` (T, H, W) readable."""
+    mean = np.asarray(stats["mean"], np.float64)[None, :, None, None]
+    std = np.asarray(stats["std"], np.float64)[None, :, None, None]
+    values = np.nan_to_num((ts.values - mean) / std)
+    days = np.array([datetime.date.fromisoformat(d[:10]).toordinal() for d in ts.dates], np.float64)
+    return Source(values, known, days - days[0], ts.doy, layout)
+
+
+class ContextInput(SeriesInput):
+    """Context mode: every clear, not held-out (pixel, date) is a training example; the held-out
+    pixels are the eval set, read without simulated clouds (their own box is what hides them)."""
+
+    @functools.cached_property
+    def stats(self) -> dict:
+        """Per-band mean and standard deviation of the training pixels (the model's units)."""
+        v = np.moveaxis(self.series.values, 1, 0)[:, self.split["train"]].astype(np.float64)
+        std = v.std(1)
+        return {"mean": v.mean(1).tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+
+    @functools.cached_property
+    def source(self) -> Source:
+        return make_source(self.series, self.split["train"], self.stats, layout_of(self.config.model))
+
+    def build_spec(self) -> DataSpec:
+        ts = self.series
+        shapes = element_shapes(layout_of(self.config.model), len(ts.band_names))
+        return DataSpec(elements(weight=((), np.float32), **shapes),
+                        {"bands": list(ts.band_names), "dates": list(ts.dates), "stats": self.stats})
+
+    def _dataset(self, mask, seed, hide):
+        target = self.source.values  # normalised, 0 where unknown (never a target)
+        return ContextExamples(self.source, target, np.argwhere(mask), seed, hide)
+
+    def train(self, process_index, process_count):
+        return pipeline.make_iterator(self._dataset(self.split["train"], self.config.seed, True),
+                                      batch_size=self.config.batch_size // process_count,
+                                      process_index=process_index, process_count=process_count,
+                                      shuffle=True, seed=self.config.seed)
+
+    def eval(self, process_index, process_count):
+        if not self.split["holdout"].any():
+            return None
+        known = make_source(self.series, self.split["holdout"] | self.split["train"], self.stats,
+                            self.source.layout)  # the targets' values; the context stays `train`
+        ds = ContextExamples(self.source, known.values, np.argwhere(self.split["holdout"]), 0, False)
+        return pipeline.make_iter_dataset(ds, batch_size=self.config.batch_size // process_count,
+                                          process_index=process_index, process_count=process_count,
+                                          shuffle=False, num_epochs=1, drop_remainder=False)
+
+
+class ContextTask(Task):
+    name = "vsat"
+    input_class = ContextInput
+    plugins = {"infer": "eojax.vsat.infill:run", "eval": "eojax.vsat.infill:evaluate"}
+
+    @classmethod
+    def check_config(cls, config):
+        check_input_config(config)
+        if "tokenizer" in config.model:
+            raise ValueError("config.model has GReaT text-row keys (tokenizer ...): this config is for "
+                             "task 'vsat_great' (configs/vsat.py:mode=great)")
+        lay = layout_of(config.model)
+        if min(lay.n_own, lay.n_neighbours, lay.radius) < 1:
+            raise ValueError(f"config.model n_own, n_neighbours and radius must be >= 1 (got {lay})")
+        if lay.n_neighbours > (2 * lay.radius + 1) ** 2 - 1:
+            raise ValueError(f"config.model.n_neighbours={lay.n_neighbours} is more than the "
+                             f"{(2 * lay.radius + 1) ** 2 - 1} pixels within radius {lay.radius}")
+
+    @property
+    def stats(self) -> dict:
+        return self.spec.info["stats"]
+
+    @functools.cached_property
+    def model(self) -> ContextGPT2:
+        m = self.config.model
+        return ContextGPT2(len(self.spec.info["bands"]), layout_of(m), n_embd=m.n_embd, n_layer=m.n_layer,
+                           n_head=m.n_head, dropout=m.dropout, dtype=jnp.dtype(m.dtype),
+                           param_dtype=jnp.dtype(m.param_dtype))
+
+    def init(self, rng, batch):
+        return self.model.init({"params": rng}, batch, train=False)
+
+    def _predict(self, params, batch, rng, train):
+        return self.model.apply({"params": params}, batch, train=train, rngs={"dropout": rng} if train else {})
+
+    def loss_fn(self, params, state, batch, rng, train):
+        err = jnp.abs(self._predict(params, batch, rng, train) - batch["target"])
+        w = batch["weight"][:, None]
+        n = jnp.maximum(w.sum() * err.shape[1], 1.0)
+        return (err * w).sum() / n, {}, state
+
+    def sampled_loss_fn(self, params, state, batch, rng):
+        """Sophia-G's Gauss-Newton-Bartlett estimate for the L1 loss, a Laplace likelihood: labels
+        drawn from Laplace(prediction, 1), the loss against them (its gradient's outer product is the
+        Laplace Fisher, J^T J)."""
+        noise_rng, dropout_rng = jax.random.split(rng)
+        pred = self._predict(params, batch, dropout_rng, True)
+        labels = jax.lax.stop_gradient(pred) + jax.random.laplace(noise_rng, pred.shape)
+        w = batch["weight"][:, None]
+        n = w.sum()
+        return (jnp.abs(pred - labels) * w).sum() / jnp.maximum(n * pred.shape[1], 1.0), n
+
+    def eval_fn(self, params, state, batch, rng):
+        err = jnp.abs(self._predict(params, batch, rng, False) - batch["target"])
+        w = batch["weight"][:, None]
+        return {"loss_sum": (err * w).sum(), "count": w.sum() * err.shape[1]}
+
+    def predict(self, params, source: Source, t, ys, xs, batch_size: int = 1024, seed: int = 0) -> tuple:
+        """Values (N, C) in the data's units of pixels (ys, xs) on date t, and ok (N,) (always True:
+        a regression head always answers; a pixel with no context gets the date's typical value)."""
+        apply = jax.jit(lambda p, b: self.model.apply({"params": p}, b))
+        out = []
+        for s in range(0, len(ys), batch_size):
+            idx = slice(s, s + batch_size)
+            n = len(ys[idx])
+            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - n, 0)])
+            ex = source.examples(pad(np.full(n, t)), pad(ys[idx]), pad(xs[idx]))
+            out.append(np.asarray(apply(params, ex))[:n])
+        pred = np.concatenate(out) if out else np.zeros((0, len(self.stats["mean"])))
+        values = pred * np.asarray(self.stats["std"]) + np.asarray(self.stats["mean"])
+        return values, np.ones(len(values), bool)
+
+    def fill_values(self, params, ts, split, ys, xs, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (ys, xs) of the target date, read against the series' training pixels."""
+        source = make_source(ts, split["train"], self.stats, layout_of(self.config.model))
+        return self.predict(params, source, split["t"], ys, xs, int(self.config.infill.batch_size))
+
+    def train_flops_per_example(self) -> float:
+        m, lay = self.config.model, layout_of(self.config.model)
+        return 3.0 * layers.transformer_flops(lay.length, m.n_embd, m.n_layer, 4 * m.n_embd)
