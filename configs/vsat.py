@@ -68,6 +68,9 @@ def get_config(arg=None):
         n_own=8,                   # the pixel's clear dates nearest the target date
         n_neighbours=16,           # the nearest clear pixels of the target date ...
         radius=12,                 # ... within this many pixels
+        n_analogs=16,              # the clear pixels of the target date most like the pixel on its
+        analog_radius=32,          # own dates, among those within this many pixels ...
+        analog_stride=3,           # ... on a grid of this step
         n_layer=3, n_head=4, n_embd=64,
         dropout=0.0, dtype="float32", param_dtype="float32",
     )

@@ -242,7 +242,7 @@ class _HostBatches(grain.MapDataset):
             return self.slice(index)
         start = int(index) * self._b
         indices = [self.source_index(j) for j in range(start, start + self._b)]
-        if isinstance(self._parent, _WindowDataset):
+        if hasattr(self._parent, "read_batch"):  # a dataset that reads many elements at once
             return self._parent.read_batch(indices)
         # Any other MapDataset of dicts: read the elements and stack them.
         els = [None if i is None else self._parent[i] for i in indices]

@@ -34,30 +34,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from eojax.data import pipeline
+from eojax.data.windows import counter_uniforms
 from eojax.models import gpt2 as gpt2_lib, layers
 from eojax.tasks.base import DataSpec, Task, elements
 from eojax.vsat.task import SeriesInput, check_input_config
 
-# Feature widths of the date and offset encodings (see _date_features / _offset_features).
-DATE_FEATURES = 8
-OFFSET_FEATURES = 4
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Token counts of a sequence: M own dates, K neighbours, within `radius` pixels."""
+    """Token counts of a sequence: M own dates; K neighbours, the nearest clear pixels within
+    `radius`; A analogs, the clear pixels (on a grid of step `analog_stride` within `analog_radius`)
+    whose values on the pixel's own dates are closest to the pixel's."""
     n_own: int = 8
     n_neighbours: int = 16
     radius: int = 12
+    n_analogs: int = 16
+    analog_radius: int = 32
+    analog_stride: int = 3
 
     @property
     def length(self) -> int:
-        return self.n_own + self.n_neighbours + 1
+        return self.n_own + self.n_neighbours + self.n_analogs + 1
+
+
+def _offsets(radius: int, stride: int = 1):
+    """(dy, dx) of a square grid around a pixel, the pixel itself excluded, nearest first (ties in
+    raster order, the same everywhere)."""
+    oy, ox = np.mgrid[-radius:radius + 1:stride, -radius:radius + 1:stride]
+    oy, ox = oy.ravel(), ox.ravel()
+    keep = (oy != 0) | (ox != 0)
+    oy, ox = oy[keep], ox[keep]
+    order = np.argsort(np.hypot(oy, ox), kind="stable")
+    return oy[order], ox[order]
 
 
 class Source:
-    """What examples are cut from: normalised values (T, C, H, W) (NaN where unknown), the pixels
-    that may be read as context (T, H, W), days since the first date and day of year per date."""
+    """What examples are cut from: normalised values (T, C, H, W), the pixels that may be read as
+    context (T, H, W), days since the first date and day of year per date."""
 
     def __init__(self, values: np.ndarray, known: np.ndarray, days: np.ndarray, doy: np.ndarray,
                  layout: Layout):
@@ -66,12 +78,11 @@ class Source:
         self.days = np.asarray(days, np.float64)
         self.doy = np.asarray(doy, np.float64)
         self.layout = layout
-        r = layout.radius
-        self._known_padded = np.pad(self.known, ((0, 0), (r, r), (r, r)))
-        oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
-        self._oy, self._ox = oy.ravel(), ox.ravel()
-        # Ties between equally distant neighbours break the same way everywhere (raster order).
-        self._dist = np.hypot(oy, ox).ravel() + 1e-6 * np.arange(oy.size)
+        # Pixel-major copies: a context pixel's whole history is one contiguous read.
+        self._values_px = np.ascontiguousarray(self.values.transpose(2, 3, 0, 1))  # (H, W, T, C)
+        self._known_px = np.ascontiguousarray(self.known.transpose(1, 2, 0))  # (H, W, T)
+        self._near = _offsets(layout.radius)
+        self._wide = _offsets(layout.analog_radius, layout.analog_stride)
 
     @property
     def num_bands(self) -> int:
@@ -83,7 +94,6 @@ class Source:
         itself is never context."""
         t, y, x = (np.asarray(a, np.int64) for a in (t, y, x))
         n, lay = len(t), self.layout
-        h, w = self.known.shape[1:]
         # -- the pixel's own clear dates, nearest in time first
         own_known = self.known[:, y, x].T.copy()  # (N, T)
         own_known[np.arange(n), t] = False
@@ -94,60 +104,82 @@ class Source:
             short = lay.n_own - order.shape[1]
             order = np.pad(order, ((0, 0), (0, short)))
             own_mask = np.pad(own_mask, ((0, 0), (0, short)))
-        own_val = self.values[order, :, y[:, None], x[:, None]]  # (N, M, C)
-        own_dt = self.days[order] - self.days[t][:, None]
-        # -- the K nearest clear pixels of the target date inside the window
-        s = 2 * lay.radius + 1
-        rows = y[:, None] + np.arange(s)[None]
-        cols = x[:, None] + np.arange(s)[None]
-        win = self._known_padded[t[:, None, None], rows[:, :, None], cols[:, None, :]].reshape(n, -1)
-        ny_all, nx_all = y[:, None] + self._oy[None], x[:, None] + self._ox[None]
+        own_val = self.values[order, :, y[:, None], x[:, None]] * own_mask[..., None]  # (N, M, C)
+        own_dt = (self.days[order] - self.days[t][:, None]) * own_mask
+        out = {"own_val": own_val, "own_dt": own_dt, "own_mask": own_mask, "doy": self.doy[t]}
+        own = (order, own_mask, own_val)
+        # -- neighbours: the nearest clear pixels of the target date
+        ny, nx, ok = self._candidates(t, y, x, hide, self._near)
+        pick = np.argsort(~ok, axis=1, kind="stable")[:, :lay.n_neighbours]  # offsets are nearest first
+        out.update(self._tokens("nb", t, y, x, own, *(np.take_along_axis(a, pick, 1) for a in (ny, nx, ok))))
+        # -- analogs: clear pixels of the target date that matched the pixel on its own dates
+        ay, ax, ok = self._candidates(t, y, x, hide, self._wide)
+        rms, shared, _ = self._match(own, ay, ax)
+        score = np.where(ok & (shared > 0), rms, np.inf)
+        pick = np.argsort(score, axis=1, kind="stable")[:, :lay.n_analogs]
+        good = np.isfinite(np.take_along_axis(score, pick, 1))
+        out.update(self._tokens("an", t, y, x, own, np.take_along_axis(ay, pick, 1),
+                                np.take_along_axis(ax, pick, 1), good))
+        return out
+
+    def _candidates(self, t, y, x, hide, offsets):
+        """Pixels at `offsets` around each (y, x) -> rows, cols (clipped to the grid) and whether
+        each is inside the grid, clear on the target date and not hidden."""
+        h, w = self.known.shape[1:]
+        cy, cx = y[:, None] + offsets[0][None], x[:, None] + offsets[1][None]
+        inside = (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+        cy, cx = np.clip(cy, 0, h - 1), np.clip(cx, 0, w - 1)
+        ok = inside & self.known[t[:, None], cy, cx]
         if hide is not None:
             hide = np.asarray(hide, np.int64)
-            inside = ((ny_all >= hide[:, :1]) & (ny_all < hide[:, 2:3]) & (nx_all >= hide[:, 1:2])
-                      & (nx_all < hide[:, 3:4]))
-            win &= ~inside
-        win[:, s * s // 2] = False  # the pixel itself
-        dist = np.where(win, self._dist[None], np.inf)
-        k = min(lay.n_neighbours, s * s)
-        pick = np.argpartition(dist, k - 1, axis=1)[:, :k]
-        pick = np.take_along_axis(pick, np.argsort(np.take_along_axis(dist, pick, 1), axis=1), 1)
-        nb_mask = np.isfinite(np.take_along_axis(dist, pick, 1))
-        ny = np.clip(np.take_along_axis(ny_all, pick, 1), 0, h - 1)
-        nx = np.clip(np.take_along_axis(nx_all, pick, 1), 0, w - 1)
-        nb_val = self.values[t[:, None], :, ny, nx]  # (N, K, C)
-        # -- each neighbour against the pixel, on the clear date (not t) nearest to t shared by both
-        both = self.known[:, ny, nx] & self.known[:, y, x][:, :, None]  # (T, N, K)
-        both[t, np.arange(n)] = False
-        ref = np.argmin(np.where(both, gap.T[:, :, None], np.inf), axis=0)  # (N, K)
-        ref_ok = np.take_along_axis(both, ref[None], 0)[0] & nb_mask
-        ref_diff = self.values[ref, :, ny, nx] - self.values[ref, :, y[:, None], x[:, None]]
-        ref_dt = self.days[ref] - self.days[t][:, None]
-        return {
-            "own_val": own_val * own_mask[..., None], "own_dt": own_dt * own_mask, "own_mask": own_mask,
-            "nb_val": nb_val * nb_mask[..., None], "nb_mask": nb_mask,
-            "nb_dy": (ny - y[:, None]) * nb_mask, "nb_dx": (nx - x[:, None]) * nb_mask,
-            "nb_ref_diff": ref_diff * ref_ok[..., None], "nb_ref_dt": ref_dt * ref_ok, "nb_ref_ok": ref_ok,
-            "doy": self.doy[t],
-        }
+            ok &= ~((cy >= hide[:, :1]) & (cy < hide[:, 2:3]) & (cx >= hide[:, 1:2]) & (cx < hide[:, 3:4]))
+        return cy, cx, ok
 
-    def random_hide(self, rng: np.random.Generator, y, x) -> np.ndarray:
+    def _match(self, own, cy, cx):
+        """How pixels (cy, cx) (N, J) compare with the pixel on its own dates: the RMS difference
+        over the dates both are clear (N, J), the number of such dates (N, J), the mean difference
+        per band (N, J, C)."""
+        order, own_mask, own_val = own
+        idx = order[:, None, :]
+        both = np.take_along_axis(self._known_px[cy, cx], idx, 2) & own_mask[:, None, :]  # (N, J, M)
+        diff = np.take_along_axis(self._values_px[cy, cx], idx[..., None], 2) - own_val[:, None]
+        diff *= both[..., None]
+        count = both.sum(-1)
+        per = np.maximum(count, 1)
+        rms = np.sqrt((diff ** 2).sum((2, 3)) / (per * diff.shape[-1]))
+        return rms, count, diff.sum(2) / per[..., None]
+
+    def _tokens(self, kind, t, y, x, own, cy, cx, ok) -> dict:
+        """Context pixels (cy, cx) (N, J): their value on the target date, their offset, and how they
+        compare with the pixel on its own dates (mean difference per band, RMS, shared dates)."""
+        rms, count, mean_diff = self._match(own, cy, cx)
+        m = ok[..., None]
+        return {f"{kind}_val": self.values[t[:, None], :, cy, cx] * m, f"{kind}_mask": ok,
+                f"{kind}_dy": (cy - y[:, None]) * ok, f"{kind}_dx": (cx - x[:, None]) * ok,
+                f"{kind}_diff": mean_diff * m, f"{kind}_rms": rms * ok,
+                f"{kind}_shared": count / self.layout.n_own * ok}
+
+    def random_hide(self, uniforms: np.ndarray, y, x) -> np.ndarray:
         """Training's simulated clouds: a box containing each pixel, its sides drawn between 1 and
-        the window (small boxes more often: isolated cloudy pixels are common, large clouds too)."""
-        n, s = len(y), 2 * self.layout.radius + 1
-        side = 1 + np.floor(s * rng.random((n, 2)) ** 2).astype(np.int64)
-        start = np.stack([y, x], 1) - np.floor(rng.random((n, 2)) * side).astype(np.int64)
+        twice the neighbour window, from 4 uniforms per pixel (N, 4) (small boxes more often: isolated cloudy pixels are common; large
+        clouds, where no neighbour is near and the analogs must carry the estimate, too)."""
+        s = 4 * self.layout.radius + 1
+        side = 1 + np.floor(s * uniforms[:, :2] ** 1.5).astype(np.int64)
+        start = np.stack([y, x], 1) - np.floor(uniforms[:, 2:4] * side).astype(np.int64)
         return np.concatenate([start, start + side], 1)
 
 
 def element_shapes(layout: Layout, num_bands: int) -> dict:
     """Per-example shapes and dtypes of `Source.examples` plus the target (the DataSpec's)."""
-    m, k, c = layout.n_own, layout.n_neighbours, num_bands
+    m, c = layout.n_own, num_bands
     f, b = np.float32, np.bool_
-    return {"own_val": ((m, c), f), "own_dt": ((m,), f), "own_mask": ((m,), b),
-            "nb_val": ((k, c), f), "nb_mask": ((k,), b), "nb_dy": ((k,), f), "nb_dx": ((k,), f),
-            "nb_ref_diff": ((k, c), f), "nb_ref_dt": ((k,), f), "nb_ref_ok": ((k,), b),
-            "doy": ((), f), "target": ((c,), f)}
+    shapes = {"own_val": ((m, c), f), "own_dt": ((m,), f), "own_mask": ((m,), b), "doy": ((), f),
+              "target": ((c,), f)}
+    for kind, j in (("nb", layout.n_neighbours), ("an", layout.n_analogs)):
+        shapes.update({f"{kind}_val": ((j, c), f), f"{kind}_diff": ((j, c), f), f"{kind}_mask": ((j,), b),
+                       f"{kind}_dy": ((j,), f), f"{kind}_dx": ((j,), f), f"{kind}_rms": ((j,), f),
+                       f"{kind}_shared": ((j,), f)})
+    return shapes
 
 
 # ------------------------------------------------------------------------ model
@@ -186,17 +218,21 @@ class ContextGPT2(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         f32 = lambda a: jnp.asarray(a, jnp.float32)
         own = jnp.concatenate([f32(batch["own_val"]), _date_features(f32(batch["own_dt"]))], -1)
-        nb = jnp.concatenate([
-            f32(batch["nb_val"]), f32(batch["nb_ref_diff"]),
-            _offset_features(f32(batch["nb_dy"]), f32(batch["nb_dx"]), lay.radius),
-            _date_features(f32(batch["nb_ref_dt"])), f32(batch["nb_ref_ok"])[..., None]], -1)
+
+        def context(kind, radius):
+            return jnp.concatenate([
+                f32(batch[f"{kind}_val"]), f32(batch[f"{kind}_diff"]), f32(batch[f"{kind}_rms"])[..., None],
+                f32(batch[f"{kind}_shared"])[..., None],
+                _offset_features(f32(batch[f"{kind}_dy"]), f32(batch[f"{kind}_dx"]), radius)], -1)
+
         doy = 2 * math.pi * f32(batch["doy"]) / 365.25
         query = jnp.stack([jnp.sin(doy), jnp.cos(doy)], -1)[:, None]
         x = jnp.concatenate([nn.Dense(d, name="embed_own", **kw)(own),
-                             nn.Dense(d, name="embed_neighbour", **kw)(nb),
+                             nn.Dense(d, name="embed_neighbour", **kw)(context("nb", lay.radius)),
+                             nn.Dense(d, name="embed_analog", **kw)(context("an", lay.analog_radius)),
                              nn.Dense(d, name="embed_query", **kw)(query)], 1)
         n = x.shape[0]
-        valid = jnp.concatenate([batch["own_mask"], batch["nb_mask"], jnp.ones((n, 1), bool)], 1)
+        valid = jnp.concatenate([batch["own_mask"], batch["nb_mask"], batch["an_mask"], jnp.ones((n, 1), bool)], 1)
         wpe = self.param("wpe", nn.initializers.normal(0.01), (lay.length, d), self.param_dtype)
         x = (x + wpe[None]).astype(self.dtype)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
@@ -212,8 +248,10 @@ class ContextGPT2(nn.Module):
 # ------------------------------------------------------------------------ the family's input and core
 
 class ContextExamples(grain.MapDataset):
-    """Element i: pixel i % N of `pixels` (t, y, x) with its context; `hide` draws training's
-    simulated cloud from rng (seed, i), so epochs differ and element i is the same after a restore."""
+    """Element i: pixel i % N of `pixels` (t, y, x) with its context and target. With `hide`, the
+    simulated cloud comes from counter-based uniforms of (seed, i): epochs differ, and element i is
+    the same whichever batch, thread or restore reads it. `read_batch` builds a whole batch in one
+    vectorised pass (the pipeline's batch hook), ~20x faster than element by element."""
 
     def __init__(self, source: Source, target: np.ndarray, pixels: np.ndarray, seed: int, hide: bool):
         super().__init__()
@@ -229,17 +267,24 @@ class ContextExamples(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        t, y, x = (self._pixels[int(index) % len(self._pixels)][i:i + 1] for i in range(3))
-        hide = None
-        if self._hide:
-            hide = self._source.random_hide(np.random.default_rng((self._seed, int(index))), y, x)
-        ex = {k: v[0] for k, v in self._source.examples(t, y, x, hide).items()}
-        ex["target"] = self._target[t[0], :, y[0], x[0]]
-        return {k: np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f" else None) for k, v in ex.items()}
+        return {k: v[0] for k, v in self.read_batch([int(index)]).items() if k != "weight"}
+
+    def read_batch(self, indices) -> dict:
+        """Elements `indices` (None = padding: zeros, weight 0) as one batch."""
+        real = np.array([i is not None for i in indices])
+        index = np.array([i if i is not None else 0 for i in indices], np.int64)
+        t, y, x = self._pixels[index % len(self._pixels)].T
+        hide = self._source.random_hide(counter_uniforms(self._seed, index, 4), y, x) if self._hide else None
+        batch = self._source.examples(t, y, x, hide)
+        batch["target"] = self._target[t, :, y, x]
+        batch = {k: np.where(real.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0).astype(
+            np.float32 if v.dtype.kind == "f" else v.dtype) for k, v in batch.items()}
+        batch["weight"] = real.astype(np.float32)
+        return batch
 
 
 def layout_of(model_cfg) -> Layout:
-    return Layout(int(model_cfg.n_own), int(model_cfg.n_neighbours), int(model_cfg.radius))
+    return Layout(*(int(model_cfg[f.name]) for f in dataclasses.fields(Layout)))
 
 
 def make_source(ts, known: np.ndarray, stats: dict, layout: Layout) -> Source:
@@ -305,8 +350,9 @@ class ContextTask(Task):
             raise ValueError("config.model has GReaT text-row keys (tokenizer ...): this config is for "
                              "task 'vsat_great' (configs/vsat.py:mode=great)")
         lay = layout_of(config.model)
-        if min(lay.n_own, lay.n_neighbours, lay.radius) < 1:
-            raise ValueError(f"config.model n_own, n_neighbours and radius must be >= 1 (got {lay})")
+        if min(dataclasses.astuple(lay)) < 1:
+            raise ValueError(f"config.model {', '.join(f.name for f in dataclasses.fields(lay))} must be >= 1 "
+                             f"(got {lay})")
         if lay.n_neighbours > (2 * lay.radius + 1) ** 2 - 1:
             raise ValueError(f"config.model.n_neighbours={lay.n_neighbours} is more than the "
                              f"{(2 * lay.radius + 1) ** 2 - 1} pixels within radius {lay.radius}")
