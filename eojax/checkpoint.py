@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 import xxhash
 from jax.experimental import multihost_utils
 
-from eojax import errors
+from eojax import errors, lora
 
 INTEGRITY_FILE = "eojax_integrity.json"
 SET_ASIDE_SUFFIX = ".corrupt"
@@ -515,7 +515,9 @@ def step_folder(path: str, best: bool = False) -> str:
 def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = None, *,
                    best: bool = False) -> tuple[Any, Any]:
     """(params, model_state) to evaluate an eojax run with: its EMA when it kept one, else its live
-    parameters; the model state (e.g. BatchNorm statistics) likewise.
+    parameters; the model state (e.g. BatchNorm statistics) likewise. A LoRA run (config.lora) gives its
+    base params with its adapters (their EMA when it kept one) merged in: every reader sees the model
+    the run trained.
 
     `path` is as `step_folder` takes it. With abstract trees (ShapeDtypeStructs, optionally carrying
     shardings) only those arrays are read, checked key by key against the checkpoint; with
@@ -523,9 +525,11 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     step_dir = step_folder(path, best)
     _, state_dir, saved = _open_state(step_dir)
     ema = isinstance(saved.get("opt_state"), dict) and "ema" in saved["opt_state"]
-    params_key = ("opt_state", "ema") if ema else ("params",)
+    lora_run = isinstance(saved.get("lora"), dict) and bool(jax.tree.leaves(saved["lora"]))
+    # A LoRA run's optimizer (and its EMA) holds the adapters; the base params are its 'params'.
+    params_key = ("opt_state", "ema") if ema and not lora_run else ("params",)
     state_key = "ema_model_state" if ema and saved.get("ema_model_state") else "model_state"
-    saved_params = saved["opt_state"]["ema"] if ema else saved.get("params")
+    saved_params = _subtree(saved, params_key)
     if saved_params is None:
         raise CheckpointMismatchError(f"{state_dir} holds no 'params'")
     saved_state = saved.get(state_key) or {}
@@ -535,9 +539,15 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     abstract_model_state = abstract_model_state or {}
     check_compatible(saved_params, abstract_params, f"{step_dir} (its params)")
     check_compatible(saved_state, abstract_model_state, f"{step_dir} (its model state)")
+    reads = [(params_key, abstract_params), ((state_key,), abstract_model_state)]
+    if lora_run:
+        adapters_key = ("opt_state", "ema") if ema else ("lora", "adapters")
+        replicated = _replicated_like(abstract_params)
+        reads += [(key, _abstract_from_metadata(_subtree(saved, key), replicated))
+                  for key in (adapters_key, ("lora", "scale"))]
     # Partial restore: only these subtrees are read (the optimizer state may be large).
     target, args = {}, {}
-    for key, tree in ((params_key, abstract_params), ((state_key,), abstract_model_state)):
+    for key, tree in reads:
         if not jax.tree.leaves(tree):
             continue
         node_t, node_a = target, args
@@ -547,14 +557,33 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
         node_a[key[-1]] = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None)), tree)
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=args, partial_restore=True))
-    params = restored["opt_state"]["ema"] if ema else restored["params"]
-    logging.info("read %s params from %s", "EMA" if ema else "live", step_dir)
+    params = _subtree(restored, params_key)
+    if lora_run:
+        merged = lora.merge(params, _subtree(restored, adapters_key), _subtree(restored, ("lora", "scale")))
+        params = jax.tree.map(lambda m, a: m if a.sharding is None else jax.device_put(m, a.sharding),
+                              merged, abstract_params)
+    logging.info("read %s params from %s%s", "EMA" if ema else "live", step_dir,
+                 " (base + LoRA adapters, merged)" if lora_run else "")
     return params, restored.get(state_key, {}) if jax.tree.leaves(abstract_model_state) else {}
 
 
-def _abstract_from_metadata(tree: Any) -> Any:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+def _abstract_from_metadata(tree: Any, sharding: Any = None) -> Any:
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+
+
+def _subtree(tree: Any, keys: tuple) -> Any:
+    for k in keys:
+        tree = tree.get(k) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def _replicated_like(abstract_tree: Any) -> Any:
+    """A sharding that replicates over the devices of `abstract_tree`'s shardings (its mesh, or its device)."""
+    sharding = next((x.sharding for x in jax.tree.leaves(abstract_tree) if getattr(x, "sharding", None)), None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
 
 
 def _open_state(step_dir: str, what: str = ""):

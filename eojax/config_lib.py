@@ -84,11 +84,23 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     c.kernels = "auto"
     c.peak_tflops = 0.0  # for MFU; 0 = a known device peak, or a measured matmul rate on CPU
     c.progress_bar = True
+    c.lora = lora_defaults()
     c.mesh = (("data", -1), ("fsdp", 1), ("model", 1))
     c.sharding_rules = DEFAULT_RULES
     c.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 0, "process_id": -1})
     return c
+
+
+def lora_defaults() -> ml_collections.ConfigDict:
+    """`config.lora`: low-rank adapters (eojax/lora.py) on the kernels whose parameter paths `targets`
+    matches, the base frozen; '' = off (full training)."""
+    return ml_collections.ConfigDict(dict(
+        targets="",    # regex (re.search) over parameter paths, e.g. 'c_attn' (GPT-2's fused q/k/v projection)
+        rank=16,       # r: A is (d_in, r), B (r, d_out)
+        alpha=32.0,    # the kernel's update is A @ B * alpha / rank
+        dropout=0.0,   # on the adapter input, in training (koyacolab/aispace: 0.05); nn.Dense / HeadDense layers
+    ))
 
 
 def image_input_defaults(**overrides) -> ml_collections.ConfigDict:

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
-from eojax import config_lib, errors, metric_writer, optim, parallel, tasks, weights
+from eojax import config_lib, errors, lora, metric_writer, optim, parallel, tasks, weights
 from eojax.models import layers
 
 
@@ -37,12 +37,20 @@ from eojax.models import layers
 class TrainState:
     """What a checkpoint holds. `model_state`: the model's mutable collections besides 'params' (e.g.
     BatchNorm's {'batch_stats': ...}; {} for most models), updated by the train step and used by eval.
-    `ema_model_state`: their exponential moving average when optim.ema_decay > 0, else {}."""
+    `ema_model_state`: their exponential moving average when optim.ema_decay > 0, else {}.
+    `lora`: with config.lora, {'adapters': the low-rank adapters (eojax.lora), 'scale': alpha / rank};
+    `params` is then the frozen base and the optimizer trains the adapters only. {} without."""
     step: jax.Array
     params: Any
     opt_state: Any
     model_state: Any
     ema_model_state: Any
+    lora: Any = flax.struct.field(default_factory=dict)
+
+
+def trainable(state: TrainState):
+    """The tree the optimizer updates: the adapters of a LoRA run, else the params."""
+    return state.lora["adapters"] if state.lora else state.params
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,6 +76,8 @@ class Run:
     eval_step: Callable[[Any, Any, dict], dict]
     flops_per_step: float
     jit_step: Any  # the jitted train step, for lowering / compiling it (FLOP count, benches)
+    lora: lora.Settings | None = None
+    merge_adapters: Callable[[Any, Any, Any], Any] | None = None  # (base, adapters, scale) -> params, jitted
     _input: tasks.Input | None = None
     _train_iter: Any = None
 
@@ -143,6 +153,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec 
     # Config mistakes first, before any data is read.
     tasks.task_class(config).check_config(config)
     optimizer = optim.build(config.optim, config.total_steps)
+    lora_settings = lora.settings(config)
     if "sampled_obj_fn" in optimizer.needs:
         _check_sampled_loss(tasks.task_class(config))
 
@@ -178,30 +189,45 @@ def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec 
     model_state_shardings = variable_shardings  # unboxed statistics are replicated
     abstract_variables = nn.meta.unbox(boxed)
     abstract_params = abstract_variables.pop("params")
-    abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
-    opt_shardings = parallel.follow_params(abstract_opt, abstract_params, param_shardings, mesh)
     replicated = NamedSharding(mesh, P())
+    # LoRA: the adapters are small (rank x (d_in + d_out) per kernel), so they are replicated; the
+    # optimizer is built over them alone. Their key is folded from the init key, which the model's init
+    # still gets whole: a run's base params are the same with or without config.lora.
+    lora_rng = jax.random.fold_in(init_rng, 0x4C6F5241)
+    abstract_lora = (jax.eval_shape(lambda p: lora.new_state(p, lora_rng, lora_settings), abstract_params)
+                     if lora_settings else {})
+    lora_shardings = jax.tree.map(lambda _: replicated, abstract_lora)
+    abstract_trainable = abstract_lora["adapters"] if lora_settings else abstract_params
+    trainable_shardings = lora_shardings["adapters"] if lora_settings else param_shardings
+    abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_trainable)
+    opt_shardings = parallel.follow_params(abstract_opt, abstract_trainable, trainable_shardings, mesh)
     ema_shardings = model_state_shardings if optimizer.keeps_ema else {}
     state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                                 model_state=model_state_shardings, ema_model_state=ema_shardings)
+                                 model_state=model_state_shardings, ema_model_state=ema_shardings,
+                                 lora=lora_shardings)
     abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                                 opt_state=abstract_opt, model_state=abstract_variables,
-                                ema_model_state=abstract_variables if optimizer.keeps_ema else {})
+                                ema_model_state=abstract_variables if optimizer.keeps_ema else {},
+                                lora=abstract_lora)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
 
     def create_state(r):
         variables = nn.meta.unbox(init_variables(r))
         params = variables.pop("params")
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.tx.init(params),
-                          model_state=variables, ema_model_state=variables if optimizer.keeps_ema else {})
+        adapters = lora.new_state(params, lora_rng, lora_settings) if lora_settings else {}
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, model_state=variables,
+                           ema_model_state=variables if optimizer.keeps_ema else {}, lora=adapters)
+        return state.replace(opt_state=optimizer.tx.init(trainable(state)))
 
     jit_create = jax.jit(create_state, out_shardings=state_shardings)
     jit_opt_init = jax.jit(optimizer.tx.init, out_shardings=opt_shardings)
+    merge_adapters = jax.jit(lora.merge, out_shardings=param_shardings) if lora_settings else None
 
-    def init_opt_state(params):
+    def init_opt_state(trainable_tree):
+        """A fresh optimizer state for `trainable(state)`."""
         with scope(mesh, rules, config.kernels):
-            return jit_opt_init(params)
+            return jit_opt_init(trainable_tree)
 
     def init_state():
         with scope(mesh, rules, config.kernels):
@@ -211,7 +237,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec 
             return lowered.compile(compiler_options=options)(init_rng)
 
     batch_shardings = parallel.global_batch_shardings(dummy, mesh, rules)
-    step_fn = _make_train_step(task, optimizer, accum, step_rng)
+    step_fn = _make_train_step(task, optimizer, accum, step_rng, lora_settings)
     batches = (batch_shardings,) * (2 if optimizer.hessian_batch_every else 1)
     jit_step = jax.jit(step_fn, in_shardings=(state_shardings, *batches),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -233,8 +259,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec 
     run = Run(config=config, task=task, mesh=mesh, rules=rules, optimizer=optimizer,
               state_shardings=state_shardings, batch_shardings=batch_shardings, abstract_state=abstract_state,
               init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
-              eval_step=eval_step, flops_per_step=0.0, jit_step=jit_step, _input=data_input,
-              _train_iter=train_iter)
+              eval_step=eval_step, flops_per_step=0.0, jit_step=jit_step, lora=lora_settings,
+              merge_adapters=merge_adapters, _input=data_input, _train_iter=train_iter)
     run.flops_per_step = _flops_per_step(run)
     return run
 
@@ -246,22 +272,33 @@ def _check_sampled_loss(task_class) -> None:
             f"'{task_class.name}' task has none. Use optim.name='sophia_h' or 'adamw'.")
 
 
-def _make_train_step(task, optimizer, accum: int, base_rng):
+def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.Settings | None = None):
     """One optimizer step; with accum > 1, gradients are summed over micro-batches by lax.scan (the
-    model state, e.g. BatchNorm statistics, is carried through the micro-batches in order)."""
+    model state, e.g. BatchNorm statistics, is carried through the micro-batches in order).
 
-    def loss_and_grads(params, model_state, batch, rng):
-        def loss(p):
-            value, aux, new_state = task.loss_fn(p, model_state, batch, rng, True)
-            return value, (aux, new_state)
-
-        (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return value, aux, grads, new_state
+    The step differentiates `trainable(state)`; every loss sees the model's params through `with_params`:
+    the params themselves, or with LoRA the frozen base with the adapters applied (eojax.lora.apply)."""
 
     def train_step(state: TrainState, batch: dict, hessian_batch: dict | None = None):
         rng = jax.random.fold_in(base_rng, state.step)
+
+        def with_params(fn, t, r):
+            """fn(the model's params) for the trainable tree `t`; r: the randomness of this loss."""
+            if lora_settings is None:
+                return fn(t)
+            return lora.apply(fn, state.params, t, state.lora["scale"], lora_settings.dropout, r)
+
+        def loss_and_grads(t, model_state, batch, rng):
+            def loss(t):
+                value, aux, new_state = with_params(lambda p: task.loss_fn(p, model_state, batch, rng, True), t, rng)
+                return value, (aux, new_state)
+
+            (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(t)
+            return value, aux, grads, new_state
+
+        current = trainable(state)
         if accum == 1:
-            loss, aux, grads, model_state = loss_and_grads(state.params, state.model_state, batch, rng)
+            loss, aux, grads, model_state = loss_and_grads(current, state.model_state, batch, rng)
         else:
             # Row j*accum + i goes to micro-batch i, so every device holds a share of each micro-batch.
             micro = jax.tree.map(
@@ -270,10 +307,10 @@ def _make_train_step(task, optimizer, accum: int, base_rng):
             def body(carry, xs):
                 sums, model_state = carry
                 i, mb = xs
-                *out, model_state = loss_and_grads(state.params, model_state, mb, jax.random.fold_in(rng, i))
+                *out, model_state = loss_and_grads(current, model_state, mb, jax.random.fold_in(rng, i))
                 return (jax.tree.map(jnp.add, sums, tuple(out)), model_state), None
 
-            shapes = jax.eval_shape(loss_and_grads, state.params, state.model_state,
+            shapes = jax.eval_shape(loss_and_grads, current, state.model_state,
                                     jax.tree.map(lambda x: x[0], micro), rng)
             zero = jax.tree.map(jnp.zeros_like, shapes[:3])
             (total, model_state), _ = jax.lax.scan(body, (zero, state.model_state), (jnp.arange(accum), micro))
@@ -281,17 +318,21 @@ def _make_train_step(task, optimizer, accum: int, base_rng):
 
         extra = {}
         if "obj_fn" in optimizer.needs:
-            extra["obj_fn"] = lambda p: task.loss_fn(p, state.model_state, batch, rng, True)[0]
+            extra["obj_fn"] = lambda t: with_params(
+                lambda p: task.loss_fn(p, state.model_state, batch, rng, True)[0], t, rng)
         if "sampled_obj_fn" in optimizer.needs:
             sampled = batch if hessian_batch is None else hessian_batch
-            extra["sampled_obj_fn"] = lambda p, r: task.sampled_loss_fn(p, state.model_state, sampled, r)
-        updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params, **extra)
-        params = optax.apply_updates(state.params, updates)
+            extra["sampled_obj_fn"] = lambda t, r: with_params(
+                lambda p: task.sampled_loss_fn(p, state.model_state, sampled, r), t, r)
+        updates, opt_state = optimizer.tx.update(grads, state.opt_state, current, **extra)
+        new = optax.apply_updates(current, updates)
         ema_model_state = optimizer.average_model_state(state.ema_model_state, model_state, state.opt_state)
         metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
-                   "lr": optimizer.schedule(state.step), **optimizer.diagnostics(opt_state, params)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
-                          ema_model_state=ema_model_state), metrics
+                   "lr": optimizer.schedule(state.step), **optimizer.diagnostics(opt_state, new)}
+        # A LoRA step returns the base params as it got them (donated: the same buffers, bit-identical).
+        updated = dict(params=new) if lora_settings is None else dict(lora={**state.lora, "adapters": new})
+        return state.replace(step=state.step + 1, opt_state=opt_state, model_state=model_state,
+                             ema_model_state=ema_model_state, **updated), metrics
 
     return train_step
 
@@ -327,9 +368,14 @@ def evaluate(run: Run, variables: tuple, split: str = "eval") -> dict[str, float
 
 
 def eval_variables(run: Run, state: TrainState) -> tuple:
-    """(params, model_state) to evaluate and sample with: their EMAs when optim.ema_decay > 0."""
+    """(params, model_state) to evaluate and sample with: their EMAs when optim.ema_decay > 0; a LoRA run's
+    base params with its adapters (their EMA) merged in."""
     model_state = state.ema_model_state if run.optimizer.keeps_ema else state.model_state
-    return run.optimizer.eval_params(state.params, state.opt_state), model_state
+    params = run.optimizer.eval_params(trainable(state), state.opt_state)
+    if state.lora:
+        with run.scope():
+            params = run.merge_adapters(state.params, params, state.lora["scale"])
+    return params, model_state
 
 
 class BestKeeper:
@@ -381,6 +427,10 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
     step, state = checkpointer.restore_latest_intact(run.abstract_state, run.train_iter)
     if step is not None:  # the newest intact step (damaged newer ones are skipped, with a warning)
         logging.info("resuming from %s/%d", checkpointer.directory, step)
+        if run.lora and float(state.lora["scale"]) != float(np.float32(run.lora.scale)):
+            raise errors.CheckpointError(
+                f"{checkpointer.directory}/{step} trained LoRA adapters with alpha / rank = "
+                f"{float(state.lora['scale']):g}; config.lora gives {run.lora.scale:g}: keep config.lora.alpha")
         return state
     state = run.init_state()
     parts = run.task.pretrained_parts()
@@ -391,8 +441,9 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
         for subtree, source in parts.items():
             params = {**params, subtree: run.task.load_pretrained_part(subtree, source, params[subtree])}
         # A fresh optimizer state for the loaded params (an EMA must start from them, not the init).
-        state = state.replace(params=params, opt_state=run.init_opt_state(params), model_state=model_state,
+        state = state.replace(params=params, model_state=model_state,
                               ema_model_state=model_state if run.optimizer.keeps_ema else {})
+        state = state.replace(opt_state=run.init_opt_state(trainable(state)))
     return state
 
 
