@@ -117,7 +117,7 @@ def _satmae(tiny, gpu):
 
 
 def _gpt2(tiny, gpu):
-    config = load_config("vsat", "runlocal" if tiny else "variant=gpt2")
+    config = load_config("vsat", "runlocal,mode=great" if tiny else "mode=great,variant=gpt2")
     config.input.update(source="multiband", synthetic_dir=os.path.join(CACHE, "vsat_series"), target_date="")
     config.model.max_len = 65 if tiny else 1025  # tokens per row: 64 / 1024 predicted positions
     if tiny:

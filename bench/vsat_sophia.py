@@ -30,7 +30,8 @@ from _common import MARK, REPO, load_config, print_table, run_child, single_devi
 
 
 def _config(args, optimizer: str):
-    config = load_config("vsat", f"runlocal,optim={optimizer}")
+    config = load_config("vsat", f"runlocal,mode=great,optim={optimizer}")
+    config.input.update(source="landsat", target_date="2018-08-27", qa_format="landsat_c1")  # real rows
     config.total_steps = args.steps
     config.batch_size = args.batch
     config.mesh = (("data", 1), ("fsdp", 1), ("model", 1))

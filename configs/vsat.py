@@ -58,11 +58,11 @@ def get_config(arg=None):
         return _great(arg)
     config = config_lib.trainer_defaults()
     config.task = "vsat"
-    config.total_steps = 3_000
+    config.total_steps = 1_200
     config.batch_size = 256
     config.log_every = 100
-    config.eval_every = 1_000
-    config.checkpoint_every = 1_000
+    config.eval_every = 600
+    config.checkpoint_every = 600
     config.input = _input()
     config.model = dict(
         n_own=8,                   # the pixel's clear dates nearest the target date
@@ -92,7 +92,10 @@ def get_config(arg=None):
     return config
 
 
-SOPHIA_GAMMA = 0.05
+# Sophia's clipping scale for this L1 regression: the paper's GPT-2 rho (0.05) clips nearly every
+# coordinate here (win rate ~0.01-0.08 on the runlocal series, i.e. sign descent); 1.0 gives ~0.1-0.3,
+# inside the paper's advised 0.1-0.5 (docs/vsat.md).
+SOPHIA_GAMMA = 1.0
 
 
 def _great(arg):

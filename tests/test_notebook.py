@@ -37,7 +37,7 @@ EXPECTED = {
     "gridmae": dict(pngs=("satmae_reconstruction_step*.png",), falling=("loss",), check=_check_gridmae),
     "diffusion": dict(pngs=("diffusion_samples_step*.png",), falling=("loss",)),
     "seg": dict(pngs=("mae_reconstruction_step*.png", "*_overlay.png"), falling=("loss",)),
-    "vsat": dict(pngs=("infer/infill_*.png",), falling=("loss",)),
+    "vsat": dict(pngs=("infer/infill_*.png", "eval/holdout_*.png"), falling=("loss",)),
     # The geographic heads beat the training-mean baseline on great-circle error (results.json).
     "geo": dict(pngs=("geo_map_step*.png",), falling=("loss",),
                 check=lambda workdir, printed: None if (

@@ -278,7 +278,7 @@ class ContextExamples(grain.MapDataset):
         batch = self._source.examples(t, y, x, hide)
         batch["target"] = self._target[t, :, y, x]
         batch = {k: np.where(real.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0).astype(
-            np.float32 if v.dtype.kind == "f" else v.dtype) for k, v in batch.items()}
+            bool if v.dtype == bool else np.float32) for k, v in batch.items()}
         batch["weight"] = real.astype(np.float32)
         return batch
 
