@@ -165,3 +165,36 @@ def test_trains_then_beats_the_median_and_eval_writes_every_method(syn_config, t
     assert os.path.getsize(out["png"]) > 0 and set(out["geotiffs"]) == {"model", *references.NAMES}
     with open(tmp_path / "eval" / "metrics.json") as f:
         assert json.load(f)["metrics"]["model"]["l1_mean"] == m["model"]["l1_mean"]
+
+
+def test_split_errors_name_the_problem():
+    import ml_collections
+
+    from eojax.data import qa
+    from eojax.vsat import task as vsat_task, timeseries
+
+    values = np.ones((3, 2, 6, 6), np.float32)
+    classes = np.full((3, 6, 6), qa.CLEAR, np.uint8)
+    dates = ("2020-01-01", "2020-02-01", "2020-03-01")
+
+    def split(classes=classes, dates=dates, **kw):
+        cfg = ml_collections.ConfigDict({**dict(target_date="2020-02-01", holdout="box",
+                                                holdout_box=(0.0, 0.0, 0.5, 0.5), holdout_fraction=0.1), **kw})
+        n = len(dates)
+        return vsat_task.make_split(timeseries.TimeSeries(values[:n], classes[:n], dates, ("B1", "B2")), cfg)
+
+    assert split()["holdout"].sum() == 9
+    with pytest.raises(ValueError, match="one date"):
+        split(classes=classes[:1], dates=dates[:1], target_date="")
+    cloudy = classes.copy()
+    cloudy[1] = qa.CLOUD
+    with pytest.raises(ValueError, match="no clear pixel is left visible on the target date 2020-02-01"):
+        split(classes=cloudy, holdout="none")
+    with pytest.raises(ValueError, match="hides no clear pixel of 2020-02-01"):
+        split(classes=cloudy)
+    with pytest.raises(ValueError, match=r"holdout_box=\(0.5, 0.0, 1.5, 0.5\)"):
+        split(holdout_box=(0.5, 0.0, 1.5, 0.5))
+    with pytest.raises(ValueError, match="'sometimes'"):
+        split(holdout="sometimes")
+    with pytest.raises(ValueError, match="2021-01-01"):
+        split(target_date="2021-01-01")
