@@ -21,8 +21,9 @@ given: 300 steps of a 2-layer width-64 model, about a minute on a 2-core CPU.
 
 Arguments (comma separated): runlocal, mode=<context|great>,
 optim=<sophia_g (default)|adamw|sophia_h|sophia_aispace>; mode=great also takes
-variant=<mu|distilgpt2|gpt2> and pretrained=<folder of a Hugging Face GPT-2: config.json,
-model.safetensors, tokenizer files> (that model and its BPE tokenizer, fine-tuned).
+variant=<mu|distilgpt2|gpt2>, pretrained=<folder of a Hugging Face GPT-2: config.json,
+model.safetensors, tokenizer files> (that model and its BPE tokenizer, fine-tuned) and lora (aispace's
+LoRA fine-tune: r 16, alpha 32 on c_attn, dropout 0.05, the base frozen; eojax/lora.py).
 """
 from eojax import config_lib, optim
 from eojax.weights import gpt2 as gpt2_weights
@@ -51,7 +52,8 @@ def _input():
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, runlocal=False, mode="context", optim="", variant="mu", pretrained="")
+    arg = config_lib.parse_arg(arg, runlocal=False, mode="context", optim="", variant="mu", pretrained="",
+                               lora=False)
     if arg.mode not in ("context", "great"):
         raise ValueError(f"configs/vsat.py: mode={arg.mode!r}: 'context' or 'great'")
     if arg.mode == "great":
@@ -144,6 +146,8 @@ def _great(arg):
                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                             n_inner=hf["n_inner"] or 0, vocab_size=hf["vocab_size"])
         config.optim.lr = 5e-5 if name == "adamw" else 2e-5
+    if arg.lora:  # aispace's fine-tune: adapters on GPT-2's fused q/k/v projection, the rest frozen
+        config.lora.update(targets="c_attn", rank=16, alpha=32.0, dropout=0.05)
 
     if arg.runlocal:
         config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")

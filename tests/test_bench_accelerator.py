@@ -54,7 +54,9 @@ def problems(report: dict) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
+# Session scope: xdist may interleave other files' tests on this worker, which would tear a module
+# fixture down and build it again (measured twice in the suite's durations).
+@pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_accelerator") / "smoke.json"
     env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")

@@ -447,6 +447,25 @@ def test_pretrained_hf_gpt2_with_bpe(syn_config, hf_folder, tmp_path):
         assert great.parse_row(text, ["X", "Y", "DOY", "B4"])["Y"] == 3, text
 
 
+def test_aispace_lora_fine_tune_trains_only_the_adapters(syn_config, hf_folder, tmp_path):
+    """configs/vsat.py's `lora` (aispace: r 16, alpha 32 on c_attn, dropout 0.05): the imported GPT-2
+    stays bit-identical through a step, the adapters of every c_attn move, and only they do."""
+    from eojax import checkpoint as ckpt_lib
+    config = syn_config(f"runlocal,mode=great,pretrained={hf_folder},lora",
+                        **{"input.bands": ("B4",), "optim.warmup_steps": 0})  # step 0 moves
+    assert (config.lora.targets, config.lora.rank, config.lora.alpha, config.lora.dropout) == ("c_attn", 16, 32.0, 0.05)
+    run = train.setup(config, devices=jax.devices()[:1])
+    state = train.restore_or_init(run, ckpt_lib.Checkpointer(str(tmp_path / "ckpt")))
+    base = jax.tree.map(np.array, state.params)
+    adapters = jax.tree.map(np.array, state.lora["adapters"])
+    state, metrics = run.train_step(state, run.next_batch())
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(state.params)))
+    moved = jax.tree.map(lambda a, b: bool(np.abs(np.asarray(b) - a).max() > 0), adapters, state.lora["adapters"])
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(moved)[0]]
+    assert paths and all("c_attn" in p for p in paths) and any(jax.tree.leaves(moved))
+
+
 def test_pretrained_sizes_must_match_the_config(syn_config, hf_folder):
     """The model comes from config.model alone: a HF checkpoint of other sizes is refused by name,
     in one line, before any weight is read."""
