@@ -45,9 +45,10 @@ def band_errors(pred: np.ndarray, truth: np.ndarray, ok: np.ndarray, band_names)
     if not len(d):
         return {"n": 0}
     l1, l2 = np.abs(d).mean(0), (d ** 2).mean(0)
-    return {"n": int(ok.sum()), "l1": dict(zip(band_names, l1.round(3).tolist())),
-            "l2": dict(zip(band_names, l2.round(1).tolist())),
-            "l1_mean": round(float(l1.mean()), 3), "l2_mean": round(float(l2.mean()), 1)}
+    sig = lambda v: float(f"{v:.6g}")  # noqa: E731 - 6 significant digits: DN and NDVI alike
+    return {"n": int(ok.sum()), "l1": {b: sig(v) for b, v in zip(band_names, l1)},
+            "l2": {b: sig(v) for b, v in zip(band_names, l2)},
+            "l1_mean": sig(l1.mean()), "l2_mean": sig(l2.mean())}
 
 
 # ------------------------------------------------------------------ generation
