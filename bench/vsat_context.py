@@ -47,8 +47,10 @@ def main():
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="eojax_vsat_bench_")
+    print("workdir:", workdir)
     patch = os.path.join(DATA, "eolearn", "TestEOPatch")
-    data = [f"--config.input.root={patch}", "--config.input.source=eopatch", "--config.input.bands=()",
+    data = [f"--config.input.root={patch}", "--config.input.source=eopatch", "--config.input.feature=NDVI",
+            "--config.input.bands=()",
             "--config.input.decimals=4", "--config.input.rounding=nearest", "--config.input.same_day=mosaic",
             f"--config.input.target_date={args.target}", "--config.input.holdout=none"]
     train_args = data + [f"--config.total_steps={args.steps}", f"--config.checkpoint_every={args.steps}",
@@ -58,7 +60,8 @@ def main():
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "examples_per_sec" in r][-1]
     with open(os.path.join(workdir, "data_spec.json")) as f:
-        length = 1 + sum(v[0][0] for k, v in json.load(f)["elements"].items() if k in ("own_mask", "nb_mask", "an_mask"))
+        length = 1 + sum(v["shape"][0] for k, v in json.load(f)["elements"].items()
+                         if k in ("own_mask", "nb_mask", "an_mask"))
     infer_s = _cli("infer", workdir, data)
     with open(os.path.join(workdir, "infer", "metrics.json")) as f:
         infer = json.load(f)
