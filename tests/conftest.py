@@ -26,11 +26,54 @@ import pathlib
 import pytest
 
 
+# Left out of the fast tier (`-m "not slow"`, under 5 min cold on 2 cores), run by the full suite: the
+# heaviest tests whose ground the fast tier still covers with a cheaper sibling (cold durations of
+# 9-38 s each, measured 2026-12-03). A name matches a test and all its parameters, or one parameter.
+SLOW_IN_FAST_TIER = (
+    "tests/test_checkpoint_integrity.py::test_records_match_an_independent_checksum",  # the run they share: 28 s
+    "tests/test_checkpoint_integrity.py::test_damaged_newest_step_falls_back",
+    "tests/test_checkpoint_integrity.py::test_damaged_unverified_step_falls_back",
+    "tests/test_checkpoint_integrity.py::test_no_intact_step_is_a_one_line_error",
+    "tests/test_checkpoint_integrity.py::test_resumed_run_sets_corrupt_step_aside_and_saves_it_again",
+    "tests/test_checkpoint_integrity.py::test_restore_of_a_named_corrupt_step_refuses",
+    "tests/test_checkpoint_integrity.py::test_verify_run_report",
+    "tests/test_features.py::test_export_needs_no_training_data",
+    "tests/test_data_spec.py::test_core_is_built_from_config_and_spec_alone[diffusion]",
+    "tests/test_data_spec.py::test_core_is_built_from_config_and_spec_alone[satmae]",
+    "tests/test_model_state.py::test_ema_averages_the_statistics_and_eval_uses_them",
+    "tests/test_seg.py::test_every_decoder_trains[muster-",
+    "tests/test_seg.py::test_every_decoder_trains[upernet-finetune]",
+    "tests/test_seg.py::test_end_to_end_best_checkpoint_test_split_and_results",
+    "tests/test_seg.py::test_sweep_matches_sequential_probes",
+    "tests/test_seg.py::test_seg_resize_scores_against_full_resolution_labels",
+    "tests/test_diffusion.py::test_core_from_saved_spec_needs_no_captions",
+    "tests/test_train.py::test_config_kernels_selects_what_the_train_step_traces[plain]",
+    "tests/test_train.py::test_sharded_step_matches_one_device[mesh1-fsdp]",
+    "tests/test_parity_prithvi_satmae.py::test_satmae_pretraining_matches_reference[contiguous-bands]",
+    "tests/test_legacy_runs.py::test_legacy_seg_run_evaluates_to_its_recorded_metrics",
+    "tests/test_lora.py::test_trainer_changes_only_the_adapters",
+    "tests/test_lora.py::test_the_optimizer_holds_only_adapter_state",
+    "tests/test_lora.py::test_inference_sees_the_merged_params",
+    "tests/test_vsat.py::test_pretrained_hf_gpt2_with_bpe",
+    "tests/test_vsat.py::test_aispace_lora_fine_tune_trains_only_the_adapters",
+    "tests/test_lora.py::test_resuming_with_another_alpha_is_refused",
+    "tests/test_seg.py::test_every_decoder_trains[upernet-frozen]",
+    "tests/test_seg.py::test_every_decoder_trains[segformer-finetune]",
+    "tests/test_parity_prithvi_satmae.py::test_satmae_pretraining_matches_reference[s2-reference]",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (`-n 2 --dist loadgroup`): each test file runs whole on one worker (its
     module fixtures and compiled functions are reused), except the notebooks, which are long and
-    independent, so each is a group of its own and they spread over the workers."""
+    independent, so each is a group of its own and they spread over the workers. tryfirst: xdist's
+    own hook turns the marks into groups, so they must be set before it runs (without it the groups
+    were silently ignored and module fixtures were built on both workers)."""
     for item in items:
+        if any(item.nodeid == name or item.nodeid.startswith(name if name.endswith("-") else name + "[")
+               for name in SLOW_IN_FAST_TIER):
+            item.add_marker(pytest.mark.slow)
         module = item.nodeid.split("::")[0]
         group = item.nodeid if module.endswith("test_notebook.py") else module
         item.add_marker(pytest.mark.xdist_group(group))
