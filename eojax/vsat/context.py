@@ -1,24 +1,28 @@
 """The context mode of the Virtual Satellite: a GPT-2 that reads what is known around a pixel and
 writes its value.
 
-What predicts a cloudy pixel is (1) the same pixel on other dates and (2) its clear neighbours on
-the target date, read against how those neighbours relate to the pixel on a date when both were
-clear. A sequence per (pixel, date) holds exactly that, as continuous tokens (no digits):
+What predicts a cloudy pixel is the same pixel on other dates, and the clear pixels of the target
+date read against how they relate to the pixel on the dates both were clear. A sequence per (pixel,
+date) holds exactly that, as continuous tokens (no digits):
 
   own_1 .. own_M   the pixel's clear values on the M dates nearest in time, with their date offsets
-  nb_1 .. nb_K     the K nearest clear pixels of the target date: their value, their offset (dx, dy)
-                   and their difference to the pixel on the nearest date when both were clear
+  nb_1 .. nb_K     the K nearest clear pixels of the target date: their value, their offset, and
+                   their mean difference / RMS difference / shared dates against the pixel on its
+                   own dates
+  an_1 .. an_A     analogs: the clear pixels of the target date (within a wider window) whose values
+                   on the pixel's own dates are closest to its own, with the same features; they
+                   carry the estimate inside large clouds, where no neighbour is near
   query            the target date (season), last
 
 The context comes first and the unknown last, so a causal GPT-2 sees all of it (both earlier and
-later dates) when it writes the value: fill-in-the-middle ordering. Values enter through a linear
-embedding (nearby values get nearby embeddings, unlike unrelated digit tokens) and leave through a
+later dates) when it writes the value: fill-in-the-middle ordering. Values enter through linear
+embeddings (nearby values get nearby embeddings, unlike unrelated digit tokens) and leave through a
 regression head; the L1 loss makes the prediction a conditional median, the estimate that minimises
 the mean absolute error the infill is judged by, without sampling.
 
 Training examples hide a random box of the target date around the pixel (from a single pixel to
-most of the neighbour window), so that the model meets the neighbour layouts of real clouds: the
-nearest clear pixels on one side only, or far away.
+twice the neighbour window), so that the model meets the layouts of real clouds: the nearest clear
+pixels on one side only, or far away.
 """
 from __future__ import annotations
 
