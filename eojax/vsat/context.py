@@ -27,7 +27,6 @@ pixels on one side only, or far away.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import math
 
@@ -291,13 +290,17 @@ def layout_of(model_cfg) -> Layout:
     return Layout(*(int(model_cfg[f.name]) for f in dataclasses.fields(Layout)))
 
 
-def make_source(ts, known: np.ndarray, stats: dict, layout: Layout) -> Source:
-    """The series normalised with the spec's per-band statistics, `known` (T, H, W) readable."""
+def normalise(ts, stats: dict) -> np.ndarray:
+    """The series' values (T, C, H, W) in the model's units (the spec's per-band statistics), 0 where
+    missing."""
     mean = np.asarray(stats["mean"], np.float64)[None, :, None, None]
     std = np.asarray(stats["std"], np.float64)[None, :, None, None]
-    values = np.nan_to_num((ts.values - mean) / std)
-    days = np.array([datetime.date.fromisoformat(d[:10]).toordinal() for d in ts.dates], np.float64)
-    return Source(values, known, days - days[0], ts.doy, layout)
+    return np.nan_to_num((ts.values - mean) / std)
+
+
+def make_source(ts, known: np.ndarray, stats: dict, layout: Layout) -> Source:
+    """The normalised series with `known` (T, H, W) readable as context."""
+    return Source(normalise(ts, stats), known, ts.days, ts.doy, layout)
 
 
 class ContextInput(SeriesInput):
@@ -313,7 +316,8 @@ class ContextInput(SeriesInput):
 
     @functools.cached_property
     def source(self) -> Source:
-        return make_source(self.series, self.split["train"], self.stats, layout_of(self.config.model))
+        return Source(self.normalised, self.split["train"], self.series.days, self.series.doy,
+                      layout_of(self.config.model))
 
     def build_spec(self) -> DataSpec:
         ts = self.series
@@ -321,9 +325,13 @@ class ContextInput(SeriesInput):
         return DataSpec(elements(weight=((), np.float32), **shapes),
                         {"bands": list(ts.band_names), "dates": list(ts.dates), "stats": self.stats})
 
+    @functools.cached_property
+    def normalised(self) -> np.ndarray:
+        """Every value in the model's units: the targets (held-out ones included)."""
+        return normalise(self.series, self.stats)
+
     def _dataset(self, mask, seed, hide):
-        target = self.source.values  # normalised, 0 where unknown (never a target)
-        return ContextExamples(self.source, target, np.argwhere(mask), seed, hide)
+        return ContextExamples(self.source, self.normalised, np.argwhere(mask), seed, hide)
 
     def train(self, process_index, process_count):
         return pipeline.make_iterator(self._dataset(self.split["train"], self.config.seed, True),
@@ -334,9 +342,7 @@ class ContextInput(SeriesInput):
     def eval(self, process_index, process_count):
         if not self.split["holdout"].any():
             return None
-        known = make_source(self.series, self.split["holdout"] | self.split["train"], self.stats,
-                            self.source.layout)  # the targets' values; the context stays `train`
-        ds = ContextExamples(self.source, known.values, np.argwhere(self.split["holdout"]), 0, False)
+        ds = self._dataset(self.split["holdout"], 0, False)  # the context stays the training pixels
         return pipeline.make_iter_dataset(ds, batch_size=self.config.batch_size // process_count,
                                           process_index=process_index, process_count=process_count,
                                           shuffle=False, num_epochs=1, drop_remainder=False)
@@ -400,7 +406,7 @@ class ContextTask(Task):
         w = batch["weight"][:, None]
         return {"loss_sum": (err * w).sum(), "count": w.sum() * err.shape[1]}
 
-    def predict(self, params, source: Source, t, ys, xs, batch_size: int = 1024, seed: int = 0) -> tuple:
+    def predict(self, params, source: Source, t, ys, xs, batch_size: int = 1024) -> tuple:
         """Values (N, C) in the data's units of pixels (ys, xs) on date t, and ok (N,) (always True:
         a regression head always answers; a pixel with no context gets the date's typical value)."""
         apply = jax.jit(lambda p, b: self.model.apply({"params": p}, b))

@@ -20,7 +20,6 @@ baselines linear temporal interpolation and nearest clear date.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -158,7 +157,8 @@ def fill(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, see
         "target_date": ts.dates[t], "requested": int(len(ys)), "to_fill": int(nf),
         "filled": int(ok_fill.sum()), "failed": int(nf - ok_fill.sum()), "holdout": int(len(hold_y)),
         "pixels_per_sec": round(len(ys) / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
-        "metrics": compare(ts, split, values[nf:], ok[nf:], hold_y, hold_x) if len(hold_y) else {},
+        "metrics": compare(ts, split, methods(ts, split, values[nf:], ok[nf:], hold_y, hold_x), hold_y, hold_x)
+        if len(hold_y) else {},
         "geotiffs": files, "status": status_path, "png": png,
     }
     _write_json(summary, out_dir)
@@ -177,8 +177,8 @@ def score(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, se
     tick = time.perf_counter()
     values, ok = task.fill_values(params, ts, split, hold_y, hold_x, seed)
     seconds = time.perf_counter() - tick
-    metrics = compare(ts, split, values, ok, hold_y, hold_x)
-    preds = {"model": (values, ok), **references.compute(ts.values, split["train"], _days(ts), t, hold_y, hold_x)}
+    preds = methods(ts, split, values, ok, hold_y, hold_x)
+    metrics = compare(ts, split, preds, hold_y, hold_x)
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     for name, (pred, good) in preds.items():
@@ -194,16 +194,17 @@ def score(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, se
     return summary
 
 
-def _days(ts) -> np.ndarray:
-    return np.array([datetime.date.fromisoformat(d[:10]).toordinal() for d in ts.dates], np.float64)
+def methods(ts, split, values, ok, hold_y, hold_x) -> dict:
+    """{name: (values (N, C), ok (N,))}: the model's and the four references' for the held-out pixels,
+    the references from the same knowledge as the model (the training pixels)."""
+    refs = references.compute(ts.values, split["train"], ts.days, split["t"], hold_y, hold_x)
+    return {"model": (values, ok), **refs}
 
 
-def compare(ts, split, values, ok, hold_y, hold_x) -> dict:
-    """Per-band and mean L1 / L2 of the model and the four references on the held-out pixels, the
-    fraction each filled, and how much its values vary per pixel (std ratio to the truth, per band)."""
-    t = split["t"]
-    truth = np.moveaxis(ts.values[t][:, hold_y, hold_x], 0, 1).astype(np.float64)
-    preds = {"model": (values, ok), **references.compute(ts.values, split["train"], _days(ts), t, hold_y, hold_x)}
+def compare(ts, split, preds: dict, hold_y, hold_x) -> dict:
+    """Per-band and mean L1 / L2 of each method (`methods`) on the held-out pixels, the fraction each
+    filled, and how much its values vary per pixel (std ratio to the truth, per band)."""
+    truth = np.moveaxis(ts.values[split["t"]][:, hold_y, hold_x], 0, 1).astype(np.float64)
     out = {}
     for name, (pred, good) in preds.items():
         m = band_errors(pred.astype(np.float64), truth, good, ts.band_names)
