@@ -40,7 +40,9 @@ def _loop_example(values, known, days, lay, t, y, x, hide):
         diffs = np.array([values[d, :, cy, cx] - values[d, :, y, x] for d in shared]).reshape(len(shared), C)
         rms = np.sqrt((diffs ** 2).sum() / (max(len(shared), 1) * C))
         mean = diffs.sum(0) / max(len(shared), 1)
-        return rms, len(shared), mean
+        near = diffs[0] if shared else np.zeros(C)  # own dates are nearest first
+        gap = abs(days[shared[0]] - days[t]) if shared else 0.0
+        return rms, len(shared), mean, near, gap
 
     def grid(radius, stride):
         cells = [(dy, dx) for dy in range(-radius, radius + 1, stride) for dx in range(-radius, radius + 1, stride)
@@ -71,16 +73,22 @@ def test_examples_match_per_pixel_loops():
         assert ex["own_mask"][i].tolist() == [True] * m + [False] * (LAYOUT.n_own - m)
         np.testing.assert_allclose(ex["own_val"][i, :m], values[own, :, y[i], x[i]], rtol=1e-6)
         np.testing.assert_allclose(ex["own_dt"][i, :m], days[own] - days[t[i]])
+        for k, d in enumerate(own):  # the date's mean change from d, over the pixels known on both
+            both = known[d] & known[t[i]]
+            np.testing.assert_allclose(ex["own_shift"][i, k], (values[t[i]] - values[d])[:, both].mean(1),
+                                       rtol=1e-5, atol=1e-6)
         assert ex["doy"][i] == days[t[i]] + 1
         for kind, cells, n in (("nb", near, LAYOUT.n_neighbours), ("an", analogs, LAYOUT.n_analogs)):
             assert ex[f"{kind}_mask"][i].tolist() == [True] * len(cells) + [False] * (n - len(cells))
             for j, (cy, cx) in enumerate(cells):
-                rms, shared, mean = compare(cy, cx)
+                rms, shared, mean, near_diff, gap = compare(cy, cx)
                 assert (ex[f"{kind}_dy"][i, j], ex[f"{kind}_dx"][i, j]) == (cy - y[i], cx - x[i])
                 np.testing.assert_allclose(ex[f"{kind}_val"][i, j], values[t[i], :, cy, cx], rtol=1e-6)
                 np.testing.assert_allclose(ex[f"{kind}_diff"][i, j], mean, rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(ex[f"{kind}_rms"][i, j], rms, rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(ex[f"{kind}_shared"][i, j], shared / LAYOUT.n_own)
+                np.testing.assert_allclose(ex[f"{kind}_near"][i, j], near_diff, rtol=1e-5, atol=1e-6)
+                assert ex[f"{kind}_near_gap"][i, j] == gap
             checked_analogs += len(analogs) if kind == "an" else 0
             assert not ex[f"{kind}_val"][i, len(cells):].any()  # padding is zeros
     assert checked_analogs > 40

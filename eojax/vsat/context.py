@@ -6,9 +6,11 @@ date read against how they relate to the pixel on the dates both were clear. A s
 date) holds exactly that, as continuous tokens (no digits):
 
   own_1 .. own_M   the pixel's clear values on the M dates nearest in time, with their date offsets
+                   and the scene's mean change from each of those dates to the target date
   nb_1 .. nb_K     the K nearest clear pixels of the target date: their value, their offset, and
                    their mean difference / RMS difference / shared dates against the pixel on its
-                   own dates
+                   own dates, and their difference on the shared date nearest the target (the local
+                   change since then is theirs)
   an_1 .. an_A     analogs: the clear pixels of the target date (within a wider window) whose values
                    on the pixel's own dates are closest to its own, with the same features; they
                    carry the estimate inside large clouds, where no neighbour is near
@@ -86,6 +88,7 @@ class Source:
         self._known_px = np.ascontiguousarray(self.known.transpose(1, 2, 0))  # (H, W, T)
         self._near = _offsets(layout.radius)
         self._wide = _offsets(layout.analog_radius, layout.analog_stride)
+        self._shift = _date_shifts(self.values, self.known)
 
     @property
     def num_bands(self) -> int:
@@ -109,15 +112,17 @@ class Source:
             own_mask = np.pad(own_mask, ((0, 0), (0, short)))
         own_val = self.values[order, :, y[:, None], x[:, None]] * own_mask[..., None]  # (N, M, C)
         own_dt = (self.days[order] - self.days[t][:, None]) * own_mask
-        out = {"own_val": own_val, "own_dt": own_dt, "own_mask": own_mask, "doy": self.doy[t]}
-        own = (order, own_mask, own_val)
+        own_shift = self._shift[t[:, None], order] * own_mask[..., None]
+        out = {"own_val": own_val, "own_dt": own_dt, "own_shift": own_shift, "own_mask": own_mask,
+               "doy": self.doy[t]}
+        own = (order, own_mask, own_val, own_dt)
         # -- neighbours: the nearest clear pixels of the target date
         ny, nx, ok = self._candidates(t, y, x, hide, self._near)
         pick = np.argsort(~ok, axis=1, kind="stable")[:, :lay.n_neighbours]  # offsets are nearest first
         out.update(self._tokens("nb", t, y, x, own, *(np.take_along_axis(a, pick, 1) for a in (ny, nx, ok))))
         # -- analogs: clear pixels of the target date that matched the pixel on its own dates
         ay, ax, ok = self._candidates(t, y, x, hide, self._wide)
-        rms, shared, _ = self._match(own, ay, ax)
+        rms, shared, *_ = self._match(own, ay, ax)
         score = np.where(ok & (shared > 0), rms, np.inf)
         pick = np.argsort(score, axis=1, kind="stable")[:, :lay.n_analogs]
         good = np.isfinite(np.take_along_axis(score, pick, 1))
@@ -141,8 +146,9 @@ class Source:
     def _match(self, own, cy, cx):
         """How pixels (cy, cx) (N, J) compare with the pixel on its own dates: the RMS difference
         over the dates both are clear (N, J), the number of such dates (N, J), the mean difference
-        per band (N, J, C)."""
-        order, own_mask, own_val = own
+        per band (N, J, C), and the difference on the shared date nearest the target (N, J, C) with
+        that date's distance in days (N, J): the local change since then is the context pixel's."""
+        order, own_mask, own_val, own_dt = own
         idx = order[:, None, :]
         both = np.take_along_axis(self._known_px[cy, cx], idx, 2) & own_mask[:, None, :]  # (N, J, M)
         diff = np.take_along_axis(self._values_px[cy, cx], idx[..., None], 2) - own_val[:, None]
@@ -150,17 +156,21 @@ class Source:
         count = both.sum(-1)
         per = np.maximum(count, 1)
         rms = np.sqrt((diff ** 2).sum((2, 3)) / (per * diff.shape[-1]))
-        return rms, count, diff.sum(2) / per[..., None]
+        first = both.argmax(2)[..., None]  # own dates are nearest first
+        near = np.take_along_axis(diff, first[..., None], 2)[:, :, 0]
+        gap = np.abs(np.take_along_axis(np.broadcast_to(own_dt[:, None], both.shape), first, 2)[..., 0])
+        return rms, count, diff.sum(2) / per[..., None], near, gap * (count > 0)
 
     def _tokens(self, kind, t, y, x, own, cy, cx, ok) -> dict:
         """Context pixels (cy, cx) (N, J): their value on the target date, their offset, and how they
         compare with the pixel on its own dates (mean difference per band, RMS, shared dates)."""
-        rms, count, mean_diff = self._match(own, cy, cx)
+        rms, count, mean_diff, near, gap = self._match(own, cy, cx)
         m = ok[..., None]
         return {f"{kind}_val": self.values[t[:, None], :, cy, cx] * m, f"{kind}_mask": ok,
                 f"{kind}_dy": (cy - y[:, None]) * ok, f"{kind}_dx": (cx - x[:, None]) * ok,
                 f"{kind}_diff": mean_diff * m, f"{kind}_rms": rms * ok,
-                f"{kind}_shared": count / self.layout.n_own * ok}
+                f"{kind}_shared": count / self.layout.n_own * ok,
+                f"{kind}_near": near * m, f"{kind}_near_gap": gap * ok}
 
     def random_hide(self, uniforms: np.ndarray, y, x) -> np.ndarray:
         """Training's simulated clouds: a box containing each pixel, its sides drawn between 1 and
@@ -172,16 +182,29 @@ class Source:
         return np.concatenate([start, start + side], 1)
 
 
+def _date_shifts(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """(T, T, C): [t, d] the mean change from date d to date t over the pixels known on both (the
+    nearest-shifted reference's shift), 0 where no pixel is."""
+    a = known.reshape(len(known), -1).astype(np.float64)
+    count = a @ a.T
+    shift = np.zeros(count.shape + values.shape[1:2], np.float32)
+    for c in range(values.shape[1]):  # band by band: one (T, pixels) float64 copy at a time
+        s = (values[:, c].reshape(len(a), -1) * a) @ a.T  # [t, d]: sum of v_t over pixels known on both
+        shift[..., c] = np.where(count > 0, (s - s.T) / np.maximum(count, 1), 0.0)
+    return shift
+
+
 def element_shapes(layout: Layout, num_bands: int) -> dict:
     """Per-example shapes and dtypes of `Source.examples` plus the target (the DataSpec's)."""
     m, c = layout.n_own, num_bands
     f, b = np.float32, np.bool_
-    shapes = {"own_val": ((m, c), f), "own_dt": ((m,), f), "own_mask": ((m,), b), "doy": ((), f),
-              "target": ((c,), f)}
+    shapes = {"own_val": ((m, c), f), "own_dt": ((m,), f), "own_shift": ((m, c), f), "own_mask": ((m,), b),
+              "doy": ((), f), "target": ((c,), f)}
     for kind, j in (("nb", layout.n_neighbours), ("an", layout.n_analogs)):
         shapes.update({f"{kind}_val": ((j, c), f), f"{kind}_diff": ((j, c), f), f"{kind}_mask": ((j,), b),
                        f"{kind}_dy": ((j,), f), f"{kind}_dx": ((j,), f), f"{kind}_rms": ((j,), f),
-                       f"{kind}_shared": ((j,), f)})
+                       f"{kind}_shared": ((j,), f), f"{kind}_near": ((j, c), f),
+                       f"{kind}_near_gap": ((j,), f)})
     return shapes
 
 
@@ -220,12 +243,14 @@ class ContextGPT2(nn.Module):
         lay, d = self.layout, self.n_embd
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         f32 = lambda a: jnp.asarray(a, jnp.float32)
-        own = jnp.concatenate([f32(batch["own_val"]), _date_features(f32(batch["own_dt"]))], -1)
+        own = jnp.concatenate([f32(batch["own_val"]), f32(batch["own_shift"]),
+                               _date_features(f32(batch["own_dt"]))], -1)
 
         def context(kind, radius):
             return jnp.concatenate([
-                f32(batch[f"{kind}_val"]), f32(batch[f"{kind}_diff"]), f32(batch[f"{kind}_rms"])[..., None],
-                f32(batch[f"{kind}_shared"])[..., None],
+                f32(batch[f"{kind}_val"]), f32(batch[f"{kind}_diff"]), f32(batch[f"{kind}_near"]),
+                f32(batch[f"{kind}_rms"])[..., None], f32(batch[f"{kind}_shared"])[..., None],
+                jnp.log1p(f32(batch[f"{kind}_near_gap"]))[..., None] / 6.0,
                 _offset_features(f32(batch[f"{kind}_dy"]), f32(batch[f"{kind}_dx"]), radius)], -1)
 
         doy = 2 * math.pi * f32(batch["doy"]) / 365.25
