@@ -5,7 +5,9 @@
 
 Every module keeps all its parameters under its own name, so a model that holds it as `encoder`
 freezes it with the optimizer's freeze regex '^encoder/'. Weight import from the published PyTorch
-checkpoints lives in eojax.weights.{prithvi,dofa,croma}; "mae" / "satmae" load eojax runs directly.
+checkpoints lives in eojax.weights.{prithvi,dofa,croma,resnet}; "mae" / "satmae" load eojax runs directly.
+"resnet" (eojax.models.resnet) is a CNN: its four maps have strides 4, 8, 16, 32 and widths
+`feature_dims`, and it carries BatchNorm statistics ('batch_stats', the trainer's model state).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ _REGISTRY = {
     "prithvi": ("eojax.models.encoders.prithvi", "Prithvi", "eojax.models.encoders.prithvi", "VARIANTS"),
     "dofa": ("eojax.models.encoders.dofa", "DOFA", "eojax.models.encoders.dofa", "VARIANTS"),
     "croma": ("eojax.models.encoders.croma", "CROMA", "eojax.models.encoders.croma", "VARIANTS"),
+    "resnet": ("eojax.models.resnet", "ResNet", "eojax.models.resnet", "VARIANTS"),
 }
 NAMES = tuple(_REGISTRY)
 __all__ = ["DEFAULT_LAYERS", "NAMES", "build", "encoder_class", "variants"]
@@ -57,8 +60,8 @@ def build(name: str, variant: str | None = None, **kwargs) -> nn.Module:
     if unknown:
         raise TypeError(f"encoder {name!r} has no fields {unknown}; it has {sorted(fields)}")
     cfg.update(kwargs)
-    depth = cfg.get("depth", cls.__dataclass_fields__["depth"].default)
-    if "layers" not in cfg and max(DEFAULT_LAYERS) >= depth:  # a shallow model: spread 4 over it
+    depth = cfg.get("depth", getattr(cls.__dataclass_fields__.get("depth"), "default", None))
+    if depth is not None and "layers" not in cfg and max(DEFAULT_LAYERS) >= depth:  # shallow: spread 4 over it
         cfg["layers"] = tuple(sorted({math.ceil(depth * (i + 1) / 4) - 1 for i in range(4)}))
     if "layers" in cfg:
         cfg["layers"] = tuple(int(i) for i in cfg["layers"])
