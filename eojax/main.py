@@ -41,6 +41,8 @@ COMMANDS = {
               "given, must be the config's task)", ("config", "workdir", "prompt", "input", "output",
                                                     "num_samples", "seed")),
     "config": ("print the resolved config: every key with its value and type", ("config",)),
+    "knn": ("k-NN accuracy (DINO's weighted vote) of an encoder's frozen features on a classify config's "
+            "splits: the latest checkpoint of --workdir, else config.model.encoder_init", ("config", "workdir")),
     "verify": ("check the checkpoints of --workdir (complete, readable, checksums) without training",
                ("workdir",)),
 }
@@ -250,9 +252,12 @@ def main(command: str, family: str | None = None) -> int:
         return 0
 
     workdir = _workdir(command)
-    config_lib.check_workdir(workdir, create=command == "train")
+    config_lib.check_workdir(workdir, create=command in ("train", "knn"))
     from eojax import train  # imports jax: keep `--help` and usage errors fast
-    if command == "train":
+    if command == "knn":
+        from eojax.classify import evaluate as classify_eval
+        summary = {"knn": classify_eval.knn_command(config, workdir)}
+    elif command == "train":
         result = train.train_and_evaluate(config, workdir)
         summary = {k: result[k] for k in ("train", "eval", "test", "best", "pictures")}
     elif command in ("export", "infer"):

@@ -468,3 +468,35 @@ def write_burn_scar_chips(directory, *, n: int, size: int = 512, seed: int = 0) 
                           ["burn_scar"], {"classes": "-1 missing, 0 not burned, 1 burn scar"})
         paths.append(image_path)
     return paths
+
+
+def write_classification_chips(directory, *, n: int, size: int = 32, seed: int = 0) -> list[str]:
+    """Writes up to n cloud-free Sentinel-2 chips in EuroSAT's layout (`<class>/<class>_<k>.tif`)
+    into `directory` -> their paths. Chips are cut on a grid from synthetic scenes of several
+    seasons; a chip's class is its majority land cover when that covers at least half of it (other
+    chips are skipped), taken round-robin over the classes so they stay balanced. Same arguments ->
+    identical files."""
+    sens = SENSORS["sentinel2"]
+    per_class: dict[int, list[np.ndarray]] = {}
+    for k in range(8):
+        date = ("2021-04-15", "2021-06-15", "2021-08-15", "2021-10-15")[k % 4]
+        land = _landscape(200_003 * (seed + 1) + k, 8 * size, 8 * size)
+        dn, _ = _render(land, sens, _season(date), np.random.default_rng((seed, k)), 0.0,
+                        np.zeros(land.labels.shape, bool))
+        for y in range(0, 8 * size, size):
+            for x in range(0, 8 * size, size):
+                counts = np.bincount(land.labels[y:y + size, x:x + size].ravel(), minlength=len(CLASSES))
+                if counts.max() >= 0.5 * size * size:
+                    per_class.setdefault(int(counts.argmax()), []).append(dn[:, y:y + size, x:x + size])
+    order = [(c, i) for i in range(max(len(v) for v in per_class.values()))
+             for c in sorted(per_class) if i < len(per_class[c])][:n]
+    paths = []
+    for c, i in order:
+        name = CLASSES[c]
+        path = os.path.join(str(directory), name, f"{name}_{i}.tif")
+        _write_atomic_tif(path, per_class[c][i], _profile(len(sens.bands), size, size, "EPSG:32633",
+                                                          (500000.0 + 10.0 * size * i, 5200000.0),
+                                                          sens.gsd_m, "uint16", 0),
+                          sens.bands, {"sensor": "sentinel2 (synthetic)", "class": name})
+        paths.append(path)
+    return paths

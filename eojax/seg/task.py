@@ -155,16 +155,7 @@ class SegTask(Task):
 
     # -- model -------------------------------------------------------------------------------------
     def _encoder(self):
-        m = self.config.model
-        fields = encoders.encoder_class(m.encoder).__dataclass_fields__
-        kwargs = dict(m.encoder_args)
-        derived = {"image_size": self.input_size, "in_channels": len(self.band_names),
-                   "input_bands": tuple(self.band_names), "sensor": self.sensor,
-                   "dtype": jnp.dtype(m.dtype)}
-        for key, value in derived.items():
-            if key in fields and key not in kwargs:
-                kwargs[key] = value
-        return encoders.build(m.encoder, m.encoder_variant or None, **kwargs)
+        return encoders.build_for_data(self.config.model, self.band_names, self.sensor, self.input_size)
 
     @property
     def decoder(self) -> nn.Module:
@@ -303,7 +294,7 @@ class SegTask(Task):
             raise ValueError(f"model.mode='random' trains from random weights; remove config.init_from={path!r}")
         abstract = weights.jax_abstract(init_params["encoder"])
         if m.encoder == "mae":
-            encoder = _load_npz_tree(path, abstract)
+            encoder = weights_common.load_npz_tree(path, abstract)
         else:
             encoder, _ = weights_common.load_encoder(path, abstract, self.model.encoder)
         return {**init_params, "encoder": encoder}  # the decoder as the trainer initialised it
@@ -330,18 +321,3 @@ def export_encoder(workdir: str, path: str, subtree: str = "encoder") -> str:
     flat = dict(zip(jax.tree.leaves(optim.param_paths(tree)), jax.tree.leaves(tree)))
     np.savez(path, **flat)
     return path
-
-
-def _load_npz_tree(path: str, abstract):
-    """An .npz of '/'-joined parameter paths -> a tree like `abstract`; every key and shape must match."""
-    if not str(path).endswith(".npz"):
-        raise ValueError(f"encoder 'mae' loads an .npz of eojax encoder params (export_encoder); got {path}")
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    paths = optim.param_paths(abstract)
-    want = dict(zip(jax.tree.leaves(paths), jax.tree.leaves(abstract)))
-    problems = ckpt_lib.key_problems({k: a.shape for k, a in arrays.items()}, {k: s.shape for k, s in want.items()},
-                                     "file")
-    ckpt_lib.raise_mismatch(problems, f"{path} does not fit the encoder")
-    return jax.tree.map(lambda p, s: jax.device_put(arrays[p].astype(s.dtype), getattr(s, "sharding", None)),
-                        paths, abstract)

@@ -15,6 +15,7 @@ _TASKS = {
     "vsat_great": "eojax.vsat.task:VSatTask",
     "diffusion": "eojax.diffusion.task:DiffusionTask",
     "geo": "eojax.geo.task:GeoTask",
+    "classify": "eojax.classify.task:ClassifyTask",
 }
 
 

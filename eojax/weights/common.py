@@ -322,3 +322,41 @@ def load_encoder_file(path, abstract_params: Any, encoder, what: str, from_torch
     log_report(f"{what} {path}", report)
     placed = place(traverse_util.flatten_dict(params), abstract)
     return ({"params": placed} if wrapped else placed), report
+
+
+def load_npz_tree(path: str, abstract):
+    """An .npz of '/'-joined parameter paths -> a tree like `abstract`; every key and shape must match."""
+    from eojax import optim  # the optimizer's path names; imported late (it imports much)
+
+    if not str(path).endswith(".npz"):
+        raise ValueError(f"{path}: expected an .npz of eojax encoder params (seg.task.export_encoder writes one)")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    paths = optim.param_paths(abstract)
+    want = dict(zip(jax.tree.leaves(paths), jax.tree.leaves(abstract)))
+    problems = key_problems({k: a.shape for k, a in arrays.items()}, {k: s.shape for k, s in want.items()}, "file")
+    raise_mismatch(problems, f"{path} does not fit the encoder")
+    return jax.tree.map(lambda p, s: jax.device_put(arrays[p].astype(s.dtype), getattr(s, "sharding", None)),
+                        paths, abstract)
+
+
+def load_encoder_weights(source: str, abstract, encoder: nn.Module):
+    """Encoder params placed like `abstract` (the model's `encoder` subtree) from any of: an eojax run
+    folder (its `encoder` subtree, e.g. a MAE / SatMAE++ pretraining run), an .npz of encoder params,
+    or a published checkpoint through the encoder's converter (load_encoder)."""
+    from eojax import checkpoint as ckpt_lib
+
+    if ckpt_lib.is_eojax_checkpoint(source):
+        params, _ = ckpt_lib.load_variables(source, None)
+        if "encoder" not in params:
+            raise CheckpointMismatchError(f"{source}: the run's params have no 'encoder' subtree "
+                                          f"(they have {sorted(params)})")
+        tree = params["encoder"]
+        check_compatible(tree, abstract, f"the encoder of {source}")
+        return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a).astype(s.dtype), getattr(s, "sharding", None)),
+                            tree, abstract)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"encoder weights {source} do not exist")
+    if str(source).endswith(".npz"):
+        return load_npz_tree(source, abstract)
+    return load_encoder(source, abstract, encoder)[0]

@@ -69,3 +69,19 @@ def build(name: str, variant: str | None = None, **kwargs) -> nn.Module:
         if cfg.get(key) is not None:
             cfg[key] = tuple(cfg[key])
     return cls(**cfg)
+
+
+def build_for_data(model_cfg, band_names, sensor: str | None, input_size: int) -> nn.Module:
+    """The encoder of a family's `config.model` (encoder, encoder_variant, encoder_args, dtype) for
+    data with `band_names` of `sensor` at `input_size` pixels: those facts fill the encoder's fields
+    of the same meaning that encoder_args leaves unset."""
+    import jax.numpy as jnp
+
+    fields = encoder_class(model_cfg.encoder).__dataclass_fields__
+    kwargs = dict(model_cfg.encoder_args)
+    derived = {"image_size": input_size, "in_channels": len(band_names), "input_bands": tuple(band_names),
+               "sensor": sensor, "dtype": jnp.dtype(model_cfg.dtype)}
+    for key, value in derived.items():
+        if key in fields and key not in kwargs:
+            kwargs[key] = value
+    return build(model_cfg.encoder, model_cfg.encoder_variant or None, **kwargs)

@@ -1,0 +1,118 @@
+"""The classification family: chip sources and their errors, the fixed split, training through the
+trainer (fine-tune, then a linear probe from its encoder), `eojax eval classify` and k-NN."""
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import rasterio
+
+from eojax import checkpoint as ckpt_lib, train
+from eojax.classify import data as cdata
+from eojax.classify import evaluate as cls_eval
+from eojax.classify import knn
+from helpers import load_config
+
+
+def _chip(path, bands=3, size=16, value=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", count=bands, height=size, width=size, dtype="uint16") as dst:
+        dst.write(np.full((bands, size, size), value, np.uint16) + np.arange(size, dtype=np.uint16))
+    return path
+
+
+def _tree(root, classes=("a", "b", "c"), n=10, **kw):
+    for i, c in enumerate(classes):
+        for k in range(n):
+            _chip(os.path.join(root, c, f"{c}_{k}.tif"), value=100 * i + k, **kw)
+    return str(root)
+
+
+def test_folders_read_chips_with_a_fixed_split(tmp_path):
+    root = _tree(tmp_path / "ds", n=40)
+    classes, chips = cdata.folder_chips(root)
+    assert classes == ["a", "b", "c"] and len(chips) == 120
+    splits = [cdata.fixed_split(c.key) for c in chips]
+    assert splits == [cdata.fixed_split(c.key) for c in cdata.folder_chips(root)[1]]  # stable
+    share = {s: splits.count(s) / len(splits) for s in cdata.SPLITS}
+    assert 0.45 < share["train"] < 0.75 and share["val"] > 0.08 and share["test"] > 0.08, share
+    cfg = load_config("classify", "data=folders,runlocal")
+    cfg.input.update(source="folders", root=root, size=8)
+    names, sets = cdata.open_splits(cfg.input)
+    element = sets["train"][0]
+    assert element["pixels"].shape == (3, 8, 8) and element["valid"].all()
+    assert element["label"] == sets["train"].chips[0].labels[0]
+    # the values come through (a 16 px chip resized to 8 px keeps its mean)
+    raw = rasterio.open(sets["train"].chips[0].path).read().astype(np.float64)
+    np.testing.assert_allclose(element["pixels"].mean((1, 2)), raw.mean((1, 2)), rtol=1e-5)
+    stats = sets["train"].band_stats()
+    assert stats.mean.shape == (3,) and np.all(stats.std > 0)
+
+
+def test_bad_chip_sets_name_the_culprit(tmp_path):
+    root = _tree(tmp_path / "ds")
+    odd = _chip(os.path.join(root, "b", "b_odd.tif"), bands=4)
+    with pytest.raises(Exception, match="b_odd.tif has 4 bands"):
+        cdata.ChipSet(cdata.folder_chips(root)[1], num_classes=3)
+    os.remove(odd)
+    os.makedirs(os.path.join(root, "empty"))
+    with pytest.raises(ValueError, match="empty holds no image"):
+        cdata.folder_chips(root)
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], ["ds/a/a_0.tif", "a"], ["ds/b/b_0.tif", "zebra"]])
+    with pytest.raises(ValueError, match=r"line 3 \(ds/b/b_0.tif\).*zebra"):
+        cdata.csv_chips(str(table), classes=("a", "b"))
+
+
+def test_csv_multi_label_gives_multi_hot_targets(tmp_path):
+    _tree(tmp_path / "ds", n=2)
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "labels", "split"], ["ds/a/a_0.tif", "water;forest", "train"],
+                                 ["ds/b/b_0.tif", "forest", "val"]])
+    classes, chips, splits = cdata.csv_chips(str(table))
+    assert classes == ["forest", "water"] and splits == ["train", "val"]
+    chip_set = cdata.ChipSet(chips, num_classes=2, multi_label=True, size=16)
+    assert chip_set[0]["labels"].tolist() == [1.0, 1.0] and chip_set[1]["labels"].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_finetune_then_probe_its_encoder_eval_and_knn(tmp_path):
+    """A short fine-tune on the synthetic chips beats the majority class; a linear probe started from
+    its encoder keeps the encoder bit-identical; eval's metrics equal a recount from its logits;
+    `eojax knn` on the run and on its encoder alone agree with a k-NN computed here."""
+    cfg = load_config("classify")
+    cfg.update(total_steps=40, eval_every=0, checkpoint_every=40)
+    run_dir = str(tmp_path / "ft")
+    result = train.train_and_evaluate(cfg, run_dir)  # sharded over the 8 simulated devices
+    names, sets = cdata.open_splits(cfg.input)
+    labels = [c.labels[0] for c in sets["test"].chips]
+    majority = max(np.bincount(labels)) / len(labels)
+    assert result["test"]["top1"] > majority + 0.1, (result["test"], majority)
+
+    probe = load_config("classify", "runlocal,mode=linear_probe")
+    probe.update(total_steps=10, eval_every=0, checkpoint_every=10)
+    probe.model.encoder_init = run_dir
+    probe_dir = str(tmp_path / "probe")
+    train.train_and_evaluate(probe, probe_dir)
+    ft_params, _ = ckpt_lib.load_variables(run_dir, None)
+    pr_params, pr_state = ckpt_lib.load_variables(probe_dir, None)
+    jax.tree.map(np.testing.assert_array_equal, ft_params["encoder"], pr_params["encoder"])
+    assert "head_bn" in pr_state["batch_stats"]  # MAE's probe BatchNorm keeps running statistics
+
+    run, variables = train.load_for_inference(cfg, run_dir)
+    with run.scope():
+        out = cls_eval.evaluate(run, variables, run_dir, {"output": str(tmp_path / "eval"), "seed": 0})
+        feats = {s: cls_eval._collect(run, variables, s, run.task.features) for s in ("train", "test")}
+    assert os.path.getsize(out["confusion_png"]) > 1000
+    expect = knn.knn_classify(*feats["train"], *feats["test"], k=20, num_classes=len(names))
+    assert out["knn_top1"] == pytest.approx(expect.top1)
+    # the same encoder through `eojax knn` without training (encoder_init) gives the same k-NN
+    knn_cfg = load_config("classify")
+    knn_cfg.model.encoder_init = run_dir
+    fresh = cls_eval.knn_command(knn_cfg, str(tmp_path / "knn"))
+    assert fresh["knn_top1"] == pytest.approx(expect.top1)
+    assert json.load(open(tmp_path / "knn" / "knn.json"))["knn_top1"] == fresh["knn_top1"]
