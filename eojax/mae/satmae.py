@@ -137,6 +137,7 @@ class GroupChannelViT(nn.Module):
     use_cls_token: bool = True
     attention_impl: str | None = None
     learned_embed: bool = False
+    drop_path_rate: float = 0.0  # stochastic-depth rate of the last block, 0 at the first (layers.Encoder)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -162,7 +163,7 @@ class GroupChannelViT(nn.Module):
         self.blocks = layers.Encoder(
             depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
             dropout=self.dropout, scan=self.scan, remat=self.remat,
-            attention_impl=self.attention_impl, **kw)
+            attention_impl=self.attention_impl, drop_path_rate=self.drop_path_rate, **kw)
         self.norm = layers.LayerNorm(**kw)
 
     @property

@@ -442,8 +442,28 @@ class HeadDense(nn.Module):
         return linear(x, kernel, n_in) + bias
 
 
+def stochastic_depth(x, rate, rng):
+    """timm's DropPath in training (scale_by_keep=True): each sample's x (leading axis) is zeroed with
+    probability `rate` (a float or a traced scalar), else divided by 1 - rate."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block stochastic-depth rates, 0 at the first block rising linearly to `rate` at the last
+    (timm's torch.linspace(0, drop_path_rate, depth))."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate {rate!r} must be in [0, 1)")
+    return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
 class EncoderBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x), bias); x + mlp(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x), bias); x + mlp(LN(x)).
+
+    drop_path > 0: in training each residual branch is dropped per sample with that rate and kept
+    ones scaled by 1 / (1 - rate) (stochastic_depth, drawn from the 'dropout' rng); a `drop_path`
+    call argument (a traced scalar: nn.scan gives each block its own) overrides the field."""
 
     heads: int
     mlp_dim: int
@@ -455,19 +475,24 @@ class EncoderBlock(nn.Module):
     norm_eps: float = 1e-6
     scanned: bool = False  # return (x, None), the (carry, output) pair nn.scan expects
     emit: bool = False  # scanned: return (x, x), so the scan stacks every block's output
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x, train: bool = False, bias=None):
+    def __call__(self, x, train: bool = False, bias=None, drop_path=None):
+        rate = self.drop_path if drop_path is None else drop_path
+        # Off (eval, or a static rate of 0): no rng is drawn and the graph is the plain block's.
+        branch = ((lambda h: stochastic_depth(h, rate, self.make_rng("dropout")))
+                  if train and (drop_path is not None or self.drop_path > 0) else (lambda h: h))
         x = nn.with_logical_constraint(x.astype(self.dtype), BLE)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(name="norm1", epsilon=self.norm_eps, **kw)(x)
         h = Attention(self.heads, implementation=self.attention_impl, qkv_bias=self.qkv_bias,
                       name="attn", **kw)(h, bias)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        x = nn.with_logical_constraint(x + h, BLE)
+        x = nn.with_logical_constraint(x + branch(h), BLE)
         h = LayerNorm(name="norm2", epsilon=self.norm_eps, **kw)(x)
         h = Mlp(self.mlp_dim, self.dropout, name="mlp", **kw)(h, train)
-        x = nn.with_logical_constraint(x + h, BLE)
+        x = nn.with_logical_constraint(x + branch(h), BLE)
         return (x, x if self.emit else None) if self.scanned else x
 
 
@@ -479,6 +504,8 @@ class Encoder(nn.Module):
     scan=False: blocks named 'block_0' ... 'block_{depth-1}'. `stack_layers` / `unstack_layers`
       convert params between the two layouts.
     remat=True: each block is rematerialised in the backward pass (nothing saved but its input).
+    drop_path_rate > 0: stochastic depth, block i at rate drop_path_rate * i / (depth - 1) (timm's
+      linspace; drop_path_rates); scanned, the rates are a scanned input of the one block.
 
     `bias` is added to every block's attention logits. With `return_layers` (0-based block indices)
     the call returns the list of those blocks' outputs instead of the last one (feature pyramids
@@ -496,6 +523,7 @@ class Encoder(nn.Module):
     attention_impl: str | None = None
     qkv_bias: bool = True
     norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False, bias=None, return_layers=None):
@@ -503,6 +531,7 @@ class Encoder(nn.Module):
             bad = [i for i in return_layers if not 0 <= int(i) < self.depth]
             if bad:
                 raise ValueError(f"return_layers {tuple(return_layers)}: {bad} not in 0..{self.depth - 1}")
+        rates = drop_path_rates(self.drop_path_rate, self.depth)
         block_cls = EncoderBlock
         if self.remat:
             # static_argnums counts self as 0, so 2 is `train` (a Python bool that picks dropout).
@@ -521,19 +550,22 @@ class Encoder(nn.Module):
             scanned=self.scan,
         )
         if self.scan:
+            # With stochastic depth each block's rate is scanned over (one traced scalar per block).
+            dropping = self.drop_path_rate > 0
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
+                in_axes=(nn.broadcast, nn.broadcast, 0) if dropping else nn.broadcast,
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
             )
-            x, every = stack(name="layers", emit=return_layers is not None, **kw)(x, train, bias)
+            args = (x, train, bias) + ((jnp.asarray(rates, jnp.float32),) if dropping else ())
+            x, every = stack(name="layers", emit=return_layers is not None, **kw)(*args)
             return x if return_layers is None else [every[int(i)] for i in return_layers]
         outputs = []
         for i in range(self.depth):
-            x = block_cls(name=f"block_{i}", **kw)(x, train, bias)
+            x = block_cls(name=f"block_{i}", drop_path=rates[i], **kw)(x, train, bias)
             outputs.append(x)
         return x if return_layers is None else [outputs[int(i)] for i in return_layers]
 

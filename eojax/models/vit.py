@@ -124,6 +124,7 @@ class ViTEncoder(nn.Module):
     remat: bool = False
     use_cls_token: bool = True
     attention_impl: str | None = None
+    drop_path_rate: float = 0.0  # stochastic-depth rate of the last block, 0 at the first (layers.Encoder)
 
     def setup(self):
         h, w = _pair(self.image_size)
@@ -151,6 +152,7 @@ class ViTEncoder(nn.Module):
             scan=self.scan,
             remat=self.remat,
             attention_impl=self.attention_impl,
+            drop_path_rate=self.drop_path_rate,
         )
         self.norm = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -29,6 +29,17 @@ Parameter groups (`lr_scales`): (regex, factor) pairs; a parameter's whole updat
 decoupled weight decay included) is multiplied by the factor of the first pattern that matches it, as
 torch's per-group lr does; e.g. (('^encoder/', 0.1),) fine-tunes a pretrained encoder gently.
 
+Layer-wise lr decay (`layer_decay` < 1): MAE / BEiT's `param_groups_lrd` + `get_layer_id_for_vit`
+(SatMAE++ fine-tunes with it). Each parameter gets a layer id: 0 for the embeddings
+(`layer_decay_embed`: cls_token, pos_embed, patch_embed*, CROMA's linear_input), i + 1 for block i
+(`layer_decay_block`, whose named group `block` is the index; a match without that group is a scanned
+stack whose leading axis is the block index), and num_layers = depth + 1 for everything else (final
+norm, heads, decoders), depth being the largest block index + 1. Its update is multiplied by
+layer_decay ** (num_layers - id), on top of its `lr_scales` factor; like lr_scales it scales the whole
+update (decoupled weight decay included, as the reference's per-group lr does). Weight decay is still
+`no_decay`'s (the reference skips 1-D parameters and cls / pos embeddings: eojax's default patterns
+skip the same ones in a ViT, its 2-D per-head q / k / v biases included).
+
 EMA (`ema_decay` > 0): the optimizer state also keeps an exponential moving average of the parameters
 (after each update), so it is sharded like them and checkpointed with the run; `eval_params` returns it.
 The decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the n updates so far, so early averages
@@ -43,6 +54,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 try:
@@ -83,6 +95,13 @@ def default_config() -> ml_collections.ConfigDict:
                   "mask_token"),
         freeze=(),                 # regexes of parameters that must not change
         lr_scales=(),              # ((regex, factor), ...): per-group lr multipliers, first match wins
+        # Layer-wise lr decay (MAE / BEiT; module docstring): < 1 multiplies the update of a parameter of
+        # layer id k by layer_decay ** (depth + 1 - k); 1.0 = off. layer_decay_block: regex whose named
+        # group `block` is the block index (a match without it: a scanned stack, leading axis = block);
+        # layer_decay_embed: regex of the layer-0 (embedding) parameters. re.search on param paths.
+        layer_decay=1.0,
+        layer_decay_block=r"(^|/)blocks/(block_(?P<block>\d+)|layers)/",
+        layer_decay_embed=r"(^|/)(cls_token|pos_embed|patch_embed[^/]*|linear_input)(/|$)",
         ema_decay=0.0,             # > 0: keep an EMA of the params (eval_params), e.g. 0.999
         accum_steps=1,             # gradient-accumulation micro-steps (done by the trainer)
         # gamma: the official rho; eps: 1e-15 as the official denominator rho * bs * h + 1e-15
@@ -244,6 +263,16 @@ def _validate(c: ml_collections.ConfigDict, total_steps: int):
             re.compile(pair[0])
         except re.error as e:
             raise ValueError(f"optim.lr_scales pattern {pair[0]!r} is not a valid regex: {e}") from None
+    _require(0 < c.layer_decay <= 1, "layer_decay", c.layer_decay, "a number in (0, 1] (1 = off)")
+    for key in ("layer_decay_block", "layer_decay_embed"):
+        _require(isinstance(c[key], str), key, c[key], "a regex string")
+        try:
+            compiled = re.compile(c[key])
+        except re.error as e:
+            raise ValueError(f"optim.{key} pattern {c[key]!r} is not a valid regex: {e}") from None
+        if key == "layer_decay_block":
+            _require("block" in compiled.groupindex, key, c[key],
+                     "a regex with a named group (?P<block>\\d+) capturing the block index")
     _require(0 <= c.ema_decay < 1, "ema_decay", c.ema_decay, "a number in [0, 1) (0 = off)")
     s = c.sophia
     _require(s.gamma > 0, "sophia.gamma", s.gamma, "a number > 0")
@@ -314,8 +343,9 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
 
 def _finish(c, tx, schedule, diagnostics, needs, hessian_batch_every: int = 0) -> Optimizer:
     """Adds the parameter-group lr factors and the EMA around the optimizer's own chain."""
-    if c.lr_scales:
-        tx = optax.chain(tx, _scale_by_group(c.lr_scales))
+    if c.lr_scales or c.layer_decay != 1.0:
+        decay = (c.layer_decay, c.layer_decay_block, c.layer_decay_embed) if c.layer_decay != 1.0 else None
+        tx = optax.chain(tx, _scale_by_group(c.lr_scales, decay))
     common = dict(schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name,
                   hessian_batch_every=hessian_batch_every)
     if c.ema_decay <= 0:
@@ -325,11 +355,52 @@ def _finish(c, tx, schedule, diagnostics, needs, hessian_batch_every: int = 0) -
                          ema, new, opt_state.count, c.ema_decay), **common)
 
 
-def _scale_by_group(lr_scales) -> optax.GradientTransformation:
+def layer_ids(params, block: str, embed: str) -> tuple[Any, int]:
+    """(tree of layer ids, num_layers) by MAE's get_layer_id_for_vit on eojax's paths: 0 for `embed`
+    matches, i + 1 for block i (`block`'s named group; for a scanned stack, an int array 1..n along its
+    leading axis), num_layers = depth + 1 for the rest, depth = the largest block index + 1. Raises if
+    `block` matches no parameter."""
+    block_re, embed_re = re.compile(block), re.compile(embed)
+
+    def block_id(path, leaf):  # None, or the ids of the block(s) the parameter belongs to
+        m = None if embed_re.search(path) else block_re.search(path)
+        if m is None:
+            return None
+        if m.group("block") is not None:
+            return int(m.group("block")) + 1
+        if not np.ndim(leaf):
+            raise ValueError(f"optim.layer_decay_block: {path!r} matches without a block index, so it "
+                             f"should be a scanned stack, but it is a scalar")
+        return np.arange(1, np.shape(leaf)[0] + 1)
+
+    paths = param_paths(params)
+    ids = jax.tree.map(block_id, paths, params)
+    found = [np.max(k) for k in jax.tree.leaves(ids)]  # None leaves vanish
+    if not found:
+        raise ValueError(f"optim.layer_decay_block pattern {block!r} matches no parameter; "
+                         f"parameters look like {jax.tree.leaves(paths)[:5]}")
+    num_layers = int(max(found)) + 1
+    ids = jax.tree.map(lambda k, path: (0 if embed_re.search(path) else num_layers) if k is None else k,
+                       ids, paths, is_leaf=lambda k: k is None)
+    return ids, num_layers
+
+
+def _scale_by_group(lr_scales, layer_decay=None) -> optax.GradientTransformation:
+    """Multiplies each update by its lr_scales factor and, with layer_decay = (decay, block, embed), by
+    decay ** (num_layers - layer id) (a per-block array along a scanned stack's leading axis)."""
     patterns = [(re.compile(p), float(f)) for p, f in lr_scales]
 
     def factor(path: str) -> float:
         return next((f for p, f in patterns if p.search(path)), 1.0)
+
+    def factors(tree):
+        group = jax.tree.map(factor, param_paths(tree))
+        if layer_decay is None:
+            return group
+        decay, block, embed = layer_decay
+        ids, num_layers = layer_ids(tree, block, embed)
+        return jax.tree.map(lambda f, k: f * float(decay) ** (num_layers - np.asarray(k, np.float64)),
+                            group, ids)
 
     def init(params):
         paths = jax.tree.leaves(param_paths(params))
@@ -337,11 +408,17 @@ def _scale_by_group(lr_scales) -> optax.GradientTransformation:
             if not any(p.search(x) for x in paths):
                 raise ValueError(f"optim.lr_scales pattern {p.pattern!r} matches no parameter; "
                                  f"parameters look like {paths[:5]}")
+        if layer_decay is not None:
+            layer_ids(params, *layer_decay[1:])  # a block pattern matching nothing fails here
         return optax.EmptyState()
 
+    def scale(u, f):
+        if np.ndim(f):  # per block along a scanned stack's leading axis
+            return u * jnp.asarray(f, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+        return u if f == 1.0 else u * jnp.asarray(f, u.dtype)
+
     def update(updates, state, params=None):
-        factors = jax.tree.map(factor, param_paths(updates))
-        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors), state
+        return jax.tree.map(scale, updates, factors(updates)), state
 
     return optax.GradientTransformation(init, update)
 

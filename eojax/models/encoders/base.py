@@ -38,6 +38,7 @@ class PublishedViT(nn.Module):
     scan: bool = False
     remat: bool = False
     attention_impl: str | None = None
+    drop_path_rate: float = 0.0  # stochastic-depth rate of the last block, 0 at the first (layers.Encoder)
 
     bands_sensor: ClassVar[str] = sensors.LEGACY_SENSOR  # the sensor of a fixed-band encoder's `bands`
 

@@ -83,6 +83,7 @@ class CROMA(PublishedViT):
         bias = jnp.asarray(alibi_2d(self.heads, *grid))
         blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                          dropout=self.dropout, scan=self.scan, remat=self.remat,
+                         drop_path_rate=self.drop_path_rate,
                          attention_impl=self.attention_impl, qkv_bias=False, norm_eps=1e-5,
                          name="blocks", **kw)
         outs = blocks(x, train, bias, return_layers=layers)

@@ -206,6 +206,7 @@ class DOFA(PublishedViT):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype) + pos[:1], (b, 1, self.width)), x], 1)
         blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                          dropout=self.dropout, scan=self.scan, remat=self.remat,
+                         drop_path_rate=self.drop_path_rate,
                          attention_impl=self.attention_impl, name="blocks", **kw)
         last = self.depth - 1
         outs = blocks(x, train, return_layers=layers + ((last,) if mode == "final" else ()))

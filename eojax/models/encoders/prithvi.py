@@ -113,6 +113,7 @@ class Prithvi(PublishedViT):
 
         blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                          dropout=self.dropout, scan=self.scan, remat=self.remat,
+                         drop_path_rate=self.drop_path_rate,
                          attention_impl=self.attention_impl, norm_eps=1e-5, name="blocks", **kw)
         outs = blocks(x, train, return_layers=layers)
         return [o[:, 1:].reshape(b, *grid, self.width).mean(axis=1) for o in outs]
