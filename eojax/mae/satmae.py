@@ -32,7 +32,7 @@ from flax import linen as nn
 from eojax.models import layers
 from eojax.mae.model import num_kept, random_masking
 from eojax.models.upsample import MultiScaleHead, multiscale_flops
-from eojax.models.vit import PatchEmbed, _pair, block_maps, patchify, unpatchify
+from eojax.models.vit import PatchEmbed, _pair, block_maps, patchify, pool_tokens, unpatchify
 
 Dtype = Any
 
@@ -201,6 +201,14 @@ class GroupChannelViT(nn.Module):
         x = self.embed(images)
         x = x.reshape(x.shape[0], -1, self.width)
         return self.encode(self.prepend_cls(x), train)
+
+    def pool_tokens(self, images, pool: str = "avg", train: bool = False):
+        """(B, width) for a classification head: 'avg' the mean over every group's patch tokens
+        before the final norm (SatMAE++'s fine-tuning global_pool), 'cls' the normed cls token."""
+        x = self.embed(images)
+        tokens = self.blocks(nn.with_logical_constraint(self.prepend_cls(x.reshape(x.shape[0], -1, self.width)),
+                                                        layers.BLE), train)
+        return pool_tokens(tokens, self.norm, pool, self.num_prefix_tokens)
 
     def features(self, images, layers: Sequence[int] = (3, 5, 7, 11), train: bool = False):
         """Outputs of blocks `layers` (0-based) as (B, H/p, W/p, width) maps: the G group tokens of

@@ -99,6 +99,20 @@ class PatchEmbed(nn.Module):
         return nn.with_logical_constraint(x, layers.BLE)
 
 
+def pool_tokens(tokens, norm, pool: str, prefix: int):
+    """A classifier's (B, width) from the last block's tokens (B, T, width): 'avg' the mean of the
+    tokens after the `prefix` (cls) ones, before the final `norm` (MAE's and SatMAE++'s global_pool,
+    whose fc_norm follows), 'cls' the cls token after `norm` (MAE's linear probe)."""
+    if pool == "cls":
+        if not prefix:
+            raise ValueError("pool='cls' needs an encoder with a cls token (use_cls_token=True)")
+        return norm(tokens[:, 0])
+    if pool != "avg":
+        raise ValueError(f"pool={pool!r} is unknown; 'avg' or 'cls'")
+    norm(tokens[:, :1])  # called all the same, so the parameter tree is the encoder's
+    return tokens[:, prefix:].mean(axis=1)
+
+
 class ViTEncoder(nn.Module):
     """images (B, H, W, C) -> tokens (B, [1 +] N, width) after the final LayerNorm.
 
@@ -188,6 +202,11 @@ class ViTEncoder(nn.Module):
 
     def __call__(self, images, train: bool = False):
         return self.encode(self.prepend_cls(self.embed(images)), train)
+
+    def pool_tokens(self, images, pool: str = "avg", train: bool = False):
+        """(B, width) for a classification head (module function pool_tokens)."""
+        tokens = self.blocks(self.prepend_cls(self.embed(images)), train)
+        return pool_tokens(tokens, self.norm, pool, self.num_prefix_tokens)
 
     def features(self, images, layers: Sequence[int] = (3, 5, 7, 11), train: bool = False):
         """Outputs of blocks `layers` (0-based) as (B, H/p, W/p, width) maps, cls token dropped.
