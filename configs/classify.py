@@ -31,11 +31,15 @@ LARS has no AdamW counterpart: lr 1e-3 here).
 Sentinel-2 chips of 5 land-cover classes (240 chips, fixed 60/20/20 split): 60 steps of batch 16,
 about 40 s on a 2-core CPU; val top-1 well above the majority class (~0.3).
 """
+import ml_collections
+
 from eojax import config_lib
 
 SIZES = {"satmae": 96, "mae": 224, "prithvi": 224, "dofa": 224, "croma": 120, "resnet": 224}
+# Training images per epoch, for epoch-based steps: fMoW-Sentinel's train split, EuroSAT's 60 %
+# (folders / csv: set total_steps for other sets), the eo-learn land-use set's train chips.
+TRAIN_IMAGES = {"fmow": 712_874, "folders": 16_200, "csv": 16_200, "eolearn": 261, "synthetic": 143}
 VARIANTS = {"satmae": "large", "mae": "base", "prithvi": "base", "dofa": "base", "croma": "base", "resnet": "50"}
-FMOW_TRAIN_IMAGES = 712_874  # fMoW-Sentinel's train split
 
 
 def get_config(arg=None):
@@ -43,8 +47,9 @@ def get_config(arg=None):
     probe = arg.mode == "linear_probe"
     config = config_lib.trainer_defaults()
     config.task = "classify"
-    config.batch_size = 128  # SatMAE++: 8 per micro-batch x 16 accumulated
-    steps_per_epoch = FMOW_TRAIN_IMAGES // config.batch_size
+    small = arg.data == "eolearn"  # 261 training chips: batch 32, no accumulation
+    config.batch_size = 32 if small else 128  # SatMAE++: 8 per micro-batch x 16 accumulated
+    steps_per_epoch = max(TRAIN_IMAGES.get(arg.data, 16_200) // config.batch_size, 1)
     config.total_steps = arg.epochs * steps_per_epoch
     config.eval_every = steps_per_epoch
     config.checkpoint_every = steps_per_epoch // 4
@@ -53,16 +58,16 @@ def get_config(arg=None):
     config.best_mode = "max"
 
     config.input = dict(
-        source=arg.data,  # fmow | folders | csv | synthetic (eojax/classify/data.py)
+        source="eolearn_lulc" if arg.data == "eolearn" else arg.data,  # fmow | folders | csv | eolearn_lulc | synthetic
         root="",  # fmow: the release folder; folders: the folder of class folders
         csv="",  # source 'csv': path,label (or labels 'a;b') [,split]
         classes=(),  # class names in label order; empty = sorted folder names / CSV labels / fMoW's 62
         preset="",  # eurosat_ms | eurosat_rgb: the release's band names and sensor
         bands=(),  # names or 1-based indices to read; empty = all (fmow: SatMAE's 10)
         band_names=(),  # names of the files' bands when they carry no descriptions
-        sensor="sentinel2a" if arg.data in ("fmow", "synthetic") else "",  # the bands' sensor (eojax.data.sensors)
-        nodata=None,
-        size=SIZES.get(arg.encoder, 224),  # chips are centre-cropped square and resized to it
+        sensor="sentinel2a" if arg.data in ("fmow", "synthetic", "eolearn") else "",  # the bands' sensor (eojax.data.sensors)
+        nodata=ml_collections.config_dict.placeholder(float),  # override the files' nodata value
+        size=8 if small else SIZES.get(arg.encoder, 224),  # chips are centre-cropped square and resized to it
         multi_label=False,  # folders / CSV with one label per chip can still be trained multi-label
         normalize="satmae" if arg.data == "fmow" else "data",  # data | satmae | none
         mean=(), std=(),
@@ -79,6 +84,15 @@ def get_config(arg=None):
         head_init_std=0.01 if probe else 2e-5,
         dtype="float32",
     )
+    if small:  # the encoder the eo-learn MAE pretraining of docs/classify.md trains (patch 2 on 8-px chips)
+        config.eval_every = 5 * steps_per_epoch
+        config.checkpoint_every = 10 * steps_per_epoch
+        if arg.encoder == "mae":
+            config.model.update(encoder_variant="mu")
+            config.model.encoder_args = dict(width=64, depth=4, heads=4, mlp_dim=256, patch_size=2,
+                                             drop_path_rate=0.0 if probe else 0.1)
+        elif arg.encoder == "resnet":
+            config.model.encoder_variant = "18"
     config.augment = dict(
         flips=True,  # random horizontal flips and transposes (quarter turns with them)
         mixup=0.0 if probe else 0.8, cutmix=0.0 if probe else 1.0, mix_prob=1.0, switch_prob=0.5,
@@ -91,7 +105,7 @@ def get_config(arg=None):
     lr = 2e-4 * config.batch_size / 256
     config.optim.update(name="adamw", lr=1e-3 if probe else lr, weight_decay=0.0 if probe else 0.05,
                         schedule="cosine", warmup_steps=5 * steps_per_epoch if not probe else steps_per_epoch,
-                        end_lr_factor=1e-6 / lr if not probe else 0.0, accum_steps=16,
+                        end_lr_factor=1e-6 / lr if not probe else 0.0, accum_steps=1 if small else 16,
                         layer_decay=1.0 if probe or arg.encoder == "resnet" else 0.75)
     if probe:
         config.optim.freeze = ("^encoder/",)

@@ -116,3 +116,31 @@ def test_finetune_then_probe_its_encoder_eval_and_knn(tmp_path):
     fresh = cls_eval.knn_command(knn_cfg, str(tmp_path / "knn"))
     assert fresh["knn_top1"] == pytest.approx(expect.top1)
     assert json.load(open(tmp_path / "knn" / "knn.json"))["knn_top1"] == fresh["knn_top1"]
+
+
+def test_eolearn_land_use_set_matches_its_sources_and_splits_by_location(tmp_path, test_data):
+    """The real set: every chip is the reference scene's pixels, georeferenced where it was cut, its
+    label the majority of the LULC pixels under it (RABA codes grouped as documented), and no
+    location is in two splits."""
+    from eojax.classify import datasets
+    root = str(test_data / "eolearn")
+    table = datasets.write_eolearn_lulc(tmp_path / "lulc", root)
+    scenes = np.load(os.path.join(root, "REFERENCE_SCENES.npy"))
+    raba = np.load(os.path.join(root, "TestEOPatch", "mask_timeless", "LULC.npy"))[..., 0]
+    group = {2: "forest", 3: "grassland", 1: "other", 4: "other", 8: "other"}
+    rows = list(csv.DictReader(open(table)))
+    assert len(rows) > 300
+    split_of = {}
+    for row in rows[::7]:
+        name = os.path.basename(row["path"])
+        r, c, date = int(name[1:3]), int(name[4:6]), name[7:17]
+        index = {v: k for k, v in datasets.EOLEARN_CLEAR.items()}[date]
+        with rasterio.open(os.path.join(os.path.dirname(table), row["path"])) as src:
+            np.testing.assert_array_equal(src.read(), np.moveaxis(scenes[index, 8 * r:8 * r + 8, 8 * c:8 * c + 8], -1, 0))
+            assert src.crs.to_epsg() == 32633 and abs(src.transform.c - (465181.0522 + 80 * c * 0.99948)) < 1.0
+        names = [group[v] for v in raba[8 * r:8 * r + 8, 8 * c:8 * c + 8].ravel() if v in group]
+        assert row["label"] == max(sorted(set(names)), key=names.count)
+    for row in rows:
+        name = os.path.basename(row["path"])
+        assert split_of.setdefault(name[:6], row["split"]) == row["split"]  # a location keeps its split
+    assert {r["split"] for r in rows} == {"train", "val", "test"}

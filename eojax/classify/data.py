@@ -9,6 +9,9 @@ Sources (`config.input.source`):
   `labels` with several class names separated by ';' (multi-label, BigEarthNet style), and
   optionally a `split` column (train / val / test).
 - 'fmow': fMoW-Sentinel (eojax.data.fmow: its CSVs and splits, the 62 categories).
+- 'eolearn_lulc': a real land-use set made from eo-learn's Sentinel-2 patch and its LULC map
+  (eojax.classify.datasets: forest / grassland / other, 8-px chips of 13 bands on 3 dates, a
+  spatial split), written once to the cache from `root` (default $EOJAX_TEST_DATA/eolearn).
 - 'synthetic': eojax's built-in chips (land-cover classes of the synthetic scenes, written once to
   the cache; what `:runlocal` and the tests train on).
 
@@ -35,11 +38,12 @@ import grain
 import numpy as np
 import rasterio
 
+from eojax.classify import datasets
 from eojax.data import fmow, pipeline, synthetic
 from eojax.data.raster import RasterError
 from eojax.data.stats import BandStats
 
-SOURCES = ("folders", "csv", "fmow", "synthetic")
+SOURCES = ("folders", "csv", "fmow", "eolearn_lulc", "synthetic")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".jp2")
@@ -245,10 +249,22 @@ def synthetic_chips(directory=None, *, n: int = 240, size: int = 32, seed: int =
     return str(directory)
 
 
+def eolearn_lulc_csv(root: str = "") -> str:
+    """labels.csv of the eo-learn land-use set (eojax.classify.datasets), written once to the cache."""
+    root = root or os.path.join(os.environ.get("EOJAX_TEST_DATA", ""), "eolearn")
+    directory = synthetic.default_dir() / "eolearn_lulc_v1"
+    if not (directory / "DONE").exists():
+        datasets.write_eolearn_lulc(directory, root)
+        (directory / "DONE").write_text("ok\n")
+    return str(directory / "labels.csv")
+
+
 def splits_from_config(cfg) -> tuple[list[str], dict[str, list[Chip]]]:
-    """(class names, chips per split) for the 'folders', 'csv' and 'synthetic' sources."""
-    if cfg.source == "csv":
-        classes, chips, given = csv_chips(cfg.csv, cfg.classes)
+    """(class names, chips per split) for the 'folders', 'csv', 'eolearn_lulc' and 'synthetic' sources."""
+    if cfg.source in ("csv", "eolearn_lulc"):
+        table = eolearn_lulc_csv(cfg.root) if cfg.source == "eolearn_lulc" else cfg.csv
+        default = datasets.LULC_CLASSES if cfg.source == "eolearn_lulc" else ()
+        classes, chips, given = csv_chips(table, cfg.classes or default)
     else:
         root = synthetic_chips() if cfg.source == "synthetic" else cfg.root
         classes, chips = folder_chips(root, cfg.classes)
