@@ -19,7 +19,8 @@ warm-up, lr = blr x 128 / 256 with blr 2e-4, AdamW weight decay 0.05, layer-wise
 drop path 0.2 (every ViT encoder here), cosine to 1e-6, mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25,
 global average pooling -> fc_norm -> head. The reference's RandAugment (rand-m9-mstd0.5-inc1) is made
 of RGB photo operations (colour, posterize, solarize, ...) that have no meaning for 10 reflectance
-bands; eojax flips and quarter-turns the chips instead (overhead imagery has no upright) and keeps
+bands; eojax flips and quarter-turns the chips instead (the 8 symmetries of the square: overhead imagery
+has no upright) and keeps
 random erasing, mixup and cutmix, which are band-agnostic.
 
 Linear probe: MAE's recipe (main_linprobe.py): the frozen encoder's features through a BatchNorm
@@ -94,7 +95,7 @@ def get_config(arg=None):
         elif arg.encoder == "resnet":
             config.model.encoder_variant = "18"
     config.augment = dict(
-        flips=True,  # random horizontal flips and transposes (quarter turns with them)
+        flips=True,  # one of the 8 flips / quarter turns per chip (flips only for non-square chips)
         mixup=0.0 if probe else 0.8, cutmix=0.0 if probe else 1.0, mix_prob=1.0, switch_prob=0.5,
         label_smoothing=0.0 if probe else 0.1,
         random_erase=0.0 if probe else 0.25,

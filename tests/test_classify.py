@@ -144,3 +144,23 @@ def test_eolearn_land_use_set_matches_its_sources_and_splits_by_location(tmp_pat
         name = os.path.basename(row["path"])
         assert split_of.setdefault(name[:6], row["split"]) == row["split"]  # a location keeps its split
     assert {r["split"] for r in rows} == {"train", "val", "test"}
+
+
+def test_flips_give_each_of_the_eight_symmetries_of_a_square():
+    from eojax import tasks
+    cfg = load_config("classify")
+    cfg.augment.update(mixup=0.0, cutmix=0.0, random_erase=0.0, label_smoothing=0.0)
+    spec = tasks.DataSpec({"pixels": ((2, 4, 4), "float32"), "valid": ((4, 4), "bool"), "label": ((), "int32"),
+                           "weight": ((), "float32")},
+                          {"class_names": ["a", "b"], "multi_label": False, "band_names": ["x", "y"], "mean": None,
+                           "std": None})
+    task = tasks.get(cfg, spec)
+    image = np.arange(32, dtype=np.float32).reshape(1, 4, 4, 2)
+    images = np.repeat(image, 400, 0)
+    out, targets = task._augment(images, {"label": np.zeros(400, np.int32)}, jax.random.key(3))
+    square = [np.rot90(image[0], k, (0, 1)) for k in range(4)]
+    symmetries = square + [s[:, ::-1] for s in square]
+    seen = [next(i for i, s in enumerate(symmetries) if np.array_equal(o, s)) for o in np.asarray(out)]
+    counts = np.bincount(seen, minlength=8)
+    assert counts.min() > 20, counts  # every one of the 8, none other (next() would have raised)
+    np.testing.assert_array_equal(targets, np.eye(2)[np.zeros(400, int)])

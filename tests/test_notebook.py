@@ -28,6 +28,19 @@ def _check_gridmae(workdir, printed):
     assert "CRS: EPSG:32633" in printed
 
 
+def _check_classification(workdir, printed):
+    """The fine-tuned encoder beats the majority class on the land-use set's test split."""
+    import numpy as np
+    from eojax.classify import data as cdata
+
+    _, chips, splits = cdata.csv_chips(cdata.eolearn_lulc_csv(), ("forest", "grassland", "other"))
+    labels = [c.labels[0] for c, s in zip(chips, splits) if s == "test"]
+    majority = np.bincount(labels).max() / len(labels)
+    top1 = json.load(open(workdir / "results.json"))["test"]["top1"]
+    assert top1 > majority, f"classification: fine-tuned test top-1 {top1} <= majority class {majority}"
+    assert "fine-tune" in printed
+
+
 # Per notebook: the pictures the run must write into its workdir, the train metrics that must fall
 # (first logged value -> last), and anything more to check with (workdir, printed text).
 EXPECTED = {
@@ -38,6 +51,7 @@ EXPECTED = {
     "diffusion": dict(pngs=("diffusion_samples_step*.png",), falling=("loss",)),
     "seg": dict(pngs=("mae_reconstruction_step*.png", "*_overlay.png"), falling=("loss",)),
     "vsat": dict(pngs=("infer/infill_*.png", "eval/holdout_*.png"), falling=("loss",)),
+    "classification": dict(pngs=("eval/confusion_test.png",), falling=("loss",), check=_check_classification),
     # The geographic heads beat the training-mean baseline on great-circle error (results.json).
     "geo": dict(pngs=("geo_map_step*.png",), falling=("loss",),
                 check=lambda workdir, printed: None if (

@@ -185,7 +185,7 @@ class ChipSet:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 with rasterio.open(path) as src:
-                    if src.count != max(self.band_index) + 1 and src.count < max(self.band_index) + 1:
+                    if src.count <= max(self.band_index):  # changed since the header check
                         raise RasterError(f"{path} has {src.count} bands; this set reads bands "
                                           f"{[i + 1 for i in self.band_index]}")
                     image = src.read([i + 1 for i in self.band_index])

@@ -161,19 +161,34 @@ class ClassifyTask(Task):
     def load_pretrained_part(self, subtree, source, init_params):
         return weights_common.load_encoder_weights(source, init_params, self.model.encoder)
 
+    def load_pretrained(self, path, init_params):
+        """`config.init_from=<published file>`: a fine-tuned SatMAE++ classifier (the file has
+        `head.weight`) loads whole (eojax.classify.weights.load_classifier: encoder, fc_norm, head);
+        any other file loads the encoder only (as model.encoder_init) and the head stays as initialised."""
+        from eojax import weights  # imported here: only a published init_from needs them
+        from eojax.classify import weights as classify_weights
+
+        if self.config.model.mode == "scratch":
+            raise ValueError(f"model.mode='scratch' trains from random weights; remove config.init_from={path!r}")
+        if classify_weights.is_classifier_checkpoint(path):
+            return classify_weights.load_classifier(path, init_params, self.model)[0]
+        encoder = weights_common.load_encoder_weights(path, weights.jax_abstract(init_params["encoder"]),
+                                                      self.model.encoder)
+        return {**init_params, "encoder": encoder}
+
     # -- loss ----------------------------------------------------------------------------------------
     def _augment(self, images, batch, rng):
-        """Training's device-side augmentation: random flips and quarter turns (orientation carries
-        no class in overhead imagery), mixup / cutmix, random erasing -> (images, targets (B, K))."""
+        """Training's device-side augmentation: one of the 8 flips / quarter turns per image (square
+        chips; flips only otherwise: overhead imagery has no upright), mixup / cutmix, random erasing
+        -> (images, targets (B, K))."""
         a, k = self.config.augment, len(self.class_names)
-        r_flip, r_rot, r_mix, r_erase = jax.random.split(rng, 4)
+        r_flip, r_mix, r_erase = jax.random.split(rng, 3)
         if a.flips:
-            b = images.shape[0]
-            flip = jax.random.bernoulli(r_flip, 0.5, (b,))[:, None, None, None]
-            images = jnp.where(flip, images[:, :, ::-1], images)
+            draw = jax.random.bernoulli(r_flip, 0.5, (3, images.shape[0]))[..., None, None, None]
+            images = jnp.where(draw[0], images[:, :, ::-1], images)
+            images = jnp.where(draw[1], images[:, ::-1], images)
             if images.shape[1] == images.shape[2]:
-                turn = jax.random.bernoulli(r_rot, 0.5, (b,))[:, None, None, None]
-                images = jnp.where(turn, jnp.swapaxes(images, 1, 2), images)
+                images = jnp.where(draw[2], jnp.swapaxes(images, 1, 2), images)
         targets = batch["labels"] if self.multi_label else jax.nn.one_hot(batch["label"], k)
         if (a.mixup > 0 or a.cutmix > 0) and a.mix_prob > 0:
             images, targets, _ = mixing.mix(r_mix, images, targets, a.mixup, a.cutmix, prob=a.mix_prob,
