@@ -172,3 +172,19 @@ def test_tfds_builder_without_tensorflow(root, tmp_path):
     assert raw.shape[0] == len(FMOW_BANDS) and raw.dtype == np.uint16  # all bands, native size
     batch = next(pipeline.make_iterator(grain.MapDataset.source(via_tfds), batch_size=4))
     assert batch["pixels"].shape == (4, 10, 16, 16)
+
+
+def test_classification_source(root):
+    """configs/classify.py's default source: the release's splits, SatMAE's 10 bands, the 62 labels."""
+    from eojax.classify import data as cdata
+    from helpers import load_config
+
+    cfg = load_config("classify", "data=fmow")
+    cfg.input.update(root=str(root), size=16)
+    classes, sets = cdata.open_splits(cfg.input)
+    assert classes == list(FMOW_CATEGORIES) and set(sets) == {"train", "val"}
+    assert sets["train"].band_names == [b for b in FMOW_BANDS if b not in ("B1", "B9", "B10")]
+    element = sets["val"][0]
+    assert element["pixels"].shape == (10, 16, 16) and element["label"] == FMOW_CATEGORIES.index("zoo")
+    assert [sets["train"][i]["label"] for i in range(len(sets["train"]))] == [
+        FMOW_CATEGORIES.index(row[0]) for row in IMAGES["train"]]
