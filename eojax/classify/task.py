@@ -31,13 +31,13 @@ from eojax.classify import metrics
 from eojax.classify.model import HEAD_NORMS, POOLS, Classifier
 from eojax.data import device, fmow, mixing
 from eojax.models import encoders
-from eojax.tasks.base import DataSpec, Input, Task, apply_model, elements, stats_from_info, stats_info
+from eojax.tasks.base import DataSpec, SplitInput, Task, apply_model, elements, stats_from_info, stats_info
 from eojax.weights import common as weights_common
 
 MODES = ("linear_probe", "finetune", "scratch")
 
 
-class ClassifyInput(Input):
+class ClassifyInput(SplitInput):
     """Labelled chips per split (eojax.classify.data)."""
 
     @functools.cached_property
@@ -91,15 +91,6 @@ class ClassifyInput(Input):
     def one_pass(self, split, process_index, process_count):
         """One ordered pass over a split (train included: k-NN's memory), the last batch padded."""
         return self._input(split, process_index, process_count, endless=False)
-
-    def train(self, process_index, process_count):
-        return self._input("train", process_index, process_count)
-
-    def eval(self, process_index, process_count):
-        return self._input("val", process_index, process_count)
-
-    def test(self, process_index, process_count):
-        return self._input("test", process_index, process_count)
 
 
 class ClassifyTask(Task):

@@ -90,6 +90,23 @@ class Input:
         return None
 
 
+class SplitInput(Input):
+    """An Input whose train / eval / test streams are its 'train' / 'val' / 'test' splits, each made
+    by `_input(split, process_index, process_count)` (None for a split the data lacks)."""
+
+    def _input(self, split: str, process_index: int, process_count: int):
+        raise NotImplementedError
+
+    def train(self, process_index, process_count):
+        return self._input("train", process_index, process_count)
+
+    def eval(self, process_index, process_count):
+        return self._input("val", process_index, process_count)
+
+    def test(self, process_index, process_count):
+        return self._input("test", process_index, process_count)
+
+
 class Task:
     """A family's core: the model, its loss and its evaluation, built from (config, spec) and
     stateless (every method is a pure function of its arguments, the config and the spec).
@@ -149,6 +166,12 @@ class Task:
         family's layout."""
         raise NotApplicableError(f"the '{self.name}' task imports no checkpoint files ({path}); "
                                  "config.init_from takes an eojax run folder here")
+
+    def load_pretrained_variables(self, path: str, init_params, init_model_state):
+        """(params, model_state) from a published checkpoint: what weights.load calls. By default
+        load_pretrained's params and the model state as initialised; a family whose files also carry
+        model state (a torchvision ResNet's BatchNorm running statistics) overrides it."""
+        return self.load_pretrained(path, init_params), init_model_state
 
     def pretrained_parts(self) -> dict[str, str]:
         """{top-level params subtree: published source} loaded over the initialised params besides
