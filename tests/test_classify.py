@@ -164,3 +164,30 @@ def test_flips_give_each_of_the_eight_symmetries_of_a_square():
     counts = np.bincount(seen, minlength=8)
     assert counts.min() > 20, counts  # every one of the 8, none other (next() would have raised)
     np.testing.assert_array_equal(targets, np.eye(2)[np.zeros(400, int)])
+
+
+def test_multi_label_loss_is_the_mean_binary_cross_entropy():
+    """Multi-label chips: the loss is the mean sigmoid BCE over classes and weighted rows (numpy
+    reference), eval counts per-class F1 and skips padding rows."""
+    from eojax import tasks
+    cfg = load_config("classify")
+    cfg.augment.update(mixup=0.0, cutmix=0.0, random_erase=0.0, flips=False)
+    spec = tasks.DataSpec({"pixels": ((3, 8, 8), "float32"), "valid": ((8, 8), "bool"), "labels": ((4,), "float32"),
+                           "weight": ((), "float32")},
+                          {"class_names": list("abcd"), "multi_label": True, "band_names": ["x", "y", "z"],
+                           "mean": None, "std": None})
+    task = tasks.get(cfg, spec)
+    rng = np.random.default_rng(0)
+    batch = {"pixels": rng.normal(size=(6, 3, 8, 8)).astype(np.float32), "valid": np.ones((6, 8, 8), bool),
+             "labels": (rng.random((6, 4)) < 0.4).astype(np.float32),
+             "weight": np.array([1, 1, 1, 1, 0, 0], np.float32)}
+    variables = task.init(jax.random.key(0), batch)
+    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    loss, _, _ = task.loss_fn(params, state, batch, jax.random.key(1), False)
+    z = np.asarray(task.logits(params, state, task.images(batch))[0], np.float64)
+    y = batch["labels"]
+    bce = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+    np.testing.assert_allclose(float(loss), bce.mean(1)[:4].mean(), rtol=1e-5)
+    out = task.finalize_eval(jax.device_get(task.eval_fn(params, state, batch, None)))
+    assert out["count"] == 4 and {"micro_f1", "macro_f1", "f1_a", "loss"} <= set(out)
+    np.testing.assert_allclose(out["loss"], bce.mean(1)[:4].mean(), rtol=1e-5)
