@@ -7,6 +7,10 @@ Modes (config.model.mode):
 - 'retrain_input': the PANGAEA fork's (sig-gis/pangaea-bench) `finetune=retrain_input`: only the
   encoder's input layer (its patch embedding, `unfreeze_input_layer`) and the decoder train; every
   other encoder parameter is frozen by the optimizer (optim.freeze = (retrain_input_freeze(encoder),)).
+  ResNet's input layer is its stem conv `conv1` (its BatchNorm statistics still move: the encoder runs
+  in training mode, as the fork's).
+Encoders in SCRATCH_ONLY (the UNet encoder of PANGAEA's supervised baseline) take 'random' or
+'finetune' only.
 
 Preprocessings (config.input.preprocessing), PANGAEA's names (configs/preprocessing/*.yaml):
 - 'seg_default': random crops of the encoder's size for training, sliding windows over whole scenes
@@ -25,9 +29,13 @@ PREPROCESSINGS = ("seg_default", "seg_resize_input_layer", "seg_resize")
 
 # The encoder's input layer, as the fork's `unfreeze_input_layer` names it: Prithvi / DOFA / ViT
 # `patch_embed` (DOFA: the whole wavelength-conditioned weight generator), CROMA `linear_input`,
-# SatMAE++ one `patch_embed_<g>` per channel group. Position embeddings and the cls token stay frozen.
-INPUT_LAYERS = {"croma": "linear_input"}
+# SatMAE++ one `patch_embed_<g>` per channel group, ResNet its stem conv (torchvision's `conv1`).
+# Position embeddings and the cls token stay frozen.
+INPUT_LAYERS = {"croma": "linear_input", "resnet": "conv1"}
 DEFAULT_INPUT_LAYER = "patch_embed"
+# Encoders that only exist to be trained from scratch with their decoder (PANGAEA asserts `finetune`
+# for its UNet): 'frozen' and 'retrain_input' make no sense for them.
+SCRATCH_ONLY = ("unet",)
 
 
 def input_layer(encoder: str) -> str:

@@ -5,8 +5,15 @@ freeze mask '^encoder/', features under stop_gradient), 'finetune' (everything t
 config.optim.lr_scales can give the encoder a lower lr), 'random' (like finetune, never loads
 pretrained weights), 'retrain_input' (the PANGAEA fork's: the freeze mask leaves only the encoder's
 input layer, its patch embedding, and the decoder to train; gradients flow through the encoder).
-Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained`, delegating to the
-encoder's converter, weights.common.load_encoder) or from an eojax MAE / SatMAE++ run folder.
+Pretrained encoder weights come from `config.init_from=<file>` (`load_pretrained_variables`,
+delegating to the encoder's converter, weights.common.load_encoder) or from an eojax MAE / SatMAE++ run
+folder. A CNN encoder (ResNet) keeps BatchNorm running statistics: they are model state under
+'batch_stats/encoder' beside the decoder's, loaded from a torchvision checkpoint with its weights, and
+left unchanged in frozen mode (the encoder normalises with them in eval mode).
+
+Encoder 'unet' with decoder 'unet' is PANGAEA's supervised UNet baseline: the whole encoder-decoder
+trains from scratch (modes 'random' / 'finetune'; 'frozen' and 'retrain_input' are refused, as
+PANGAEA asserts `finetune` for it).
 
 SegInput reads the image / mask pairs and states them as a DataSpec (band names, classes, the
 normalisation's statistics); SegTask, the model and its loss, is built from the config and that spec
@@ -45,13 +52,13 @@ from eojax.seg import data as segdata
 from eojax.seg import decoders as seg_models
 from eojax.seg import evaluation as seg_eval
 from eojax.seg import modes as seg_modes
-from eojax.tasks.base import DataSpec, Input, Task, apply_model, elements, stats_from_info, stats_info
+from eojax.tasks.base import DataSpec, SplitInput, Task, apply_model, elements, stats_from_info, stats_info
 from eojax.weights import common as weights_common
 
 MODES = seg_modes.MODES
 
 
-class SegInput(Input):
+class SegInput(SplitInput):
     """Image / mask pairs per split: random crops for training, whole scenes for val and test."""
 
     @functools.cached_property
@@ -96,15 +103,6 @@ class SegInput(Input):
                                   process_index=process_index, process_count=process_count, seed=c.seed,
                                   window=window)
 
-    def train(self, process_index, process_count):
-        return self._input("train", process_index, process_count)
-
-    def eval(self, process_index, process_count):
-        return self._input("val", process_index, process_count)
-
-    def test(self, process_index, process_count):
-        return self._input("test", process_index, process_count)
-
     def fingerprint(self):
         return segdata.fingerprint(self.pair_sets)
 
@@ -143,6 +141,9 @@ class SegTask(Task):
         if m.mode == "frozen" and "^encoder/" not in tuple(config.optim.freeze):
             raise ValueError("model.mode='frozen' needs config.optim.freeze to contain '^encoder/' "
                              "(configs/seg.py sets it)")
+        if m.encoder in seg_modes.SCRATCH_ONLY and m.mode not in ("random", "finetune"):
+            raise ValueError(f"model.encoder={m.encoder!r} is PANGAEA's supervised baseline, trained from scratch "
+                             f"with its decoder: use model.mode='random' (or 'finetune'), not {m.mode!r}")
         if m.mode == "retrain_input":
             want = seg_modes.retrain_input_freeze(m.encoder)
             if tuple(config.optim.freeze) != (want,):
@@ -178,14 +179,16 @@ class SegTask(Task):
         return [base + k for k in range(self.k)] if self.k else [base]
 
     def init(self, rng, batch):
-        """Variables {'params': {encoder, decoder}, 'batch_stats': {decoder}} (BatchNorm decoders); in a
-        sweep the decoders sit under 'probes/probe_k' in every collection."""
+        """Variables {'params': {encoder, decoder}, 'batch_stats': {encoder, decoder}} (the encoder's
+        part only for a CNN encoder, the decoder's for BatchNorm decoders); in a sweep the decoders sit
+        under 'probes/probe_k' in every collection."""
         images = self.images(batch)
-        params = self.model.init({"params": rng, "dropout": rng}, images, train=False)["params"]
-        feats = self.model.apply({"params": params}, images, method="features")
+        full = self.model.init({"params": rng, "dropout": rng}, images, train=False)
+        # The encoder's own collections (a ResNet's BatchNorm statistics) are model state too.
+        variables = {col: {"encoder": tree["encoder"]} for col, tree in full.items() if "encoder" in tree}
+        feats = self.model.apply(variables, images, method="features")
         # Each decoder from its own seed, so sweep probe k starts exactly as a single run with probe_seed k.
         decoders = [self.decoder.init(jax.random.fold_in(rng, 1_000_003 + i), feats) for i in self._probe_ids()]
-        variables = {"params": {"encoder": params["encoder"]}}
         for col in decoders[0]:
             trees = [d[col] for d in decoders]
             variables.setdefault(col, {}).update(
@@ -203,7 +206,9 @@ class SegTask(Task):
         if not self.k:  # the dropout rng of probe `probe_seed`, as in a sweep
             return apply_model(self.model, params, state, images, train=train, size=size,
                                rngs={"dropout": jax.random.fold_in(rng, self._probe_ids()[0])})
-        feats = self.model.apply({"params": {"encoder": params["encoder"]}}, images, train,
+        # A sweep is frozen: the encoder runs in eval mode and reads (never moves) its statistics.
+        encoder_state = {c: {"encoder": t["encoder"]} for c, t in state.items() if "encoder" in t}
+        feats = self.model.apply({"params": {"encoder": params["encoder"]}, **encoder_state}, images, train,
                                  method="features")
         probes = [f"probe_{k}" for k in range(self.k)]
         stack = lambda tree: jax.tree.map(lambda *x: jnp.stack(x), *[tree["probes"][p] for p in probes])  # noqa: E731
@@ -213,10 +218,12 @@ class SegTask(Task):
             return apply_model(self.model, {"decoder": p}, {c: {"decoder": t} for c, t in s.items()}, feats, size,
                                train=train, method="decode", rngs={"dropout": r})
 
-        out, new = jax.vmap(decode)(stack(params), {c: stack(t) for c, t in state.items()}, rngs)
-        new = {c: {"probes": {p: jax.tree.map(lambda x: x[k], t["decoder"]) for k, p in enumerate(probes)}}
-               for c, t in new.items()}
-        return out, new
+        probe_state = {c: stack(t) for c, t in state.items() if "probes" in t}
+        out, new = jax.vmap(decode)(stack(params), probe_state, rngs)
+        new_state = {c: dict(t) for c, t in state.items()}
+        for c, t in new.items():
+            new_state[c]["probes"] = {p: jax.tree.map(lambda x: x[k], t["decoder"]) for k, p in enumerate(probes)}
+        return out, new_state
 
     # -- loss and evaluation -----------------------------------------------------------------------
     def _keep(self, batch):
@@ -283,21 +290,48 @@ class SegTask(Task):
         return out
 
     # -- pretrained weights --------------------------------------------------------------------------
-    def load_pretrained(self, path, init_params):
-        """Encoder weights from a checkpoint file, the decoder freshly initialised.
-
-        Prithvi / DOFA / CROMA / SatMAE++: the published PyTorch layouts through eojax.weights (band
-        matching, position-embedding resampling and shape checks happen there). eojax MAE: an .npz of
-        the encoder subtree of an eojax run ('/'-joined keys; `export_encoder` writes it)."""
+    def _load_encoder(self, path, init_params):
+        """(encoder params, the encoder's model state from the file: {'batch_stats': ...} for a
+        torchvision ResNet, else {})."""
         m = self.config.model
         if m.mode == "random":
             raise ValueError(f"model.mode='random' trains from random weights; remove config.init_from={path!r}")
+        if m.encoder in seg_modes.SCRATCH_ONLY:
+            raise ValueError(f"model.encoder={m.encoder!r} has no published checkpoint (PANGAEA trains it from "
+                             f"scratch); config.init_from={path!r} can only be an eojax run folder for it")
         abstract = weights.jax_abstract(init_params["encoder"])
         if m.encoder == "mae":
-            encoder = weights_common.load_npz_tree(path, abstract)
-        else:
-            encoder, _ = weights_common.load_encoder(path, abstract, self.model.encoder)
+            return weights_common.load_npz_tree(path, abstract), {}
+        encoder, report = weights_common.load_encoder(path, abstract, self.model.encoder)
+        stats = report.get("batch_stats")  # eojax.weights.resnet reports the running statistics here
+        return encoder, ({} if stats is None else {"batch_stats": stats})
+
+    def load_pretrained(self, path, init_params):
+        """Encoder weights from a checkpoint file, the decoder freshly initialised (params only; the
+        trainer calls load_pretrained_variables, which keeps a ResNet's statistics too).
+
+        Prithvi / DOFA / CROMA / SatMAE++ / ResNet: the published PyTorch layouts through eojax.weights
+        (band matching, position-embedding resampling and shape checks happen there). eojax MAE: an
+        .npz of the encoder subtree of an eojax run ('/'-joined keys; `export_encoder` writes it)."""
+        encoder, _ = self._load_encoder(path, init_params)
         return {**init_params, "encoder": encoder}  # the decoder as the trainer initialised it
+
+    def load_pretrained_variables(self, path, init_params, init_model_state):
+        """(params, model_state): load_pretrained's params, and the file's encoder statistics (a
+        torchvision ResNet's running mean / var) in place of the initial ones under
+        '<collection>/encoder'; the decoder's state stays as initialised."""
+        encoder, encoder_state = self._load_encoder(path, init_params)
+        if not encoder_state:
+            return {**init_params, "encoder": encoder}, init_model_state
+        state = dict(init_model_state)
+        for col, tree in encoder_state.items():
+            have = init_model_state.get(col, {}).get("encoder")
+            if have is None:
+                raise ckpt_lib.CheckpointMismatchError(f"{path} has encoder {col!r} but the model keeps none")
+            ckpt_lib.check_compatible(tree, weights.jax_abstract(have), f"the encoder {col} of {path}")
+            placed = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, s.dtype), s.sharding), tree, have)
+            state[col] = {**init_model_state[col], "encoder": placed}
+        return {**init_params, "encoder": encoder}, state
 
 
 def resize_to_encoder(images, size: int):

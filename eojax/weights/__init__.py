@@ -24,8 +24,10 @@ def load(init_params: Any, source: str, task, init_model_state: Any = None) -> t
 
     - an eojax run folder (or its checkpoints/, best/ or one step folder): its evaluation variables
       (the EMA when the run kept one), every key and shape checked;
-    - a published file or folder: the family's converter, `task.load_pretrained(source, init_params)`
-      (e.g. Prithvi / DOFA / CROMA / SatMAE++ encoders, Hugging Face GPT-2), which may keep parts of
+    - a published file or folder: the family's converter, `task.load_pretrained_variables(source,
+      init_params, init_model_state)` (by default `task.load_pretrained(source, init_params)` with the
+      model state as initialised; e.g. Prithvi / DOFA / CROMA / SatMAE++ encoders, Hugging Face GPT-2;
+      a torchvision ResNet's running statistics go to the model state), which may keep parts of
       `init_params` (a fresh decoder) and reports missing / unexpected / reshaped keys by name.
 
     The trainer calls it for `config.init_from`; infer, export, FID and the segmentation encoders read
@@ -35,9 +37,9 @@ def load(init_params: Any, source: str, task, init_model_state: Any = None) -> t
         return ckpt_lib.load_variables(source, jax_abstract(init_params), jax_abstract(init_model_state))
     if not os.path.exists(source):
         raise FileNotFoundError(f"config.init_from: {source} does not exist")
-    params = task.load_pretrained(source, init_params)
+    params, model_state = task.load_pretrained_variables(source, init_params, init_model_state)
     logging.info("initialised params from the published checkpoint %s", source)
-    return params, init_model_state
+    return params, model_state
 
 
 def jax_abstract(tree: Any) -> Any:

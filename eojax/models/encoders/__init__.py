@@ -26,6 +26,7 @@ _REGISTRY = {
     "dofa": ("eojax.models.encoders.dofa", "DOFA", "eojax.models.encoders.dofa", "VARIANTS"),
     "croma": ("eojax.models.encoders.croma", "CROMA", "eojax.models.encoders.croma", "VARIANTS"),
     "resnet": ("eojax.models.resnet", "ResNet", "eojax.models.resnet", "VARIANTS"),
+    "unet": ("eojax.models.unet", "UNetEncoder", "eojax.models.unet", "VARIANTS"),
 }
 NAMES = tuple(_REGISTRY)
 __all__ = ["DEFAULT_LAYERS", "NAMES", "build", "encoder_class", "variants"]

@@ -2,10 +2,12 @@
 
 `SegmentationModel(encoder, decoder)` maps images (B, H, W, C) (or (B, T, H, W, C) for multi-temporal
 encoders) to float32 logits (B, H, W, num_classes) at the input resolution. The encoder returns a list
-of (B, h, w, D) maps (its `layers`); the decoder turns them into logits at some fraction of the image,
-which are upsampled bilinearly. With `freeze_encoder` the features pass through stop_gradient (no
-backward pass through the encoder) and the encoder runs in eval mode; the parameters themselves are
-frozen by the optimizer's freeze mask (config.optim.freeze = ('^encoder/',)).
+of (B, h, w, D) maps (a ViT's `layers`, all at 1/p; a CNN's stages, finest first, at their own strides);
+the decoder turns them into logits at some fraction of the image (linear / FCN: the last map's stride),
+which are upsampled bilinearly to the input's size. With `freeze_encoder` the features pass through
+stop_gradient (no backward pass through the encoder) and the encoder runs in eval mode; the parameters
+themselves are frozen by the optimizer's freeze mask (config.optim.freeze = ('^encoder/',)); a CNN
+encoder's BatchNorm then normalises with its running statistics and leaves them as they are.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from eojax.seg.decoders.linear import LinearDecoder
 from eojax.seg.decoders.muster import Muster
 from eojax.seg.decoders.pyramid import FeaturePyramid
 from eojax.seg.decoders.segformer import SegFormerHead
+from eojax.seg.decoders.unet import UNetDecoder
 from eojax.seg.decoders.upernet import UperNet
 
 DECODERS = {"linear": LinearDecoder, "fcn": FCNDecoder, "upernet": UperNet, "segformer": SegFormerHead,
-            "muster": Muster}
+            "muster": Muster, "unet": UNetDecoder}
 
 
 def build_decoder(name: str, num_classes: int, norm: str = "batch", **kwargs) -> nn.Module:

@@ -3,6 +3,10 @@
 Four same-resolution maps at 1/p of the image become 4x, 2x, 1x and 0.5x that resolution: two
 stride-2 transposed convs (with a norm + GELU between), one transposed conv, identity, 2x2 max-pool
 (floor, so an odd map of 15 gives 7).
+
+A CNN's maps (ResNet: strides 4, 8, 16, 32; the UNet encoder: 1 to 16) are a pyramid already: maps
+that differ in size pass through unchanged (any number of them, finest first), with no neck
+parameters, as PANGAEA feeds a hierarchical encoder's outputs straight to its decoders.
 """
 from __future__ import annotations
 
@@ -23,8 +27,14 @@ class FeaturePyramid(nn.Module):
 
     @nn.compact
     def __call__(self, features: Sequence, train: bool = False) -> list:
+        sizes = [tuple(f.shape[1:3]) for f in features]
+        if len(set(sizes)) > 1:  # a CNN's maps: already at successive strides
+            if any(a[0] < b[0] or a[1] < b[1] for a, b in zip(sizes, sizes[1:])):
+                raise ValueError(f"encoder maps of different sizes must not grow from the first to the last "
+                                 f"(a CNN's pyramid, finest first); got sizes {sizes}")
+            return [constrain(f) for f in features]
         if len(features) != 4:
-            raise ValueError(f"the feature pyramid needs 4 encoder maps, got {len(features)}")
+            raise ValueError(f"the feature pyramid needs 4 same-size (ViT) encoder maps, got {len(features)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         f0, f1, f2, f3 = features
         d = f0.shape[-1]
