@@ -438,8 +438,7 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer) -> TrainState
         params, model_state = state.params, state.model_state
         if run.config.init_from:
             params, model_state = weights.load(params, run.config.init_from, run.task, model_state)
-        for subtree, source in parts.items():
-            params = {**params, subtree: run.task.load_pretrained_part(subtree, source, params[subtree])}
+        params, model_state = tasks.load_pretrained_parts(run.task, params, model_state)
         # A fresh optimizer state for the loaded params (an EMA must start from them, not the init).
         state = state.replace(params=params, model_state=model_state,
                               ema_model_state=model_state if run.optimizer.keeps_ema else {})

@@ -191,3 +191,22 @@ def test_multi_label_loss_is_the_mean_binary_cross_entropy():
     out = task.finalize_eval(jax.device_get(task.eval_fn(params, state, batch, None)))
     assert out["count"] == 4 and {"micro_f1", "macro_f1", "f1_a", "loss"} <= set(out)
     np.testing.assert_allclose(out["loss"], bce.mean(1)[:4].mean(), rtol=1e-5)
+
+
+def test_resnet_encoder_init_brings_its_running_statistics(tmp_path):
+    """model.encoder_init=<torchvision-layout ResNet file>: the weights and the BatchNorm running
+    statistics (model state) both come from the file; the head's state stays as initialised."""
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+    from test_seg_cnn import FIXTURE_ARCH, RESNET_FIXTURE, _torch_stats
+
+    cfg = load_config("classify", "runlocal,encoder=resnet,mode=linear_probe")
+    cfg.model.update(encoder_args=dict(FIXTURE_ARCH), encoder_init=RESNET_FIXTURE)
+    run = train.setup(cfg, devices=jax.devices()[:1])
+    state = train.restore_or_init(run, ckpt_lib.Checkpointer(str(tmp_path / "ckpt")))
+    got = traverse_util.flatten_dict(jax.device_get(state.model_state["batch_stats"]["encoder"]))
+    want = _torch_stats(load_file(RESNET_FIXTURE))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+    assert "head_bn" in state.model_state["batch_stats"]  # the probe's BatchNorm, fresh

@@ -81,7 +81,7 @@ def knn_command(config, workdir: str) -> dict:
     """`eojax knn`: k-NN of the encoder of `workdir`'s latest checkpoint (a classify run), or, in a
     workdir without one, of the encoder `config.model.encoder_init` names (any run or weights file
     the classify family loads), untrained. Writes <workdir>/knn.json."""
-    from eojax import checkpoint as ckpt_lib, errors, parallel, train
+    from eojax import checkpoint as ckpt_lib, errors, parallel, tasks, train
 
     if config.task != "classify":
         raise errors.ConfigError(f"eojax knn scores classification splits: config.task is {config.task!r}, "
@@ -95,10 +95,7 @@ def knn_command(config, workdir: str) -> dict:
         parallel.maybe_initialize_distributed(**config.distributed)
         run = train.setup(config)
         state = run.init_state()
-        params = dict(state.params)
-        for subtree, source in run.task.pretrained_parts().items():
-            params[subtree] = run.task.load_pretrained_part(subtree, source, params[subtree])
-        variables = (params, state.model_state)
+        variables = tasks.load_pretrained_parts(run.task, state.params, state.model_state)
     with run.scope():
         result = knn_scores(run, variables)
     if jax.process_index() == 0:

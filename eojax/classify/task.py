@@ -149,8 +149,11 @@ class ClassifyTask(Task):
         init = self.config.model.encoder_init
         return {"encoder": init} if init else {}
 
-    def load_pretrained_part(self, subtree, source, init_params):
-        return weights_common.load_encoder_weights(source, init_params, self.model.encoder)
+    def load_pretrained_part_variables(self, subtree, source, init_params, init_model_state):
+        """The encoder's params and its model state (a ResNet's running statistics) from a run
+        folder, an .npz or a published file; the head stays as initialised."""
+        params, encoder_state = weights_common.load_encoder_weights(source, init_params, self.model.encoder)
+        return params, weights_common.place_encoder_state(source, encoder_state, init_model_state)
 
     def load_pretrained(self, path, init_params):
         """`config.init_from=<published file>`: a fine-tuned SatMAE++ classifier (the file has

@@ -321,17 +321,8 @@ class SegTask(Task):
         torchvision ResNet's running mean / var) in place of the initial ones under
         '<collection>/encoder'; the decoder's state stays as initialised."""
         encoder, encoder_state = self._load_encoder(path, init_params)
-        if not encoder_state:
-            return {**init_params, "encoder": encoder}, init_model_state
-        state = dict(init_model_state)
-        for col, tree in encoder_state.items():
-            have = init_model_state.get(col, {}).get("encoder")
-            if have is None:
-                raise ckpt_lib.CheckpointMismatchError(f"{path} has encoder {col!r} but the model keeps none")
-            ckpt_lib.check_compatible(tree, weights.jax_abstract(have), f"the encoder {col} of {path}")
-            placed = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, s.dtype), s.sharding), tree, have)
-            state[col] = {**init_model_state[col], "encoder": placed}
-        return {**init_params, "encoder": encoder}, state
+        return ({**init_params, "encoder": encoder},
+                weights_common.place_encoder_state(path, encoder_state, init_model_state))
 
 
 def resize_to_encoder(images, size: int):

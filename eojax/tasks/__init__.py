@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-from eojax.tasks.base import DataSpec, Input, NotApplicableError, Task, plugin, require_plugin
+from eojax.tasks.base import (DataSpec, Input, NotApplicableError, Task, load_pretrained_parts, plugin,
+                              require_plugin)
 
 _TASKS = {
     "mae": "eojax.mae.task:MAETask",
@@ -43,5 +44,5 @@ def get(config, spec: DataSpec) -> Task:
     return task_class(config)(config, spec)
 
 
-__all__ = ["get", "make_input", "task_class", "plugin", "require_plugin", "DataSpec", "Input", "Task",
-           "NotApplicableError"]
+__all__ = ["get", "make_input", "task_class", "plugin", "require_plugin", "load_pretrained_parts", "DataSpec",
+           "Input", "Task", "NotApplicableError"]

@@ -181,6 +181,19 @@ class Task:
     def load_pretrained_part(self, subtree: str, source: str, init_params):
         raise NotImplementedError
 
+    def load_pretrained_part_variables(self, subtree: str, source: str, init_params, init_model_state):
+        """(the subtree's params, model_state): load_pretrained_part's params and the state as
+        initialised; a family whose part carries model state (a ResNet's statistics) overrides it."""
+        return self.load_pretrained_part(subtree, source, init_params), init_model_state
+
+
+def load_pretrained_parts(task: Task, params, model_state) -> tuple[Any, Any]:
+    """(params, model_state) with every `task.pretrained_parts()` subtree loaded over them."""
+    for subtree, source in task.pretrained_parts().items():
+        part, model_state = task.load_pretrained_part_variables(subtree, source, params[subtree], model_state)
+        params = {**params, subtree: part}
+    return params, model_state
+
 
 def plugin(task: Task, kind: str):
     """The family's `kind` plug-in ('pictures', 'infer', 'export') as a function, or None."""

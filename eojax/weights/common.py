@@ -340,23 +340,45 @@ def load_npz_tree(path: str, abstract):
                         paths, abstract)
 
 
-def load_encoder_weights(source: str, abstract, encoder: nn.Module):
-    """Encoder params placed like `abstract` (the model's `encoder` subtree) from any of: an eojax run
-    folder (its `encoder` subtree, e.g. a MAE / SatMAE++ pretraining run), an .npz of encoder params,
-    or a published checkpoint through the encoder's converter (load_encoder)."""
+def load_encoder_weights(source: str, abstract, encoder: nn.Module) -> tuple[Any, dict]:
+    """(encoder params placed like `abstract` (the model's `encoder` subtree), the encoder's model
+    state from the source: {collection: tree}, e.g. a ResNet's {'batch_stats': ...}, else {}) from
+    any of: an eojax run folder (its `encoder` subtree, e.g. a MAE / SatMAE++ pretraining run), an
+    .npz of encoder params, or a published checkpoint through the encoder's converter (load_encoder;
+    a torchvision ResNet's running statistics come in its report)."""
     from eojax import checkpoint as ckpt_lib
 
     if ckpt_lib.is_eojax_checkpoint(source):
-        params, _ = ckpt_lib.load_variables(source, None)
+        params, model_state = ckpt_lib.load_variables(source, None)
         if "encoder" not in params:
             raise CheckpointMismatchError(f"{source}: the run's params have no 'encoder' subtree "
                                           f"(they have {sorted(params)})")
         tree = params["encoder"]
         check_compatible(tree, abstract, f"the encoder of {source}")
-        return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a).astype(s.dtype), getattr(s, "sharding", None)),
-                            tree, abstract)
+        placed = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a).astype(s.dtype), getattr(s, "sharding", None)),
+                              tree, abstract)
+        return placed, {col: t["encoder"] for col, t in (model_state or {}).items()
+                        if isinstance(t, Mapping) and "encoder" in t}
     if not os.path.exists(source):
         raise FileNotFoundError(f"encoder weights {source} do not exist")
     if str(source).endswith(".npz"):
-        return load_npz_tree(source, abstract)
-    return load_encoder(source, abstract, encoder)[0]
+        return load_npz_tree(source, abstract), {}
+    params, report = load_encoder(source, abstract, encoder)
+    stats = report.get("batch_stats")
+    return params, ({} if stats is None else {"batch_stats": stats})
+
+
+def place_encoder_state(source: str, encoder_state: Mapping, init_model_state: Mapping) -> dict:
+    """The model state with `encoder_state` ({collection: tree}, from load_encoder_weights) in place
+    of the initial '<collection>/encoder' trees, every key and shape checked; the rest unchanged."""
+    state = dict(init_model_state)
+    for col, tree in encoder_state.items():
+        have = init_model_state.get(col, {}).get("encoder")
+        if have is None:
+            raise CheckpointMismatchError(f"{source} has encoder {col!r} but the model keeps none")
+        check_compatible(tree, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), have),
+                         f"the encoder {col} of {source}")
+        placed = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, s.dtype), getattr(s, "sharding", None)),
+                              tree, have)
+        state[col] = {**init_model_state[col], "encoder": placed}
+    return state
