@@ -52,7 +52,7 @@ def test_published_sizes_give_default_layer_maps(name, kwargs, x, grid):
 
 
 def test_registry_and_bad_input():
-    assert set(NAMES) == {"mae", "satmae", "prithvi", "dofa", "croma", "resnet"}
+    assert set(NAMES) == {"mae", "satmae", "prithvi", "dofa", "croma", "resnet", "unet"}
     assert build("prithvi").bands == ("B2", "B3", "B4", "B8A", "B11", "B12")
     assert len(build("croma").bands) == 12 and build("dofa").bands is None
     with pytest.raises(KeyError, match="unknown encoder 'vit'"):

@@ -149,26 +149,32 @@ class ClassifyTask(Task):
         init = self.config.model.encoder_init
         return {"encoder": init} if init else {}
 
-    def load_pretrained_part_variables(self, subtree, source, init_params, init_model_state):
-        """The encoder's params and its model state (a ResNet's running statistics) from a run
-        folder, an .npz or a published file; the head stays as initialised."""
-        params, encoder_state = weights_common.load_encoder_weights(source, init_params, self.model.encoder)
+    def _load_encoder(self, source, init_encoder, init_model_state):
+        """(encoder params, model state with the encoder's own, e.g. a ResNet's running statistics)
+        from a run folder, an .npz or a published file; the head stays as initialised."""
+        params, encoder_state = weights_common.load_encoder_weights(source, init_encoder, self.model.encoder)
         return params, weights_common.place_encoder_state(source, encoder_state, init_model_state)
 
+    def load_pretrained_part_variables(self, subtree, source, init_params, init_model_state):
+        return self._load_encoder(source, init_params, init_model_state)
+
     def load_pretrained(self, path, init_params):
+        return self.load_pretrained_variables(path, init_params, {})[0]
+
+    def load_pretrained_variables(self, path, init_params, init_model_state):
         """`config.init_from=<published file>`: a fine-tuned SatMAE++ classifier (the file has
         `head.weight`) loads whole (eojax.classify.weights.load_classifier: encoder, fc_norm, head);
-        any other file loads the encoder only (as model.encoder_init) and the head stays as initialised."""
+        any other file loads the encoder only, with its statistics when it has them (as
+        model.encoder_init), and the head stays as initialised."""
         from eojax import weights  # imported here: only a published init_from needs them
         from eojax.classify import weights as classify_weights
 
         if self.config.model.mode == "scratch":
             raise ValueError(f"model.mode='scratch' trains from random weights; remove config.init_from={path!r}")
         if classify_weights.is_classifier_checkpoint(path):
-            return classify_weights.load_classifier(path, init_params, self.model)[0]
-        encoder = weights_common.load_encoder_weights(path, weights.jax_abstract(init_params["encoder"]),
-                                                      self.model.encoder)
-        return {**init_params, "encoder": encoder}
+            return classify_weights.load_classifier(path, init_params, self.model)[0], init_model_state
+        encoder, state = self._load_encoder(path, weights.jax_abstract(init_params["encoder"]), init_model_state)
+        return {**init_params, "encoder": encoder}, state
 
     # -- loss ----------------------------------------------------------------------------------------
     def _augment(self, images, batch, rng):

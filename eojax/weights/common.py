@@ -370,7 +370,10 @@ def load_encoder_weights(source: str, abstract, encoder: nn.Module) -> tuple[Any
 
 def place_encoder_state(source: str, encoder_state: Mapping, init_model_state: Mapping) -> dict:
     """The model state with `encoder_state` ({collection: tree}, from load_encoder_weights) in place
-    of the initial '<collection>/encoder' trees, every key and shape checked; the rest unchanged."""
+    of the initial '<collection>/encoder' trees, every key and shape checked; the rest unchanged (the
+    very same object when there is nothing to place)."""
+    if not encoder_state:
+        return init_model_state
     state = dict(init_model_state)
     for col, tree in encoder_state.items():
         have = init_model_state.get(col, {}).get("encoder")
