@@ -108,6 +108,9 @@ def test_finetune_then_probe_its_encoder_eval_and_knn(tmp_path):
         out = cls_eval.evaluate(run, variables, run_dir, {"output": str(tmp_path / "eval"), "seed": 0})
         feats = {s: cls_eval._collect(run, variables, s, run.task.features) for s in ("train", "test")}
     assert os.path.getsize(out["confusion_png"]) > 1000
+    # the trainer's test metrics (summed eval_fn over padded, sharded batches) = the plug-in's recount
+    for key in ("top1", "top5", "balanced_accuracy", "macro_f1"):
+        assert out[key] == pytest.approx(result["test"][key]), key
     expect = knn.knn_classify(*feats["train"], *feats["test"], k=20, num_classes=len(names))
     assert out["knn_top1"] == pytest.approx(expect.top1)
     # the same encoder through `eojax knn` without training (encoder_init) gives the same k-NN
