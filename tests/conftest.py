@@ -60,6 +60,21 @@ SLOW_IN_FAST_TIER = (
     "tests/test_seg.py::test_every_decoder_trains[upernet-frozen]",
     "tests/test_seg.py::test_every_decoder_trains[segformer-finetune]",
     "tests/test_parity_prithvi_satmae.py::test_satmae_pretraining_matches_reference[s2-reference]",
+    # session 12 (fast tier 5:55 cold before these, ~150 s of test time moved)
+    "tests/test_training_regularisers.py::test_layer_decay_scales_one_step_by_the_reference_factors",  # 15 s
+    "tests/test_training_regularisers.py::test_encoder_drops_each_blocks_branch_at_its_rate",  # 12 s both
+    "tests/test_seg_cnn.py::test_unet_trains_from_scratch_through_the_trainer",  # 8 s
+    "tests/test_seg_cnn.py::test_frozen_resnet_from_a_torchvision_file_keeps_params_and_statistics",  # 8 s
+    "tests/test_seg_cnn.py::test_finetune_resnet_updates_its_statistics",  # 7 s
+    "tests/test_classify.py::test_resnet_encoder_init_brings_its_running_statistics",  # 8 s
+    "tests/test_classify.py::test_multi_label_loss_is_the_mean_binary_cross_entropy",  # 6 s
+    "tests/test_classify_fidelity.py::test_global_pool_classifier_gives_the_reference_logits",  # 8 s
+    "tests/test_vsat_context.py::test_loss_is_the_weighted_l1_and_sophia_counts_real_rows",  # 13 s
+    "tests/test_lora.py::test_setup_names_a_pattern_that_matches_nothing",  # 14 s (setup)
+    "tests/test_train.py::test_config_kernels_selects_what_the_train_step_traces[xla_cpu]",  # 12 s
+    "tests/test_train.py::test_sharded_step_matches_one_device[mesh0-model]",  # 19 s with setup
+    "tests/test_parity_prithvi_satmae.py::test_satmae_pretraining_matches_reference[s2-auto]",  # 9 s
+    "tests/test_seg.py::test_retrain_input_trains_only_the_input_layer[dofa]",  # 7 s
 )
 
 
