@@ -7,7 +7,9 @@ Every module keeps all its parameters under its own name, so a model that holds 
 freezes it with the optimizer's freeze regex '^encoder/'. Weight import from the published PyTorch
 checkpoints lives in eojax.weights.{prithvi,dofa,croma,resnet}; "mae" / "satmae" load eojax runs directly.
 "resnet" (eojax.models.resnet) is a CNN: its four maps have strides 4, 8, 16, 32 and widths
-`feature_dims`, and it carries BatchNorm statistics ('batch_stats', the trainer's model state).
+`feature_dims`, and it carries BatchNorm statistics ('batch_stats', the trainer's model state);
+"unet" (eojax.models.unet) is PANGAEA's supervised UNet encoder (five maps, strides 1-16), trained from
+scratch with the seg family's 'unet' decoder.
 """
 from __future__ import annotations
 
