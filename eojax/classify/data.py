@@ -273,12 +273,14 @@ def splits_from_config(cfg) -> tuple[list[str], dict[str, list[Chip]]]:
     return classes, {s: [c for c, n in zip(chips, names) if n == s] for s in SPLITS}
 
 
-def open_splits(cfg, num_classes: int | None = None) -> tuple[list[str], dict]:
+def open_splits(cfg) -> tuple[list[str], dict]:
     """(class names, {split: ChipSet or fMoW split}) of config.input."""
     if cfg.source not in SOURCES:
         raise ValueError(f"config.input.source={cfg.source!r} is unknown; one of {SOURCES}")
     if cfg.source == "fmow":
         sets = {s: _FMoW(cfg, s) for s in SPLITS if os.path.isfile(fmow.split_csv(cfg.root, s))}
+        if "train" not in sets:
+            raise FileNotFoundError(f"config.input.root={cfg.root!r} has no fMoW-Sentinel train.csv")
         return list(fmow.FMOW_CATEGORIES), sets
     classes, chips = splits_from_config(cfg)
     preset = PRESETS.get(cfg.preset, {}) if cfg.preset else {}

@@ -72,7 +72,8 @@ class ClassifyInput(SplitInput):
         target = dict(labels=((k,), np.float32)) if train.multi_label else dict(label=((), np.int32))
         arrays = elements(pixels=((len(train.band_names), s, s), np.float32), valid=((s, s), bool),
                           weight=((), np.float32), **target)
-        return DataSpec(arrays, {"band_names": list(train.band_names), "sensor": c.sensor,
+        sensor = c.sensor or cdata.PRESETS.get(c.preset, {}).get("sensor", "")
+        return DataSpec(arrays, {"band_names": list(train.band_names), "sensor": sensor,
                                  "class_names": list(classes), "multi_label": bool(train.multi_label),
                                  "normalize": c.normalize, **stats_info(self.stats)})
 
