@@ -12,6 +12,19 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "BENCH_RESULT "  # a child prints its result on one line starting with this
+READY = "BENCH_READY"  # a long-lived child (interleaved cycles) prints this once it is warmed up
+
+
+def read_reply(stdout):
+    """The next protocol line of a long-lived child: READY, or a MARK result decoded; None if the
+    child died."""
+    for line in stdout:
+        line = line.rstrip("\n")
+        if line == READY:
+            return READY
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    return None
 
 
 def load_config(name: str, arg: str | None = None):

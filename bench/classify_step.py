@@ -54,9 +54,8 @@ import sys
 import tempfile
 import time
 
-from _common import MARK, REPO, load_config, print_table, single_device_env, summary
+from _common import MARK, READY, REPO, load_config, print_table, read_reply, single_device_env, summary
 
-READY = "BENCH_READY"
 NUM_CLASSES = 62  # fMoW's categories
 VIT_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")  # SatMAE++'s 10 (fMoW-Sentinel)
 RGB_BANDS = ("B4", "B3", "B2")
@@ -317,13 +316,7 @@ class Child:
         self.error = None if self._read() == READY else self._failure()
 
     def _read(self):
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            if line == READY:
-                return READY
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        return None
+        return read_reply(self.proc.stdout)
 
     def _failure(self) -> str:
         self.proc.wait()

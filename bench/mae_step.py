@@ -29,12 +29,11 @@ import sys
 import tempfile
 import time
 
-from _common import MARK, REPO, load_config, print_table, single_device_env, summary
+from _common import MARK, READY, REPO, load_config, print_table, read_reply, single_device_env, summary
 
 SHAPE = dict(image=96, bands=10, patch=8, width=384, depth=6, heads=6, mlp=1536,
              dec_width=192, dec_depth=2, dec_heads=6, dec_mlp=768, mask_ratio=0.75)
 CONFIG_TEXT = "96px 10b p8 enc384x6 dec192x2 mask.75 f32 AdamW"
-READY = "BENCH_READY"
 
 
 def _mae_config(batch: int, num_windows: int):
@@ -174,14 +173,7 @@ class Child:
         self.error = None if self._read() == READY else self._failure()
 
     def _read(self):
-        """The next protocol line (READY, or a MARK result decoded); None if the child died."""
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            if line == READY:
-                return READY
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        return None
+        return read_reply(self.proc.stdout)
 
     def _failure(self) -> str:
         self.proc.wait()
