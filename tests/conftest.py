@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax is imported anywhere, so it is done at the top of conftest.
 """
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -19,7 +20,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"eojax-test-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # bytes; oldest entries go first
+# No eviction (-1): JAX's LRU eviction needs an "-atime" file beside every entry, and a test that SIGKILLs
+# a run between the two writes leaves an entry without one, after which every later write fails. The
+# suite adds ~75 MB per code change; the controller empties a cache grown past 2 GiB instead.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
+_cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+if "PYTEST_XDIST_WORKER" not in os.environ and os.path.isdir(_cache):
+    if sum(e.stat().st_size for e in os.scandir(_cache) if e.is_file()) > 2 << 30:
+        shutil.rmtree(_cache, ignore_errors=True)
 
 import pathlib
 
