@@ -18,7 +18,7 @@ from eojax.classify.model import Classifier
 from eojax.classify.task import ClassifyTask
 from eojax.models import encoders
 from eojax.models.encoders.mae import SATMAE_S2_BANDS
-from eojax.tasks.base import DataSpec, elements
+from eojax.tasks.base import DataSpec, elements, load_pretrained_parts
 from eojax.weights import common
 from helpers import load_config
 
@@ -139,11 +139,12 @@ def test_bad_classifier_checkpoints_name_the_key(tmp_path):
         cls_weights.load_classifier(gp, {"encoder": {}, "head": {}}, resnet)
 
 
-def _task(**encoder_args):
+def _task(num_classes=None, encoder_init="", **encoder_args):
     cfg = load_config("classify", "data=synthetic,encoder=satmae")
+    cfg.model.encoder_init = encoder_init
     size = _meta()["sizes"]["size"]
     cfg.model.update(encoder_variant="mu", encoder_args=dict(drop_path_rate=0.2, **encoder_args))
-    classes = [f"c{i}" for i in range(_meta()["sizes"]["classes"])]
+    classes = [f"c{i}" for i in range(num_classes or _meta()["sizes"]["classes"])]
     spec = DataSpec(elements(pixels=((10, size, size), np.float32), valid=((size, size), bool),
                              weight=((), np.float32), label=((), np.int32)),
                     {"band_names": list(SATMAE_S2_BANDS), "sensor": "sentinel2a", "class_names": classes,
@@ -176,3 +177,24 @@ def test_init_from_a_pretraining_checkpoint_loads_the_encoder_only():
     want, _ = common.load_encoder(path, weights.jax_abstract(init["encoder"]), task.model.encoder)
     jax.tree.map(np.testing.assert_array_equal, params["encoder"], want)
     assert not np.allclose(params["encoder"]["cls_token"], init["encoder"]["cls_token"])
+
+
+def test_a_fine_tuned_classifier_as_encoder_init_brings_all_but_its_head():
+    """Fine-tuning fMoW's classifier on 3 other classes (model.encoder_init): the encoder and fc_norm
+    come from the file (fc_norm's output is the reference's), the 3-class head stays as initialised."""
+    io, x = _io()
+    path = os.path.join(HERE, "global_pool.safetensors")
+    task = _task(num_classes=3, encoder_init=path, learned_embed=True)
+    init = _init(task.model)
+    assert task.pretrained_parts() == {"encoder": path, "fc_norm": path}
+    params, state = load_pretrained_parts(task, init, {})
+    assert state == {}
+    jax.tree.map(np.testing.assert_array_equal, params["head"], init["head"])
+    _, normed = _fc_norm_out(task.model, params, x)
+    assert _diff(normed, io["features_global_pool"]) < TOL
+    # 'cls' pooling without a head norm takes the encoder only; the file's missing final norm is named.
+    cls_task = _task(num_classes=3, encoder_init=path, learned_embed=True)
+    cls_task.config.model.update(pool="cls", head_norm="none")
+    assert cls_task.pretrained_parts() == {"encoder": path}
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)global_pool\.safetensors.*norm\.weight"):
+        load_pretrained_parts(cls_task, _init(cls_task.model), {})

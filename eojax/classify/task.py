@@ -20,6 +20,7 @@ macro F1 at 0.5 and micro / macro mAP (`eojax eval classify`, which needs every 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +148,14 @@ class ClassifyTask(Task):
         return apply_model(self.model, params, state, images, train=train, rngs={"dropout": rng})
 
     def pretrained_parts(self) -> dict[str, str]:
+        """{'encoder': model.encoder_init}; a fine-tuned classifier file also gives its fc_norm (the
+        reference's main_finetune loads everything but a head of another class count)."""
         init = self.config.model.encoder_init
-        return {"encoder": init} if init else {}
+        if not init:
+            return {}
+        if self.model.head_norm == "layer" and _is_classifier_file(init):
+            return {"encoder": init, "fc_norm": init}
+        return {"encoder": init}
 
     def _load_encoder(self, source, init_encoder, init_model_state):
         """(encoder params, model state with the encoder's own, e.g. a ResNet's running statistics)
@@ -157,6 +164,12 @@ class ClassifyTask(Task):
         return params, weights_common.place_encoder_state(source, encoder_state, init_model_state)
 
     def load_pretrained_part_variables(self, subtree, source, init_params, init_model_state):
+        if _is_classifier_file(source):  # a fine-tuned SatMAE++ classifier: its encoder (and fc_norm)
+            from eojax.classify import weights as classify_weights
+
+            if subtree == "fc_norm":
+                return classify_weights.load_fc_norm(source, init_params), init_model_state
+            return classify_weights.load_classifier_encoder(source, init_params, self.model), init_model_state
         return self._load_encoder(source, init_params, init_model_state)
 
     def load_pretrained(self, path, init_params):
@@ -247,3 +260,10 @@ class ClassifyTask(Task):
     def features(self, params, state, batch):
         """(B, D) pooled encoder features (what k-NN and the probe see)."""
         return self.model.apply({"params": params, **state}, self.images(batch), method="features")
+
+
+def _is_classifier_file(source) -> bool:
+    """Whether `source` is a published classifier file (a head.weight), not a run folder or an encoder."""
+    from eojax.classify import weights as classify_weights
+
+    return os.path.isfile(source) and not source.endswith(".npz") and classify_weights.is_classifier_checkpoint(source)

@@ -87,10 +87,7 @@ def load_classifier(path, init_params: Any, model, *, strict: bool = True) -> tu
     'not_loaded' {key: why}, 'ignored' {key: why} (from the encoder import) and, for an encoder with
     named bands, the band plan (as eojax.mae.weights.load_encoder)."""
     encoder = model.encoder
-    if not isinstance(encoder, GroupChannelViT):
-        raise ValueError(f"{path}: a classifier checkpoint (head.weight) is converted for the SatMAE++ "
-                         f"encoder ('satmae') only, not {type(encoder).__name__}; load its encoder through "
-                         "config.model.encoder_init or a pretraining checkpoint")
+    _require_satmae(path, encoder)
     wrapped = set(init_params) == {"params"}
     init = nn.meta.unbox(init_params["params"] if wrapped else init_params)  # a fresh init is boxed
     d, k = encoder.width, model.num_classes
@@ -108,25 +105,10 @@ def load_classifier(path, init_params: Any, model, *, strict: bool = True) -> tu
     if problems:
         common.raise_problems(problems, what)
 
-    # The encoder: eojax.mae.weights on the remaining keys. A global_pool file has no final norm: a
-    # placeholder passes the key table, and the model's own initial norm is put back below.
+    abstract = _abstract(init)
     enc_sd = {key: v for key, v in sd.items() if key not in head_keys}
-    missing_norm = model.pool == "avg" and not any(key in sd for key in _NORM)
-    if missing_norm:
-        enc_sd.update({key: np.zeros((d,), np.float32) for key in _NORM})
-    kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__ if f not in ("parent", "name")}
-    try:
-        enc_params, ignored = satmae_weights.satmae_from_torch(enc_sd, kwargs, target="vit", strict=strict)
-    except CheckpointMismatchError as e:  # its message names the keys; add the file
-        raise CheckpointMismatchError(f"{path}: {e}") from e
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-                            init)
-    check_compatible(enc_params, abstract["encoder"], what)
-    placed = common.place(traverse_util.flatten_dict(enc_params), abstract["encoder"])
-    not_loaded = {}
-    if missing_norm:
-        placed = {**placed, "norm": init["encoder"]["norm"]}
-        not_loaded = {key: _NOT_LOADED for key in _NORM}
+    placed, ignored, not_loaded = _encoder(path, enc_sd, init["encoder"], abstract["encoder"], encoder,
+                                           model.pool, strict)
 
     head = common.convert(sd, entries, np.float32)
     head_abstract = {key: abstract[key] for key in ("head", "fc_norm") if key in abstract}
@@ -144,3 +126,65 @@ def load_classifier(path, init_params: Any, model, *, strict: bool = True) -> tu
         logging.warning("%s: %s %s", what, key, why)
     logging.info("initialised the classifier from %s", what)
     return ({"params": out} if wrapped else out), report
+
+
+def _encoder(path, enc_sd, init_encoder, abstract_encoder, encoder, pool: str, strict: bool):
+    """(encoder params, ignored keys, not-loaded keys) from the encoder keys of a classifier's state
+    dict, through eojax.mae.weights. A global_pool file has no final norm: a placeholder passes the key
+    table, and the model's own initial norm is put back."""
+    d = encoder.width
+    missing_norm = pool == "avg" and not any(key in enc_sd for key in _NORM)
+    if missing_norm:
+        enc_sd = {**enc_sd, **{key: np.zeros((d,), np.float32) for key in _NORM}}
+    kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__ if f not in ("parent", "name")}
+    try:
+        enc_params, ignored = satmae_weights.satmae_from_torch(enc_sd, kwargs, target="vit", strict=strict)
+    except CheckpointMismatchError as e:  # its message names the keys; add the file
+        raise CheckpointMismatchError(f"{path}: {e}") from e
+    check_compatible(enc_params, abstract_encoder, f"SatMAE++ classifier checkpoint {path}")
+    placed = common.place(traverse_util.flatten_dict(enc_params), abstract_encoder)
+    if not missing_norm:
+        return placed, ignored, {}
+    return {**placed, "norm": init_encoder["norm"]}, ignored, {key: _NOT_LOADED for key in _NORM}
+
+
+def _require_satmae(path, encoder):
+    if not isinstance(encoder, GroupChannelViT):
+        raise ValueError(f"{path}: a classifier checkpoint (head.weight) is converted for the SatMAE++ "
+                         f"encoder ('satmae') only, not {type(encoder).__name__}; load its encoder through "
+                         "config.model.encoder_init or a pretraining checkpoint")
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                        tree)
+
+
+def load_classifier_encoder(path, init_encoder: Any, model) -> Any:
+    """The encoder params of a fine-tuned SatMAE++ classifier, for fine-tuning it on other classes
+    (`model.encoder_init`); its head is left out (reported as ignored), as the reference's
+    main_finetune drops a head of another class count and loads the rest (fc_norm: load_fc_norm)."""
+    _require_satmae(path, model.encoder)
+    init_encoder = nn.meta.unbox(init_encoder)
+    sd = satmae_weights.load_state_dict(path)
+    enc_sd = {key: v for key, v in sd.items() if not key.startswith(("head.", "fc_norm."))}
+    placed, ignored, not_loaded = _encoder(path, enc_sd, init_encoder, _abstract(init_encoder), model.encoder,
+                                           model.pool, strict=True)
+    ignored.update({key: "a new head is trained (model.encoder_init)" for key in sd if key.startswith("head.")})
+    common.log_report(f"SatMAE++ classifier checkpoint {path} (encoder)",
+                      {"not_loaded": not_loaded, "ignored": ignored})
+    return placed
+
+
+def load_fc_norm(path, init_fc_norm: Any) -> Any:
+    """The fc_norm params (head_norm='layer') of a fine-tuned SatMAE++ global_pool classifier."""
+    init_fc_norm = nn.meta.unbox(init_fc_norm)
+    width = init_fc_norm["ln"]["scale"].shape[0]
+    entries = common.ln("fc_norm", (), width)
+    sd = satmae_weights.load_state_dict(path)
+    what = f"SatMAE++ classifier checkpoint {path}"
+    common.raise_problems(common.check_entries(sd, entries), what)
+    flat = common.convert(sd, entries, np.float32)
+    abstract = _abstract(init_fc_norm)
+    check_compatible(traverse_util.unflatten_dict(flat), abstract, what)
+    return common.place(flat, abstract)
