@@ -131,31 +131,41 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, 1x1-conv proj_in, `depth` TransformerBlocks over the H*W tokens, proj_out, + input."""
+    """GroupNorm, 1x1-conv proj_in, `depth` TransformerBlocks over the H*W tokens, proj_out, + input.
+    linear_projection: proj_in / proj_out are Dense layers on the tokens (SD-2's use_linear_projection;
+    the same map as the 1x1 convs, with (C, C) kernels)."""
 
     heads: int
     depth: int = 1
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    linear_projection: bool = False
 
     @nn.compact
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         y = GroupNorm(self.groups, epsilon=1e-6, name="norm", **kw)(x)
-        y = _conv(c, kernel=1, names=(None, None, "embed", "mlp"), name="proj_in", **kw)(y)
-        y = y.reshape(b, h * w, c)
+        if self.linear_projection:
+            proj_in = _dense(c, ("embed", "mlp"), name="proj_in", **kw)
+            proj_out = _dense(c, ("mlp", "embed"), name="proj_out", **kw)
+        else:
+            proj_in = _conv(c, kernel=1, names=(None, None, "embed", "mlp"), name="proj_in", **kw)
+            proj_out = _conv(c, kernel=1, names=(None, None, "mlp", "embed"), name="proj_out", **kw)
+        y = proj_in(y).reshape(b, h * w, c)
         for i in range(self.depth):
             y = TransformerBlock(self.heads, name=f"block_{i}", **kw)(y, context)
-        y = _conv(c, kernel=1, names=(None, None, "mlp", "embed"), name="proj_out", **kw)(y.reshape(b, h, w, c))
+        y = proj_out(y.reshape(b, h, w, c))
         return x + y
 
 
 class UNet(nn.Module):
     """(x (B, H, W, in_channels), timesteps (B,), context (B, L, cross_attention_dim)) -> (B, H, W, out).
 
-    H and W must be divisible by 2 ** (len(block_out_channels) - 1).
+    H and W must be divisible by 2 ** (len(block_out_channels) - 1). heads: one count for every
+    transformer, or one per level (SD-2's per-level counts; the mid block takes the last level's, as
+    diffusers' UNet2DConditionModel does). linear_projection: see SpatialTransformer.
     """
 
     in_channels: int = 4
@@ -163,18 +173,22 @@ class UNet(nn.Module):
     block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
     attention: Sequence[bool] = (True, True, True, False)  # per resolution level
     layers_per_block: int = 2
-    heads: int = 8
+    heads: int | Sequence[int] = 8  # one for all levels, or one per level
     transformer_depth: int = 1
     cross_attention_dim: int = 768
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    linear_projection: bool = False
 
     @nn.compact
     def __call__(self, x, timesteps, context):
         chans, levels = tuple(self.block_out_channels), len(self.block_out_channels)
         if len(self.attention) != levels:
             raise ValueError(f"attention {tuple(self.attention)} needs one flag per level of {chans}")
+        heads = tuple(self.heads) if isinstance(self.heads, Sequence) else (self.heads,) * levels
+        if len(heads) != levels:
+            raise ValueError(f"heads {heads} needs one count per level of {chans}")
         if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
             raise ValueError(f"image {x.shape[1]}x{x.shape[2]} is not divisible by 2^{levels - 1} "
                              f"({levels} UNet levels)")
@@ -182,7 +196,8 @@ class UNet(nn.Module):
             raise ValueError(f"context width {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res = lambda f, name: ResBlock(f, self.norm_groups, name=name, **kw)
-        attn = lambda name: SpatialTransformer(self.heads, self.transformer_depth, self.norm_groups, name=name, **kw)
+        attn = lambda lvl, name: SpatialTransformer(heads[lvl], self.transformer_depth, self.norm_groups, name=name,
+                                                    linear_projection=self.linear_projection, **kw)
         context = context.astype(self.dtype)
 
         temb = timestep_embedding(timesteps, chans[0])
@@ -196,14 +211,14 @@ class UNet(nn.Module):
             for i in range(self.layers_per_block):
                 h = res(c, f"down_{lvl}_res_{i}")(h, temb)
                 if use_attn:
-                    h = attn(f"down_{lvl}_attn_{i}")(h, context)
+                    h = attn(lvl, f"down_{lvl}_attn_{i}")(h, context)
                 skips.append(h)
             if lvl < levels - 1:
                 h = _conv(c, stride=2, name=f"down_{lvl}_downsample", **kw)(h)
                 skips.append(h)
 
         h = res(chans[-1], "mid_res_0")(h, temb)
-        h = attn("mid_attn")(h, context)
+        h = attn(-1, "mid_attn")(h, context)
         h = res(chans[-1], "mid_res_1")(h, temb)
 
         for lvl, (c, use_attn) in reversed(list(enumerate(zip(chans, self.attention)))):
@@ -211,7 +226,7 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res(c, f"up_{lvl}_res_{i}")(h, temb)
                 if use_attn:
-                    h = attn(f"up_{lvl}_attn_{i}")(h, context)
+                    h = attn(lvl, f"up_{lvl}_attn_{i}")(h, context)
             if lvl > 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
                 h = _conv(c, name=f"up_{lvl}_upsample", **kw)(h)
