@@ -10,6 +10,15 @@ run (a remote-sensing feature space, trained on your data) or a fixed random-ini
 warning: untrained features only compare low-level statistics). The covariance of D-dim features
 needs well over D samples: fewer than D samples give a singular covariance and an FD dominated by
 noise, so `frechet_distance_from_stats` warns, and every FD is reported with its sample count.
+
+KID (Binkowski et al. 2018): the unbiased estimate of MMD^2 with the cubic polynomial kernel
+k(x, y) = (x.y / D + 1)^3, averaged over `subsets` random subsets of `subset_size` samples drawn
+without replacement from each set (torchmetrics' KernelInceptionDistance and clean-fid's
+kernel_distance; defaults 100 x 1000). Its std is over the subsets (population std, as torchmetrics).
+The subsets are drawn from np.random.RandomState(seed), second set first, as clean-fid draws them
+after np.random.seed(seed), so its values are reproduced exactly. Unbiased, it needs no more samples
+than dimensions, but a set smaller than `subset_size` shrinks the subsets (with a warning), and every
+KID is reported with its sample count and subset size.
 """
 from __future__ import annotations
 
@@ -83,6 +92,57 @@ def frechet_distance_from_stats(a: FeatureStats, b: FeatureStats) -> dict:
                           "fewer samples than dimensions give a singular covariance and a noisy FD; "
                           "use more samples or a smaller feature space", stacklevel=2)
     return {"fd": frechet_distance(a.mean, a.cov, b.mean, b.cov), "fd_samples": float(min(a.count, b.count))}
+
+
+def polynomial_mmd(x, y, degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> float:
+    """Unbiased MMD^2 between two samples of equal size m (m, D) under k(a, b) = (gamma a.b + coef)^degree
+    (gamma default 1 / D): the means of k(x, x) and k(y, y) off their diagonals minus twice the mean of
+    k(x, y)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or x.shape != y.shape or len(x) < 2:
+        raise ValueError(f"polynomial_mmd needs two (m >= 2, D) feature arrays of one shape, got {x.shape} and {y.shape}")
+    m = len(x)
+    gamma = 1.0 / x.shape[1] if gamma is None else float(gamma)
+    kxx, kyy, kxy = ((a @ b.T * gamma + coef) ** degree for a, b in ((x, x), (y, y), (x, y)))
+    within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(within - 2.0 * kxy.sum() / (m * m))
+
+
+def kernel_distance(feats_a, feats_b, *, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
+                    gamma: float | None = None, coef: float = 1.0, seed: int = 0) -> dict:
+    """KID between two feature sets (N_a, D), (N_b, D): {'kid': mean over subsets, 'kid_std': their
+    std, 'kid_samples': min(N_a, N_b), 'kid_subset_size', 'kid_subsets'}. Subsets are min(subset_size,
+    N_a, N_b) samples of each set (a warning when that is below subset_size)."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"KID needs two (N, D) feature arrays with the same D, got {a.shape} and {b.shape}")
+    if int(subsets) < 1:
+        raise ValueError(f"KID subsets={subsets} must be at least 1")
+    m = min(int(subset_size), len(a), len(b))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if m < subset_size:
+        warnings.warn(f"KID from {len(a)} and {len(b)} samples: subsets of {m} instead of subset_size="
+                      f"{subset_size}; the estimate is unbiased but noisier (see kid_std)", stacklevel=2)
+    rs = np.random.RandomState(seed)
+    values = []
+    for _ in range(int(subsets)):
+        if m == len(a) == len(b):  # every subset is the whole of both sets: MMD^2 does not depend on order
+            values = [polynomial_mmd(a, b, degree, gamma, coef)] * int(subsets)
+            break
+        pick_b = rs.choice(len(b), m, replace=False)  # clean-fid's order: its second set, then its first
+        pick_a = rs.choice(len(a), m, replace=False)
+        values.append(polynomial_mmd(a[pick_a], b[pick_b], degree, gamma, coef))
+    values = np.asarray(values)
+    return {"kid": float(values.mean()), "kid_std": float(values.std()), "kid_samples": float(min(len(a), len(b))),
+            "kid_subset_size": float(m), "kid_subsets": float(subsets)}
+
+
+def feature_distances(feats_a, feats_b, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                      seed: int = 0) -> dict:
+    """FD and KID of two feature sets, each with its sample count (and the warnings of either)."""
+    fd = frechet_distance_from_stats(FeatureStats.from_features(feats_a), FeatureStats.from_features(feats_b))
+    return {**fd, **kernel_distance(feats_a, feats_b, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)}
 
 
 class MAEFeatures:

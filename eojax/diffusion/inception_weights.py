@@ -94,6 +94,44 @@ def to_state_dict(params) -> dict[str, np.ndarray]:
     return out
 
 
+def torch_shapes(model: InceptionV3 | None = None) -> dict[str, tuple]:
+    """{PyTorch state-dict key: shape} of the weights the pool3 features use (no fc, AuxLogits or
+    num_batches_tracked)."""
+    inverse = {v: k for k, v in _BN.items()}
+    out = {}
+    for (*mods, leaf), shape in expected_shapes(model).items():
+        if leaf == "kernel":
+            kh, kw, i, o = shape
+            out[".".join(mods) + ".conv.weight"] = (o, i, kh, kw)
+        else:
+            out[".".join(mods) + ".bn." + inverse[leaf]] = shape
+    return out
+
+
+def random_state_dict(seed: int = 0, model: InceptionV3 | None = None) -> dict[str, np.ndarray]:
+    """Seeded random InceptionV3 weights in the PyTorch layout, float32, from numpy alone: the
+    network of the pytorch-fid parity fixture (scripts/fixtures/make_inception_fixture.py loads the
+    same arrays into pytorch-fid's model; the published weights are ~95 MB). Keys in sorted order,
+    each drawn from one default_rng(seed) stream: conv He-normal (std sqrt(2 / fan_in)); BatchNorm
+    scale U(0.5, 1.5), bias N(0, 0.1^2), running mean N(0, 0.1^2), running var U(0.5, 2), so that the
+    inference-mode BatchNorm is really exercised."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in sorted(torch_shapes(model).items()):
+        n = shape[0]
+        if key.endswith("conv.weight"):
+            std = np.sqrt(2.0 / np.prod(shape[1:]))
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        elif key.endswith("bn.weight"):
+            value = 0.5 + rng.random(n, dtype=np.float32)
+        elif key.endswith(("bn.bias", "bn.running_mean")):
+            value = 0.1 * rng.standard_normal(n, dtype=np.float32)
+        else:  # running_var
+            value = 0.5 + 1.5 * rng.random(n, dtype=np.float32)
+        out[key] = value.astype(np.float32)
+    return out
+
+
 def load(path, model: InceptionV3 | None = None) -> dict:
     """InceptionV3 params (numpy float32) from a weights file."""
     return from_state_dict(read_state_dict(path), model, os.fspath(path))
