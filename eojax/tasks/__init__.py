@@ -15,6 +15,7 @@ _TASKS = {
     "vsat": "eojax.vsat.context:ContextTask",  # configs/vsat.py; mode=great: the GReaT text rows
     "vsat_great": "eojax.vsat.task:VSatTask",
     "diffusion": "eojax.diffusion.task:DiffusionTask",
+    "prompt_writer": "eojax.diffusion.prompt_writer:PromptWriterTask",  # the diffusion project's LoRA prompt LM
     "geo": "eojax.geo.task:GeoTask",
     "classify": "eojax.classify.task:ClassifyTask",
 }
