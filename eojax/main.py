@@ -45,9 +45,13 @@ COMMANDS = {
             "splits: the latest checkpoint of --workdir, else config.model.encoder_init", ("config", "workdir")),
     "verify": ("check the checkpoints of --workdir (complete, readable, checksums) without training",
                ("workdir",)),
+    "downstream": ("images per --prompt=CLASS:PROMPT from --sd_folder or a diffusion run (--workdir), a "
+                   "classifier trained on them alone, its accuracy on --real's test split -> downstream.json",
+                   ("config", "workdir", "sd_folder", "real", "classifier", "prompt", "num_samples", "seed",
+                    "output")),
 }
 _METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "prompt": "TEXT", "input": "FILE", "output": "DIR",
-             "num_samples": "N", "seed": "N"}
+             "num_samples": "N", "seed": "N", "sd_folder": "DIR", "real": "DIR|CSV", "classifier": "FILE[:ARG]"}
 _HELP_ARGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 # Libraries whose INFO lines (Orbax's ~100 per run, jax's accelerator probing) show only under --verbose.
 _LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "grain", "tensorstore", "etils")
@@ -71,6 +75,13 @@ _INPUT = flags.DEFINE_string("input", "", "An input file (e.g. a GeoTIFF to pred
 _OUTPUT = flags.DEFINE_string("output", "", "Output folder (default <workdir>/infer, <workdir>/features).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Samples per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the inference.")
+_SD_FOLDER = flags.DEFINE_string("sd_folder", "", "eojax downstream: a diffusers Stable Diffusion folder to "
+                                  "generate with (sampler settings from --config's sampler block).")
+_REAL = flags.DEFINE_string("real", "", "eojax downstream: the real chips, a folder of class folders or a CSV "
+                            "(path,label[,split]); the classifier is tested on their test split.")
+_CLASSIFIER = config_flags.DEFINE_config_file("classifier", None, "eojax downstream: a classify config replacing "
+                                              "the default recipe (ResNet-18 from scratch, 64 px, 30 epochs); "
+                                              "--classifier.KEY=VALUE overrides its keys", lock_config=True)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "The libraries' INFO logs (Orbax, absl, jax) and the traceback "
                              "of a user error; also EOJAX_VERBOSE=1.")
 
@@ -143,7 +154,7 @@ def _unknown_key(e: BaseException, argv: list[str]) -> errors.ConfigError | None
     for arg in argv[1:]:
         name, eq, value = arg.partition("=")
         parts = name[2:].split(".")
-        if not name.startswith("--config.") or not key or key.group(1) not in parts[1:]:
+        if not name.startswith(("--config.", "--classifier.")) or not key or key.group(1) not in parts[1:]:
             continue
         where = parts.index(key.group(1), 1)
         message = f"unknown config key {'.'.join(parts[1:where + 1])!r} in {arg}"
@@ -246,6 +257,9 @@ def main(command: str, family: str | None = None) -> int:
     if family is not None and family not in (config.task, config.task.split("_")[0]):
         raise errors.ConfigError(f"eojax {command} {family}: the config trains task {config.task!r}, not {family!r}")
 
+    if command == "downstream":  # --workdir is a diffusion run here, and optional (none with --sd_folder)
+        return _downstream(config)
+
     if command == "stats":
         from eojax.data import pipeline
         print(json.dumps(pipeline.describe_stats(config.input), indent=2))
@@ -281,6 +295,26 @@ def main(command: str, family: str | None = None) -> int:
             with run.scope():
                 summary[run.task.name] = family_eval(run, variables, workdir, options)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _downstream(config: ml_collections.ConfigDict) -> int:
+    """`eojax downstream` (eojax.diffusion.downstream): prints its report."""
+    workdir = _workdir("downstream") if _WORKDIR.value else None
+    if workdir:
+        config_lib.check_workdir(workdir, create=False)
+    classifier = _CLASSIFIER.value
+    if classifier is not None and not isinstance(classifier, ml_collections.ConfigDict):
+        try:  # ml_collections defers a load failure
+            classifier.lock()
+        except OSError as e:
+            raise errors.ConfigError(_config_load_error(e).replace("--config", "--classifier", 1)) from e
+    from eojax.diffusion import downstream
+    negative = flags.FLAGS["negative_prompt"].value if "negative_prompt" in flags.FLAGS else None
+    options = {"sd_folder": _SD_FOLDER.value, "real": _REAL.value, "classifier": classifier,
+               "prompt": list(_PROMPT.value), "negative_prompt": negative, "num_samples": _NUM_SAMPLES.value,
+               "seed": _SEED.value, "output": _OUTPUT.value}
+    print(json.dumps({"downstream": downstream.command(config, workdir, options)}, indent=2))
     return 0
 
 
@@ -339,8 +373,8 @@ def _help(argv: list[str]) -> int:
             print(f"  {code:<4} {text}")
         return 0
     text, names = COMMANDS[command]
-    usage = " ".join(f"--{n}={_METAVARS[n]}" if n in ("config", "workdir") else f"[--{n}={_METAVARS[n]}]"
-                     for n in names)
+    required = ("config",) if command == "downstream" else ("config", "workdir")  # downstream: --workdir or --sd_folder
+    usage = " ".join(f"--{n}={_METAVARS[n]}" if n in required else f"[--{n}={_METAVARS[n]}]" for n in names)
     print(f"usage: eojax {command}{' [FAMILY]' if command == 'infer' else ''} {usage}"
           f"{' [--config.KEY=VALUE ...]' if 'config' in names else ''} [--verbose]\n\n{text}\n\nflags:")
     shown = [(f"--{n}={_METAVARS[n]}", flags.FLAGS[n].help) for n in names]
