@@ -38,8 +38,8 @@ COMMANDS = {
     "export": ("per-window embeddings of the latest checkpoint -> one GeoTIFF per input raster",
                ("config", "workdir", "input", "output")),
     "infer": ("the family's inference on the latest checkpoint: eojax infer [FAMILY] (FAMILY, when "
-              "given, must be the config's task)", ("config", "workdir", "prompt", "input", "output",
-                                                    "num_samples", "seed")),
+              "given, must be the config's task)", ("config", "workdir", "prompt", "negative_prompt", "input",
+                                                    "output", "num_samples", "seed")),
     "config": ("print the resolved config: every key with its value and type", ("config",)),
     "knn": ("k-NN accuracy (DINO's weighted vote) of an encoder's frozen features on a classify config's "
             "splits: the latest checkpoint of --workdir, else config.model.encoder_init", ("config", "workdir")),
@@ -50,8 +50,9 @@ COMMANDS = {
                    ("config", "workdir", "sd_folder", "real", "classifier", "prompt", "num_samples", "seed",
                     "output")),
 }
-_METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "prompt": "TEXT", "input": "FILE", "output": "DIR",
-             "num_samples": "N", "seed": "N", "sd_folder": "DIR", "real": "DIR|CSV", "classifier": "FILE[:ARG]"}
+_METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "prompt": "TEXT", "negative_prompt": "TEXT", "input": "FILE",
+             "output": "DIR", "num_samples": "N", "seed": "N", "sd_folder": "DIR", "real": "DIR|CSV",
+             "classifier": "FILE[:ARG]"}
 _HELP_ARGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 # Libraries whose INFO lines (Orbax's ~100 per run, jax's accelerator probing) show only under --verbose.
 _LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "grain", "tensorstore", "etils")
@@ -71,6 +72,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           "its keys are overridden with --config.KEY=VALUE", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A text prompt (repeatable).")
+_NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", None, "What the samples are guided away from "
+                                       "(default: the config's sampler.negative_prompt).")
 _INPUT = flags.DEFINE_string("input", "", "An input file (e.g. a GeoTIFF to predict on).")
 _OUTPUT = flags.DEFINE_string("output", "", "Output folder (default <workdir>/infer, <workdir>/features).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Samples per prompt.")
@@ -277,7 +280,8 @@ def main(command: str, family: str | None = None) -> int:
     elif command in ("export", "infer"):
         from eojax import tasks
         run, variables = train.load_for_inference(config, workdir)
-        options = {"prompt": list(_PROMPT.value), "input": _INPUT.value, "num_samples": _NUM_SAMPLES.value,
+        options = {"prompt": list(_PROMPT.value), "negative_prompt": _NEGATIVE_PROMPT.value, "input": _INPUT.value,
+                   "num_samples": _NUM_SAMPLES.value,
                    "output": os.path.abspath(_OUTPUT.value or os.path.join(workdir, "infer" if command == "infer"
                                                                         else "features")),
                    "seed": _SEED.value}

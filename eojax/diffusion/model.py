@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from eojax.models.gpt2 import GPT2
+from eojax.diffusion.clip import CLIPTextEncoder
 from eojax.diffusion.text_encoder import TextEncoder
 from eojax.diffusion.unet import UNet
 
@@ -73,17 +74,23 @@ class DiffusionModel(nn.Module):
 
     text_kind 'small': a TextEncoder(**text) trained with the UNet. 'gpt2': GPT2(**text), whose final
     hidden states are the context; padding tokens (< 0) are masked out and their features zeroed, and
-    no gradient flows into it (its params must also be frozen in the optimizer: optim.freeze)."""
+    no gradient flows into it (its params must also be frozen in the optimizer: optim.freeze).
+    'clip': a Stable Diffusion folder's CLIPTextEncoder(**text), frozen likewise; its last hidden
+    state over all 77 positions, no padding mask, as StableDiffusionPipeline and diffusers'
+    train_text_to_image.py condition the UNet."""
 
     unet: dict
     text: dict
     text_kind: str = "small"
 
     def setup(self):
-        self.text_encoder = GPT2(**self.text) if self.text_kind == "gpt2" else TextEncoder(**self.text)
+        encoders = {"gpt2": GPT2, "clip": CLIPTextEncoder}
+        self.text_encoder = encoders.get(self.text_kind, TextEncoder)(**self.text)
         self.denoiser = UNet(**self.unet)
 
     def encode_text(self, tokens):
+        if self.text_kind == "clip":
+            return jax.lax.stop_gradient(self.text_encoder(tokens))
         if self.text_kind != "gpt2":
             return self.text_encoder(tokens)
         valid = tokens >= 0

@@ -40,14 +40,19 @@ def write_pictures(run, variables, batch, workdir, step) -> list[str]:
 
 
 def infer(run, variables, workdir, options) -> dict:
-    """`eojax infer diffusion --prompt=...`: num_samples PNGs per prompt (and float32 GeoTIFFs in
-    data units when infer.geotiff or the data has other than 3 bands). Without --prompt: the first
-    caption of each of the 3 most frequent training classes."""
+    """`eojax infer diffusion --prompt=... [--negative_prompt=...]`: num_samples PNGs per prompt (and
+    float32 GeoTIFFs in data units when infer.geotiff or the data has other than 3 bands). Without
+    --prompt: the first caption of each of the 3 most frequent training classes (an SD run: their
+    captions joined). Prompts get sampler.prompt_suffix; the negative prompt defaults to
+    sampler.negative_prompt."""
     task, config, (params, _) = run.task, run.config, variables
     prompts = list(options.get("prompt") or [cap for _, cap in class_prompts(task, 3)])
     n, out_dir = int(options.get("num_samples") or 1), options["output"]
-    unknown = sorted({w for pr in prompts for w in task.tokenizer.unknown_words(pr)})
-    images = task.sample(params, [pr for pr in prompts for _ in range(n)], seed=int(options.get("seed", 0)))
+    negative = options.get("negative_prompt")
+    negative = config.sampler.get("negative_prompt", "") if negative is None else negative
+    unknown = sorted({w for pr in prompts + [negative] for w in task.tokenizer.unknown_words(pr)})
+    images = task.sample(params, [pr for pr in prompts for _ in range(n)], seed=int(options.get("seed", 0)),
+                         negative_prompt=negative)
     multiband = config.infer.geotiff or task.channels != 3
     files = []
     if jax.process_index() == 0:
@@ -62,7 +67,8 @@ def infer(run, variables, workdir, options) -> dict:
                 if multiband:
                     files.append(_write_geotiff(base + ".tif", images[i * n + j], task.band_names,
                                                 config.input.max_value, pr))
-    return {"prompts": prompts, "num_samples": n, "files": files, "unknown_words": unknown}
+    return {"prompts": prompts, "negative_prompt": negative, "num_samples": n, "files": files,
+            "unknown_words": unknown}
 
 
 def _write_geotiff(path, image, band_names, max_value, prompt) -> str:

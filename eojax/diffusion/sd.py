@@ -120,24 +120,43 @@ def _to(tree, dtype):
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
 
 
-def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None) -> StableDiffusion:
-    """Every component of a diffusers Stable Diffusion folder as flax modules and params (`dtype`:
-    the modules' compute dtype, e.g. bfloat16 on accelerators; `param_dtype`: the params')."""
+def read_configs(folder: str) -> dict:
+    """{component: its config.json dict, 'scheduler': scheduler_config.json, 'model_index'}: the
+    folder checked (check_folder) and its JSON read, no weights (what a model's shapes need)."""
     folder = os.fspath(folder)
     index = check_folder(folder)
     configs = {sub: _read_json(os.path.join(folder, sub, "config.json")) for sub in COMPONENTS}
     configs["scheduler"] = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     configs["model_index"] = index
+    return configs
 
-    unet_kwargs = unet_weights.unet_kwargs_from_config(configs["unet"])
-    unet = UNet(**unet_kwargs, dtype=dtype, param_dtype=param_dtype)
-    unet_params = unet_weights.params_from_diffusers(_state_dict(folder, "unet", variant), unet_kwargs)
 
-    vae_kwargs = vae_lib.vae_kwargs_from_config(configs["vae"])
-    vae = vae_lib.AutoencoderKL(**vae_kwargs, dtype=dtype, param_dtype=param_dtype)
-    vae_params = vae_lib.params_from_diffusers(_state_dict(folder, "vae", variant), vae_kwargs)
+def component_params(folder: str, sub: str, configs: dict | None = None, *, variant: str | None = None,
+                     param_dtype=jnp.float32):
+    """The params of one component ('unet', 'vae', 'text_encoder') of a folder, as its eojax module
+    (UNet, AutoencoderKL, CLIPTextEncoder) names them; only that component's weights file is read."""
+    configs = configs or read_configs(folder)
+    state = _state_dict(os.fspath(folder), sub, variant)
+    if sub == "unet":
+        params = unet_weights.params_from_diffusers(state, unet_weights.unet_kwargs_from_config(configs[sub]))
+    elif sub == "vae":
+        params = vae_lib.params_from_diffusers(state, vae_lib.vae_kwargs_from_config(configs[sub]))
+    elif sub == "text_encoder":
+        params = clip_lib.params_from_transformers(state, clip_lib.clip_kwargs_from_config(configs[sub]))
+    else:
+        raise ValueError(f"unknown Stable Diffusion component {sub!r}; known: {tuple(COMPONENTS)}")
+    return _to(params, param_dtype)
+
+
+def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None) -> StableDiffusion:
+    """Every component of a diffusers Stable Diffusion folder as flax modules and params (`dtype`:
+    the modules' compute dtype, e.g. bfloat16 on accelerators; `param_dtype`: the params')."""
+    folder = os.fspath(folder)
+    configs = read_configs(folder)
+    unet = UNet(**unet_weights.unet_kwargs_from_config(configs["unet"]), dtype=dtype, param_dtype=param_dtype)
+    vae = vae_lib.AutoencoderKL(**vae_lib.vae_kwargs_from_config(configs["vae"]), dtype=dtype,
+                                param_dtype=param_dtype)
     scaling, shift = vae_lib.scaling_factor_from_config(configs["vae"]), vae_lib.shift_factor_from_config(configs["vae"])
-
     clip_kwargs = clip_lib.clip_kwargs_from_config(configs["text_encoder"])
     text_encoder = clip_lib.CLIPTextEncoder(**clip_kwargs, dtype=dtype, param_dtype=param_dtype)
     text_state = _state_dict(folder, "text_encoder", variant)
@@ -147,7 +166,9 @@ def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: st
     tokenizer = clip_lib.load_tokenizer(os.path.join(folder, "tokenizer"))
 
     schedule, options, prediction = samplers.sampler_settings_from_diffusers(configs["scheduler"])
-    return StableDiffusion(unet, _to(unet_params, param_dtype), vae, _to(vae_params, param_dtype), text_encoder,
+    params = {sub: component_params(folder, sub, configs, variant=variant, param_dtype=param_dtype)
+              for sub in ("unet", "vae")}
+    return StableDiffusion(unet, params["unet"], vae, params["vae"], text_encoder,
                            _to(text_params, param_dtype), tokenizer, schedule, options, prediction,
                            float(scaling), float(shift), configs, folder, text_prefix)
 
@@ -251,5 +272,5 @@ def decode_latents(sd: StableDiffusion, latents):
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-__all__ = ["StableDiffusion", "check_folder", "load", "save", "generate", "encode_prompts", "decode_latents",
+__all__ = ["StableDiffusion", "check_folder", "read_configs", "component_params", "load", "save", "generate", "encode_prompts", "decode_latents",
            "initial_latents", "weights_file", "HOW_TO_GET"]

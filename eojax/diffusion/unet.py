@@ -163,9 +163,14 @@ class SpatialTransformer(nn.Module):
 class UNet(nn.Module):
     """(x (B, H, W, in_channels), timesteps (B,), context (B, L, cross_attention_dim)) -> (B, H, W, out).
 
-    H and W must be divisible by 2 ** (len(block_out_channels) - 1). heads: one count for every
-    transformer, or one per level (SD-2's per-level counts; the mid block takes the last level's, as
-    diffusers' UNet2DConditionModel does). linear_projection: see SpatialTransformer.
+    H and W must be divisible by 2 ** (len(block_out_channels) - 1), unless `any_size`: then, as
+    diffusers' UNet2DConditionModel does for such sizes, each strided conv rounds up and each upsample
+    goes to the size of the skip it meets (torch's 'nearest': source index floor(i * in / out)), e.g.
+    SD at 224 x 224 pixels, 28 x 28 latents. heads: one count for every transformer, or one per level
+    (SD-2's per-level counts; the mid block takes the last level's, as diffusers' UNet2DConditionModel
+    does). linear_projection: see SpatialTransformer. remat: recompute each ResBlock and
+    SpatialTransformer in the backward pass instead of keeping their activations (diffusers'
+    gradient checkpointing); the parameters and outputs are the same.
     """
 
     in_channels: int = 4
@@ -180,6 +185,8 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     linear_projection: bool = False
+    remat: bool = False
+    any_size: bool = False
 
     @nn.compact
     def __call__(self, x, timesteps, context):
@@ -189,15 +196,18 @@ class UNet(nn.Module):
         heads = tuple(self.heads) if isinstance(self.heads, Sequence) else (self.heads,) * levels
         if len(heads) != levels:
             raise ValueError(f"heads {heads} needs one count per level of {chans}")
-        if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
+        if not self.any_size and (x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1)):
             raise ValueError(f"image {x.shape[1]}x{x.shape[2]} is not divisible by 2^{levels - 1} "
                              f"({levels} UNet levels)")
         if context.shape[-1] != self.cross_attention_dim:
             raise ValueError(f"context width {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        res = lambda f, name: ResBlock(f, self.norm_groups, name=name, **kw)
-        attn = lambda lvl, name: SpatialTransformer(heads[lvl], self.transformer_depth, self.norm_groups, name=name,
-                                                    linear_projection=self.linear_projection, **kw)
+        # nn.remat keeps the module's name, so the parameter tree is the same either way.
+        res_cls, attn_cls = (nn.remat(ResBlock), nn.remat(SpatialTransformer)) if self.remat else \
+            (ResBlock, SpatialTransformer)
+        res = lambda f, name: res_cls(f, self.norm_groups, name=name, **kw)
+        attn = lambda lvl, name: attn_cls(heads[lvl], self.transformer_depth, self.norm_groups, name=name,
+                                          linear_projection=self.linear_projection, **kw)
         context = context.astype(self.dtype)
 
         temb = timestep_embedding(timesteps, chans[0])
@@ -228,12 +238,22 @@ class UNet(nn.Module):
                 if use_attn:
                     h = attn(lvl, f"up_{lvl}_attn_{i}")(h, context)
             if lvl > 0:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
+                h = _upsample_nearest(h, skips[-1].shape[1:3])  # to the next skip's size
                 h = _conv(c, name=f"up_{lvl}_upsample", **kw)(h)
 
         h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
         out = _conv(self.out_channels, names=(None, None, "embed", "channels"), name="conv_out", **kw)(h)
         return out.astype(jnp.float32)
+
+
+def _upsample_nearest(h, size):
+    """Nearest-neighbour resize of (B, H, W, C) to `size`: x2 by repetition, else torch's legacy
+    'nearest' (source index floor(i * in / out)), which F.interpolate(size=...) in diffusers uses."""
+    (hh, ww), (th, tw) = h.shape[1:3], size
+    if (th, tw) == (2 * hh, 2 * ww):
+        return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+    h = jnp.take(h, jnp.arange(th) * hh // th, axis=1)
+    return jnp.take(h, jnp.arange(tw) * ww // tw, axis=2)
 
 
 def sd15_config(**overrides) -> dict:
