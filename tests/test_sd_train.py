@@ -16,10 +16,11 @@ from flax import linen as nn, traverse_util
 from eojax import optim, train
 from eojax.diffusion import captions as captions_lib
 from eojax.diffusion import clip as clip_lib
-from eojax.diffusion import sd as sd_lib, sd_finetune, unet as unet_lib, vae as vae_lib
+from eojax.diffusion import sd as sd_lib, sd_finetune, unet as unet_lib, unet_weights, vae as vae_lib
 from eojax.diffusion.task import DiffusionInput, DiffusionTask
 from eojax.tasks import DataSpec
 from eojax.tasks.base import elements
+from eojax.weights import common as weights_common
 from helpers import ONE_DEVICE, cli, load_config, saved_tree, xla_flags
 
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd_tiny")
@@ -148,12 +149,9 @@ def test_the_frozen_parts_get_no_optimizer_moments(folder_sd):
 
 
 # ----------------------------------------------------------------------------------------- UNet
-TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(8, 16), attention=(True, False),
-                 layers_per_block=1, heads=2, cross_attention_dim=8, norm_groups=8)
-
-
 def test_unet_remat_keeps_params_outputs_and_gradients():
-    kw = dict(TINY_UNET, block_out_channels=(8,), attention=(True,))
+    kw = dict(in_channels=4, out_channels=4, block_out_channels=(8,), attention=(True,), layers_per_block=1,
+              heads=2, cross_attention_dim=8, norm_groups=8)
     x, t, ctx = jax.random.normal(jax.random.key(0), (2, 4, 4, 4)), jnp.array([3, 900]), jnp.ones((2, 3, 8))
     plain, remat = unet_lib.UNet(**kw), unet_lib.UNet(**kw, remat=True)
     shapes = lambda m: jax.tree.map(lambda a: a.shape, nn.meta.unbox(jax.eval_shape(m.init, jax.random.key(1), x, t, ctx)))
@@ -168,22 +166,28 @@ def test_unet_remat_keeps_params_outputs_and_gradients():
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5 * scale), ga, gb)
 
 
-def test_unet_any_size_upsamples_to_the_skips_as_torch_nearest():
-    """28 x 28 latents (SD at 224 pixels) through 4 levels: 28 -> 14 -> 7 -> 4 and back to 7, 14, 28 with
-    torch's nearest (index floor(i * in / out)); at divisible sizes any_size changes nothing."""
+def test_unet_any_size_equals_diffusers_at_sizes_the_up_path_does_not_divide():
+    """diffusers' UNet2DConditionModel (4 levels, SD-1.5's block types, tests/fixtures/sd_odd_size written by
+    scripts/fixtures/make_sd_odd_size_fixture.py) on 28 x 28 latents (SD at 224 pixels: 28 -> 14 -> 7 -> 4
+    and back through each skip's size) and on 15 x 13; torch's nearest indices (a half-pixel nearest resize
+    is off by ~25 %); at divisible sizes any_size changes nothing."""
     h = jnp.arange(4.0).reshape(1, 4, 1, 1) * jnp.ones((1, 4, 3, 1))
-    up = unet_lib._upsample_nearest(h, (7, 6))
-    assert np.asarray(up)[0, :, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3]
-    assert np.array_equal(np.asarray(unet_lib._upsample_nearest(h, (8, 6))), np.repeat(np.repeat(h, 2, 1), 2, 2))
-    kw = dict(TINY_UNET, block_out_channels=(8, 8, 16, 16), attention=(False, True, False, False), heads=2)
-    m = unet_lib.UNet(**kw, any_size=True)
-    out = jax.eval_shape(lambda: m.init_with_output(jax.random.key(0), jnp.zeros((1, 28, 28, 4)), jnp.zeros((1,)),
-                                                    jnp.zeros((1, 3, 8)))[0])
-    assert out.shape == (1, 28, 28, 4)
-    x, t, ctx = jax.random.normal(jax.random.key(0), (1, 4, 4, 4)), jnp.array([10]), jnp.ones((1, 3, 8))
-    params = jax.jit(unet_lib.UNet(**TINY_UNET).init)(jax.random.key(1), x, t, ctx)
-    apply = lambda m: jax.jit(m.apply)(params, x, t, ctx)
-    np.testing.assert_array_equal(apply(unet_lib.UNet(**TINY_UNET)), apply(unet_lib.UNet(**TINY_UNET, any_size=True)))
+    assert np.asarray(unet_lib._upsample_nearest(h, (7, 6)))[0, :, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3]
+    folder = os.path.join(os.path.dirname(FOLDER), "sd_odd_size")
+    kwargs = unet_weights.unet_kwargs_from_config(json.load(open(os.path.join(folder, "config.json"))))
+    params = unet_weights.params_from_diffusers(
+        weights_common.load_state_dict(os.path.join(folder, "diffusion_pytorch_model.safetensors"), "unet"), kwargs)
+    io = np.load(os.path.join(folder, "io.npz"))
+    apply = jax.jit(unet_lib.UNet(**kwargs, any_size=True).apply)
+    for n in ("28", "15"):
+        got = apply({"params": params}, io[f"x{n}"].transpose(0, 2, 3, 1), io["t"], io["context"])
+        want = io[f"eps{n}"].transpose(0, 2, 3, 1)
+        assert np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)) < 1e-4  # measured 1.1e-6
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 4))
+    with pytest.raises(ValueError, match="not divisible"):
+        unet_lib.UNet(**kwargs).apply({"params": params}, io["x28"].transpose(0, 2, 3, 1), io["t"], io["context"])
+    np.testing.assert_array_equal(apply({"params": params}, x, io["t"], io["context"]),
+                                  jax.jit(unet_lib.UNet(**kwargs).apply)({"params": params}, x, io["t"], io["context"]))
 
 
 # ------------------------------------------------------------------------------------- sampling
