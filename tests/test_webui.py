@@ -81,7 +81,7 @@ def test_post_gives_sd_generates_png(server):
     with _post(server, {"prompt": "an airport with two runways", "steps": STEPS, "seed": 4}, json_body=True) as reply:
         other = np.asarray(Image.open(io.BytesIO(reply.read())))
     assert other.shape == image.shape and not np.array_equal(other, image)
-    assert list(server.generator._compiled) == [STEPS]
+    assert list(server.generator.sd.programs) == [("pndm", STEPS, True), "decode"]  # compiled once, reused
 
 
 @pytest.mark.parametrize("fields, message", [

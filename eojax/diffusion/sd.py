@@ -67,6 +67,8 @@ class StableDiffusion:
     configs: dict  # {component: its config.json dict}; 'scheduler' and 'model_index' too
     folder: str
     text_key_prefix: str = ""  # the text encoder file's key spelling, kept on export
+    # generate's compiled samplers, one per (sampler, steps, guided): params stay arguments, not constants
+    programs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def vae_scale(self) -> int:
@@ -229,6 +231,33 @@ def denoise_fn(sd: StableDiffusion):
     return lambda params, x, t, context: sd.unet.apply({"params": params}, x, t, context)
 
 
+def sampler_settings(sd: StableDiffusion, sampler: str | None = None) -> tuple[Schedule, dict, str]:
+    """(schedule, sample() options, prediction) of the folder's scheduler, or of `sampler` ('pndm',
+    'ddim', 'ddpm', 'dpmpp_2m') read from the same config as diffusers' <Scheduler>.from_config does."""
+    if not sampler or sampler == sd.sampler_options["name"]:
+        return sd.schedule, sd.sampler_options, sd.prediction
+    classes = {name: cls for cls, name in samplers.DIFFUSERS_SCHEDULERS.items()}
+    if sampler not in classes:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {tuple(classes)}")
+    return samplers.sampler_settings_from_diffusers(sd.configs["scheduler"], classes[sampler])
+
+
+def _program(sd: StableDiffusion, sampler: str | None, num_steps: int, guided: bool):
+    """The jitted CLIP + sampler for these static choices, made once per StableDiffusion."""
+    key = (sampler or sd.sampler_options["name"], int(num_steps), guided)
+    if key not in sd.programs:
+        schedule, options, prediction = sampler_settings(sd, sampler)
+
+        def run(unet_params, text_params, ids, negative_ids, latents, guidance):
+            encode = lambda i: sd.text_encoder.apply({"params": text_params}, i)  # noqa: E731
+            return samplers.sample(denoise_fn(sd), schedule, prediction, unet_params, latents, jax.random.key(0),
+                                   encode(ids), encode(negative_ids) if guided else None, num_steps=num_steps,
+                                   guidance_scale=guidance, **options)
+
+        sd.programs[key] = jax.jit(run)
+    return sd.programs[key]
+
+
 def generate(sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str | Sequence[str] = "", *,
              num_steps: int = 50, guidance_scale: float = 7.5, seeds: Sequence[int] | None = None,
              latents=None, sampler: str | None = None, height: int | None = None, width: int | None = None,
@@ -238,7 +267,8 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str |
 
     `latents` (B, h, w, C) replace the seeded draw; `sampler` overrides the folder's scheduler
     ('pndm', 'ddim', 'ddpm', 'dpmpp_2m', keeping its betas and timestep spacing); height / width
-    default to the UNet's sample_size x the VAE factor."""
+    default to the UNet's sample_size x the VAE factor. Guidance <= 1 runs the conditional model
+    alone, as the pipeline does. One compiled program per (sampler, num_steps, guided), reused."""
     prompts = [p + suffix for p in prompts]
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
@@ -249,17 +279,11 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str |
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         latents = initial_latents(sd, seeds, height or size, width or size)
-    cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, negatives)
-    schedule, options, prediction = sd.schedule, sd.sampler_options, sd.prediction
-    if sampler and sampler != options["name"]:  # as diffusers' <Scheduler>.from_config(the folder's config)
-        classes = {name: cls for cls, name in samplers.DIFFUSERS_SCHEDULERS.items()}
-        if sampler not in classes:
-            raise ValueError(f"unknown sampler {sampler!r}; known: {tuple(classes)}")
-        schedule, options, prediction = samplers.sampler_settings_from_diffusers(sd.configs["scheduler"], classes[sampler])
-    guidance = guidance_scale if guidance_scale > 1.0 else 1.0
-    out = samplers.sample(denoise_fn(sd), schedule, prediction, sd.unet_params, jnp.asarray(latents),
-                          jax.random.key(0), cond, uncond if guidance_scale > 1.0 else None,
-                          num_steps=num_steps, guidance_scale=guidance, **options)
+    guided = guidance_scale > 1.0
+    run = _program(sd, sampler, num_steps, guided)
+    out = run(sd.unet_params, sd.text_params, jnp.asarray(clip_lib.tokenize(sd.tokenizer, prompts)),
+              jnp.asarray(clip_lib.tokenize(sd.tokenizer, negatives)), jnp.asarray(latents),
+              jnp.asarray(guidance_scale if guided else 1.0, jnp.float32))
     if return_latents:
         return out
     return decode_latents(sd, out)
@@ -267,10 +291,14 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], negative_prompt: str |
 
 def decode_latents(sd: StableDiffusion, latents):
     """Latents -> images in [0, 1] (the VAE's decode of latents / scaling_factor + shift_factor)."""
-    z = latents / sd.scaling_factor + sd.shift_factor
-    images = sd.vae.apply({"params": sd.vae_params}, z, method="decode")
-    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    if "decode" not in sd.programs:
+        def decode(vae_params, latents):
+            z = latents / sd.scaling_factor + sd.shift_factor
+            images = sd.vae.apply({"params": vae_params}, z, method="decode")
+            return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        sd.programs["decode"] = jax.jit(decode)
+    return sd.programs["decode"](sd.vae_params, latents)
 
 
-__all__ = ["StableDiffusion", "check_folder", "read_configs", "component_params", "load", "save", "generate", "encode_prompts", "decode_latents",
-           "initial_latents", "weights_file", "HOW_TO_GET"]
+__all__ = ["StableDiffusion", "check_folder", "read_configs", "component_params", "load", "save", "generate",
+           "sampler_settings", "encode_prompts", "decode_latents", "initial_latents", "weights_file", "HOW_TO_GET"]

@@ -9,15 +9,13 @@ those fields (form-encoded or JSON) and answers a PNG, or 400 with a one-line me
 The standard library's http.server, no web framework: one request at a time (the model holds the
 accelerator), bound to 127.0.0.1 unless --host says otherwise (it has no authentication).
 
-The image is StableDiffusionPipeline's (sd.generate's): the prompt + suffix and the negative prompt through
-CLIP, latents drawn from jax.random.key(seed), the sampler with classifier-free guidance, the VAE decode.
-Here those steps run as one jitted program per step count, compiled once (at start for --steps) and reused
-for every request; tests/test_webui.py checks it gives sd.generate's image.
+The image is sd.generate's (StableDiffusionPipeline's): the prompt + suffix and the negative prompt
+through CLIP, latents drawn from jax.random.key(seed), the sampler with classifier-free guidance, the VAE
+decode; its compiled program for --steps is made at start and reused for every request.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import html
 import io
 import json
@@ -29,12 +27,9 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eojax.diffusion import clip as clip_lib
-from eojax.diffusion import samplers
 from eojax.diffusion import sd as sd_lib
 
 # The project's defaults (its inference notebook): PNDM, guidance 7.5, this negative prompt and suffix.
@@ -100,60 +95,29 @@ def _integer(raw) -> int:
 
 
 class Generator:
-    """A loaded Stable Diffusion folder and its compiled pipelines (one per step count), called by one
-    request at a time: images (H, W, 3) uint8."""
+    """A loaded Stable Diffusion folder called by one request at a time: images (H, W, 3) uint8.
+    sd.generate keeps one compiled program per step count, so only a new step count compiles."""
 
     def __init__(self, sd: sd_lib.StableDiffusion, *, sampler: str = SAMPLER, suffix: str = SUFFIX, size: int = 0):
-        self.sd, self.suffix = sd, suffix
+        self.sd, self.sampler, self.suffix = sd, sampler, suffix
         self.size = size or sd.configs["unet"].get("sample_size", 64) * sd.vae_scale
         if self.size % sd.vae_scale:
             raise ValueError(f"image size {self.size} is not divisible by the VAE's factor {sd.vae_scale}")
-        # The folder's scheduler config read as `sampler`'s (diffusers' <Scheduler>.from_config), as generate does.
-        self.schedule, self.options, self.prediction = sd.schedule, sd.sampler_options, sd.prediction
-        if sampler != self.options["name"]:
-            classes = {name: cls for cls, name in samplers.DIFFUSERS_SCHEDULERS.items()}
-            if sampler not in classes:
-                raise ValueError(f"unknown sampler {sampler!r}; known: {tuple(classes)}")
-            self.schedule, self.options, self.prediction = samplers.sampler_settings_from_diffusers(
-                sd.configs["scheduler"], classes[sampler])
-        self._compiled: dict[int, object] = {}
+        sd_lib.sampler_settings(sd, sampler)  # an unknown sampler is named here, not at the first request
         self._lock = threading.Lock()
-
-    def _program(self, steps: int):
-        """The compiled pipeline for `steps`, made on first use: params, CLIP ids and latents are its
-        arguments (not constants folded into the program), the guidance scale too."""
-        if steps not in self._compiled:
-            sd = self.sd
-
-            def pipeline(unet_params, vae_params, text_params, ids, latents, guidance):
-                encode = lambda i: sd.text_encoder.apply({"params": text_params}, i)  # noqa: E731
-                x = samplers.sample(sd_lib.denoise_fn(sd), self.schedule, self.prediction, unet_params, latents,
-                                    jax.random.key(0), encode(ids[:1]), encode(ids[1:]), num_steps=steps,
-                                    guidance_scale=guidance, **self.options)
-                return sd_lib.decode_latents(dataclasses.replace(sd, vae_params=vae_params), x)
-
-            args = self._arguments("", "", 0, GUIDANCE)
-            self._compiled[steps] = jax.jit(pipeline).lower(*args).compile()
-        return self._compiled[steps]
-
-    def _arguments(self, prompt, negative_prompt, seed, guidance):
-        sd = self.sd
-        ids = clip_lib.tokenize(sd.tokenizer, [prompt + self.suffix, negative_prompt])
-        latents = sd_lib.initial_latents(sd, [seed], self.size, self.size)
-        return (sd.unet_params, sd.vae_params, sd.text_params, jnp.asarray(ids), latents,
-                jnp.asarray(guidance, jnp.float32))
 
     def warmup(self, steps: int) -> float:
         """Compiles the pipeline for `steps` now (seconds taken), so the first request does not wait."""
         start = time.perf_counter()
-        with self._lock:
-            self._program(steps)
+        self("", steps=steps)
         return time.perf_counter() - start
 
     def __call__(self, prompt: str, negative_prompt: str = NEGATIVE_PROMPT, *, steps: int = STEPS,
                  guidance: float = GUIDANCE, seed: int = 0) -> np.ndarray:
         with self._lock:  # one generation at a time, whatever server runs it
-            images = self._program(steps)(*self._arguments(prompt, negative_prompt, seed, guidance))
+            images = sd_lib.generate(self.sd, [prompt], negative_prompt, num_steps=steps, guidance_scale=guidance,
+                                     seeds=[seed], sampler=self.sampler, height=self.size, width=self.size,
+                                     suffix=self.suffix)
             return np.asarray(jnp.round(images[0] * 255.0), np.uint8)
 
 
