@@ -1,11 +1,10 @@
 """Fine-tuning a Stable Diffusion folder through the trainer (model.sd_folder, configs/diffusion.py:sd15):
 the recipe's numbers, the one-line error without a folder, the prompts, the VAE latents, the UNet's remat
-and odd-size options, sampling equal to sd.generate, and (slow) sd15_tiny trained, resumed and sampled
+and odd-size options, sampling equal to sd.generate, and (slow) sd15_tiny trained and sampled
 through the CLI with only the UNet changing and no optimizer moments for the frozen VAE and CLIP."""
 import json
 import os
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -243,18 +242,6 @@ def test_sd15_tiny_trains_only_the_unet(trained, folder_sd):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_resume_is_bit_identical(trained):
-    root, env, _ = trained
-    again = root / "resumed"
-    shutil.copytree(root / "run", again, ignore=shutil.ignore_patterns("2", "results.json", "*.png", "events*"))
-    cli("train", "diffusion:sd15_tiny", again, "--config.total_steps=2", "--config.checkpoint_every=1",
-        devices=1, env_extra=env)
-    a, b = saved_tree(root / "run", 2), saved_tree(again, 2)
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_infer_samples_the_trained_unet_with_a_negative_prompt(trained):
     root, env, _ = trained
     proc = cli("infer", "diffusion:sd15_tiny", root / "run", "diffusion", "--prompt=a river",
@@ -262,6 +249,3 @@ def test_infer_samples_the_trained_unet_with_a_negative_prompt(trained):
     out = json.loads(proc.stdout[proc.stdout.index("{"):])["infer"]
     assert out["negative_prompt"] == "grainy" and out["prompts"] == ["a river"]
     assert len(out["files"]) == 2 and all(os.path.exists(f) for f in out["files"])
-    proc = cli("infer", "diffusion:sd15_tiny", root / "run", "diffusion", "--prompt=a river", "--num_samples=1",
-               devices=1, env_extra=env)
-    assert json.loads(proc.stdout[proc.stdout.index("{"):])["infer"]["negative_prompt"] == NEGATIVE
