@@ -78,13 +78,18 @@ def test_signal_saves_the_step_reached_and_resumes_bit_identically(tmp_path, sig
     _assert_same_params(straight, stopped, STEPS)
 
 
+# Two processes step at ~70 ms and are signalled at step 3: 24 steps leave a wide margin, for less time.
+TWO_STEPS = 24
+TWO_ARGS = [a.replace(f"total_steps={STEPS}", f"total_steps={TWO_STEPS}") for a in ARGS]
+
+
 def _two_processes(workdir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [_train_process(workdir, devices=2, env_extra={
-        "EOJAX_COORDINATOR": f"127.0.0.1:{port}", "EOJAX_NUM_PROCESSES": "2", "EOJAX_PROCESS_ID": str(i)})
-        for i in range(2)]
+        "EOJAX_COORDINATOR": f"127.0.0.1:{port}", "EOJAX_NUM_PROCESSES": "2", "EOJAX_PROCESS_ID": str(i)},
+        args=TWO_ARGS) for i in range(2)]
 
 
 def _finish(procs, code=0) -> None:
@@ -103,9 +108,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
     _finish(procs, train.PREEMPTED_EXIT_CODE)
     [saved] = os.listdir(stopped / "checkpoints")
-    assert 3 <= int(saved) < STEPS
+    assert 3 <= int(saved) < TWO_STEPS
     _finish(_two_processes(stopped))
-    _assert_same_params(straight, stopped, STEPS)
+    _assert_same_params(straight, stopped, TWO_STEPS)
 
 
 def test_a_second_trainer_on_a_workdir_is_refused(tmp_path):

@@ -214,19 +214,21 @@ def _fast_xla(devices=1):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd15_tiny")
     env = dict(_fast_xla(), EOJAX_CACHE=str(root / "cache"))
+    # FD off: its sampler and feature compiles were half of this run's ~2 min (sampling is checked against
+    # sd.generate in the fast tier, and the picture grid below samples through the same path).
     proc = cli("train", "diffusion:sd15_tiny", root / "run", "--config.total_steps=2", "--config.checkpoint_every=1",
-               devices=1, env_extra=env)
+               "--config.fd.enabled=False", devices=1, env_extra=env)
     return root, env, json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_sd15_tiny_trains_only_the_unet(trained, folder_sd):
-    """Two steps of batch 1 x 4 through `eojax train`: a finite loss and FD, a picture grid; the UNet
+    """Two steps of batch 1 x 4 through `eojax train`: finite train and eval losses, a picture grid; the UNet
     moved from the folder's, the VAE and CLIP are bit-identical to it, and the optimizer state holds
     moments of the UNet only (the EMA copies every parameter)."""
     root, _, summary = trained
-    assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["fd"])
+    assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["loss"])
     assert os.path.exists(summary["pictures"][0])
     state = saved_tree(root / "run", 2)
     flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
