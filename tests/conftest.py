@@ -83,6 +83,17 @@ SLOW_IN_FAST_TIER = (
     "tests/test_train.py::test_sharded_step_matches_one_device[mesh0-model]",  # 19 s with setup
     "tests/test_parity_prithvi_satmae.py::test_satmae_pretraining_matches_reference[s2-auto]",  # 9 s
     "tests/test_seg.py::test_retrain_input_trains_only_the_input_layer[dofa]",  # 7 s
+    # session 13: the Stable Diffusion path; the fast tier keeps each part's parity test
+    "tests/test_webui.py::test_the_server_binds_to_loopback_and_serves_the_form",  # the page's server compiles
+    "tests/test_webui.py::test_post_gives_sd_generates_png",  # the pipeline at start: ~20 s for the four
+    "tests/test_webui.py::test_bad_input_is_a_400_with_one_line",
+    "tests/test_webui.py::test_bad_json_body_is_a_400",
+    "tests/test_prompt_writer.py::test_cli_infer_prompt_writer",  # a CLI process; in-process infer stays
+    "tests/test_inception_parity.py::test_pool3_features_match_pytorch_fid[299]",  # 299-311 px InceptionV3
+    "tests/test_inception_parity.py::test_pool3_features_match_pytorch_fid[large]",
+    "tests/test_inception_parity.py::test_fixture_separates_the_fid_variant_and_the_resize",
+    "tests/test_sd_pipeline.py::test_the_folder_scheduler_is_pndm_and_seeds_are_per_image",
+    "tests/test_sd_train.py::test_unet_remat_keeps_params_outputs_and_gradients",
 )
 
 
