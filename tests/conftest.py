@@ -94,6 +94,8 @@ SLOW_IN_FAST_TIER = (
     "tests/test_inception_parity.py::test_fixture_separates_the_fid_variant_and_the_resize",
     "tests/test_sd_pipeline.py::test_the_folder_scheduler_is_pndm_and_seeds_are_per_image",
     "tests/test_sd_train.py::test_unet_remat_keeps_params_outputs_and_gradients",
+    "tests/test_sd_train.py::test_sampling_equals_sd_generate_with_the_negative_prompt_and_suffix",  # 9 s
+    "tests/test_prompt_writer.py::test_infer_writes_one_prompt_per_class",  # 11 s of set-up
 )
 
 
