@@ -9,7 +9,7 @@ it on real chips (the "train on synthetic, test on real" protocol).
 1. Generation: for each --prompt CLASS:TEXT (repeatable; a class may have several; or a .json file
    {class: prompt or [prompts]}, as `eojax infer prompt_writer` writes), --num_samples images. The generator is a diffusers Stable Diffusion folder (--sd_folder, eojax.diffusion.sd.generate
    with the folder's scheduler family unless config.sampler.name picks another, config.sampler.num_steps
-   and guidance_scale; `configs/diffusion.py:sd15` sets 25 DPM-Solver++ steps at guidance 7.5), or the
+   and guidance_scale; `configs/diffusion.py:sd15` keeps the folder's PNDM, 100 steps at guidance 7.5), or the
    latest checkpoint of an eojax diffusion run (--workdir with its --config, the task's own sampler).
    Seeds come from --seed and the image's index: with Stable Diffusion each image has its own (it does
    not depend on the batch it was made in); an eojax run's sampler draws a batch (config.batch_size
