@@ -288,17 +288,23 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
                 return fn(t)
             return lora.apply(fn, state.params, t, state.lora["scale"], lora_settings.dropout, r)
 
+        current = trainable(state)
+        # Only the parameters that train are differentiated: a frozen subtree (SD's VAE and CLIP) is a
+        # constant of the step, and its zero gradient is made once for the optimizer, never accumulated.
+        frozen = optimizer.frozen(current) if optimizer.frozen and lora_settings is None else None
+        live, fixed = _split(current, frozen)
+
         def loss_and_grads(t, model_state, batch, rng):
             def loss(t):
-                value, aux, new_state = with_params(lambda p: task.loss_fn(p, model_state, batch, rng, True), t, rng)
+                value, aux, new_state = with_params(
+                    lambda p: task.loss_fn(p, model_state, batch, rng, True), _join(frozen, t, fixed), rng)
                 return value, (aux, new_state)
 
             (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(t)
             return value, aux, grads, new_state
 
-        current = trainable(state)
         if accum == 1:
-            loss, aux, grads, model_state = loss_and_grads(current, state.model_state, batch, rng)
+            loss, aux, grads, model_state = loss_and_grads(live, state.model_state, batch, rng)
         else:
             # Row j*accum + i goes to micro-batch i, so every device holds a share of each micro-batch.
             micro = jax.tree.map(
@@ -307,15 +313,16 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
             def body(carry, xs):
                 sums, model_state = carry
                 i, mb = xs
-                *out, model_state = loss_and_grads(current, model_state, mb, jax.random.fold_in(rng, i))
+                *out, model_state = loss_and_grads(live, model_state, mb, jax.random.fold_in(rng, i))
                 return (jax.tree.map(jnp.add, sums, tuple(out)), model_state), None
 
-            shapes = jax.eval_shape(loss_and_grads, current, state.model_state,
+            shapes = jax.eval_shape(loss_and_grads, live, state.model_state,
                                     jax.tree.map(lambda x: x[0], micro), rng)
             zero = jax.tree.map(jnp.zeros_like, shapes[:3])
             (total, model_state), _ = jax.lax.scan(body, (zero, state.model_state), (jnp.arange(accum), micro))
             loss, aux, grads = jax.tree.map(lambda x: x / accum, total)
 
+        grads = _join(frozen, grads, jax.tree.map(jnp.zeros_like, fixed))
         extra = {}
         if "obj_fn" in optimizer.needs:
             extra["obj_fn"] = lambda t: with_params(
@@ -335,6 +342,22 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
                              ema_model_state=ema_model_state, **updated), metrics
 
     return train_step
+
+
+def _split(tree, frozen) -> tuple[Any, Any]:
+    """(the leaves that train, the frozen ones), each with None in the other's places; (tree, None)
+    when nothing is frozen."""
+    if frozen is None:
+        return tree, None
+    return (jax.tree.map(lambda f, x: None if f else x, frozen, tree),
+            jax.tree.map(lambda f, x: x if f else None, frozen, tree))
+
+
+def _join(frozen, live, fixed):
+    """The whole tree again from `_split`'s two parts."""
+    if frozen is None:
+        return live
+    return jax.tree.map(lambda f, a, b: b if f else a, frozen, live, fixed)
 
 
 def _flops_per_step(run: Run) -> float:

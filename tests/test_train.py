@@ -323,3 +323,26 @@ def test_config_kernels_selects_what_the_train_step_traces(mode):
         losses.append(float(metrics["loss"]))
     reference = run_steps(mae_config(mesh=ONE_DEVICE, kernels="auto"), jax.devices()[:1], n=2)[2]
     np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+def test_frozen_parameters_are_constants_of_the_step():
+    """With optim.freeze the step differentiates the other parameters only: the same update as
+    differentiating everything (whose frozen gradients the optimizer zeroes), with less work."""
+    import dataclasses
+
+    config = mae_config(mesh=ONE_DEVICE, **{"optim.freeze": ("^encoder/",), "optim.warmup_steps": 0,
+                                            "optim.name": "sgd"})  # SGD: updates linear in the gradients
+    run = train.setup(config, devices=jax.devices()[:1])
+    state, batch = run.init_state(), run.next_batch()
+    everything = dataclasses.replace(run.optimizer, frozen=None)
+    steps = {name: jax.jit(train._make_train_step(run.task, opt, 1, jax.random.key(3)))
+             for name, opt in (("live", run.optimizer), ("all", everything))}
+    with run.scope():
+        flops = {k: f.lower(state, batch).compile().cost_analysis()["flops"] for k, f in steps.items()}
+        (live, m_live), (full, m_full) = (steps[k](state, batch) for k in ("live", "all"))
+    assert flops["live"] < 0.9 * flops["all"], flops  # no backward pass into the encoder's weights
+    assert float(m_live["loss"]) == float(m_full["loss"])
+    assert max_diff(live.params, full.params) < 1e-6
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(live.params["encoder"])[0]),
+                                  np.asarray(jax.tree.leaves(state.params["encoder"])[0]))
+    assert max_diff(live.params["decoder"], state.params["decoder"]) > 0

@@ -128,6 +128,8 @@ class Optimizer:
     hessian_batch_every: k > 0 when the optimizer's Hessian estimate takes a batch of its own before
         steps k, 2k, ... (Sophia-G: the official loop estimates on a fresh batch that no gradient
         sees); the trainer then draws it from the input and passes it as the step's `hessian_batch`.
+    frozen: params -> bool tree (True: optim.freeze holds it still), None without optim.freeze; the
+        trainer differentiates the other parameters only.
     """
     tx: optax.GradientTransformationExtraArgs
     schedule: Callable[[Any], jax.Array]
@@ -138,6 +140,7 @@ class Optimizer:
     keeps_ema: bool = False
     average_model_state: Callable[[Any, Any, Any], Any] = lambda ema, new, opt_state: ema
     hessian_batch_every: int = 0
+    frozen: Callable[[Any], Any] | None = None
 
     def takes_hessian_batch(self, step: int) -> bool:
         """Whether the update of step `step` (0-based: the state's step before it) refreshes the
@@ -347,7 +350,7 @@ def _finish(c, tx, schedule, diagnostics, needs, hessian_batch_every: int = 0) -
         decay = (c.layer_decay, c.layer_decay_block, c.layer_decay_embed) if c.layer_decay != 1.0 else None
         tx = optax.chain(tx, _scale_by_group(c.lr_scales, decay))
     common = dict(schedule=schedule, diagnostics=diagnostics, needs=needs, name=c.name,
-                  hessian_batch_every=hessian_batch_every)
+                  hessian_batch_every=hessian_batch_every, frozen=_frozen_mask(c.freeze) if c.freeze else None)
     if c.ema_decay <= 0:
         return Optimizer(tx=tx, **common)
     return Optimizer(tx=_with_ema(tx, c.ema_decay), eval_params=lambda params, opt_state: opt_state.ema,
