@@ -51,9 +51,17 @@ class CheckpointCorruptError(RuntimeError):
     """No checkpoint step of a run can be restored (each is named with its reason, on one line)."""
 
 
+def _key(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _by_key(tree: Any) -> dict[str, Any]:
+    """{'a/b/c': leaf} of a tree (None leaves left out)."""
+    return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in flat}
+    return {k: tuple(leaf.shape) for k, leaf in _by_key(tree).items()}
 
 
 def key_problems(found: Mapping[Any, tuple], expected: Mapping[Any, tuple], source: str = "checkpoint",
@@ -532,14 +540,23 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     saved_params = _subtree(saved, params_key)
     if saved_params is None:
         raise CheckpointMismatchError(f"{state_dir} holds no 'params'")
+    # A frozen parameter has no average (optim.without_frozen): it is read from the live params.
+    averaged = _flat_shapes(saved_params)
+    live_keys = set() if params_key == ("params",) else set(_flat_shapes(saved.get("params") or {})) - set(averaged)
     saved_state = saved.get(state_key) or {}
     if abstract_params is None:
-        abstract_params = _abstract_from_metadata(saved_params)
+        abstract_params = _abstract_from_metadata(saved["params"] if live_keys else saved_params)
         abstract_model_state = _abstract_from_metadata(saved_state)
     abstract_model_state = abstract_model_state or {}
-    check_compatible(saved_params, abstract_params, f"{step_dir} (its params)")
+    live_shapes = {k: v for k, v in _flat_shapes(saved.get("params") or {}).items() if k in live_keys}
+    raise_mismatch(key_problems({**averaged, **live_shapes}, _flat_shapes(abstract_params)),
+                   f"{step_dir} (its params) was written by a different model")
     check_compatible(saved_state, abstract_model_state, f"{step_dir} (its model state)")
-    reads = [(params_key, abstract_params), ((state_key,), abstract_model_state)]
+    pick = lambda live: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, a: a if (_key(path) in live_keys) == live else None, abstract_params)
+    reads = [(params_key, pick(False)), ((state_key,), abstract_model_state)]
+    if live_keys:
+        reads.append((("params",), pick(True)))
     if lora_run:
         adapters_key = ("opt_state", "ema") if ema else ("lora", "adapters")
         replicated = _replicated_like(abstract_params)
@@ -558,6 +575,9 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=args, partial_restore=True))
     params = _subtree(restored, params_key)
+    if live_keys:
+        found = {**_by_key(params), **_by_key(restored["params"])}
+        params = jax.tree_util.tree_map_with_path(lambda path, _: found[_key(path)], abstract_params)
     if lora_run:
         merged = lora.merge(params, _subtree(restored, adapters_key), _subtree(restored, ("lora", "scale")))
         params = jax.tree.map(lambda m, a: m if a.sharding is None else jax.device_put(m, a.sharding),

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import operator
 import os
 import signal
 import socket
@@ -292,12 +293,13 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
         # Only the parameters that train are differentiated: a frozen subtree (SD's VAE and CLIP) is a
         # constant of the step, and its zero gradient is made once for the optimizer, never accumulated.
         frozen = optimizer.frozen(current) if optimizer.frozen and lora_settings is None else None
-        live, fixed = _split(current, frozen)
+        live = optim.without_frozen(frozen, current)
+        fixed = None if frozen is None else optim.without_frozen(jax.tree.map(operator.not_, frozen), current)
 
         def loss_and_grads(t, model_state, batch, rng):
             def loss(t):
-                value, aux, new_state = with_params(
-                    lambda p: task.loss_fn(p, model_state, batch, rng, True), _join(frozen, t, fixed), rng)
+                whole = optim.fill_frozen(frozen, t, fixed)
+                value, aux, new_state = with_params(lambda p: task.loss_fn(p, model_state, batch, rng, True), whole, rng)
                 return value, (aux, new_state)
 
             (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(t)
@@ -322,7 +324,8 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
             (total, model_state), _ = jax.lax.scan(body, (zero, state.model_state), (jnp.arange(accum), micro))
             loss, aux, grads = jax.tree.map(lambda x: x / accum, total)
 
-        grads = _join(frozen, grads, jax.tree.map(jnp.zeros_like, fixed))
+        if frozen is not None:
+            grads = optim.fill_frozen(frozen, grads, jax.tree.map(jnp.zeros_like, fixed))
         extra = {}
         if "obj_fn" in optimizer.needs:
             extra["obj_fn"] = lambda t: with_params(
@@ -342,22 +345,6 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
                              ema_model_state=ema_model_state, **updated), metrics
 
     return train_step
-
-
-def _split(tree, frozen) -> tuple[Any, Any]:
-    """(the leaves that train, the frozen ones), each with None in the other's places; (tree, None)
-    when nothing is frozen."""
-    if frozen is None:
-        return tree, None
-    return (jax.tree.map(lambda f, x: None if f else x, frozen, tree),
-            jax.tree.map(lambda f, x: x if f else None, frozen, tree))
-
-
-def _join(frozen, live, fixed):
-    """The whole tree again from `_split`'s two parts."""
-    if frozen is None:
-        return live
-    return jax.tree.map(lambda f, a, b: b if f else a, frozen, live, fixed)
 
 
 def _flops_per_step(run: Run) -> float:

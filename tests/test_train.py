@@ -346,3 +346,26 @@ def test_frozen_parameters_are_constants_of_the_step():
     np.testing.assert_array_equal(np.asarray(jax.tree.leaves(live.params["encoder"])[0]),
                                   np.asarray(jax.tree.leaves(state.params["encoder"])[0]))
     assert max_diff(live.params["decoder"], state.params["decoder"]) > 0
+
+
+def test_frozen_parameters_have_no_average_and_are_read_back_live(tmp_path):
+    """optim.ema_decay with optim.freeze: the EMA covers the trained parameters only (as diffusers
+    averages the UNet alone); the checkpoint resumes, and evaluation reads the frozen ones live."""
+    config = mae_config(mesh=ONE_DEVICE, **{"optim.freeze": ("^encoder/",), "optim.ema_decay": 0.9,
+                                            "optim.warmup_steps": 0})
+    run, state, _ = run_steps(config, jax.devices()[:1], n=2)
+    assert not jax.tree.leaves(state.opt_state.ema["encoder"]) and jax.tree.leaves(state.opt_state.ema["decoder"])
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=1, every=1, async_save=False)
+    checkpointer.save(2, state, force=True)
+    checkpointer.wait()
+    step, restored = checkpointer.restore_latest_intact(run.abstract_state)
+    checkpointer.close()
+    assert step == 2 and max_diff(restored.opt_state.ema, state.opt_state.ema) == 0
+    params, _ = ckpt_lib.load_variables(str(tmp_path / "2"), run.abstract_state.params)
+    want = train.eval_variables(run, state)[0]
+    assert max_diff(params, want) == 0
+    assert max_diff(params["encoder"], state.params["encoder"]) == 0  # frozen: read from the live params
+    assert max_diff(params["decoder"], state.opt_state.ema["decoder"]) == 0
+    assert max_diff(state.opt_state.ema["decoder"], state.params["decoder"]) > 0
+    whole, _ = ckpt_lib.load_variables(str(tmp_path / "2"), None)  # export's read: no abstract tree
+    assert max_diff(whole, want) == 0

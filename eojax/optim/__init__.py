@@ -43,7 +43,8 @@ skip the same ones in a ViT, its 2-D per-head q / k / v biases included).
 EMA (`ema_decay` > 0): the optimizer state also keeps an exponential moving average of the parameters
 (after each update), so it is sharded like them and checkpointed with the run; `eval_params` returns it.
 The decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the n updates so far, so early averages
-are not dominated by the random initialisation.
+are not dominated by the random initialisation. Frozen parameters have no average (None in its tree, as
+diffusers keeps the EMA of the UNet only): `eval_params` takes them as they are, since they never change.
 """
 from __future__ import annotations
 
@@ -353,7 +354,9 @@ def _finish(c, tx, schedule, diagnostics, needs, hessian_batch_every: int = 0) -
                   hessian_batch_every=hessian_batch_every, frozen=_frozen_mask(c.freeze) if c.freeze else None)
     if c.ema_decay <= 0:
         return Optimizer(tx=tx, **common)
-    return Optimizer(tx=_with_ema(tx, c.ema_decay), eval_params=lambda params, opt_state: opt_state.ema,
+    frozen = common["frozen"]
+    return Optimizer(tx=_with_ema(tx, c.ema_decay, frozen),
+                     eval_params=lambda params, opt_state: fill_frozen(_mask(frozen, params), opt_state.ema, params),
                      keeps_ema=True, average_model_state=lambda ema, new, opt_state: _ema_step(
                          ema, new, opt_state.count, c.ema_decay), **common)
 
@@ -432,14 +435,33 @@ class EmaState(NamedTuple):
     ema: Any
 
 
-def _with_ema(tx, decay: float) -> optax.GradientTransformationExtraArgs:
+def without_frozen(mask, params):
+    """`params` with None in place of the leaves `mask` (a bool tree, or None: nothing) marks."""
+    if mask is None:
+        return params
+    return jax.tree.map(lambda f, p: None if f else p, mask, params)
+
+
+def fill_frozen(mask, tree, params):
+    """`tree`, as `without_frozen(mask, ...)` left it, with the marked leaves taken from `params`."""
+    if mask is None:
+        return tree
+    return jax.tree.map(lambda f, t, p: p if f else t, mask, tree, params)
+
+
+def _mask(frozen, params):
+    return None if frozen is None else frozen(params)
+
+
+def _with_ema(tx, decay: float, frozen=None) -> optax.GradientTransformationExtraArgs:
     def init(params):
         return EmaState(inner=tx.init(params), count=jnp.zeros((), jnp.int32),
-                        ema=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+                        ema=jax.tree.map(lambda p: jnp.array(p, copy=True), without_frozen(_mask(frozen, params), params)))
 
     def update(updates, state, params=None, **extra):
         updates, inner = tx.update(updates, state.inner, params, **extra)
-        ema = _ema_step(state.ema, optax.apply_updates(params, updates), state.count, decay)
+        new = without_frozen(_mask(frozen, params), optax.apply_updates(params, updates))
+        ema = _ema_step(state.ema, new, state.count, decay)
         return updates, EmaState(inner=inner, count=state.count + 1, ema=ema)
 
     return optax.GradientTransformationExtraArgs(init, update)
