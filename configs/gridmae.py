@@ -32,6 +32,7 @@ def get_config(arg=None):
     config.input = config_lib.image_input_defaults(
         stack=True, resampling="bilinear", window=96, eval_stride=96, min_valid_fraction=0.5,
         num_windows=4096)
+    config.export = config_lib.export_defaults()  # `eojax export`: stride 0 = the window
 
     config.model = dict(
         variant=arg.variant, groups="per_source", patch_size=8, mask_ratio=0.75, spatial_mask=False,

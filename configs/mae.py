@@ -26,6 +26,7 @@ def get_config(arg=None):
     config.checkpoint_every = 1_000
 
     config.input = config_lib.image_input_defaults()
+    config.export = config_lib.export_defaults()  # `eojax export`: stride 0 = the window
 
     # Shape keys at 0 take the variant's own size.
     config.model = dict(

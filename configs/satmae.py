@@ -38,6 +38,7 @@ def get_config(arg=None):
 
     config.input = config_lib.image_input_defaults(
         window=96, eval_stride=96, scales=(1,) if arg.single_scale else (1, 2, 4))
+    config.export = config_lib.export_defaults()  # `eojax export`: stride 0 = the window
 
     # Shape keys at 0 take the variant's own size (eojax.mae.satmae.VARIANTS).
     config.model = dict(

@@ -106,7 +106,9 @@ def lora_defaults() -> ml_collections.ConfigDict:
 def image_input_defaults(**overrides) -> ml_collections.ConfigDict:
     """`config.input` of the image families: GeoTIFF windows read on the fly (eojax.data.pipeline)."""
     c = ml_collections.ConfigDict(dict(
-        paths=(),  # GeoTIFFs, globs or '{band}' templates; empty = synthetic default scenes
+        paths=(),  # GeoTIFFs (local or s3:// gs:// https://), globs, '{band}' templates, STAC items (.json),
+        # NetCDF / Zarr grids (.nc, .zarr); empty = synthetic default scenes
+        crs=ml_collections.config_dict.placeholder(str),  # CRS of NetCDF / Zarr grids without a CF grid mapping
         bands=(),  # names or 1-based indices; empty = all bands (synthetic: the 10 spectral bands)
         nodata=ml_collections.config_dict.placeholder(float),  # override the files' nodata value
         window=96,
@@ -124,6 +126,14 @@ def image_input_defaults(**overrides) -> ml_collections.ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def export_defaults() -> ml_collections.ConfigDict:
+    """`config.export` of the MAE families: `eojax export`'s grid of windows over each raster."""
+    return ml_collections.ConfigDict(dict(
+        stride=0,          # pixels between window starts; 0 = the window: windows tile the raster, no gap
+        allow_gaps=False,  # a stride larger than the window is refused unless True (ground skipped on purpose)
+    ))
 
 
 def mae_adamw(lr: float, warmup_steps: int) -> ml_collections.ConfigDict:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 
 import jax
 import numpy as np
-import rasterio
 
 from eojax import viz
+from eojax.data.cog import write_cog
 
 
 def class_prompts(task, max_classes: int) -> list[tuple[str, str]]:
@@ -73,12 +72,6 @@ def infer(run, variables, workdir, options) -> dict:
 
 def _write_geotiff(path, image, band_names, max_value, prompt) -> str:
     data = ((image + 1) / 2 * (max_value or (255.0 if len(band_names) == 3 else 5000.0))).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0],
-                           count=data.shape[2], dtype="float32") as dst:
-            dst.write(data.transpose(2, 0, 1))
-            for i, name in enumerate(band_names):
-                dst.set_band_description(i + 1, name)
-            dst.update_tags(prompt=prompt, source="eojax diffusion sample")
-    return path
+    # A generated image has no place on Earth: a COG without CRS or transform.
+    return write_cog(path, np.ascontiguousarray(data.transpose(2, 0, 1)), descriptions=tuple(band_names),
+                     tags=dict(prompt=prompt, source="eojax diffusion sample"))

@@ -1,9 +1,10 @@
-"""Per-window embeddings of a whole raster, written as a georeferenced GeoTIFF.
+"""Per-window embeddings of a whole raster, written as a georeferenced Cloud Optimized GeoTIFF.
 
 The encoder runs over a regular grid of windows (offsets 0, stride, 2*stride, ... while the window
 fits). Output pixel (i, j) is the window at (i*stride, j*stride); it is georeferenced as the
-stride x stride cell centred on that window, so with stride == window the output tiles the input
-exactly and each embedding sits over the ground it describes.
+stride x stride cell centred on that window, so with stride == window (the default) the output tiles
+the input exactly and each embedding sits over the ground it describes. A stride larger than the
+window leaves the ground between windows unembedded: it is refused unless asked for (allow_gaps).
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from typing import Callable
 
 import jax
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from eojax import parallel, train
+from eojax import errors, parallel, train
+from eojax.data.cog import write_cog
 from eojax.data.raster import RasterError, open_scenes
 
 
@@ -30,6 +31,30 @@ def feature_grid(height: int, width: int, window: int, stride: int) -> tuple[lis
     return rows, cols
 
 
+def check_stride(window: int, stride: int, allow_gaps: bool = False,
+                 names: tuple[str, str, str] = ("window", "stride", "allow_gaps")) -> None:
+    """Raises ConfigError for a stride that is not positive, or larger than the window without
+    `allow_gaps`; `names` are the keys the message names."""
+    window_key, stride_key, gaps_key = names
+    if stride <= 0:
+        raise errors.ConfigError(f"{stride_key}={stride} must be a positive number of pixels")
+    if stride > window and not allow_gaps:
+        raise errors.ConfigError(
+            f"{stride_key}={stride} is larger than {window_key}={window}: the {stride - window} px between "
+            f"windows would get no embedding; use a stride <= {window} or {gaps_key}=True to skip them on purpose")
+
+
+def export_stride(config) -> int:
+    """config.export.stride (0 = the window), checked against config.input.window; a config without
+    `export` (a run from before it existed) exports with the window as stride."""
+    window = int(config.input.window)
+    export = config.get("export") or {}
+    stride = int(export.get("stride", 0)) or window
+    check_stride(window, stride, bool(export.get("allow_gaps", False)),
+                 ("config.input.window", "config.export.stride", "config.export.allow_gaps"))
+    return stride
+
+
 def feature_transform(transform: Affine, window: int, stride: int) -> Affine:
     """Input transform -> output transform: one output pixel per stride, centred on its window."""
     shift = (window - stride) / 2.0
@@ -38,12 +63,13 @@ def feature_transform(transform: Affine, window: int, stride: int) -> Affine:
 
 def export_features(scene, embed: Callable[[np.ndarray, np.ndarray], np.ndarray], out_path: str, *,
                     window: int, stride: int, batch_size: int = 32,
-                    min_valid_fraction: float = 0.0) -> str:
+                    min_valid_fraction: float = 0.0, allow_gaps: bool = False) -> str:
     """Runs `embed(pixels (B, C, w, w), valid (B, w, w)) -> (B, D)` over `scene` (a Scene or
-    StackedScene) and writes a float32 GeoTIFF with D bands, the scene's CRS and the feature
-    transform. Windows whose valid fraction is below `min_valid_fraction` (or zero) are NaN.
-    Batches are padded to `batch_size` so `embed` compiles once.
+    StackedScene) and writes a float32 COG with D bands ('emb0', ...; NaN = no data), the scene's CRS
+    and the feature transform. Windows whose valid fraction is below `min_valid_fraction` (or zero)
+    are NaN. Batches are padded to `batch_size` so `embed` compiles once.
     """
+    check_stride(window, stride, allow_gaps)
     rows, cols = feature_grid(scene.height, scene.width, window, stride)
     positions = [(r, c) for r in rows for c in cols]
     out, dim = None, None
@@ -61,16 +87,9 @@ def export_features(scene, embed: Callable[[np.ndarray, np.ndarray], np.ndarray]
         for k, (r, c) in enumerate(chunk):
             if fractions[k] > 0 and fractions[k] >= min_valid_fraction:
                 out[:, r // stride, c // stride] = emb[k]
-    profile = dict(driver="GTiff", width=len(cols), height=len(rows), count=dim, dtype="float32",
-                   crs=scene.crs, transform=feature_transform(scene.transform, window, stride),
-                   nodata=float("nan"), compress="deflate")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".partial"
-    with rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(out)
-        dst.descriptions = tuple(f"emb{i}" for i in range(dim))
-        dst.update_tags(window=window, stride=stride, source=scene.path)
-    os.replace(tmp, out_path)  # a crash never leaves a half-written feature file behind
+    write_cog(out_path, out, crs=scene.crs, transform=feature_transform(scene.transform, window, stride),
+              nodata=float("nan"), descriptions=tuple(f"emb{i}" for i in range(dim)),
+              tags=dict(window=window, stride=stride, source=scene.path))
     logging.info("wrote %dx%d embeddings of width %d to %s", len(rows), len(cols), dim, out_path)
     return out_path
 
@@ -107,10 +126,10 @@ def export_run(run, variables, workdir: str, options: dict) -> list[str]:
         return jax.device_get(embed_step(*variables, batch))
 
     out_dir = options.get("output") or os.path.join(workdir, "features")
-    window = config.input.window
-    stride = config.input.get("eval_stride", 0) or window
+    window, stride = config.input.window, export_stride(config)
     return [export_features(scene, embed, os.path.join(out_dir, f"{_stem(scene)}_features.tif"), window=window,
-                            stride=stride, batch_size=config.batch_size) for scene in scenes]
+                            stride=stride, batch_size=config.batch_size, allow_gaps=True)  # checked above
+            for scene in scenes]
 
 
 def export_run_features(config, workdir: str, out_dir: str | None = None, raster: str = "") -> list[str]:

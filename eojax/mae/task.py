@@ -55,6 +55,8 @@ class MAETask(Task):
         if window <= 0 or (patch and window % patch):
             raise ValueError(f"config.input.window={window} must be a positive multiple of the patch size"
                              + (f" {patch}" if patch else ""))
+        from eojax.mae import export  # `eojax export`'s stride, refused before a checkpoint is read
+        export.export_stride(config)
 
     def __init__(self, config, spec):
         super().__init__(config, spec)

@@ -3,12 +3,14 @@ of windows by row of windows, so memory holds at most two rows of windows, never
 
 The windows and the averaging are those of evaluation (seg_eval.window_offsets, overlapping logits
 averaged per pixel): after row i of windows is predicted, every output row above the next row's
-start has seen all its windows and is final, so it is written (rasterio windowed writes) and dropped.
+start has seen all its windows and is final, so it is written (into a temporary tiled GTiff that
+becomes a COG at the end) and dropped.
 Windows are the training element's size (`task.window`: input.crop; under the resize preprocessings
 the training scenes' size, and 'seg_resize' resizes each window to the encoder and its logits back,
 as it did the scenes in training).
-Outputs (CRS and transform copied from the input): `<stem>_classes.tif` (uint8, 255 = no data),
-optionally `<stem>_probabilities.tif` (float32, one band per class), and `<stem>_overlay.png`.
+Outputs, Cloud Optimized GeoTIFFs (eojax.data.cog) with the input's CRS and transform:
+`<stem>_classes.tif` (uint8, 255 = no data, nearest-neighbour overviews), optionally
+`<stem>_probabilities.tif` (float32, one band per class, NaN = no data), and `<stem>_overlay.png`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import rasterio
 from PIL import Image
 from rasterio.windows import Window
 
+from eojax.data.cog import CogWriter
 from eojax.data.raster import RasterError, Scene
 from eojax.seg import evaluation as seg_eval
 from eojax.seg import pictures
@@ -68,17 +71,22 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
 
     h, w = scene.height, scene.width
     ys, xs = seg_eval.window_offsets(h, wy, stride or wy), seg_eval.window_offsets(w, wx, stride or wx)
-    profile = dict(driver="GTiff", height=h, width=w, crs=scene.crs, transform=scene.transform, tiled=True,
-                   blockxsize=256, blockysize=256)
+    names = list(task.config.model.class_names or ())
+    names = [str(n) for n in (names if len(names) == k else range(k))]  # band descriptions: one per class
+    grid = dict(height=h, width=w, crs=scene.crs, transform=scene.transform)
     paths = {"classes": os.path.join(out_dir, f"{stem}_classes.tif")}
     if probabilities:
         paths["probabilities"] = os.path.join(out_dir, f"{stem}_probabilities.tif")
-    dst = rasterio.open(paths["classes"], "w", count=1, dtype="uint8", nodata=NODATA, **profile)
-    prob = (rasterio.open(paths["probabilities"], "w", count=k, dtype="float32", nodata=np.nan, **profile)
-            if probabilities else None)
+    legend = ", ".join(f"{i} {n}" for i, n in enumerate(names)) + f", {NODATA} no data"
+    dst = CogWriter(paths["classes"], count=1, dtype="uint8", nodata=NODATA, descriptions=("class",),
+                    tags={"classes": legend}, categorical=True, **grid)
+    prob = None
     thumb_step = max(1, max(h, w) // 1024)
     thumb_rows, class_counts = [], np.zeros(k, np.int64)
     try:
+        if probabilities:
+            prob = CogWriter(paths["probabilities"], count=k, dtype="float32", nodata=np.nan,
+                             descriptions=tuple(f"p({n})" for n in names), **grid)
         base, total = 0, np.zeros((0, w, k), np.float32)
         count = np.zeros((0, w), np.float32)
         for i, y in enumerate(ys):
@@ -109,17 +117,20 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
             thumb_rows.append((pixels[:, first::thumb_step, ::thumb_step], valid[first::thumb_step, ::thumb_step],
                                classes[first::thumb_step, ::thumb_step]))
             total, count, base = total[rows:], count[rows:], done
-    finally:
-        dst.close()
-        if prob is not None:
-            prob.close()
+    except BaseException:
+        for out in (dst, prob):
+            if out is not None:
+                out.abort()
+        raise
+    for out in (dst, prob):
+        if out is not None:
+            out.close()  # the COGs appear only now, complete
     png = os.path.join(out_dir, f"{stem}_overlay.png")
     _overlay_png(task, thumb_rows, png)
     paths["overlay"] = png
     n = max(int(class_counts.sum()), 1)
     return {"input": scene.path, "outputs": paths, "size": [h, w], "windows": len(ys) * len(xs),
-            "class_fractions": {str(name): float(c) / n for name, c in
-                                zip(task.config.model.class_names or range(k), class_counts)}}
+            "class_fractions": {name: float(c) / n for name, c in zip(names, class_counts)}}
 
 
 def _read(scene: Scene, x: int, y: int, wy: int, wx: int):

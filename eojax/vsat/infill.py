@@ -12,11 +12,11 @@ Generation is batched (part A's KV-cache generator, one compiled shape); a row w
 parse into every band with a value the output dtype can hold is retried by sampling, a few times;
 every requested cell ends up either filled or counted as failed (never silently dropped).
 
-Outputs: the filled series as GeoTIFFs (same grid, CRS, dtype and nodata as the input; only the
-target date changes), a status GeoTIFF for the target date (0 observed, 1 filled, 2 failed, 3 no
-data), and a PNG before | filled pixels | after. Metrics: per-band L1 (mean absolute error) and L2
-(mean squared error), in the data's units (DN), on the held-out pixels, for the model and for the
-baselines linear temporal interpolation and nearest clear date.
+Outputs: the filled series as Cloud Optimized GeoTIFFs (same grid, CRS, dtype and nodata as the
+input; only the target date changes), a status COG for the target date (0 observed, 1 filled,
+2 failed, 3 no data, the nodata value), and a PNG before | filled pixels | after. Metrics: per-band
+L1 (mean absolute error) and L2 (mean squared error), in the data's units (DN), on the held-out
+pixels, for the model and for the baselines linear temporal interpolation and nearest clear date.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import time
 
 import jax
 import numpy as np
-import rasterio
 
 from eojax import viz
 from eojax.data import qa as qa_lib
+from eojax.data.cog import write_cog
 from eojax.vsat import great, references, timeseries, tokenizers
 from eojax.vsat import generate as gen_lib
 
@@ -240,11 +240,8 @@ def metrics_table(metrics: dict) -> str:
 
 
 def _write_status(ts, status, path):
-    h, w = status.shape
-    with rasterio.open(path, "w", driver="GTiff", count=1, height=h, width=w, dtype="uint8", crs=ts.crs,
-                       transform=ts.transform) as dst:
-        dst.write(status[None])
-        dst.set_band_description(1, "0 observed, 1 filled, 2 failed, 3 no data")
+    write_cog(path, status[None].astype(np.uint8), crs=ts.crs, transform=ts.transform, nodata=NODATA,
+              descriptions=("0 observed, 1 filled, 2 failed, 3 no data",), categorical=True)
 
 
 def _before_after_png(ts, t, after, status, path):

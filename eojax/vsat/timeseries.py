@@ -76,6 +76,7 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from eojax.data import qa as qa_lib
+from eojax.data.cog import write_cog
 from eojax.data.raster import RasterError
 from eojax.data.stack import StackedScene
 
@@ -950,7 +951,7 @@ def write_date(ts: TimeSeries, values: np.ndarray, path: str) -> str:
     """One date's (C, H, W) values as a GeoTIFF on the series' grid, in the source dtype and nodata:
     rounded and clipped to the dtype only when it is an integer one (negatives kept in signed types),
     floats written as they are. Missing values -> nodata; when the input had none: 0 for integers (as
-    Landsat's fill DN), NaN for floats (tagged as the nodata)."""
+    Landsat's fill DN), NaN for floats (tagged as the nodata). A COG (eojax.data.cog)."""
     c, h, w = values.shape
     integer = np.issubdtype(np.dtype(ts.dtype), np.integer)
     nodata = ts.nodata if ts.nodata is not None or integer else float("nan")
@@ -960,11 +961,5 @@ def write_date(ts: TimeSeries, values: np.ndarray, path: str) -> str:
         info = np.iinfo(ts.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     out = out.astype(ts.dtype)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    profile = dict(driver="GTiff", count=c, height=h, width=w, dtype=ts.dtype, crs=ts.crs,
-                   transform=ts.transform, nodata=nodata)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(out)
-        for i, name in enumerate(ts.band_names):
-            dst.set_band_description(i + 1, name)
-    return path
+    return write_cog(path, out, crs=ts.crs, transform=ts.transform, nodata=nodata,
+                     descriptions=tuple(ts.band_names))
