@@ -49,10 +49,12 @@ COMMANDS = {
                    "classifier trained on them alone, its accuracy on --real's test split -> downstream.json",
                    ("config", "workdir", "sd_folder", "real", "classifier", "prompt", "num_samples", "seed",
                     "output")),
+    "data": ("datasets: `eojax data list`; `eojax data download NAME --root=DIR` downloads, verifies and unpacks "
+             "one into DIR/NAME and prints the command that trains on it (eojax/data/download.py)", ("root", "mirror")),
 }
 _METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "prompt": "TEXT", "negative_prompt": "TEXT", "input": "FILE",
              "output": "DIR", "num_samples": "N", "seed": "N", "sd_folder": "DIR", "real": "DIR|CSV",
-             "classifier": "FILE[:ARG]"}
+             "classifier": "FILE[:ARG]", "root": "DIR", "mirror": "URL"}
 _HELP_ARGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 # Libraries whose INFO lines (Orbax's ~100 per run, jax's accelerator probing) show only under --verbose.
 _LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "grain", "tensorstore", "etils")
@@ -85,6 +87,9 @@ _REAL = flags.DEFINE_string("real", "", "eojax downstream: the real chips, a fol
 _CLASSIFIER = config_flags.DEFINE_config_file("classifier", None, "eojax downstream: a classify config replacing "
                                               "the default recipe (ResNet-18 from scratch, 64 px, 30 epochs); "
                                               "--classifier.KEY=VALUE overrides its keys", lock_config=True)
+_ROOT = flags.DEFINE_string("root", "", "eojax data: the folder datasets are downloaded into (DIR/NAME).")
+_MIRROR = flags.DEFINE_string("mirror", "", "eojax data: fetch URL/NAME/FILE instead of each file's own URL "
+                              "(default $EOJAX_DATA_MIRROR).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "The libraries' INFO logs (Orbax, absl, jax) and the traceback "
                              "of a user error; also EOJAX_VERBOSE=1.")
 
@@ -113,6 +118,9 @@ def _run(argv: list[str], verbose: bool) -> int:
     if any(a in _HELP_ARGS for a in argv[1:]):
         return _help(argv)
     positional = _parse_flags(argv)
+    if positional[1:2] == ["data"]:  # eojax data list | download NAME: no config, no training
+        from eojax.data import download
+        return download.command(positional[2:], _ROOT.value, _MIRROR.value)
     verbose = verbose or _VERBOSE.value
     command, family = _command(positional)
     _setup_logging(verbose)
