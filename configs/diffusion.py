@@ -110,7 +110,8 @@ def get_config(arg=None):
     # (InceptionV3 pool3 from the local file fd.inception_weights: .safetensors / .npz / .pth state dict of
     # pytorch-fid's pt_inception weights, or of torchvision's inception_v3 with inception_variant='torchvision').
     config.fd = dict(enabled=True, features="mae", inception_weights="", inception_variant="pytorch-fid",
-                     mae_run_dir="", feature_width=64, feature_depth=2, feature_heads=4, patch_size=4, seed=0)
+                     mae_run_dir="", feature_width=64, feature_depth=2, feature_heads=4, patch_size=4, seed=0,
+                     kid_subsets=100, kid_subset_size=1000)  # KID beside FD: clean-fid's subsets
     config.pictures = dict(samples_per_class=4, max_classes=6)
     config.infer = dict(geotiff=False)
 

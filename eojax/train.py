@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
-from eojax import config_lib, errors, lora, metric_writer, optim, parallel, tasks, weights
+from eojax import config_lib, errors, lora, metric_writer, optim, parallel, tasks, weights, zoo
 from eojax.models import layers
 
 
@@ -143,7 +143,9 @@ def _host_batch_size(config) -> int:
 
 def setup(config: ml_collections.ConfigDict, devices=None, spec: tasks.DataSpec | None = None) -> Run:
     """Phases 2-5: mesh, input, task, sharded init, optimizer, compiled steps. With `spec` (a run's
-    saved DataSpec) the task is built without reading any data."""
+    saved DataSpec) the task is built without reading any data. Weights named by a zoo name or an
+    hf:// URL (zoo.SOURCE_KEYS) are fetched and checked first; the Run's config holds their paths."""
+    config = zoo.resolve_config(config)
     mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.normalize_rules(config.sharding_rules)
     split = parallel.batch_axis_size(mesh, rules)
@@ -359,8 +361,8 @@ def _flops_per_step(run: Run) -> float:
 
 def evaluate(run: Run, variables: tuple, split: str = "eval") -> dict[str, float]:
     """eval_fn summed over the split's batches (arrays of any shape, e.g. a confusion matrix, summed
-    elementwise in float64; eval_step's outputs are global, so the sums cover every host), then
-    finalize_eval. `variables`: (params, model_state), as `eval_variables` gives them. `eval_steps`
+    elementwise in float64; `<k>_rows` outputs concatenated instead; eval_step's outputs are global, so
+    they cover every host), then finalize_eval. `variables`: (params, model_state), as `eval_variables` gives them. `eval_steps`
     limits the eval split only: a test split is always read whole."""
     make = run.input.eval if split == "eval" else run.input.test
     data = make(jax.process_index(), jax.process_count())
@@ -373,7 +375,10 @@ def evaluate(run: Run, variables: tuple, split: str = "eval") -> dict[str, float
         out = jax.device_get(run.eval_step(*variables, run.global_batch(local)))
         for k, v in out.items():
             v = np.asarray(v, np.float64)
-            sums[k] = sums[k] + v if k in sums else v
+            if k not in sums:
+                sums[k] = v
+            else:
+                sums[k] = np.concatenate([sums[k], v]) if k.endswith("_rows") else sums[k] + v
     return run.task.finalize_eval(sums) if sums else {}
 
 
@@ -604,7 +609,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    if config.init_from and "://" not in config.init_from and not os.path.exists(config.init_from):
+    if config.init_from and not zoo.is_remote(config.init_from) and "://" not in config.init_from \
+            and not os.path.exists(config.init_from):
         raise errors.CheckpointError(f"config.init_from={config.init_from!r} does not exist")
     run = setup(config)
     if jax.process_index() == 0:

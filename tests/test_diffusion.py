@@ -289,9 +289,6 @@ def test_frechet_distance_matches_scipy_and_gaussian_closed_form():
     closed = 3 * 0.25 + np.sum((s1 - s2) ** 2)
     np.testing.assert_allclose(fid.frechet_distance(np.zeros(3), np.diag(s1 ** 2), np.full(3, 0.5), np.diag(s2 ** 2)),
                                closed, rtol=1e-9)
-    # Sums accumulated batch by batch give the same statistics as the whole set.
-    sums = fid.FeatureStats.from_sums(a.sum(0), a.T @ a, len(a))
-    np.testing.assert_allclose(sums.cov, fa.cov, rtol=1e-9, atol=1e-12)
     out = fid.frechet_distance_from_stats(fa, fb)
     assert out["fd_samples"] == 400
 
@@ -659,3 +656,22 @@ def test_inception_weights_import_round_trip(tmp_path, monkeypatch):
     config.fd.inception_weights = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="fd.inception_weights"):
         DiffusionTask.check_config(config)
+
+
+def test_eval_gives_fd_and_kid_of_the_unpadded_rows():
+    """finalize_eval: FD and KID (with their sample counts) of the rows whose weight is not 0, equal to
+    fid.feature_distances of those rows alone."""
+    rng = np.random.default_rng(3)
+    real, gen = rng.normal(size=(12, 6)), rng.normal(0.3, 1.0, size=(12, 6))
+    weight = np.ones(12)
+    weight[[4, 11]] = 0.0  # padding rows of the last batches
+    config = load_config("diffusion", "runlocal")
+    sums = {"loss_sum": np.float64(5.0), "count": weight.sum(), "feat_real_rows": real, "feat_gen_rows": gen,
+            "weight_rows": weight}
+    out = DiffusionTask.finalize_eval(types.SimpleNamespace(config=config), sums)
+    keep = weight > 0
+    want = fid.feature_distances(real[keep], gen[keep], kid_subsets=config.fd.kid_subsets,
+                                 kid_subset_size=config.fd.kid_subset_size, seed=config.fd.seed)
+    assert out["fd_samples"] == out["kid_samples"] == 10 and out["loss"] == 0.5
+    assert out["kid"] == want["kid"] and out["fd"] == want["fd"]
+    assert out["kid"] != fid.feature_distances(real, gen)["kid"]  # the padding rows are left out

@@ -369,3 +369,18 @@ def test_frozen_parameters_have_no_average_and_are_read_back_live(tmp_path):
     assert max_diff(state.opt_state.ema["decoder"], state.params["decoder"]) > 0
     whole, _ = ckpt_lib.load_variables(str(tmp_path / "2"), None)  # export's read: no abstract tree
     assert max_diff(whole, want) == 0
+
+
+def test_evaluate_sums_outputs_and_concatenates_rows():
+    """train.evaluate: `<k>_rows` outputs are concatenated over the batches, the rest summed."""
+    import types
+
+    outs = [{"count": np.float32(2), "x_rows": np.array([[1.0], [2.0]])},
+            {"count": np.float32(1), "x_rows": np.array([[3.0], [4.0]])}]
+    task = types.SimpleNamespace(finalize_eval=lambda sums: sums)
+    run = types.SimpleNamespace(input=types.SimpleNamespace(eval=lambda i, n: iter(outs)), task=task,
+                                config=types.SimpleNamespace(eval_steps=0), global_batch=lambda b: b,
+                                eval_step=lambda p, s, b: b)
+    got = train.evaluate(run, (None, None))
+    assert float(got["count"]) == 3.0
+    np.testing.assert_array_equal(got["x_rows"], [[1.0], [2.0], [3.0], [4.0]])

@@ -51,18 +51,6 @@ class FeatureStats:
             raise ValueError(f"features must be (N >= 2, D), got {f.shape}")
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
 
-    @classmethod
-    def from_sums(cls, total, outer, count) -> "FeatureStats":
-        """From the sum of features (D,), the sum of outer products (D, D) and the count (the form an
-        eval loop accumulates batch by batch)."""
-        n = float(count)
-        if n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {n:g}")
-        total, outer = np.asarray(total, np.float64), np.asarray(outer, np.float64)
-        mean = total / n
-        cov = (outer - n * np.outer(mean, mean)) / (n - 1)
-        return cls(mean, (cov + cov.T) / 2, int(round(n)))
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))

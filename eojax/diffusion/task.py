@@ -384,19 +384,18 @@ class DiffusionTask(Task):
             negative = self.tokenizer.encode_batch([self.config.sampler.get("negative_prompt", "")] * b, self.max_len)
             samples = self._generate(params, batch["tokens"], keys, jnp.asarray(negative), self.config.input.image_size)
             real, gen = self.features(batch["image"]), self.features(samples)
-            for name, f in (("real", real), ("gen", gen)):
-                fw = f * w[:, None]
-                out[f"feat_{name}"] = jnp.sum(fw, axis=0)
-                out[f"feat_{name}_outer"] = fw.T @ f
+            out.update(feat_real_rows=real, feat_gen_rows=gen, weight_rows=w)
         return out
 
     def finalize_eval(self, sums):
         count = max(float(sums["count"]), 1e-12)
         out = {"loss": float(sums["loss_sum"]) / count}
-        if "feat_real" in sums and count >= 2:
-            real = fid.FeatureStats.from_sums(sums["feat_real"], sums["feat_real_outer"], count)
-            gen = fid.FeatureStats.from_sums(sums["feat_gen"], sums["feat_gen_outer"], count)
-            out.update(fid.frechet_distance_from_stats(real, gen))
+        if "feat_real_rows" in sums and count >= 2:
+            keep = sums["weight_rows"] > 0
+            real, gen = sums["feat_real_rows"][keep], sums["feat_gen_rows"][keep]
+            f = self.config.fd
+            out.update(fid.feature_distances(real, gen, kid_subsets=f.kid_subsets, kid_subset_size=f.kid_subset_size,
+                                             seed=f.seed))
         return out
 
     # -- sampling --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from eojax import zoo
 from eojax.data.stats import BandStats
 
 
@@ -156,7 +157,9 @@ class Task:
         raise NotImplementedError
 
     def finalize_eval(self, sums: dict[str, Any]) -> dict[str, float]:
-        """`sums`: eval_fn's outputs summed over all eval batches (numpy, any shape).
+        """`sums`: eval_fn's outputs summed over all eval batches (numpy, any shape), except those named
+        `<k>_rows`: one row per example, concatenated over the batches (padding rows included: give their
+        weights as another `_rows` output), for statistics that are not sums (KID's kernel means).
         Default: every `<k>_sum` divided by `count`."""
         count = max(float(sums.get("count", 0.0)), 1e-12)
         return {k[:-4]: float(v) / count for k, v in sums.items() if k.endswith("_sum")}
@@ -188,8 +191,10 @@ class Task:
 
 
 def load_pretrained_parts(task: Task, params, model_state) -> tuple[Any, Any]:
-    """(params, model_state) with every `task.pretrained_parts()` subtree loaded over them."""
+    """(params, model_state) with every `task.pretrained_parts()` subtree loaded over them (a source
+    may be a zoo name or hf:// URL: eojax.zoo.resolve)."""
     for subtree, source in task.pretrained_parts().items():
+        source = zoo.resolve(source, f"the {subtree} weights")
         part, model_state = task.load_pretrained_part_variables(subtree, source, params[subtree], model_state)
         params = {**params, subtree: part}
     return params, model_state
