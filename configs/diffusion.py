@@ -9,6 +9,7 @@ Stable Diffusion 1.5 folder (sd15).
   eojax infer diffusion --config=configs/diffusion.py:sd15,sd_folder=DIR --workdir=/tmp/eojax_sd15 \
       --prompt="a satellite image of a crop field" --negative_prompt="blurry"
   eojax train --config=configs/diffusion.py:sd15_tiny --workdir=/tmp/eojax_sd15_tiny
+  # sd_folder=zoo:stable-diffusion-v1-5 fetches SD-1.5 from the Hugging Face Hub once (docs/zoo.md)
 
 Trains a text-conditioned UNet (epsilon or v prediction, min-SNR weighting optional, EMA of the weights)
 on captions in the RSICD layout or HF `metadata.jsonl` (`input.captions=<file>`); with `input.captions`

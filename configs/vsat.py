@@ -22,10 +22,11 @@ given: 300 steps of a 2-layer width-64 model, about a minute on a 2-core CPU.
 Arguments (comma separated): runlocal, mode=<context|great>,
 optim=<sophia_g (default)|adamw|sophia_h|sophia_aispace>; mode=great also takes
 variant=<mu|distilgpt2|gpt2>, pretrained=<folder of a Hugging Face GPT-2: config.json,
-model.safetensors, tokenizer files> (that model and its BPE tokenizer, fine-tuned) and lora (aispace's
-LoRA fine-tune: r 16, alpha 32 on c_attn, dropout 0.05, the base frozen; eojax/lora.py).
+model.safetensors, tokenizer files, or zoo:distilgpt2 / zoo:gpt2> (that model and its BPE tokenizer,
+fine-tuned) and lora (aispace's LoRA fine-tune: r 16, alpha 32 on c_attn, dropout 0.05, the base
+frozen; eojax/lora.py).
 """
-from eojax import config_lib, optim
+from eojax import config_lib, optim, zoo
 from eojax.weights import gpt2 as gpt2_weights
 
 
@@ -140,9 +141,10 @@ def _great(arg):
         config.optim.no_decay = ()  # aispace's SophiaG gets model.parameters(): one group, all decayed
 
     if arg.pretrained:
-        config.init_from = f"{arg.pretrained}/model.safetensors"  # a file: the task imports the HF layout
-        hf = gpt2_weights.load_config(arg.pretrained)  # the model is built from the config alone
-        config.model.update(tokenizer="bpe", tokenizer_dir=arg.pretrained, variant="distilgpt2",
+        folder = zoo.resolve(arg.pretrained, "pretrained")  # zoo:distilgpt2 / hf://...: fetched now, to size the model
+        config.init_from = f"{folder}/model.safetensors"  # a file: the task imports the HF layout
+        hf = gpt2_weights.load_config(folder)  # the model is built from the config alone
+        config.model.update(tokenizer="bpe", tokenizer_dir=folder, variant="distilgpt2",
                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                             n_inner=hf["n_inner"] or 0, vocab_size=hf["vocab_size"])
         config.optim.lr = 5e-5 if name == "adamw" else 2e-5

@@ -51,6 +51,8 @@ COMMANDS = {
                     "output")),
     "data": ("datasets: `eojax data list`; `eojax data download NAME --root=DIR` downloads, verifies and unpacks "
              "one into DIR/NAME and prints the command that trains on it (eojax/data/download.py)", ("root", "mirror")),
+    "zoo": ("published checkpoints by name (sensor, bands, licence, loader): `eojax zoo` lists them; `eojax zoo "
+            "NAME|hf://ORG/REPO/FILE@REV` downloads one, checks its sha256 and prints its path", ()),
 }
 _METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "prompt": "TEXT", "negative_prompt": "TEXT", "input": "FILE",
              "output": "DIR", "num_samples": "N", "seed": "N", "sd_folder": "DIR", "real": "DIR|CSV",
@@ -121,6 +123,10 @@ def _run(argv: list[str], verbose: bool) -> int:
     if positional[1:2] == ["data"]:  # eojax data list | download NAME: no config, no training
         from eojax.data import download
         return download.command(positional[2:], _ROOT.value, _MIRROR.value)
+    if positional[1:2] == ["zoo"]:  # eojax zoo [NAME]: no config, no training
+        from eojax import zoo
+        _setup_logging(verbose or _VERBOSE.value)
+        return zoo.command(positional[2:])
     verbose = verbose or _VERBOSE.value
     command, family = _command(positional)
     _setup_logging(verbose)

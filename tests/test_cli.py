@@ -48,7 +48,7 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes():
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^  (\w+) +\S.*$", proc.stdout.split("commands:")[1].split("\n\n")[0], re.M)
     assert listed == list(main.COMMANDS) == ["train", "eval", "stats", "export", "infer", "config", "knn", "verify",
-                                            "downstream", "data"]
+                                            "downstream", "data", "zoo"]
     codes = re.findall(r"^  (\d+) +\S", proc.stdout.split("exit codes:")[1], re.M)
     assert [int(c) for c in codes] == [0, 1, 2, 3, 4, 5, 6, 75, 130]
     assert proc.stderr == ""

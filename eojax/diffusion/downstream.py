@@ -109,9 +109,11 @@ def _to_uint8(images) -> list[np.ndarray]:
 
 def sd_generator(folder: str, sampler, negative_prompt: str = "", batch_size: int = 4) -> Generator:
     """A diffusers Stable Diffusion folder; `sampler` is a diffusion config's sampler block (name,
-    num_steps, guidance_scale)."""
+    num_steps, guidance_scale). `folder` may be a zoo name or hf:// URL (eojax.zoo)."""
+    from eojax import zoo
     from eojax.diffusion import sd as sd_lib
 
+    folder = zoo.resolve(folder, "--sd_folder")
     pipe = sd_lib.load(folder)
     name = sampler.name if sampler.name != pipe.sampler_options["name"] else None
     settings = {"sampler": sampler.name, "num_steps": int(sampler.num_steps),

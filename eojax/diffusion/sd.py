@@ -39,7 +39,7 @@ HOW_TO_GET = ("a diffusers-format Stable Diffusion folder is needed, e.g. `huggi
               "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR --include 'model_index.json' "
               "'*/*.json' '*/*.txt' 'unet/diffusion_pytorch_model.safetensors' "
               "'vae/diffusion_pytorch_model.safetensors' 'text_encoder/model.safetensors'` (the mirror of "
-              "runwayml/stable-diffusion-v1-5)")
+              "runwayml/stable-diffusion-v1-5), or give zoo:stable-diffusion-v1-5 (docs/zoo.md)")
 COMPONENTS = {  # sub-folder: (weights file stem, the classes eojax reads)
     "unet": ("diffusion_pytorch_model", ("UNet2DConditionModel",)),
     "vae": ("diffusion_pytorch_model", ("AutoencoderKL",)),

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import jax.numpy as jnp
 import numpy as np
 
+from eojax import zoo
 from eojax.diffusion import sd as sd_lib
 
 # The project's defaults (its inference notebook): PNDM, guidance 7.5, this negative prompt and suffix.
@@ -257,10 +258,11 @@ class _Handler(BaseHTTPRequestHandler):
 def make_server(sd_folder: str, host: str = "127.0.0.1", port: int = 7860, *, steps: int = STEPS, max_steps: int = 100,
                 sampler: str = SAMPLER, suffix: str = SUFFIX, size: int = 0, dtype: str = "float32",
                 warmup: bool = True) -> WebUI:
-    """Loads the folder, compiles the pipeline for `steps` (warmup) and binds the server (port 0: any free)."""
+    """Loads the folder (or zoo name / hf:// URL: eojax.zoo), compiles the pipeline for `steps` (warmup)
+    and binds the server (port 0: any free)."""
     if not 1 <= steps <= max_steps:
         raise ValueError(f"--steps={steps} is outside 1..--max_steps={max_steps}")
-    sd = sd_lib.load(sd_folder, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    sd = sd_lib.load(zoo.resolve(sd_folder, "--sd_folder"), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     generator = Generator(sd, sampler=sampler, suffix=suffix, size=size)
     if warmup:
         logging.info("webui: compiled the %d-step pipeline in %.1f s", steps, generator.warmup(steps))
@@ -269,7 +271,7 @@ def make_server(sd_folder: str, host: str = "127.0.0.1", port: int = 7860, *, st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eojax.diffusion.webui", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sd_folder", required=True, help="diffusers Stable Diffusion folder")
+    p.add_argument("--sd_folder", required=True, help="diffusers Stable Diffusion folder, or zoo:stable-diffusion-v1-5")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only: no authentication)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--steps", type=int, default=STEPS, help="the form's default; compiled at start")

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from eojax import checkpoint as ckpt_lib
+from eojax import checkpoint as ckpt_lib, zoo
 
 
 def load(init_params: Any, source: str, task, init_model_state: Any = None) -> tuple[Any, Any]:
@@ -30,8 +30,12 @@ def load(init_params: Any, source: str, task, init_model_state: Any = None) -> t
       a torchvision ResNet's running statistics go to the model state), which may keep parts of
       `init_params` (a fresh decoder) and reports missing / unexpected / reshaped keys by name.
 
+    `source` may also be a model-zoo name or Hugging Face URL (zoo:NAME, hf://ORG/REPO/FILE@REV:
+    eojax.zoo.resolve downloads it once and checks its sha256).
+
     The trainer calls it for `config.init_from`; infer, export, FID and the segmentation encoders read
     runs through the same `checkpoint.load_variables`."""
+    source = zoo.resolve(source, "config.init_from")
     init_model_state = {} if init_model_state is None else init_model_state
     if ckpt_lib.is_eojax_checkpoint(source):
         return ckpt_lib.load_variables(source, jax_abstract(init_params), jax_abstract(init_model_state))

@@ -1,4 +1,5 @@
-"""Prithvi-100M (NASA-IMPACT/hls-foundation-os, IBM/terratorch) state dicts <-> eojax Prithvi params.
+"""Prithvi-100M and Prithvi-EO-2.0 (NASA-IMPACT/hls-foundation-os, IBM/terratorch) state dicts <-> eojax
+Prithvi params (the encoder variants base, large = 2.0 300M, huge = 2.0 600M).
 
 Accepted layouts: the pretraining MaskedAutoencoderViT (bare keys, decoder alongside), the same
 under an 'encoder.' prefix (terratorch's PrithviMAE / the Hugging Face release), or PANGAEA's
@@ -8,9 +9,10 @@ encoder-only dict. torch key -> eojax path, D width, p patch, t tubelet, C = 6 b
   cls_token (1, 1, D)                       cls_token
   pos_embed (1, 1 + T*h*w, D)               pos_embed; of another grid: not used (below)
   blocks.k.* (timm Block)                   blocks/block_k/* (scan: blocks/layers stacked)
-Ignored (reported): the final `norm` (PANGAEA's Prithvi features do not use it), mask_token and
-the decoder. The checkpoint's band count must be 6; bands the data lacks are zero-filled by the
-encoder at run time, and the report names them.
+Ignored (reported): the final `norm` (PANGAEA's Prithvi features do not use it), mask_token, the
+decoder and the date / location encodings' scales of Prithvi-EO-2.0's TL models. The checkpoint's
+band count must be 6; bands the data lacks are zero-filled by the encoder at run time, and the
+report names them.
 
 A pos_embed of another (frames, rows, cols) grid than the model's (Prithvi-100M's 3 frames on
 single-date input, another image size) is not used: the model keeps its fixed 3D sin-cos for its own
@@ -29,7 +31,10 @@ from eojax.models.encoders.prithvi import BANDS, Prithvi, pos_embed_table
 from eojax.weights import common
 
 _IGNORED = ((("norm.",), "final norm: Prithvi's feature maps are taken before it (as PANGAEA)"),
-            (("mask_token", "decoder"), "decoder of the pretraining MAE: not in this model"))
+            (("mask_token", "decoder"), "decoder of the pretraining MAE: not in this model"),
+            (("temporal_embed_enc.", "location_embed_enc."),
+             "Prithvi-EO-2.0 TL's date / location encoding: this model takes no dates or coordinates (the "
+             "reference adds it only when given them)"))
 
 
 def _entries(enc: Prithvi, pre: str = "") -> list[common.Entry]:

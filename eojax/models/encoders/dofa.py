@@ -48,6 +48,7 @@ VARIANTS = {
     "mu": dict(image_size=32, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64, wave_dim=16,
                generator_heads=2, generator_mlp_dim=32, layers=(0, 1, 2, 3)),
     "base": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12),
+    "large": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16),  # DOFA's vit_large_patch16
 }
 
 

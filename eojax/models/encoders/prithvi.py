@@ -1,4 +1,5 @@
-"""Prithvi-100M (NASA/IBM, v1) encoder: a ViT-B/16 over HLS time series.
+"""Prithvi-100M (NASA/IBM, v1) encoder: a ViT-B/16 over HLS time series. The variants 'large' and 'huge'
+have the sizes of Prithvi-EO-2.0 300M (ViT-L/16) and 600M (ViT-H/14), which share this architecture.
 
 Patches are 3D tubelets (tubelet_size frames x 16 x 16 px x 6 bands) embedded by one linear map (the
 reference's Conv3d with stride = kernel); tokens are ordered (frame, row, col) and get a 3D sin-cos
@@ -32,6 +33,8 @@ BANDS = ("B2", "B3", "B4", "B8A", "B11", "B12")
 VARIANTS = {
     "mu": dict(image_size=32, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64, layers=(0, 1, 2, 3)),
     "base": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12),  # Prithvi-100M
+    "large": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16),  # Prithvi-EO-2.0 300M
+    "huge": dict(image_size=224, patch_size=14, width=1280, depth=32, heads=16),  # Prithvi-EO-2.0 600M
 }
 
 
