@@ -41,6 +41,22 @@ def _check_classification(workdir, printed):
     assert "fine-tune" in printed
 
 
+def _check_diffusion(workdir, printed):
+    """The SD section wrote a fine-tuned diffusers folder: its UNet moved, its frozen VAE and CLIP are the
+    source folder's, bit for bit."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    source, tuned = os.path.join(REPO, "tests", "fixtures", "sd_tiny"), workdir / "sd15_tiny_finetuned"
+    for sub, name, same in (("unet", "diffusion_pytorch_model", False), ("vae", "diffusion_pytorch_model", True),
+                            ("text_encoder", "model", True)):
+        a, b = (load_file(os.path.join(d, sub, name + ".safetensors")) for d in (source, tuned))
+        assert a.keys() == b.keys(), sub
+        equal = all(np.array_equal(a[k], b[k]) for k in a)
+        assert equal == same, f"diffusion: the fine-tuned {sub} {'changed' if same else 'did not change'}"
+    assert "written:" in printed
+
+
 # Per notebook: the pictures the run must write into its workdir, the train metrics that must fall
 # (first logged value -> last), and anything more to check with (workdir, printed text).
 EXPECTED = {
@@ -48,7 +64,7 @@ EXPECTED = {
     "satmae": dict(pngs=("satmae_reconstruction_step*.png", "satmae_multiscale_step*.png"),
                    falling=("loss", "mse", "l1_2x", "l1_4x")),
     "gridmae": dict(pngs=("satmae_reconstruction_step*.png",), falling=("loss",), check=_check_gridmae),
-    "diffusion": dict(pngs=("diffusion_samples_step*.png",), falling=("loss",)),
+    "diffusion": dict(pngs=("diffusion_samples_step*.png",), falling=("loss",), check=_check_diffusion),
     "seg": dict(pngs=("mae_reconstruction_step*.png", "*_overlay.png"), falling=("loss",)),
     "vsat": dict(pngs=("infer/infill_*.png", "eval/holdout_*.png"), falling=("loss",)),
     "classification": dict(pngs=("eval/confusion_test.png",), falling=("loss",), check=_check_classification),

@@ -226,7 +226,7 @@ def trained(tmp_path_factory):
 def test_sd15_tiny_trains_only_the_unet(trained, folder_sd):
     """Two steps of batch 1 x 4 through `eojax train`: finite train and eval losses, a picture grid; the UNet
     moved from the folder's, the VAE and CLIP are bit-identical to it, and the optimizer state holds
-    moments of the UNet only (the EMA copies every parameter)."""
+    moments and an EMA of the UNet only."""
     root, _, summary = trained
     assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["loss"])
     assert os.path.exists(summary["pictures"][0])
@@ -240,6 +240,8 @@ def test_sd15_tiny_trains_only_the_unet(trained, folder_sd):
     paths = _paths(state["opt_state"])
     moments = [p for p in paths if "/mu/" in p or "/nu/" in p]
     assert len(moments) == 2 * len(want) and all("/denoiser/" in p for p in moments)
+    averaged = [p for p in paths if "/ema/" in p]
+    assert len(averaged) == len(want) and all("/denoiser/" in p for p in averaged)
 
 
 @pytest.mark.slow
