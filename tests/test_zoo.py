@@ -1,9 +1,10 @@
 """The model zoo (eojax/zoo.py): zoo names and hf:// URLs resolved through huggingface_hub's cache, offline
-(HF_HUB_OFFLINE=1, HF_HUB_CACHE / HF_HOME / EOJAX_CACHE in tmp_path; nothing touches the network). Each
+(HF_HUB_OFFLINE=1, HF_HUB_CACHE / HF_HOME / EOJAX_CACHE in tmp_path; only loopback servers). Each
 test writes the fixtures it needs into that cache as a download leaves them (blobs named by digest,
 snapshot links, refs/main), so the real resolver, hash check and family loaders run. Encoders loaded
 through a zoo name or URL give the reference's (PANGAEA's) features on the parity fixtures."""
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -11,12 +12,14 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
 from flax import linen as nn
+from huggingface_hub import constants as hub_constants
 from safetensors.numpy import load_file
 
 from eojax import errors, weights, zoo
@@ -41,9 +44,16 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read by huggingface_hub at its import
     monkeypatch.setenv("EOJAX_CACHE", str(tmp_path / "eojax"))
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     return tmp_path / "hf" / "hub"
+
+
+def online(monkeypatch, endpoint: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
 
 
 def publish(cache, repo: str, files: dict, revision: str = "main") -> str:
@@ -156,8 +166,7 @@ def test_unreachable_hub_is_one_line_and_leaves_nothing(hub, monkeypatch):
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    online(monkeypatch, f"http://127.0.0.1:{port}")
     monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's retry back-off
     with pytest.raises(errors.CheckpointError) as e:
         zoo.resolve("zoo:dofa-vit-base")
@@ -219,6 +228,56 @@ def test_trust_on_first_use(hub):
     with pytest.raises(errors.CheckpointError, match="not the recorded"):
         zoo.resolve(url)
     assert not os.path.lexists(path)
+
+
+def test_download_from_a_loopback_hub(hub, monkeypatch):
+    """Online, from a Hub on 127.0.0.1: a download whose digest is not the published one is refused and
+    set aside; the next run downloads again, records the digest, and later runs work offline."""
+    served = {"body": b"corrupted in transit"}
+    gets = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            if self.path != "/org/repo/resolve/main/model.pt":
+                self.send_error(404)
+                return False
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.send_header("ETag", f'"{hashlib.sha256(served["body"]).hexdigest()}"')
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.end_headers()
+            return True
+
+        def do_GET(self):
+            if self.do_HEAD():
+                gets.append(self.path)
+                self.wfile.write(served["body"])
+
+        def log_message(self, *args):
+            pass
+
+    good = b"the published checkpoint"
+    monkeypatch.setitem(zoo.ZOO, "loopback", zoo.Entry("loopback", "org/repo", "model.pt", "main",
+                                                       hashlib.sha256(good).hexdigest(), "", "", "seg"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    online(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with pytest.raises(errors.CheckpointError, match="not the zoo's published") as e:
+            zoo.resolve("zoo:loopback")
+        aside = str(e.value).split("moved to ")[1].split(" (")[0]
+        assert open(aside, "rb").read() == b"corrupted in transit"
+        served["body"] = good
+        path = zoo.resolve("zoo:loopback")
+        assert open(path, "rb").read() == good and len(gets) == 2  # downloaded afresh
+    finally:
+        server.shutdown()
+        server.server_close()
+    with open(zoo.hashes_path()) as f:
+        assert json.load(f) == {f"org/repo@{COMMIT}/model.pt": hashlib.sha256(good).hexdigest()}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert zoo.resolve("zoo:loopback") == path  # the cache alone, the server gone
 
 
 # -- loading through the families' loaders ----------------------------------------------------------------------
