@@ -767,14 +767,17 @@ def saved_spec(workdir: str) -> tasks.DataSpec | None:
         raise ValueError(f"{path} is not a readable DataSpec ({e}); delete it to rebuild it from the data") from e
 
 
-def load_for_inference(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, tuple]:
-    """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with), for
-    `eojax eval` / `infer` / `export`. The model is built from the run's saved DataSpec when it has
-    one (the training data need not be there), else from the config's input."""
+def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                       checkpoint: str | None = None) -> tuple[Run, tuple]:
+    """(run, (params, model_state) to evaluate the latest checkpoint of `workdir` with, or the step
+    folder `checkpoint`), for `eojax eval` / `infer` / `export` and `eojax.load`. The model is built
+    from the run's saved DataSpec when it has one (the training data need not be there), else from
+    the config's input."""
     config_lib.validate(config)
     parallel.maybe_initialize_distributed(**config.distributed)
     run = setup(config, spec=saved_spec(workdir))
-    return run, ckpt_lib.load_variables(workdir, run.abstract_state.params, run.abstract_state.model_state)
+    return run, ckpt_lib.load_variables(checkpoint or workdir, run.abstract_state.params,
+                                        run.abstract_state.model_state)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -52,7 +52,8 @@ def _open_input(task, path: str) -> Scene:
 
 def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
     """The `eojax infer` plug-in: classes (and probabilities) of the GeoTIFF options['input'] into
-    options['output'] (default <workdir>/infer). It needs only the task (band names and statistics
+    options['output'] (default <workdir>/infer); probabilities too with config.infer.probabilities or
+    options['probabilities'] (eojax.load(...).predict). It needs only the task (band names and statistics
     from the run's DataSpec), never the training data."""
     task, (params, state) = run.task, variables
     scene = _open_input(task, options.get("input", ""))
@@ -62,7 +63,7 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
     wy, wx = task.window  # the training element's size (input.crop, or the scene's)
     stride = task.config.input.eval_stride
     k = task.config.model.num_classes
-    probabilities = bool(task.config.infer.probabilities)
+    probabilities = bool(options.get("probabilities") or task.config.infer.probabilities)
 
     @jax.jit
     def predict(p, s, pixels, valid):
