@@ -7,9 +7,11 @@ import them from any working directory once eojax is installed; see docs/archite
 from __future__ import annotations
 
 import ast
+import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Iterator
 
@@ -84,6 +86,12 @@ def trainer_defaults() -> ml_collections.ConfigDict:
     c.kernels = "auto"
     c.peak_tflops = 0.0  # for MFU; 0 = a known device peak, or a measured matmul rate on CPU
     c.progress_bar = True
+    # The family's pictures at every eval too (PNG in the workdir, TensorBoard and W&B images), not only
+    # at the end. Diffusion samples max_classes x samples_per_class images for them each time.
+    c.eval_pictures = True
+    # Weights & Biases (pip install wandb; never required): project '' = off; mode 'online', 'offline'
+    # (written under <workdir>/wandb, `wandb sync` later) or 'disabled'; name '' = the workdir's name.
+    c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "name": "", "mode": "online"})
     c.lora = lora_defaults()
     c.mesh = (("data", -1), ("fsdp", 1), ("model", 1))
     c.sharding_rules = DEFAULT_RULES
@@ -159,6 +167,9 @@ _POSITIVE = ("total_steps", "batch_size", "log_every", "keep_checkpoints")
 _NON_NEGATIVE = ("eval_every", "checkpoint_every", "eval_steps")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises errors.ConfigError naming the first trainer key with an impossible value. Cheap (no jax,
     no data): the command line calls it before anything runs. The families check their own keys in
@@ -175,6 +186,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             need(_is_int(config[key]) and config[key] >= 0, key, "must be an integer >= 0 (0 = off)")
     if config.get("best_metric"):
         need(config.get("best_mode") in ("max", "min"), "best_mode", "must be 'max' or 'min'")
+    if config.get("wandb") and config.wandb.get("project"):
+        need(config.wandb.get("mode") in WANDB_MODES, "wandb", f"mode must be one of {WANDB_MODES}")
+        if sys.modules.get("wandb") is None and importlib.util.find_spec("wandb") is None:
+            raise errors.ConfigError(f"config.wandb.project={config.wandb.project!r} needs the wandb package, "
+                                     "which is not installed (pip install wandb), or wandb.project=''")
     if "mesh" in config:
         mesh = config.mesh
         need(isinstance(mesh, (tuple, list)) and len(mesh) > 0

@@ -1,7 +1,13 @@
-"""Where training metrics go: the console, TensorBoard event files and a JSON-lines file; and the
-console itself: the progress bar and the log handler that prints above it.
+"""Where training metrics and pictures go: the console, TensorBoard event files (tensorboardX), a
+JSON-lines file, and a Weights & Biases run when config.wandb.project is set (wandb is imported only
+then: it is never a dependency); and the console itself: the progress bar and the log handler that
+prints above it.
 
 Only process 0 writes; the JSON-lines file is what tests and notebooks read back.
+
+Not clu's metric_writers: its TensorBoard writers need TensorFlow (tf.summary) or PyTorch
+(torch.utils.tensorboard), neither an eojax dependency, and metrics.jsonl and the progress bar would
+stay here anyway; the method names follow clu's (write_images(step, {name: image})).
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -47,10 +54,15 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """Scalars (`write`) and pictures (`write_images`) of a run in `workdir`. `wandb`: the config's
+    wandb block (project, entity, name, mode); an empty project = no W&B. `config`: the run's config,
+    recorded in the W&B run."""
+
+    def __init__(self, workdir: str, enabled: bool = True, wandb=None, config=None):
         self.enabled = enabled and jax.process_index() == 0
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -59,6 +71,8 @@ class MetricWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # optional: metrics still reach the console and metrics.jsonl
                 logging.warning("tensorboardX is not installed; no TensorBoard event files")
+            if wandb is not None and wandb.get("project"):
+                self._wandb = _start_wandb(wandb, workdir, config)
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -72,12 +86,56 @@ class MetricWriter:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """(H, W, 3) uint8 pictures as 'pictures/<name>' at `step`: TensorBoard images, W&B Images."""
+        if not self.enabled or not images:
+            return
+        logging.info("[pictures] step %d  %s", step, "  ".join(images))
+        if self._tb is not None:
+            for name, image in images.items():
+                self._tb.add_image(f"pictures/{name}", np.asarray(image, np.uint8), step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+            self._wandb.log({f"pictures/{name}": wandb.Image(np.asarray(image, np.uint8), caption=name)
+                             for name, image in images.items()}, step=step)
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _start_wandb(options, workdir: str, config):
+    """A W&B run for the workdir: the same W&B run again when the workdir's run resumes (its id is kept
+    in <workdir>/wandb_run_id). W&B ignores a step lower than one it has already logged, so after a
+    resume from an earlier checkpoint, the repeated steps reach TensorBoard and metrics.jsonl only."""
+    import wandb  # here only: config_lib.validate has checked that it is installed
+
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        with open(id_path + ".partial", "w") as f:
+            f.write(run_id)
+        os.replace(id_path + ".partial", id_path)
+    recorded = json.loads(config.to_json_best_effort()) if config is not None else None
+    return wandb.init(project=options.get("project"), entity=options.get("entity") or None,
+                      name=options.get("name") or os.path.basename(os.path.abspath(workdir)),
+                      mode=options.get("mode") or "online", dir=workdir, id=run_id, resume="allow",
+                      config=recorded)
 
 
 class Progress:

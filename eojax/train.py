@@ -12,6 +12,7 @@ import json
 import logging
 import operator
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eojax import checkpoint as ckpt_lib
-from eojax import config_lib, errors, lora, metric_writer, optim, parallel, tasks, weights, zoo
+from eojax import config_lib, errors, lora, metric_writer, optim, parallel, tasks, viz, weights, zoo
 from eojax.models import layers
 
 
@@ -623,7 +624,7 @@ def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStac
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, every=config.checkpoint_every,
         restart_from_scratch_if_corrupt=config.get("restart_from_scratch_if_corrupt", False))
     cleanup.callback(checkpointer.close)  # on any exit: pending saves finish, no thread outlives the run
-    writer = metric_writer.MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir, wandb=config.get("wandb"), config=config)
     cleanup.callback(writer.close)
     save_spec(run.task.spec, workdir)
     best = BestKeeper(config, workdir)
@@ -670,6 +671,8 @@ def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStac
             metrics = evaluate(run, variables)
             writer.write(step, metrics, prefix="eval")
             best.update(step, metrics, variables)
+            if config.get("eval_pictures", True):
+                write_pictures(run, variables, workdir, step, writer, during_training=True)
     progress.close()
     checkpointer.wait()
 
@@ -682,11 +685,7 @@ def _train(config, workdir: str, stop: StopSignals, cleanup: contextlib.ExitStac
     test_metrics = evaluate(run, final if kept is None else kept, split="test")
     if test_metrics:
         writer.write(int(state.step), test_metrics, prefix="test")
-    pictures = []
-    write_pictures = tasks.plugin(run.task, "pictures")
-    if write_pictures is not None:
-        with run.scope():
-            pictures = write_pictures(run, final, _picture_batch(run), workdir, int(state.step))
+    pictures = write_pictures(run, final, workdir, int(state.step), writer)
     result = {"train": last, "eval": eval_metrics, "test": test_metrics, "best": best.record,
               "pictures": pictures}
     _write_results(run, workdir, result)
@@ -718,10 +717,28 @@ def _write_results(run: Run, workdir: str, result: dict) -> None:
         json.dump(record, f, indent=2, default=str)
 
 
-def _picture_batch(run: Run) -> dict:
+def write_pictures(run: Run, variables: tuple, workdir: str, step: int, writer: metric_writer.MetricWriter,
+                   during_training: bool = False) -> list[str]:
+    """The family's pictures plug-in at `step`: its PNGs in the workdir, also sent to the trackers
+    (TensorBoard, W&B) as images named like the files without '_step<N>'. During training only when
+    there is an eval split: a train batch taken for pictures would change the run's data stream."""
+    plugin = tasks.plugin(run.task, "pictures")
+    batch = _picture_batch(run, train_fallback=not during_training) if plugin is not None else None
+    if batch is None:
+        return []
+    with run.scope():
+        files = plugin(run, variables, batch, workdir, step)
+    writer.write_images(step, {re.sub(r"_step\d+$", "", os.path.basename(f)[:-4]): viz.read_png(f)
+                               for f in files if f.endswith(".png")})
+    return files
+
+
+def _picture_batch(run: Run, train_fallback: bool = True) -> dict | None:
     """The first eval batch (fixed windows, comparable across runs), else the next train batch."""
     data = run.input.eval(jax.process_index(), jax.process_count())
     local = next(iter(data), None) if data is not None else None
+    if local is None and not train_fallback:
+        return None
     return run.global_batch(local if local is not None else next(run.train_iter))
 
 

@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 
+from eojax import viz
 from eojax.classify import knn, metrics
 
 
@@ -68,8 +69,10 @@ def evaluate(run, variables, workdir: str, options: dict) -> dict:
     else:
         sums = jax.device_get(metrics.single_label_sums(logits, targets, np.ones(len(targets), np.float32)))
         result.update(metrics.finalize_single_label(sums, task.class_names))
-        result["confusion_png"] = metrics.confusion_png(sums["confusion"], task.class_names,
-                                                        os.path.join(out_dir, f"confusion_{split}.png"))
+        result["confusion_png"] = metrics.confusion_png(
+            sums["confusion"], task.class_names, os.path.join(out_dir, f"confusion_{split}.png"),
+            title=f"confusion on the {split} split (rows: true class, normalised)",
+            caption=viz.caption(None, {k: result[k] for k in ("top1", "balanced_accuracy", "macro_f1", "count")}))
         result.update(knn_scores(run, variables))
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:

@@ -23,7 +23,6 @@ Every metric is defined as scikit-learn defines it (tests/test_classify_metrics.
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -209,15 +208,15 @@ CELL_TEXT_MAX_CLASSES = 15  # above this many classes the cells are too small fo
 
 
 def confusion_png(confusion, class_names: Sequence[str], path: str, normalize: bool = True,
-                  title: str = "") -> str:
+                  title: str = "", caption: str = "") -> str:
     """A (K, K) confusion matrix (rows true, columns predicted) as a PNG heat map. normalize: each row
     divided by its total (the share of a true class given each prediction; an empty row stays 0).
     The figure grows with K and the fonts shrink, so the 62 fMoW classes stay legible; cell values
-    are written only up to CELL_TEXT_MAX_CLASSES classes. matplotlib with the Agg backend (as
-    geo/maps.py: no display needed). Returns `path`."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    are written only up to CELL_TEXT_MAX_CLASSES classes; `caption` goes under it. A matplotlib
+    Figure (Agg, no pyplot), written through viz.save_figure. Returns `path`."""
+    from matplotlib.figure import Figure
+
+    from eojax import viz
 
     cm = np.asarray(confusion, np.float64)
     k = cm.shape[0]
@@ -235,7 +234,8 @@ def confusion_png(confusion, class_names: Sequence[str], path: str, normalize: b
     # Rows ~12 pt apart at 62 classes: 6 pt labels fit, drawn at 140 dpi so 6 pt is ~12 pixels tall.
     font = 8 if k <= CELL_TEXT_MAX_CLASSES else (7 if k <= 30 else 6)
     dpi = 100 if k <= 30 else 140
-    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=dpi)
+    fig = Figure(figsize=(side + 1.2, side), dpi=dpi, layout="constrained")
+    ax = fig.subplots()
     vmax = 1.0 if normalize else max(float(shown.max()), 1.0)
     im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(k))
@@ -255,7 +255,6 @@ def confusion_png(confusion, class_names: Sequence[str], path: str, normalize: b
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     if title:
         ax.set_title(title, fontsize=10)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    if caption:
+        fig.supxlabel(caption, fontsize=8)
+    return viz.save_figure(fig, path)

@@ -20,7 +20,9 @@ def class_prompts(task, max_classes: int) -> list[tuple[str, str]]:
 
 
 def write_pictures(run, variables, batch, workdir, step) -> list[str]:
-    """A grid of samples: one row per caption class (the row captions go to a .txt beside it)."""
+    """A grid of samples: one row per caption class, labelled with the class (the row captions go to
+    a .txt beside it), the sampler in the caption. At every eval too: max_classes x samples_per_class
+    samples, each as costly as one of FD's."""
     task, (params, _) = run.task, variables
     p = run.config.pictures
     prompts = class_prompts(task, p.max_classes)
@@ -28,14 +30,27 @@ def write_pictures(run, variables, batch, workdir, step) -> list[str]:
                          seed=run.config.seed)
     if jax.process_index() != 0:
         return []
-    tiles = task.to_rgb8(images)
-    k = p.samples_per_class
-    rows = [tiles[i * k:(i + 1) * k] for i in range(len(prompts))]
     path = os.path.join(workdir, f"diffusion_samples_step{step}.png")
-    viz.save_grid_png(path, rows)
+    viz.save_figure(samples_figure(task.to_rgb8(images), prompts, p.samples_per_class, run.config, step), path)
     with open(path[:-4] + ".txt", "w") as f:
         f.writelines(f"row {i}: [{cls}] {cap}\n" for i, (cls, cap) in enumerate(prompts))
     return [path]
+
+
+def samples_figure(tiles, prompts, k: int, config, step):
+    """Rows of k samples, one row per (class, caption) of `prompts`."""
+    s = config.sampler
+    rows = [list(tiles[i * k:(i + 1) * k]) for i in range(len(prompts))]
+    sampler = {"sampler": s.name or "the folder's", "steps": s.num_steps, "guidance": s.guidance_scale,
+               "seed": config.seed}
+    return viz.grid_figure(rows, columns=[f"sample {j + 1}" for j in range(k)],
+                           row_labels=[_short(cls) for cls, _ in prompts],
+                           title="diffusion samples of the most frequent caption classes",
+                           caption=viz.caption(step, sampler, "captions: the .txt beside this picture"))
+
+
+def _short(text: str, width: int = 18) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def infer(run, variables, workdir, options) -> dict:
@@ -61,7 +76,7 @@ def infer(run, variables, workdir, options) -> dict:
             slug = re.sub(r"[^a-z0-9]+", "_", pr.lower()).strip("_")[:60] or "empty"
             for j in range(n):
                 base = os.path.join(out_dir, f"{i:02d}_{slug}_{j}")
-                viz.save_grid_png(base + ".png", [[tiles[i * n + j]]], scale=1)
+                viz.save_png(base + ".png", tiles[i * n + j])  # the sample itself, at its own size
                 files.append(base + ".png")
                 if multiband:
                     files.append(_write_geotiff(base + ".tif", images[i * n + j], task.band_names,

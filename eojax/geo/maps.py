@@ -1,15 +1,15 @@
 """World map PNG of a predicted vMF-mixture density, with the true (and predicted) location marked.
 
-Equirectangular (plate carree) lat/lon grid drawn with matplotlib (Agg, no display, no network).
+Equirectangular (plate carree) lat/lon grid drawn with a matplotlib Figure (Agg, no pyplot, no display,
+no network).
 Coastlines come from data available offline: the climate raster's sea mask is the background
 (sea dark, land light), and its land/sea boundary is drawn as a contour.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from eojax import viz
 from eojax.geo import encoding
 
 
@@ -39,15 +39,23 @@ def sea_mask(climate_map, step_deg: float = 1.0) -> np.ndarray:
 
 
 def save_world_map(path: str, log_density: np.ndarray | None, true_latlon, *, pred_latlon=None,
-                   sea: np.ndarray | None = None, step_deg: float = 1.0, title: str = "") -> str:
+                   sea: np.ndarray | None = None, step_deg: float = 1.0, title: str = "",
+                   caption: str = "") -> str:
+    """The PNG of `world_map_figure` (written under a temporary name, renamed when complete)."""
+    return viz.save_figure(world_map_figure(log_density, true_latlon, pred_latlon=pred_latlon, sea=sea,
+                                            step_deg=step_deg, title=title, caption=caption), path)
+
+
+def world_map_figure(log_density: np.ndarray | None, true_latlon, *, pred_latlon=None,
+                     sea: np.ndarray | None = None, step_deg: float = 1.0, title: str = "", caption: str = ""):
     """log_density: (n_lat, n_lon) log density per steradian on `lat_lon_grid(step_deg)` (or None to
-    mark only points). Colours show the density relative to its peak, on a log scale over 6 decades."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    mark only points). Colours show the density relative to its peak, on a log scale over 6 decades
+    (the colour bar); a legend names the true and predicted marks; `caption` goes under the map."""
+    from matplotlib.figure import Figure
 
     extent = (-180, 180, -90, 90)
-    fig, ax = plt.subplots(figsize=(10, 5.4), dpi=100)
+    fig = Figure(figsize=(10, 5.4), dpi=100, layout="constrained")
+    ax = fig.subplots()
     if sea is not None:
         ax.imshow(np.where(sea, 0.15, 0.85), extent=extent, cmap="gray", vmin=0, vmax=1,
                   interpolation="nearest")
@@ -70,7 +78,6 @@ def save_world_map(path: str, log_density: np.ndarray | None, true_latlon, *, pr
     ax.set_ylabel("latitude")
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(title, fontsize=10)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    if caption:
+        fig.supxlabel(caption, fontsize=8)
+    return fig

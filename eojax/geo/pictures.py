@@ -1,19 +1,27 @@
 """The geographic family's pictures plug-in: the predicted location density of a window on a world map."""
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from eojax import viz
 from eojax.geo import maps, metrics
+
+
+@functools.lru_cache(maxsize=2)
+def _predict(task):
+    """One compiled prediction per task: pictures are made at every eval and at the end."""
+    return jax.jit(task.predict_and_logits)
 
 
 def map_arrays(task, params, state, batch) -> dict:
     """Host numpy predictions for `batch`, with the vMF logits and the (replicated) log_kappa (every
     process takes part in the gather)."""
-    res = jax.jit(task.predict_and_logits)(params, state, batch["pixels"], batch["valid"])
+    res = _predict(task)(params, state, batch["pixels"], batch["valid"])
     res = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(res, tiled=True).items()}
     if task.centres is not None:
         res["log_kappa"] = np.asarray(jax.device_get(params["head"]["log_kappa"]))
@@ -37,6 +45,7 @@ def write_pictures(run, variables, batch, workdir, step) -> list[str]:
     path = os.path.join(workdir, f"geo_map_step{step}.png")
     density = task.log_density_map(res["vmf"][i], res["log_kappa"]) if "vmf" in res else None
     maps.save_world_map(path, density, true, pred_latlon=pred, sea=maps.sea_mask(run.input.climate_map),
-                        title=f"step {step}: true ({true[0]:.2f}, {true[1]:.2f}), predicted "
-                              f"({pred[0]:.2f}, {pred[1]:.2f}), error {km:.0f} km")
+                        title=f"where the model puts eval window {i}: true ({true[0]:.2f}, {true[1]:.2f}), "
+                              f"predicted ({pred[0]:.2f}, {pred[1]:.2f})",
+                        caption=viz.caption(step, {"error km": round(km)}))
     return [path]

@@ -19,9 +19,9 @@ import os
 import jax
 import numpy as np
 import rasterio
-from PIL import Image
 from rasterio.windows import Window
 
+from eojax import viz
 from eojax.data.cog import CogWriter
 from eojax.data.raster import RasterError, Scene
 from eojax.seg import evaluation as seg_eval
@@ -126,12 +126,12 @@ def predict_geotiff(run, variables, workdir: str, options: dict) -> dict:
     for out in (dst, prob):
         if out is not None:
             out.close()  # the COGs appear only now, complete
-    png = os.path.join(out_dir, f"{stem}_overlay.png")
-    _overlay_png(task, thumb_rows, png)
-    paths["overlay"] = png
     n = max(int(class_counts.sum()), 1)
+    fractions = {name: float(c) / n for name, c in zip(names, class_counts)}
+    paths["overlay"] = _overlay_png(task, thumb_rows, os.path.join(out_dir, f"{stem}_overlay.png"),
+                                    f"{stem}: predicted classes", fractions)
     return {"input": scene.path, "outputs": paths, "size": [h, w], "windows": len(ys) * len(xs),
-            "class_fractions": {name: float(c) / n for name, c in zip(names, class_counts)}}
+            "class_fractions": fractions}
 
 
 def _read(scene: Scene, x: int, y: int, wy: int, wx: int):
@@ -144,9 +144,15 @@ def _read(scene: Scene, x: int, y: int, wy: int, wx: int):
     return pixels, valid
 
 
-def _overlay_png(task, rows, path):
+def _overlay_png(task, rows, path, title, fractions) -> str:
+    """The scene (thumbnail, at most ~1024 px) beside its classes over it, a legend of the classes, and
+    the share of each class in the caption."""
     pixels = np.concatenate([r[0] for r in rows], axis=1)
     valid = np.concatenate([r[1] for r in rows], axis=0)
     classes = np.concatenate([r[2] for r in rows], axis=0)
     rgb = pictures.rgb(task, pixels, valid)
-    Image.fromarray(pictures.overlay(rgb, np.where(classes == NODATA, 0, classes))).save(path)
+    fig = viz.grid_figure([[rgb, pictures.overlay(rgb, np.where(classes == NODATA, 0, classes))]],
+                          columns=("image", "predicted classes"), classes=pictures.legend(task.config),
+                          title=title, tile_px=min(max(classes.shape), 768),
+                          caption=", ".join(f"{name} {share:.1%}" for name, share in fractions.items()))
+    return viz.save_figure(fig, path)

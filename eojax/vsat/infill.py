@@ -151,16 +151,16 @@ def fill(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, see
                                            os.path.join(out_dir, f"filled_{date}.tif")))
     status_path = os.path.join(out_dir, f"status_{ts.dates[t]}.tif")
     _write_status(ts, status, status_path)
-    png = os.path.join(out_dir, f"infill_{ts.dates[t]}.png")
-    _before_after_png(ts, t, after, status, png)
     summary = {
         "target_date": ts.dates[t], "requested": int(len(ys)), "to_fill": int(nf),
         "filled": int(ok_fill.sum()), "failed": int(nf - ok_fill.sum()), "holdout": int(len(hold_y)),
         "pixels_per_sec": round(len(ys) / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
         "metrics": compare(ts, split, methods(ts, split, values[nf:], ok[nf:], hold_y, hold_x), hold_y, hold_x)
         if len(hold_y) else {},
-        "geotiffs": files, "status": status_path, "png": png,
+        "geotiffs": files, "status": status_path,
     }
+    summary["png"] = viz.save_figure(before_after_figure(ts, t, after, status, split["holdout"][t], summary),
+                                     os.path.join(out_dir, f"infill_{ts.dates[t]}.png"))
     _write_json(summary, out_dir)
     if summary["metrics"]:
         print(metrics_table(summary["metrics"]))
@@ -185,8 +185,8 @@ def score(task, params, ts: timeseries.TimeSeries, split: dict, out_dir: str, se
         date = ts.values[t].copy()
         date[:, hold_y[good], hold_x[good]] = pred[good].T
         files[name] = timeseries.write_date(ts, date, os.path.join(out_dir, f"{name}_{ts.dates[t]}.tif"))
-    png = os.path.join(out_dir, f"holdout_{ts.dates[t]}.png")
-    _comparison_png(ts, t, split["holdout"][t], preds, png)
+    png = viz.save_figure(comparison_figure(ts, t, split["holdout"][t], preds, metrics),
+                          os.path.join(out_dir, f"holdout_{ts.dates[t]}.png"))
     summary = {"target_date": ts.dates[t], "holdout": int(len(hold_y)), "seconds": round(seconds, 2),
                "metrics": metrics, "geotiffs": files, "png": png}
     _write_json(summary, out_dir)
@@ -244,24 +244,32 @@ def _write_status(ts, status, path):
               descriptions=("0 observed, 1 filled, 2 failed, 3 no data",), categorical=True)
 
 
-def _before_after_png(ts, t, after, status, path):
-    """before (clouds as measured) | what was filled (white) or failed (red) | after; one stretch
-    (the filled date's), tiles enlarged to ~256 px."""
+STATUS_COLOURS = {OBSERVED: ("observed", (0, 0, 0)), FILLED: ("filled", (255, 255, 255)),
+                  FAILED: ("failed", (255, 0, 0)), NODATA: ("no data", (128, 128, 128))}
+
+
+def before_after_figure(ts, t, after, status, hold, summary):
+    """before (clouds as measured) | what was filled or failed | after; one stretch (the filled
+    date's), the held-out pixels outlined, the counts and the model's held-out L1 in the caption."""
     valid = status != NODATA
     before = np.nan_to_num(np.moveaxis(ts.values[t], 0, -1))
     filled = np.nan_to_num(np.moveaxis(after, 0, -1))
-    mask = np.zeros(status.shape + (3,), np.uint8)
-    mask[status == FILLED] = 255
-    mask[status == FAILED] = (255, 0, 0)
-    tiles = [viz.to_rgb8(before, ts.band_names, valid, ref=filled), mask,
+    colours = np.array([c for _, c in STATUS_COLOURS.values()], np.uint8)
+    tiles = [viz.to_rgb8(before, ts.band_names, valid, ref=filled), colours[status],
              viz.to_rgb8(filled, ts.band_names, valid, ref=filled)]
-    viz.save_grid_png(path, [tiles], scale=max(1, 256 // max(status.shape)))
+    shown = {"filled": f"{summary['filled']} of {summary['to_fill']}", "failed": summary["failed"]}
+    if "l1_mean" in summary["metrics"].get("model", {}):
+        shown[f"model L1 on {summary['holdout']} held-out pixels"] = summary["metrics"]["model"]["l1_mean"]
+    return viz.grid_figure([tiles], columns=(f"before ({ts.dates[t]})", "status", "after"),
+                           classes=list(STATUS_COLOURS.values()), outlines=viz.outline_of(hold),
+                           title=f"infill of {ts.dates[t]}" + (" (held-out pixels outlined)" if hold.any() else ""),
+                           caption=viz.caption(None, shown, f"{summary['pixels_per_sec']} pixels/s"))
 
 
-def _comparison_png(ts, t, hold, preds: dict, path):
-    """Top row: the truth, then each method's date (held-out pixels replaced); bottom row: each
-    method's mean absolute error over the bands on the held-out pixels (white = the largest error of
-    any method), one stretch for every tile."""
+def comparison_figure(ts, t, hold, preds: dict, metrics: dict):
+    """Top row: the truth, then each method's date (held-out pixels replaced), titled with its mean L1;
+    bottom row: each method's mean absolute error over the bands on the held-out pixels, on one colour
+    scale for every method; the held-out pixels outlined everywhere."""
     valid = np.isfinite(ts.values[t]).all(0)
     truth = np.nan_to_num(np.moveaxis(ts.values[t], 0, -1))
     ys, xs = np.nonzero(hold)
@@ -274,8 +282,15 @@ def _comparison_png(ts, t, hold, preds: dict, path):
         err[ys[good], xs[good]] = np.abs(pred[good] - truth[ys[good], xs[good]]).mean(1)
         errors.append(err)
     top = max(max(e.max() for e in errors), 1e-12)
-    grey = lambda e: np.repeat((255 * np.clip(e / top, 0, 1)).round().astype(np.uint8)[..., None], 3, -1)
     rows = [[viz.to_rgb8(truth, ts.band_names, valid)] + [viz.to_rgb8(im, ts.band_names, valid, ref=truth)
                                                          for im in images],
-            [np.zeros(hold.shape + (3,), np.uint8)] + [grey(e) for e in errors]]
-    viz.save_grid_png(path, rows, scale=max(1, 192 // max(hold.shape)))
+            [None] + errors]
+    columns = ["truth"] + [f"{name}\nL1 {viz.fmt(metrics[name]['l1_mean'])}" if "l1_mean" in metrics.get(name, {})
+                           else name for name in preds]
+    summary = metrics.get("summary")
+    note = (f"model vs best reference ({summary['best_reference']}): {100 * summary['gain_over_best']:.1f} % "
+            "lower mean L1") if summary else ""
+    return viz.grid_figure(rows, columns=columns, row_labels=("date", "|error|"), outlines=viz.outline_of(hold),
+                           colour_bar=viz.ColourBar("mean |error| over bands (DN)", 0.0, top),
+                           title=f"held-out pixels of {ts.dates[t]} ({len(ys)} pixels, outlined)",
+                           caption=viz.caption(None, {}, note))
