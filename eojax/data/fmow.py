@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from eojax.data.raster import RasterError, _open
+from eojax.data.raster import RasterError, open_raster
 from eojax.data.stats import BandStats
 
 FMOW_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
@@ -157,7 +157,7 @@ def read_image(path: str) -> tuple[np.ndarray, float | None]:
     """All 13 bands of one fMoW-Sentinel GeoTIFF -> (pixels (13, h, w) file dtype, nodata)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"fMoW-Sentinel image not found: {path}")
-    with _open(path) as src:
+    with open_raster(path) as src:
         if src.count != len(FMOW_BANDS):
             raise RasterError(f"{path} has {src.count} bands; fMoW-Sentinel images have "
                               f"{len(FMOW_BANDS)} ({', '.join(FMOW_BANDS)})")

@@ -19,7 +19,7 @@ import grain
 import numpy as np
 from rasterio.windows import Window
 
-from eojax.data import synthetic
+from eojax.data import stac, synthetic
 from eojax.data.multiscale import check_scales, read_multiscale, scale_key
 from eojax.data.raster import Scene, expand_paths, open_scenes
 from eojax.data.stack import StackedScene
@@ -314,17 +314,24 @@ def _cfg(cfg, name, default):
 
 
 def _stacked_scene_from_cfg(input_cfg, paths, bands) -> StackedScene:
-    """`input.sources` (dicts path / bands / resampling / nodata / names) or every path of
-    `input.paths` as one source -> one StackedScene on the reference grid."""
+    """`input.sources` (dicts path / bands / resampling / nodata / names / crs) or every path of
+    `input.paths` as one source (each band of a STAC item one source) -> one StackedScene on the
+    reference grid."""
     sources = [dict(s) for s in _cfg(input_cfg, "sources", ())]
     if not sources:
         if not paths:
             raise ValueError("input.stack needs input.paths (one source per path) or input.sources")
-        sources = [{"path": p, "bands": bands} for p in expand_paths(paths)]
-    nodata = _cfg(input_cfg, "nodata", None)
-    if nodata is not None:
-        for s in sources:
-            s.setdefault("nodata", nodata)
+        for p in expand_paths(paths):
+            if stac.is_item(p):  # bands of several resolutions: each warped onto the grid
+                sources += [{"path": b.href, "bands": (b.index,), "names": (b.name,)}
+                            for b in stac.item_bands(p, bands)]
+            else:
+                sources.append({"path": p, "bands": bands})
+    for key in ("nodata", "crs"):
+        value = _cfg(input_cfg, key, None)
+        if value is not None:
+            for s in sources:
+                s.setdefault(key, value)
     return StackedScene(sources, reference=_cfg(input_cfg, "reference", None),
                         resampling=_cfg(input_cfg, "resampling", "bilinear"))
 
@@ -341,7 +348,8 @@ def _scenes_from_cfg(input_cfg) -> list[Scene]:
     if not paths:
         paths = tuple(synthetic.default_dataset())
         bands = bands or synthetic.SENSORS["sentinel2"].bands
-    scenes = open_scenes(paths, bands=bands, nodata=_cfg(input_cfg, "nodata", None))
+    scenes = open_scenes(paths, bands=bands, nodata=_cfg(input_cfg, "nodata", None),
+                         crs=_cfg(input_cfg, "crs", None))
     for s in scenes:
         s.check()  # all-nodata files fail here, before any training starts
     return scenes
@@ -372,8 +380,8 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
 
     Keys of `input` beyond the basics: `stack` (True: the paths are the layers of one StackedScene,
     warped onto the grid of `reference`, default the finest; `resampling` one name or one per path)
-    or `sources` (list of dicts path / bands / resampling / nodata / names, implies stacking);
-    `scales` (default (1,); e.g. (1, 2, 4) adds pixels_2x / pixels_4x of real native pixels, see
+    or `sources` (list of dicts path / bands / resampling / nodata / names / crs, implies stacking);
+    `crs` (the CRS of NetCDF / Zarr grids that have no CF grid mapping); `scales` (default (1,); e.g. (1, 2, 4) adds pixels_2x / pixels_4x of real native pixels, see
     eojax.data.multiscale).
     `valid_range` ((lo, hi), None for an open end; default () = |x| <= stats.FLOAT_LIMIT ~ 1.8e19 for
     float rasters, any value for integer ones): a valid pixel outside it stops the run before

@@ -1,9 +1,14 @@
 """GeoTIFF scenes read window by window with rasterio.
 
 A `Scene` is one pixel grid with C selected bands, stored either as one multi-band GeoTIFF or as one
-single-band GeoTIFF per band (a path template containing ``{band}``). Nothing is loaded up front:
-the constructor reads headers only, `read` reads one window, `validity_overview` reads a decimated
-copy once (for window sampling and the all-nodata check).
+single-band GeoTIFF per band (a path template containing ``{band}``, or a STAC item's assets, see
+stac.py). Nothing is loaded up front: the constructor reads headers only, `read` reads one window,
+`validity_overview` reads a decimated copy once (for window sampling and the all-nodata check), from
+the file's overviews where it has them.
+
+Input kinds, all read through `open_raster`: local GeoTIFFs; remote ones (`s3://`, `gs://`, `https://`,
+`/vsi...`: remote.py, only the byte ranges needed are fetched); NetCDF / Zarr grids (grids.py, through
+a cached GeoTIFF copy); STAC items (stac.py).
 """
 from __future__ import annotations
 
@@ -21,11 +26,13 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
+from eojax.data import grids, remote, stac
+from eojax.errors import DataError
 
 BandSpec = Sequence["str | int"]
 
 
-class RasterError(ValueError):
+class RasterError(DataError):
     """Bad raster input; the message names the file, band or value at fault."""
 
 
@@ -44,15 +51,22 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _open(path: str):
-    """Opens `path` read-only, insisting on a GeoTIFF (whatever the suffix says)."""
-    if not os.path.exists(path):
+def open_raster(path: str, crs=None):
+    """Opens `path` read-only, insisting on a GeoTIFF (whatever the suffix says), local or remote (no
+    local existence check: GDAL's error names what is wrong); a NetCDF / Zarr grid opens as its
+    cached GeoTIFF copy, made with `crs` where the grid has none (see grids.py)."""
+    if grids.is_grid(path):
+        return open_raster(grids.geotiff_copy(path, crs))
+    if not remote.exists(path):
         raise FileNotFoundError(f"raster file not found: {path}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), remote.gdal_env(path):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
+            src = rasterio.open(remote.gdal_path(path))
     except RasterioIOError as e:
+        if remote.is_remote(path):
+            raise RasterError(f"{path}: cannot open it ({remote.one_line(e)}); check the URL, the network "
+                              f"and the credentials") from None
         raise RasterError(f"{path} is not a GeoTIFF (rasterio cannot open it: {e})") from None
     if src.driver != "GTiff":
         driver = src.driver
@@ -118,18 +132,27 @@ class Scene(_WindowReading):
     """C bands of one raster on one pixel grid, read lazily window by window.
 
     Args:
-      path: a GeoTIFF, or a template with ``{band}`` naming one single-band GeoTIFF per band.
-      bands: band names (matched against the file's band descriptions, or substituted into the
-        template) or 1-based band indices; empty selects every band.
+      path: a GeoTIFF (local, or remote: `s3://`, `gs://`, `https://`, `/vsi...`), a template with
+        ``{band}`` naming one single-band GeoTIFF per band, a STAC item (`*.json` or `stac:<url>`),
+        or a NetCDF / Zarr grid (`.nc`, `.zarr`: one band per grid variable).
+      bands: band names (matched against the file's band descriptions, substituted into the
+        template, or looked up among the STAC item's assets) or 1-based band indices; empty selects
+        every band.
       nodata: overrides the files' nodata: one value for all bands, or one per band (None = none).
         NaN is always invalid. A pixel is valid only where every selected band is valid.
+      crs: the CRS of a NetCDF / Zarr grid that has no CF grid mapping (ignored for GeoTIFFs).
     """
 
-    def __init__(self, path: str, bands: BandSpec = (), nodata=None):
-        self.path = str(path)
+    def __init__(self, path: str, bands: BandSpec = (), nodata=None, crs=None):
+        self.path, self._grid_crs = str(path), crs
         bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
         if "{band}" in self.path:
             self._init_template(bands)
+        elif stac.is_item(self.path):
+            found = stac.item_bands(self.path, bands)
+            self._init_band_files([b.name for b in found], [b.href for b in found],
+                                  [b.index for b in found], hint="; stack them onto one grid with "
+                                  "input.stack=True")
         else:
             self._init_multiband(bands)
         c = len(self.band_names)
@@ -167,7 +190,7 @@ class Scene(_WindowReading):
     # -- construction -------------------------------------------------------------------------------
 
     def _init_multiband(self, bands):
-        with _open(self.path) as src:
+        with open_raster(self.path, self._grid_crs) as src:
             count = src.count
             names = [d if d else f"band{i + 1}" for i, d in enumerate(src.descriptions)]
             indexes = []
@@ -200,12 +223,17 @@ class Scene(_WindowReading):
         for b in bands:
             if not isinstance(b, str):
                 raise RasterError(f"{self.path}: a band template needs band names, got {b!r}")
-        self._files = [self.path.replace("{band}", b) for b in bands]
+        files = [self.path.replace("{band}", b) for b in bands]
+        for b, f in zip(bands, files):
+            if not remote.exists(f):
+                raise FileNotFoundError(f"band {b!r} of template {self.path}: file not found: {f}")
+        self._init_band_files(list(bands), files, [1] * len(files))
+
+    def _init_band_files(self, names, files, indexes, hint=""):
+        """Channel i is band indexes[i] of files[i]; all files must share one pixel grid."""
         dtypes, self.nodata = [], []
-        for i, f in enumerate(self._files):
-            if not os.path.exists(f):
-                raise FileNotFoundError(f"band {bands[i]!r} of template {self.path}: file not found: {f}")
-            with _open(f) as src:
+        for i, (f, k) in enumerate(zip(files, indexes)):
+            with open_raster(f) as src:
                 if i == 0:
                     self._set_grid(src)
                     first = f
@@ -214,12 +242,16 @@ class Scene(_WindowReading):
                     raise RasterError(
                         f"band files disagree on the pixel grid: {first} is {self.height}x{self.width} "
                         f"{self.crs} {tuple(self.transform)[:6]} but {f} is {src.height}x{src.width} "
-                        f"{src.crs} {tuple(src.transform)[:6]}")
-                dtypes.append(src.dtypes[0])
-                self.nodata.append(src.nodatavals[0])
+                        f"{src.crs} {tuple(src.transform)[:6]}{hint}")
+                if not 1 <= k <= src.count:
+                    raise RasterError(f"{self.path}: band {names[i]!r} is band {k} of {f}, which has "
+                                      f"{src.count}")
+                dtypes.append(src.dtypes[k - 1])
+                self.nodata.append(src.nodatavals[k - 1])
         self.dtype = np.result_type(*dtypes).name
-        self.band_names = list(bands)
-        self._reads = [(f, [1], slice(i, i + 1)) for i, f in enumerate(self._files)]
+        self.band_names = list(names)
+        self._files = list(dict.fromkeys(files))
+        self._reads = [(f, [k], slice(i, i + 1)) for i, (f, k) in enumerate(zip(files, indexes))]
 
     def _set_grid(self, src):
         self.height, self.width = src.height, src.width
@@ -235,7 +267,7 @@ class Scene(_WindowReading):
             local.pid, local.handles = os.getpid(), {}
         src = local.handles.get(path)
         if src is None:
-            src = local.handles[path] = _open(path)
+            src = local.handles[path] = open_raster(path, self._grid_crs)
         return src
 
     def close(self):
@@ -306,23 +338,34 @@ class Scene(_WindowReading):
             raw = out
         return raw, valid
 
+    def read_coarse(self, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """`window` decimated to `shape` (oh, ow) -> (pixels (C, oh, ow), valid (oh, ow)).
+
+        Nearest resampling. GDAL serves a decimated read from the file's overviews where it has them
+        (a COG's internal ones, an .ovr beside a local file): the finest overview no finer than
+        needed, so a remote COG sends only that overview's tiles. A pixel is then one overview pixel
+        (made as the file's maker chose, often an average); without overviews, one real pixel."""
+        raw = np.empty((len(self.band_names), *shape), self._np_dtype)
+        for path, indexes, channels in self._reads:
+            try:
+                self._handle(path).read(indexes, window=window, out=raw[channels],
+                                        resampling=Resampling.nearest)
+            except RasterioError as e:
+                raise read_error(path, window, e) from None
+        return raw, self.valid_mask(raw)
+
     def validity_overview(self, max_size: int = 512) -> tuple[np.ndarray, tuple[float, float]]:
         """Validity at reduced resolution -> (mask (oh, ow) bool, (row_scale, col_scale)).
 
         Full-resolution pixel (r, c) corresponds to overview cell (r / row_scale, c / col_scale).
-        Nearest resampling, so each cell is one real pixel's validity (computed once, then cached).
+        Read by `read_coarse` (from the file's overviews where it has them, which is what keeps a
+        remote scene's first look small), computed once, then cached.
         """
         if self._overview is not None and self._overview[0] == max_size:
             return self._overview[1], self._overview[2]
         f = max(1.0, max(self.height, self.width) / max_size)
         oh, ow = max(1, math.ceil(self.height / f)), max(1, math.ceil(self.width / f))
-        raw = np.empty((len(self.band_names), oh, ow), self._np_dtype)
-        for path, indexes, channels in self._reads:
-            try:
-                self._handle(path).read(indexes, out=raw[channels], resampling=Resampling.nearest)
-            except RasterioError as e:
-                raise read_error(path, None, e) from None
-        mask = self.valid_mask(raw)
+        raw, mask = self.read_coarse(Window(0, 0, self.width, self.height), (oh, ow))
         self._band_any = self._band_valid(raw).any(axis=(1, 2))  # names the empty bands in check()
         scales = (self.height / oh, self.width / ow)
         self._overview = (max_size, mask, scales)
@@ -354,11 +397,16 @@ def _read_window(src, indexes: list[int], window: Window, out: np.ndarray) -> No
 
 
 def expand_paths(paths: Sequence[str] | str) -> list[str]:
-    """Expands globs (sorted); templates with ``{band}`` pass through. Missing -> FileNotFoundError."""
+    """Expands globs (sorted); templates with ``{band}`` pass through. Missing -> FileNotFoundError.
+    Remote paths and URLs pass through unchecked (GDAL or pystac checks them on open; a URL's '?'
+    is a query, not a pattern)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out = []
     for p in map(str, paths):
+        if remote.is_remote(p) or p.startswith(stac.PREFIX):
+            out.append(p)
+            continue
         if "{band}" in p or not glob.has_magic(p):
             if "{band}" not in p and not os.path.exists(p):
                 raise FileNotFoundError(f"raster file not found: {p}")
@@ -373,9 +421,9 @@ def expand_paths(paths: Sequence[str] | str) -> list[str]:
     return out
 
 
-def open_scenes(paths: Sequence[str] | str, bands: BandSpec = (), nodata=None) -> list[Scene]:
+def open_scenes(paths: Sequence[str] | str, bands: BandSpec = (), nodata=None, crs=None) -> list[Scene]:
     """Scenes for every path / glob / template; all must have the same number of channels."""
-    scenes = [Scene(p, bands=bands, nodata=nodata) for p in expand_paths(paths)]
+    scenes = [Scene(p, bands=bands, nodata=nodata, crs=crs) for p in expand_paths(paths)]
     ref = scenes[0]
     for s in scenes[1:]:
         if s.num_channels != ref.num_channels:

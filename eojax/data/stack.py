@@ -29,7 +29,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
-from eojax.data.raster import RasterError, _open, _WindowReading, read_error
+from eojax.data.raster import RasterError, _WindowReading, open_raster, read_error
 
 # Sources whose values float32 cannot hold exactly are stacked as float64.
 _WIDE = {"float64", "int32", "uint32", "int64", "uint64"}
@@ -52,15 +52,15 @@ class _Source:
         if isinstance(spec, (str, os.PathLike)):
             spec = {"path": spec}
         spec = dict(spec)
-        unknown = set(spec) - {"path", "bands", "resampling", "nodata", "names"}
+        unknown = set(spec) - {"path", "bands", "resampling", "nodata", "names", "crs"}
         if "path" not in spec or unknown:
             raise RasterError(f"a stack source needs 'path' and may have bands / resampling / nodata "
-                              f"/ names; got keys {sorted(spec)}")
-        self.path = str(spec["path"])
+                              f"/ names / crs; got keys {sorted(spec)}")
+        self.path, self.grid_crs = str(spec["path"]), spec.get("crs")
         self.resampling = _resampling(spec.get("resampling") or default_resampling, self.path)
         bands = spec.get("bands") or ()
         bands = (bands,) if isinstance(bands, (str, int)) else tuple(bands)
-        with _open(self.path) as src:
+        with open_raster(self.path, self.grid_crs) as src:
             if src.crs is None:
                 raise RasterError(f"{self.path} has no CRS, so it cannot be warped onto the stack's "
                                   f"grid; set one (e.g. `gdal_edit.py -a_srs EPSG:...`)")
@@ -106,8 +106,9 @@ class StackedScene(_WindowReading):
     """Channels of several rasters, each warped onto one target grid, read window by window.
 
     Args:
-      sources: paths, or dicts {path, bands=(), resampling=None, nodata=None, names=None}; each source
-        contributes its selected bands (all by default) as consecutive channels.
+      sources: paths, or dicts {path, bands=(), resampling=None, nodata=None, names=None, crs=None}
+        (crs: of a NetCDF / Zarr grid without a CF grid mapping); each source contributes its
+        selected bands (all by default) as consecutive channels.
       reference: the source (index, or path) whose grid is the target; default: the finest one
         (smallest pixel area once every grid is expressed in the first source's CRS).
       crs, transform, shape: an explicit target grid (all three), instead of a reference.
@@ -197,7 +198,7 @@ class StackedScene(_WindowReading):
     # -- handles --------------------------------------------------------------------------------------
 
     def _vrt(self, s: _Source, transform, height, width, resampling):
-        src = _open(s.path)
+        src = open_raster(s.path, s.grid_crs)
         vrt = WarpedVRT(src, crs=self.crs, transform=transform, height=height, width=width,
                         resampling=resampling, src_nodata=s.nodata, nodata=float("nan"),
                         dtype=self.dtype)
@@ -212,7 +213,7 @@ class StackedScene(_WindowReading):
         if h is None:
             s = self._sources[k]
             if s.same_grid:
-                h = (_open(s.path), None)  # already on the grid: plain reads, no warper
+                h = (open_raster(s.path, s.grid_crs), None)  # already on the grid: plain reads, no warper
             else:
                 h = self._vrt(s, self.transform, self.height, self.width, s.resampling)
             local.handles[k] = h

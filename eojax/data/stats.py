@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from rasterio.windows import Window
 
+from eojax.data import remote
 from eojax.data.raster import RasterError, Scene
 
 log = logging.getLogger(__name__)
@@ -162,12 +163,20 @@ def check_stats(stats: BandStats, scenes: Sequence[Scene], valid_range=()) -> Ba
 
 
 def stats_key(scenes: Sequence[Scene]) -> str:
-    """Hash of what the statistics depend on: files (path, size, mtime), bands and nodata."""
+    """Hash of what the statistics depend on: files (path, size, mtime), bands and nodata. A remote
+    file is known by its URL and the scene's header (its size and time would cost a request each);
+    a folder (a Zarr store) by its files' total size and newest time."""
     h = hashlib.sha256(f"eojax-stats-v{_VERSION}".encode())
     for scene in scenes:
         for f in scene.files:
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            if remote.is_remote(f):
+                h.update(f"{f}|{scene.height}x{scene.width}|{tuple(scene.transform)[:6]}|{scene.crs}|"
+                         f"{scene.dtype}\n".encode())
+            elif os.path.isdir(f):
+                h.update(f"{remote.fingerprint(f)}\n".encode())
+            else:
+                st = os.stat(f)
+                h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         h.update(f"bands={scene.band_names}|nodata={scene.nodata}\n".encode())
         if hasattr(scene, "grid_key"):  # a stack's statistics also depend on its grid and resampling
             h.update(scene.grid_key().encode())
@@ -175,8 +184,7 @@ def stats_key(scenes: Sequence[Scene]) -> str:
 
 
 def _user_cache_dir() -> pathlib.Path:
-    root = os.environ.get("EOJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eojax")
-    return pathlib.Path(root) / "stats"
+    return remote.cache_dir("stats")
 
 
 def _writable(directory: pathlib.Path) -> bool:
@@ -206,13 +214,17 @@ def load_or_compute_stats(scenes: Sequence[Scene], cache_path: str | os.PathLike
     them is ignored (with a warning) and recomputed.
 
     The cache lives next to the data (`<dir of first file>/.eojax_stats-<hash>.json`), or in
-    `$EOJAX_CACHE` / `~/.cache/eojax/stats/<hash>.json` where the data directory is read-only.
+    `$EOJAX_CACHE` / `~/.cache/eojax/stats/<hash>.json` where the data directory is read-only or
+    remote.
     """
     key = stats_key(scenes)
+    first = scenes[0].files[0]
     if cache_path is not None:
         candidates = [pathlib.Path(cache_path)]
+    elif remote.is_remote(first):
+        candidates = [_user_cache_dir() / f"{key}.json"]
     else:
-        candidates = [pathlib.Path(scenes[0].files[0]).resolve().parent / f".eojax_stats-{key}.json",
+        candidates = [pathlib.Path(first).resolve().parent / f".eojax_stats-{key}.json",
                       _user_cache_dir() / f"{key}.json"]
     for p in candidates:
         if p.is_file():

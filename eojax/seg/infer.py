@@ -18,12 +18,12 @@ import os
 
 import jax
 import numpy as np
-import rasterio
 from rasterio.windows import Window
 
 from eojax import viz
+from eojax.data import remote, stac
 from eojax.data.cog import CogWriter
-from eojax.data.raster import RasterError, Scene
+from eojax.data.raster import RasterError, Scene, open_raster
 from eojax.seg import evaluation as seg_eval
 from eojax.seg import pictures
 
@@ -33,13 +33,15 @@ NODATA = 255
 def _open_input(task, path: str) -> Scene:
     if not path:
         raise ValueError("eojax infer for 'seg' needs --input=<GeoTIFF>")
-    if not os.path.exists(path):
+    if not remote.exists(path):  # a URL or s3:// / gs:// path is GDAL's to check
         raise FileNotFoundError(f"input GeoTIFF not found: {path}")
     names = task.band_names
-    with rasterio.open(path) as src:
+    c = task.config.input
+    if stac.is_item(path):  # the training bands by name, among the item's assets
+        return Scene(path, bands=names, nodata=c.nodata)
+    with open_raster(path) as src:
         described = [d for d in src.descriptions if d]
         count = src.count
-    c = task.config.input
     if described and all(n in described for n in names):
         bands = names  # pick the training bands by name
     elif count == len(names):

@@ -70,14 +70,14 @@ import re
 from typing import Mapping, Sequence
 
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from eojax.data import qa as qa_lib
+from eojax.data import remote
 from eojax.data.cog import write_cog
-from eojax.data.raster import RasterError
+from eojax.data.raster import RasterError, open_raster
 from eojax.data.stack import StackedScene
 
 COORD_COLUMNS = ("X", "Y", "DOY")
@@ -255,6 +255,9 @@ class TimeSeries:
         """Hash of the input files' names, sizes and modification times (results.json)."""
         h = hashlib.sha256()
         for f in self.files:
+            if remote.is_remote(f):  # known by its URL: its size and time would cost a request
+                h.update(f"{f}\n".encode())
+                continue
             st = os.stat(f)
             h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
@@ -279,7 +282,7 @@ def date_from_name(path: str) -> str:
 
 
 def _date_of(path: str) -> str:
-    with rasterio.open(path) as src:
+    with open_raster(path) as src:
         tags = src.tags()
     for key in ("date", "DATE_ACQUIRED", "ACQUISITION_DATE"):
         if key in tags:
@@ -299,7 +302,7 @@ def expand_paths(patterns, what: str) -> list[str]:
     out = []
     for p in patterns:
         p = os.fspath(p)
-        if glob.has_magic(p):
+        if glob.has_magic(p) and not remote.is_remote(p):  # a URL's '?' is a query
             found = sorted(glob.glob(p, recursive=True))
             if not found:
                 raise FileNotFoundError(f"{what}: the pattern {p!r} matches no file")
@@ -402,9 +405,9 @@ def match_masks(mask_files: Sequence[str], dates: Sequence[str], labels: Sequenc
 
 def _mask_source(path: str, band: str) -> dict:
     """A separate mask file as a stack source: band `band` by description, else its only band."""
-    if not os.path.isfile(path):
+    if not remote.exists(path):
         raise FileNotFoundError(f"mask file {path} does not exist")
-    with rasterio.open(path) as src:
+    with open_raster(path) as src:
         descs = list(src.descriptions)
     if band and band in descs:
         idx = descs.index(band) + 1
@@ -418,7 +421,7 @@ def _mask_source(path: str, band: str) -> dict:
 # ---------------------------------------------------------------- GeoTIFF stacks
 
 def _reference_grid(path: str):
-    with rasterio.open(path) as src:
+    with open_raster(path) as src:
         if src.crs is None:
             raise RasterError(f"{path} has no CRS; a time series needs georeferenced dates")
         return src.crs, src.transform, (src.height, src.width), src.dtypes[0], src.nodata
@@ -456,7 +459,7 @@ def from_band_files(scenes: Sequence[Mapping], *, qa_format: str, reference: int
         if list(s["bands"]) != names:
             raise ValueError(f"scene {s['date']} has bands {list(s['bands'])}, the first has {names}")
         for p in [*s["bands"].values(), s["qa"]]:
-            if not os.path.isfile(p):
+            if not remote.exists(p):
                 raise FileNotFoundError(f"scene {s['date']}: {p} does not exist")
     if same_day not in SAME_DAY:
         raise ValueError(f"config.input.same_day={same_day!r}: one of {SAME_DAY}")
@@ -554,9 +557,9 @@ def from_multiband_files(paths: Sequence[str], *, qa_band: str = "QA", qa_format
         raise ValueError(f"config.input.same_day={same_day!r}: one of {SAME_DAY}")
     scenes = []
     for p in paths:
-        if not os.path.isfile(p):
+        if not remote.exists(p):
             raise FileNotFoundError(f"{p} does not exist")
-        with rasterio.open(p) as src:
+        with open_raster(p) as src:
             descs = list(src.descriptions)
         if not mask_paths and qa_band not in descs:
             raise RasterError(f"{p}: no mask band {qa_band!r} (config.input.mask_band); its bands are {descs}")
