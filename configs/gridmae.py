@@ -12,7 +12,9 @@ Surveys cover irregular areas: NaN / nodata are masked out of the loss and out o
 statistics are taken over valid pixels only.
 
 With `input.paths` empty, eojax's synthetic gravity (100 m, UTM 33N) and magnetics (200 m, LAEA
-Europe) grids are used. Real grids: --config.input.paths="('/data/grav.tif','/data/mag.tif')".
+Europe) grids are used. Real grids: --config.input.paths="('/data/grav.tif','/data/mag.tif')"; CF
+NetCDF / Zarr grids too (e.g. the fatiando 10' grids, 'earth-gravity-10arcmin.nc'; CRS from the grid
+mapping, else input.crs; needs `pip install 'eojax[grids]'`).
 `:runlocal` is a micro model on 32 px windows, 60 steps: ~20 s on a 2-core CPU; the loss falls
 from ~1.0 to ~0.7 (eval ~0.73).
 """

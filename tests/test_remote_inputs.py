@@ -98,7 +98,8 @@ class _Server:
 
     def fetched(self, path):
         """(first, last) byte ranges GET-requested for `path`."""
-        return [(a, b) for method, p, a, b in self.requests() if p == path and method == "GET" and a is not None]
+        return [(a, b) for method, p, a, b in self.requests()
+                if p == path and method == "GET" and a is not None]
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +371,16 @@ def test_grid_without_crs_needs_one_given(tmp_path):
     np.testing.assert_array_equal(pixels[0], expected)
     memory = grids.scene_from_xarray(ds, crs="EPSG:32633")
     np.testing.assert_array_equal(memory.read_pixels(Window(0, 0, 20, 30))[0], pixels)
+
+
+def test_server_gone_mid_run_is_one_line_naming_the_url(served, tmp_path):
+    _, cog, _ = served
+    server = _Server(os.path.dirname(cog), tmp_path / "requests.log")
+    scene = Scene(server.url + "/gone/l8.tif")
+    scene.read_pixels(Window(0, 0, 16, 16))
+    server.proc.kill()
+    server.proc.wait()
+    with pytest.raises(RasterError) as e:
+        scene.read_pixels(Window(500, 480, 64, 64))  # tiles not fetched yet
+    assert server.url + "/gone/l8.tif" in str(e.value) and "rows 480..543" in str(e.value)
+    assert "\n" not in str(e.value)

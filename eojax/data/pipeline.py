@@ -381,8 +381,8 @@ def make_image_input(input_cfg, *, split: str, batch_size: int, process_index: i
     Keys of `input` beyond the basics: `stack` (True: the paths are the layers of one StackedScene,
     warped onto the grid of `reference`, default the finest; `resampling` one name or one per path)
     or `sources` (list of dicts path / bands / resampling / nodata / names / crs, implies stacking);
-    `crs` (the CRS of NetCDF / Zarr grids that have no CF grid mapping); `scales` (default (1,); e.g. (1, 2, 4) adds pixels_2x / pixels_4x of real native pixels, see
-    eojax.data.multiscale).
+    `crs` (the CRS of NetCDF / Zarr grids that have no CF grid mapping); `scales` (default (1,); e.g.
+    (1, 2, 4) adds pixels_2x / pixels_4x of real native pixels, see eojax.data.multiscale).
     `valid_range` ((lo, hi), None for an open end; default () = |x| <= stats.FLOAT_LIMIT ~ 1.8e19 for
     float rasters, any value for integer ones): a valid pixel outside it stops the run before
     training, naming the file and band (checked with the statistics, so only with `normalize`).

@@ -43,6 +43,9 @@ def read_error(path: str, window: Window | None, e: Exception) -> RasterError:
     if window is not None:
         r, c = int(window.row_off), int(window.col_off)
         where = f" in window rows {r}..{r + int(window.height) - 1}, cols {c}..{c + int(window.width) - 1}"
+    if remote.is_remote(path):  # a network failure mid-read, most likely
+        return RasterError(f"{path}: read failed{where} ({remote.one_line(e)}); check the network and the "
+                           f"credentials, or the file is truncated")
     return RasterError(f"{path}: read failed{where} ({e.__cause__ or e}); the file is truncated or corrupt")
 
 

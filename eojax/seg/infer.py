@@ -33,12 +33,12 @@ NODATA = 255
 def _open_input(task, path: str) -> Scene:
     if not path:
         raise ValueError("eojax infer for 'seg' needs --input=<GeoTIFF>")
-    if not remote.exists(path):  # a URL or s3:// / gs:// path is GDAL's to check
-        raise FileNotFoundError(f"input GeoTIFF not found: {path}")
     names = task.band_names
     c = task.config.input
     if stac.is_item(path):  # the training bands by name, among the item's assets
         return Scene(path, bands=names, nodata=c.nodata)
+    if not remote.exists(path):  # a URL or s3:// / gs:// path is GDAL's to check
+        raise FileNotFoundError(f"input GeoTIFF not found: {path}")
     with open_raster(path) as src:
         described = [d for d in src.descriptions if d]
         count = src.count
