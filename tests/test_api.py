@@ -54,13 +54,14 @@ def test_keys_missing_from_an_older_run_get_their_defaults(tmp_path):
 
 
 def test_import_eojax_stays_free_of_jax():
-    code = "import sys, eojax; assert callable(eojax.load); print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))"
+    code = ("import sys, eojax; assert callable(eojax.load); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_folders_that_are_not_runs_are_refused_in_one_line(tmp_path):
-    with pytest.raises(errors.WorkdirError, match=r"no config\.json, so not an eojax run folder \(`eojax train` writes it"):
+    with pytest.raises(errors.WorkdirError, match=r"no config\.json, so not an eojax run folder \(`eojax train`"):
         eojax.load(tmp_path)
     (tmp_path / "config.json").write_text(load_config("mae", "runlocal").to_json_best_effort())
     with pytest.raises(errors.CheckpointError, match="has no checkpoint$"):

@@ -441,9 +441,9 @@ def _nearest_scene(latlon, centres):
 def test_held_out_scenes_never_reach_training(test_data):
     """input.eval_scenes: training batches, the baseline / centres sample never come from the held-out
     scenes; eval reads every grid window of the held-out scenes (flagged) first, then the training
-    scenes'. The runlocal scenes are far apart, so the nearest scene centre names each window's scene."""
+    scenes'. The real runlocal scenes are far apart, so the nearest scene centre names each window's scene."""
     from eojax import tasks
-    config = load_config("geo", "runlocal", **{"input.eval_scenes": (3, "ms1.tif"), "input.baseline_windows": 64,
+    config = load_config("geo", "runlocal,data=shared", **{"input.eval_scenes": (3, "ms1.tif"), "input.baseline_windows": 64,
                                                "batch_size": 8, "input.num_windows": 64})
     inp = tasks.make_input(config)
     assert inp.held_out == [3, 6] and inp.train_scenes == [0, 1, 2, 4, 5, 7]
@@ -462,9 +462,9 @@ def test_held_out_scenes_never_reach_training(test_data):
     np.testing.assert_array_equal(held, np.isin(scene, [3, 6]))
     assert set(scene) == set(range(8))
     assert inp.fingerprint()["held_out_scenes"] == ["stars/L7_ETMs.tif", "solaris/ms1.tif"]
-    everything = tasks.make_input(load_config("geo", "runlocal", **{"input.eval_fraction": 0.5}))
+    everything = tasks.make_input(load_config("geo", "runlocal,data=shared", **{"input.eval_fraction": 0.5}))
     assert len(everything.held_out) == 4
-    alone = tasks.make_input(load_config("geo", "runlocal", **{"input.eval_scenes": tuple(range(8))}))
+    alone = tasks.make_input(load_config("geo", "runlocal,data=shared", **{"input.eval_scenes": tuple(range(8))}))
     with pytest.raises(ValueError, match="nothing is left to train on"):
         alone.train(0, 1)
 
@@ -479,13 +479,13 @@ def test_eval_of_a_run_on_other_scenes(tmp_path):
     from eojax.geo.task import GeoInput
     small = {"total_steps": 2, "eval_every": 0, "checkpoint_every": 2, "best_metric": "", "log_every": 1,
              "batch_size": 8, "input.baseline_windows": 64, "input.num_windows": 64}
-    config = load_config("geo", "runlocal,backbone=vit", **small, **{"input.eval_scenes": (3, 6)})
+    config = load_config("geo", "runlocal,data=shared,backbone=vit", **small, **{"input.eval_scenes": (3, 6)})
     ev = train.train_and_evaluate(config, str(tmp_path))["eval"]
     assert ev["insample_land_windows"] > 0 and ev["land_windows"] > 0
     for key in ("km_median", "climate_top1", "baseline_km_median", "insample_km_median", "insample_baseline_km_median"):
         assert np.isfinite(ev[key]), key
     sources = tuple(config.input.sources[i] for i in (3, 6))
-    other = load_config("geo", "runlocal,backbone=vit", **small, **{"input.sources": sources})
+    other = load_config("geo", "runlocal,data=shared,backbone=vit", **small, **{"input.sources": sources})
     saved = train.saved_spec(str(tmp_path))
     assert saved.info["num_centres"] != len(GeoInput(other).centres())
     got = train.evaluate_checkpoint(other, str(tmp_path))
@@ -598,7 +598,7 @@ def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_ras
     """A few steps of configs/geo.py:runlocal with the ViT backbone (the CNN compiles slower on CPU;
     colab/geo.ipynb trains the CNN): metrics against the baseline, the map PNG, results.json."""
     from eojax import train
-    config = load_config("geo", "runlocal,backbone=vit", **{"total_steps": 4, "eval_every": 0, "eval_steps": 1, "checkpoint_every": 4, "best_metric": "",
+    config = load_config("geo", "runlocal,data=shared,backbone=vit", **{"total_steps": 4, "eval_every": 0, "eval_steps": 1, "checkpoint_every": 4, "best_metric": "",
                                    "log_every": 2, "input.baseline_windows": 64, "input.num_windows": 256})
     result = train.train_and_evaluate(config, str(tmp_path))
     ev = result["eval"]

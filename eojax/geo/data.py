@@ -23,7 +23,7 @@ import numpy as np
 from eojax.data import pipeline
 from eojax.data.raster import Scene
 from eojax.data.windows import RandomWindowSampler
-from eojax.geo import encoding
+from eojax.geo import encoding, synthetic
 from eojax.geo.climate import CLASS_GROUP
 from eojax.geo.labels import WindowLabeler
 
@@ -31,14 +31,16 @@ def resolve(path: str, root: str) -> str:
     return path if os.path.isabs(path) or not root else os.path.join(root, path)
 
 
+def sources(input_cfg) -> list[dict]:
+    """`input.sources` as dicts; empty: eojax's built-in synthetic scenes (eojax.geo.synthetic)."""
+    return [dict(s) for s in input_cfg.sources] or [dict(s) for s in synthetic.default_sources()]
+
+
 def open_sources(input_cfg) -> tuple[list[Scene], dict[str, str]]:
     """`input.sources` (dicts path, bands, nodata, date) -> (scenes, {scene path: date override})."""
-    sources = [dict(s) for s in input_cfg.sources]
-    if not sources:
-        raise ValueError("input.sources is empty: name the georeferenced rasters to learn from")
     root = input_cfg.get("data_root", "") or ""
     scenes, dates = [], {}
-    for i, src in enumerate(sources):
+    for i, src in enumerate(sources(input_cfg)):
         unknown = set(src) - {"path", "bands", "nodata", "date"}
         if unknown or "path" not in src:
             raise ValueError(f"input.sources[{i}] = {src}: needs 'path' and may have only bands, nodata, "
@@ -76,7 +78,6 @@ def held_out_scenes(input_cfg) -> list[int]:
     """Indices of the sources held out of training: `input.eval_scenes` (indices, paths or file names)
     or `input.eval_fraction` (int(fraction * scenes), at least 1, picked by a fixed shuffle that does
     not depend on config.seed, as the reference's fixed-seed split of its files); neither: none."""
-    sources = [dict(s) for s in input_cfg.sources]
     names = tuple(input_cfg.get("eval_scenes", ()) or ())
     fraction = float(input_cfg.get("eval_fraction", 0.0) or 0.0)
     if names and fraction:
@@ -84,9 +85,10 @@ def held_out_scenes(input_cfg) -> list[int]:
     if not 0 <= fraction < 1:
         raise ValueError(f"input.eval_fraction must be in [0, 1), got {fraction}")
     if fraction:
-        order = np.random.default_rng(12345).permutation(len(sources))
-        return sorted(order[:max(1, int(len(sources) * fraction))].tolist())
-    return sorted({_source_index(sources, name) for name in names})
+        n = len(sources(input_cfg))
+        order = np.random.default_rng(12345).permutation(n)
+        return sorted(order[:max(1, int(n * fraction))].tolist())
+    return sorted({_source_index(sources(input_cfg), name) for name in names})
 
 
 class AddLabels:

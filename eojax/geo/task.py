@@ -9,7 +9,7 @@ import numpy as np
 
 from eojax.geo import data as geo_data
 from eojax.geo import encoding, losses, maps, metrics
-from eojax.geo.climate import NUM_CLASSES, ClimateMap, membership
+from eojax.geo.climate import NUM_CLASSES, ClimateMap, membership, packaged_raster
 from eojax.geo.labels import WindowLabeler
 from eojax.geo.heads import GeoModel
 from eojax.tasks.base import DataSpec, Input, Task, apply_model, elements
@@ -38,7 +38,7 @@ class GeoInput(Input):
     @property
     def train_scenes(self) -> list[int]:
         """Indices of the scenes training sees (all but the held-out ones)."""
-        return [i for i in range(len(self.config.input.sources)) if i not in self.held_out]
+        return [i for i in range(len(self.scenes)) if i not in self.held_out]
 
     def _check_trainable(self):
         if not self.train_scenes:
@@ -48,6 +48,8 @@ class GeoInput(Input):
     @functools.cached_property
     def climate_map(self) -> ClimateMap:
         inp = self.config.input
+        if not inp.climate:  # eojax's own copy of the 0.5-degree Rubel et al. (2017) raster
+            return ClimateMap(packaged_raster())
         return ClimateMap(geo_data.resolve(inp.climate, inp.get("data_root", "") or ""))
 
     @functools.cached_property
@@ -114,7 +116,7 @@ class GeoInput(Input):
 
     def fingerprint(self):
         files = [f for s in self.scenes for f in s.files] + [self.climate_map.path]
-        paths = [dict(src)["path"] for src in self.config.input.sources]
+        paths = [src["path"] for src in geo_data.sources(self.config.input)]
         return dict(geo_data.fingerprint(files), held_out_scenes=[paths[i] for i in self.held_out])
 
 
