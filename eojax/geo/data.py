@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eojax.data import pipeline
+from eojax.data import pipeline, remote
 from eojax.data.raster import Scene
 from eojax.data.windows import RandomWindowSampler
 from eojax.geo import encoding, synthetic
@@ -28,7 +28,7 @@ from eojax.geo.climate import CLASS_GROUP
 from eojax.geo.labels import WindowLabeler
 
 def resolve(path: str, root: str) -> str:
-    return path if os.path.isabs(path) or not root else os.path.join(root, path)
+    return path if os.path.isabs(path) or remote.is_remote(path) or not root else os.path.join(root, path)
 
 
 def sources(input_cfg) -> list[dict]:
@@ -182,8 +182,11 @@ def fingerprint(paths: Sequence[str]) -> dict:
     h = hashlib.sha256()
     files = []
     for p in sorted(set(paths)):
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+        if remote.is_remote(p):  # known by its URL: its size and time would cost a request
+            h.update(f"{p}\n".encode())
+        else:
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
         files.append(p)
     return {"sha256": h.hexdigest(), "files": len(files)}
 
