@@ -38,6 +38,7 @@ import pytest
 # heaviest tests whose ground the fast tier still covers with a cheaper sibling (cold durations of
 # 9-38 s each, measured 2026-12-03). A name matches a test and all its parameters, or one parameter.
 SLOW_IN_FAST_TIER = (
+    "tests/test_docs.py::",  # the pdoc build they share: 25-40 s
     "tests/test_checkpoint_integrity.py::test_records_match_an_independent_checksum",  # the run they share: 28 s
     "tests/test_checkpoint_integrity.py::test_damaged_newest_step_falls_back",
     "tests/test_checkpoint_integrity.py::test_damaged_unverified_step_falls_back",
@@ -107,7 +108,7 @@ def pytest_collection_modifyitems(config, items):
     own hook turns the marks into groups, so they must be set before it runs (without it the groups
     were silently ignored and module fixtures were built on both workers)."""
     for item in items:
-        if any(item.nodeid == name or item.nodeid.startswith(name if name.endswith("-") else name + "[")
+        if any(item.nodeid == name or item.nodeid.startswith(name if name.endswith(("-", "::")) else name + "[")
                for name in SLOW_IN_FAST_TIER):
             item.add_marker(pytest.mark.slow)
         module = item.nodeid.split("::")[0]

@@ -67,8 +67,8 @@ from eojax.optim import sophia as sophia_lib
 from eojax.optim.schedules import SCHEDULES, make_schedule
 from eojax.optim.sophia import gnb_estimator, sample_labels
 
-__all__ = ["NAMES", "SCHEDULES", "Optimizer", "build", "default_config", "param_paths",
-           "sample_labels", "gnb_estimator"]
+__all__ = ["NAMES", "SCHEDULES", "EmaState", "Optimizer", "build", "default_config", "fill_frozen", "gnb_estimator",
+           "layer_ids", "param_paths", "sample_labels", "without_frozen"]
 
 NAMES = ("adamw", "sgd", "sophia_h", "sophia_g", "sophia_aispace")
 _NEEDS = {"adamw": (), "sgd": (), "sophia_h": ("obj_fn",), "sophia_g": ("sampled_obj_fn",),

@@ -31,7 +31,7 @@ _REGISTRY = {
     "unet": ("eojax.models.unet", "UNetEncoder", "eojax.models.unet", "VARIANTS"),
 }
 NAMES = tuple(_REGISTRY)
-__all__ = ["DEFAULT_LAYERS", "NAMES", "build", "encoder_class", "variants"]
+__all__ = ["DEFAULT_LAYERS", "NAMES", "build", "build_for_data", "encoder_class", "variants"]
 
 
 def encoder_class(name: str) -> type[nn.Module]:
