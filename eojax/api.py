@@ -128,11 +128,12 @@ class Trained:
         return f"Trained(task={self.task.name!r}, workdir={self.workdir!r}, checkpoint={self.checkpoint!r})"
 
     def predict(self, raster, *, as_xarray: bool = False, probabilities: bool = False, output: str | None = None,
-                transform=None, crs=None):
+                transform=None, crs=None, nodata=None):
         """The family's prediction on one raster, through its own `eojax infer` / `eojax export` plug-in.
 
         `raster`: a GeoTIFF path, or a band-first (C, H, W) array (written to a temporary GeoTIFF with
-        the model's band names, `transform` and `crs`; default: pixel coordinates, no CRS).
+        the model's band names, `transform`, `crs` and `nodata`; default: pixel coordinates, no CRS, no
+        nodata value).
         Returns seg: the class map (H, W) uint8 (255 = no data), or with `probabilities` the (K, H, W)
         float32 class probabilities (NaN = no data); mae / satmae / gridmae: the (D, rows, cols)
         float32 embeddings of the export grid (NaN = no data); geo: the summary and per-window
@@ -153,7 +154,7 @@ class Trained:
             _import_rioxarray()  # before any work
         with tempfile.TemporaryDirectory(prefix="eojax_predict_") as scratch:
             path = raster if isinstance(raster, (str, os.PathLike)) else \
-                self._write_array(np.asarray(raster), os.path.join(scratch, "input.tif"), transform, crs)
+                self._write_array(np.asarray(raster), os.path.join(scratch, "input.tif"), transform, crs, nodata)
             out_dir = os.path.abspath(output) if output else os.path.join(scratch, "out")
             options = {"input": os.fspath(path), "output": out_dir, "probabilities": probabilities, "seed": 0}
             kind = "infer" if name == "geo" else _RASTER_PLUGINS[name][0]
@@ -166,7 +167,7 @@ class Trained:
             return _read(_RASTER_PLUGINS[name][1](result, probabilities), as_xarray, squeeze=not probabilities
                          and name == "seg")
 
-    def _write_array(self, pixels: np.ndarray, path: str, transform, crs) -> str:
+    def _write_array(self, pixels: np.ndarray, path: str, transform, crs, nodata) -> str:
         import rasterio
         from affine import Affine
 
@@ -177,7 +178,7 @@ class Trained:
             raise errors.DataError(f"predict: an array must be band-first (C, H, W) with the model's "
                                    f"{len(names)} bands {names}, got shape {pixels.shape}")
         profile = dict(driver="GTiff", count=pixels.shape[0], height=pixels.shape[1], width=pixels.shape[2],
-                       dtype=pixels.dtype, transform=transform or Affine.identity(), crs=crs)
+                       dtype=pixels.dtype, transform=transform or Affine.identity(), crs=crs, nodata=nodata)
         with rasterio.open(path, "w", **profile) as dst:
             dst.write(pixels)
             for i, n in enumerate(names):

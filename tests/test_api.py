@@ -146,3 +146,39 @@ def test_predict_refuses_an_array_without_the_models_bands(trained):
     run = trained[3]
     with pytest.raises(errors.DataError, match=r"band-first \(C, H, W\) with the model's 6 bands"):
         run.predict(np.zeros((2, 8, 8), np.float32))
+
+
+def test_mae_predict_is_the_export_plugins_embeddings(tmp_path):
+    """A MAE run (its init checkpoint, written as the trainer writes one): predict on a raster and on
+    its pixels as an array gives exactly what `eojax export --input` writes, on the export grid."""
+    from eojax.data import synthetic
+    from eojax.mae import export as features
+
+    config = load_config("mae", "runlocal", batch_size=8, **{"input.window": 16})
+    config.model.update(width=16, depth=1, heads=2, mlp_dim=32, decoder_width=16, decoder_depth=1, decoder_heads=2)
+    workdir = tmp_path / "run"
+    run = train.setup(config)
+    saver = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    saver.save(1, run.init_state(), force=True)
+    saver.close()
+    train.save_spec(run.task.spec, str(workdir))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    with rasterio.open(synthetic.default_dataset()[1]) as src:  # its 10 spectral bands (no QA band)
+        profile, pixels = dict(src.profile, count=10), src.read(list(range(1, 11)))
+    scene = str(tmp_path / "scene.tif")
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(pixels)
+    (written,) = features.export_run_features(config, str(workdir), str(tmp_path / "export"), raster=scene)
+    with rasterio.open(written) as src:
+        embeddings, transform, crs = src.read(), src.transform, src.crs
+        xs, _ = rasterio.transform.xy(transform, np.zeros(src.width), np.arange(src.width))
+    assert np.isnan(embeddings).any() and not np.isnan(embeddings).all()  # nodata windows are NaN
+
+    trained = eojax.load(workdir)
+    np.testing.assert_array_equal(trained.predict(scene), embeddings)
+    da = trained.predict(pixels, as_xarray=True, transform=profile["transform"], crs=profile["crs"],
+                         nodata=profile["nodata"])
+    np.testing.assert_array_equal(da.values, embeddings)
+    assert da.rio.crs == crs and da.rio.transform() == transform
+    np.testing.assert_allclose(da.x.values, xs)
