@@ -57,8 +57,8 @@ def test_registry_and_bad_input():
     assert len(build("croma").bands) == 12 and build("dofa").bands is None
     with pytest.raises(KeyError, match="unknown encoder 'vit'"):
         build("vit")
-    with pytest.raises(KeyError, match="unknown prithvi variant 'huge'"):
-        build("prithvi", variant="huge")
+    with pytest.raises(KeyError, match="unknown prithvi variant 'giant'"):
+        build("prithvi", variant="giant")
     with pytest.raises(TypeError, match="no fields \\['widht'\\]"):
         build("croma", widht=3)
     with pytest.raises(ValueError, match="layers \\(0, 4\\) must be block indices in 0..3"):

@@ -137,14 +137,17 @@ def test_latents_are_a_vae_posterior_sample_times_the_scaling_factor(folder_sd):
 
 
 def test_the_frozen_parts_get_no_optimizer_moments(folder_sd):
-    """optim.freeze leaves the VAE and CLIP out of AdamW's state (the trainer's run keeps them
-    bit-identical: test_sd15_tiny_trains_only_the_unet)."""
+    """optim.freeze leaves the VAE and CLIP out of AdamW's state and of the EMA (the trainer's run keeps
+    them bit-identical: test_sd15_tiny_trains_only_the_unet)."""
     config = load_config("diffusion", "sd15_tiny")
     opt = optim.build(config.optim, config.total_steps)
     state = jax.eval_shape(opt.tx.init, _folder_params(folder_sd))
     paths = _paths(state.inner)
     assert len([p for p in paths if "/mu/denoiser/" in p]) == len(jax.tree.leaves(folder_sd.unet_params))
     assert not [p for p in paths if "vae/" in p or "text_encoder/" in p]
+    # The EMA averages the UNet alone, as diffusers' EMAModel(unet.parameters()).
+    assert len(jax.tree.leaves(state.ema)) == len(jax.tree.leaves(folder_sd.unet_params))
+    assert not jax.tree.leaves(state.ema["vae"]) and not jax.tree.leaves(state.ema["text_encoder"])
 
 
 # ----------------------------------------------------------------------------------------- UNet
