@@ -451,8 +451,10 @@ def test_train_cli_then_infer(tmp_path):
     # A caption file that does not exist: infer builds the model from the run's data_spec.json alone.
     proc = cli("infer", "diffusion:runlocal,multispectral", workdir, "diffusion", *small,
                f"--config.input.captions={tmp_path / 'gone.json'}",
-               "--prompt=a dense forest", "--prompt=farmland", "--num_samples=2", env_extra=env)
+               "--prompt=a dense forest", "--prompt=farmland", "--num_samples=2", "--negative_prompt=grainy",
+               env_extra=env)
     out = json.loads(proc.stdout[proc.stdout.index("{"):])["infer"]
+    assert out["negative_prompt"] == "grainy" and out["prompts"] == ["a dense forest", "farmland"]
     pngs = [f for f in out["files"] if f.endswith(".png")]
     tifs = [f for f in out["files"] if f.endswith(".tif")]
     assert len(pngs) == len(tifs) == 4 and all(os.path.exists(f) for f in out["files"])

@@ -43,8 +43,8 @@ def _check_classification(workdir, printed):
 
 
 def _check_diffusion(workdir, printed):
-    """The SD section wrote a fine-tuned diffusers folder: its UNet moved, its frozen VAE and CLIP are the
-    source folder's, bit for bit."""
+    """The SD section's fine-tune kept the VAE and CLIP bit-identical and moved the UNet, and the folder it
+    wrote back holds that UNet beside the source folder's VAE and CLIP."""
     import numpy as np
     from safetensors.numpy import load_file
 
@@ -55,7 +55,7 @@ def _check_diffusion(workdir, printed):
         assert a.keys() == b.keys(), sub
         equal = all(np.array_equal(a[k], b[k]) for k in a)
         assert equal == same, f"diffusion: the fine-tuned {sub} {'changed' if same else 'did not change'}"
-    assert "written:" in printed
+    assert "written:" in printed and "VAE and CLIP bit-identical to the folder's after fine-tuning: True" in printed
 
 
 # Per notebook: the pictures the run must write into its workdir, the train metrics that must fall

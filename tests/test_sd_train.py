@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn, traverse_util
+from flax import linen as nn
 
 from eojax import optim, train
 from eojax.diffusion import captions as captions_lib
@@ -20,7 +20,7 @@ from eojax.diffusion.task import DiffusionInput, DiffusionTask
 from eojax.tasks import DataSpec
 from eojax.tasks.base import elements
 from eojax.weights import common as weights_common
-from helpers import ONE_DEVICE, cli, load_config, saved_tree, xla_flags
+from helpers import ONE_DEVICE, cli, load_config
 
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd_tiny")
 NEGATIVE = ("weird colors, low quality, jpeg artifacts, lowres, grainy, deformed structures, blurry, opaque, "
@@ -138,7 +138,7 @@ def test_latents_are_a_vae_posterior_sample_times_the_scaling_factor(folder_sd):
 
 def test_the_frozen_parts_get_no_optimizer_moments(folder_sd):
     """optim.freeze leaves the VAE and CLIP out of AdamW's state and of the EMA (the trainer's run keeps
-    them bit-identical: test_sd15_tiny_trains_only_the_unet)."""
+    them bit-identical: colab/diffusion.ipynb's fine-tune, checked by tests/test_notebook.py)."""
     config = load_config("diffusion", "sd15_tiny")
     opt = optim.build(config.optim, config.total_steps)
     state = jax.eval_shape(opt.tx.init, _folder_params(folder_sd))
@@ -206,53 +206,3 @@ def test_sampling_equals_sd_generate_with_the_negative_prompt_and_suffix(folder_
     np.testing.assert_allclose(got, np.asarray(want) * 2 - 1, atol=2e-5)
 
 
-# ------------------------------------------------------------------------------ through the CLI
-def _fast_xla(devices=1):
-    # Without the suite's -O0: the accumulation scan of sd15_tiny's 4 micro-batches runs ~50x slower at
-    # -O0 on XLA:CPU (measured 13-20 s a step against 0.45 s).
-    return {"XLA_FLAGS": xla_flags(devices).replace("--xla_backend_optimization_level=0", "").strip()}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15_tiny")
-    env = dict(_fast_xla(), EOJAX_CACHE=str(root / "cache"))
-    # FD off: its sampler and feature compiles were half of this run's ~2 min (sampling is checked against
-    # sd.generate in the fast tier, and the picture grid below samples through the same path).
-    proc = cli("train", "diffusion:sd15_tiny", root / "run", "--config.total_steps=2", "--config.checkpoint_every=1",
-               "--config.fd.enabled=False", devices=1, env_extra=env)
-    return root, env, json.loads(proc.stdout[proc.stdout.index("{"):])
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_sd15_tiny_trains_only_the_unet(trained, folder_sd):
-    """Two steps of batch 1 x 4 through `eojax train`: finite train and eval losses, a picture grid; the UNet
-    moved from the folder's, the VAE and CLIP are bit-identical to it, and the optimizer state holds
-    moments and an EMA of the UNet only."""
-    root, _, summary = trained
-    assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["loss"])
-    assert os.path.exists(summary["pictures"][0])
-    state = saved_tree(root / "run", 2)
-    flat = lambda tree: traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
-    for part, want in (("vae", folder_sd.vae_params), ("text_encoder", folder_sd.text_params)):
-        got, want = flat(state["params"][part]), flat(want)
-        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), part
-    got, want = flat(state["params"]["denoiser"]), flat(folder_sd.unet_params)
-    assert got.keys() == want.keys() and all(not np.array_equal(got[k], want[k]) for k in want)
-    paths = _paths(state["opt_state"])
-    moments = [p for p in paths if "/mu/" in p or "/nu/" in p]
-    assert len(moments) == 2 * len(want) and all("/denoiser/" in p for p in moments)
-    averaged = [p for p in paths if p.startswith("ema/")]
-    assert len(averaged) == len(want) and all("/denoiser/" in p for p in averaged)
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_infer_samples_the_trained_unet_with_a_negative_prompt(trained):
-    root, env, _ = trained
-    proc = cli("infer", "diffusion:sd15_tiny", root / "run", "diffusion", "--prompt=a river",
-               "--negative_prompt=grainy", "--num_samples=2", devices=1, env_extra=env)
-    out = json.loads(proc.stdout[proc.stdout.index("{"):])["infer"]
-    assert out["negative_prompt"] == "grainy" and out["prompts"] == ["a river"]
-    assert len(out["files"]) == 2 and all(os.path.exists(f) for f in out["files"])
