@@ -122,6 +122,12 @@ def test_seg_init_from_gives_pangaeas_features(name):
     """config.init_from=<published file> on a seg run: weights.load -> SegTask.load_pretrained; the
     encoder's features are PANGAEA's (the bands by name from the data, as the seg task passes them)."""
     meta, arrays, path = fixture(name)
+    assert max_rel(seg_features_from(name, meta, arrays, path), images_and_want(meta, arrays)[1]) < TOL
+
+
+def seg_features_from(name, meta, arrays, source) -> list:
+    """The encoder features of a frozen-encoder seg task (the fixture's sizes and bands) on the fixture's
+    images, its params from `weights.load(init, source, task)` as the trainer does for config.init_from."""
     config = load_config("seg", f"encoder={name},decoder=linear,mode=frozen", mesh=ONE_DEVICE)
     config.input.update(crop=meta["image_size"], normalize="none")
     extra = dofa_fields(meta) if name == "dofa" else {}
@@ -131,9 +137,9 @@ def test_seg_init_from_gives_pangaeas_features(name):
                              label=((s, s), np.int32), weight=((), np.float32)),
                     {"band_names": bands, "num_classes": 2, "class_names": ["a", "b"], "mean": None, "std": None})
     task = SegTask(config, spec)
-    images, want = images_and_want(meta, arrays)
+    images, _ = images_and_want(meta, arrays)
     batch = {k: np.zeros(a.shape, a.dtype) for k, a in spec.batch(images.shape[0]).items()}
     init = jax.jit(task.init)(jax.random.key(0), batch)
-    params, _ = weights.load(nn.unbox(init["params"]), path, task)  # the trainer holds unboxed params
+    params, _ = weights.load(nn.unbox(init["params"]), source, task)  # the trainer holds unboxed params
     got = jax.jit(lambda p, x: task.model.apply({"params": p}, x, method="features"))(params, images)
-    assert max_rel([np.asarray(g) for g in got], want) < TOL
+    return [np.asarray(g) for g in got]

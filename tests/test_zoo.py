@@ -18,19 +18,17 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 from huggingface_hub import constants as hub_constants
 from safetensors.numpy import load_file
 
 from eojax import errors, weights, zoo
 from eojax.diffusion import sd as sd_lib
 from eojax.models import encoders
-from eojax.seg.task import SegTask
-from eojax.tasks.base import DataSpec, elements
 from eojax.weights import common, gpt2 as gpt2_weights
 from eojax.weights import prithvi as prithvi_weights
 from helpers import ONE_DEVICE, REPO, load_config, xla_flags
-from test_parity_dofa_croma import dofa_fields, fixture, images_and_want, load_and_run, max_rel, sizes
+from test_parity_dofa_croma import (dofa_fields, fixture, images_and_want, load_and_run, max_rel,
+                                    seg_features_from)
 from test_parity_prithvi_satmae import REF, abstract_params, prithvi, prithvi_outputs, rel
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -308,21 +306,8 @@ def test_hf_url_through_a_seg_runs_init_from(hub):
     """config.init_from=hf://... on a seg run: weights.load resolves it, SegTask imports it (no torch)."""
     meta, arrays, path = fixture("croma")
     publish(hub, "eojax-test/croma-fixture", {"weights.safetensors": open(path, "rb").read()}, COMMIT)
-    config = load_config("seg", "encoder=croma,decoder=linear,mode=frozen", mesh=ONE_DEVICE)
-    config.input.update(crop=meta["image_size"], normalize="none")
-    config.model.update(encoder_variant="mu", encoder_args=sizes(meta))
-    bands, s = meta["bands"], meta["image_size"]
-    spec = DataSpec(elements(pixels=((len(bands), s, s), np.float32), valid=((s, s), bool),
-                             label=((s, s), np.int32), weight=((), np.float32)),
-                    {"band_names": bands, "num_classes": 2, "class_names": ["a", "b"], "mean": None, "std": None})
-    task = SegTask(config, spec)
-    images, want = images_and_want(meta, arrays)
-    batch = {k: np.zeros(a.shape, a.dtype) for k, a in spec.batch(images.shape[0]).items()}
-    init = jax.jit(task.init)(jax.random.key(0), batch)
-    params, _ = weights.load(nn.unbox(init["params"]), f"hf://eojax-test/croma-fixture/weights.safetensors@{COMMIT}",
-                             task)
-    got = jax.jit(lambda p, x: task.model.apply({"params": p}, x, method="features"))(params, images)
-    assert max_rel([np.asarray(g) for g in got], want) < TOL
+    got = seg_features_from("croma", meta, arrays, f"hf://eojax-test/croma-fixture/weights.safetensors@{COMMIT}")
+    assert max_rel(got, images_and_want(meta, arrays)[1]) < TOL
 
 
 def test_gpt2_and_stable_diffusion_folders(hub):
