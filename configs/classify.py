@@ -10,7 +10,7 @@
       --config.input.root=/data/EuroSAT_MS --config.model.encoder_init=/runs/mae
   eojax train --config=configs/classify.py:runlocal --workdir=/tmp/cls   # built-in synthetic chips
 
-Arguments: data=<fmow|folders|csv|synthetic>, encoder=<satmae|mae|prithvi|dofa|croma|resnet>,
+Arguments: data=<fmow|folders|csv|eolearn|sample|synthetic>, encoder=<satmae|mae|prithvi|dofa|croma|resnet>,
 mode=<finetune|linear_probe|scratch>, epochs=<N>, runlocal.
 
 Default (fine-tune): SatMAE++'s recipe (its main_finetune.py as run for fMoW-Sentinel): effective
@@ -28,23 +28,26 @@ without affine (eps 1e-6) into the head (std 0.01), no mixup or smoothing, weigh
 token for ViTs that have one ('avg' pooling for the rest); LARS is replaced by AdamW (blr 0.1 under
 LARS has no AdamW counterpart: lr 1e-3 here).
 
-data=eolearn (the eo-learn land-use set, 8-px chips) and data=synthetic (eojax's built-in chips, read at
-16 px) are small sets: batch 32, no accumulation, and with encoder=mae the small ViT (width 64, 4 blocks,
+data=eolearn (the eo-learn land-use set, 8-px chips, from $EOJAX_TEST_DATA/eolearn or input.root),
+data=sample (the same set made from eojax's packaged copy of the patch, eojax.sample_data 'eolearn_lulc':
+bit for bit the same chips, nothing beside the package read) and data=synthetic (eojax's built-in chips,
+read at 16 px) are small sets: batch 32, no accumulation, and with encoder=mae the small ViT (width 64, 4 blocks,
 patch 2) that colab/classification.ipynb and docs/classify.md pretrain.
 
 `:runlocal` fine-tunes a tiny eojax MAE ViT (width 32, 4 blocks, patch 8) on 32-px synthetic
 Sentinel-2 chips of 5 land-cover classes (240 chips, fixed 60/20/20 split): 60 steps of batch 16,
-about 40 s on a 2-core CPU; val top-1 well above the majority class (~0.3).
+about 40 s on a 2-core CPU; val top-1 well above the majority class (~0.3). With data=sample it runs on
+the packaged real chips instead (8 px, the ViT's patch 2).
 """
 import ml_collections
 
-from eojax import config_lib
+from eojax import config_lib, sample_data
 
 SIZES = {"satmae": 96, "mae": 224, "prithvi": 224, "dofa": 224, "croma": 120, "resnet": 224}
-SMALL_SETS = {"eolearn": 8, "synthetic": 16}  # small data sets and the chip size they are read at
+SMALL_SETS = {"eolearn": 8, "sample": 8, "synthetic": 16}  # small data sets and the chip size they are read at
 # Training images per epoch, for epoch-based steps: fMoW-Sentinel's train split, EuroSAT's 60 %
 # (folders / csv: set total_steps for other sets), the eo-learn land-use set's train chips.
-TRAIN_IMAGES = {"fmow": 712_874, "folders": 16_200, "csv": 16_200, "eolearn": 261, "synthetic": 143}
+TRAIN_IMAGES = {"fmow": 712_874, "folders": 16_200, "csv": 16_200, "eolearn": 261, "sample": 261, "synthetic": 143}
 VARIANTS = {"satmae": "large", "mae": "base", "prithvi": "base", "dofa": "base", "croma": "base", "resnet": "50"}
 
 
@@ -64,14 +67,15 @@ def get_config(arg=None):
     config.best_mode = "max"
 
     config.input = dict(
-        source="eolearn_lulc" if arg.data == "eolearn" else arg.data,  # fmow | folders | csv | eolearn_lulc | synthetic
-        root="",  # fmow: the release folder; folders: the folder of class folders
+        source="eolearn_lulc" if arg.data in ("eolearn", "sample") else arg.data,  # fmow | folders | csv | eolearn_lulc | synthetic
+        # fmow: the release folder; folders: the folder of class folders; eolearn_lulc: the eo-learn patch
+        root=sample_data.path("eolearn_lulc") if arg.data == "sample" else "",
         csv="",  # source 'csv': path,label (or labels 'a;b') [,split]
         classes=(),  # class names in label order; empty = sorted folder names / CSV labels / fMoW's 62
         preset="",  # eurosat_ms | eurosat_rgb: the release's band names and sensor
         bands=(),  # names or 1-based indices to read; empty = all (fmow: SatMAE's 10)
         band_names=(),  # names of the files' bands when they carry no descriptions
-        sensor="sentinel2a" if arg.data in ("fmow", "synthetic", "eolearn") else "",  # the bands' sensor (eojax.data.sensors)
+        sensor="sentinel2a" if arg.data in ("fmow", "synthetic", "eolearn", "sample") else "",  # the bands' sensor (eojax.data.sensors)
         nodata=ml_collections.config_dict.placeholder(float),  # override the files' nodata value
         # chips are centre-cropped square and resized to it
         size=SMALL_SETS[arg.data] if small else SIZES.get(arg.encoder, 224),
@@ -119,14 +123,16 @@ def get_config(arg=None):
         config.optim.warmup_steps = min(config.optim.warmup_steps, 10 * steps_per_epoch)
 
     if arg.runlocal:
-        config.input.update(source="synthetic", root="", size=32, sensor="sentinel2a",
-                            normalize="data", eval_batch_size=32)
+        if arg.data != "sample":  # the built-in synthetic chips
+            config.input.update(source="synthetic", root="", size=32, sensor="sentinel2a", normalize="data")
+        config.input.eval_batch_size = 32
         config_lib.make_runlocal(config, total_steps=60, checkpoint_every=60, eval_every=30,
                                  lr=2e-3 if not probe else 1e-2, warmup_steps=6)
         config.eval_steps = 0
         config.optim.update(accum_steps=1, end_lr_factor=0.0)
         config.model.update(encoder="mae" if arg.encoder == "satmae" else arg.encoder, encoder_variant="mu")
         if config.model.encoder == "mae":
-            config.model.encoder_args = dict(width=32, depth=4, heads=2, mlp_dim=64, patch_size=8,
+            config.model.encoder_args = dict(width=32, depth=4, heads=2, mlp_dim=64,
+                                             patch_size=2 if arg.data == "sample" else 8,
                                              drop_path_rate=0.0 if probe else 0.1)
     return config

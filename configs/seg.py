@@ -21,7 +21,7 @@ random or finetune only),
 preprocessing=<seg_default|seg_resize_input_layer|seg_resize> (PANGAEA's names: random crops of the
 encoder's size; whole scenes through an encoder built at the scene size; whole scenes resized to the
 encoder's size, logits resized back), epochs=<N> (80; an epoch = 60 steps, the 486 burn-scar training
-scenes at batch 8), data=<burnscars|solaris>, sweep=<K> (K probes on frozen features in one
+scenes at batch 8), data=<burnscars|solaris|sample>, sweep=<K> (K probes on frozen features in one
 compiled step; sweep_lr: probe k gets lr x 10^(-1 + 2k/(K-1)) instead of only its own seed),
 encoder_lr=<factor> (finetune: the encoder's lr relative to the decoder's), runlocal.
 
@@ -45,8 +45,14 @@ of batch 16, about a minute on a 2-core CPU (mostly compilation); with mode=froz
 encoder=unet,decoder=unet (from scratch) runs 100 steps instead, ~80 s: loss 0.31 -> 0.06, eval / test
 mIoU ~0.97 / ~0.97. With data=solaris it trains on the SpaceNet building chips of
 $EOJAX_TEST_DATA/solaris instead (1 pan band, no per-pixel signal: it needs far longer runs).
+With data=sample it trains on eojax's packaged real sample (eojax.sample_data 'eolearn_lulc': the
+eo-learn Sentinel-2 patch over Slovenia, 3 dates x 13 bands, 101 x 100 px, land use in 3 classes,
+train / val / test by location): colab/seg.ipynb's data; no file beside the package is read.
 """
-from eojax import config_lib
+import glob
+import os
+
+from eojax import config_lib, sample_data
 
 # PANGAEA's input size per encoder (CROMA: patch 8 at 120 px; its UNet: the dataset's img_size, burn
 # scars 512; ResNet: torchvision's 224).
@@ -56,6 +62,7 @@ CNN_ENCODERS = ("resnet", "unet")  # no ViT fields (width, depth, heads, patch) 
 DECODER_ARGS = {"linear": {}, "fcn": dict(channels=256), "upernet": dict(channels=512),
                 "segformer": dict(channels=256), "muster": dict(channels=256, heads=8, window=7),
                 "unet": {}}  # unet: widths from the encoder's maps, as PANGAEA's
+CLASS_NAMES = {"solaris": ("background", "building"), "sample": ("forest", "grassland", "other")}
 TINY_DECODER_ARGS = {"linear": {}, "fcn": dict(channels=32), "upernet": dict(channels=32),
                      "segformer": dict(channels=32), "muster": dict(channels=32, heads=4, window=4), "unet": {}}
 
@@ -78,7 +85,7 @@ def get_config(arg=None):
     config.best_mode = "max"
 
     config.input = dict(
-        dataset=arg.data,  # burnscars | folder | solaris
+        dataset=arg.data,  # burnscars | folder | solaris (data=sample: folder)
         root="",  # burnscars: folder with training/ and validation/ (empty: synthetic chips)
         synthetic_size=512,
         train_images="", train_masks="", val_images="", val_masks="", test_images="", test_masks="",
@@ -99,11 +106,13 @@ def get_config(arg=None):
         eval_batch_size=8,
         worker_count=0,
     )
+    if arg.data == "sample":  # tuples where the defaults are strings: the dict is rebuilt
+        config.input = {**config.input.to_dict(), **_sample_input()}
+    class_names = CLASS_NAMES.get(arg.data, ("not_burned", "burn_scar"))
     config.model = dict(
         encoder=arg.encoder, encoder_variant=VARIANTS.get(arg.encoder, "base"), encoder_args={},
         decoder=arg.decoder, decoder_args=dict(DECODER_ARGS.get(arg.decoder, {})),
-        mode=arg.mode, num_classes=2,
-        class_names=("background", "building") if arg.data == "solaris" else ("not_burned", "burn_scar"),
+        mode=arg.mode, num_classes=len(class_names), class_names=class_names,
         ignore_index=-1, dtype="float32", pictures=True,
         norm="batch")  # neck / decoder norm: 'batch' (the references' SyncBatchNorm) | 'layer' (channel LayerNorm)
     config.sweep = dict(k=arg.sweep, probe_seed=0, lr_factors=())
@@ -140,3 +149,15 @@ def get_config(arg=None):
         config.sweep.lr_factors = factors
         config.optim.lr_scales = tuple((f"^probes/probe_{i}/", f) for i, f in enumerate(factors))
     return config
+
+
+def _sample_input() -> dict:
+    """data=sample: the 3 dates of the packaged eo-learn patch, each paired with the class raster of
+    the split (its other pixels are 255: ignored), so a split is its locations on every date."""
+    root = sample_data.path("eolearn_lulc")
+    scenes = os.path.join(root, "scenes", "*.tif")
+    out = dict(dataset="folder", sensor="sentinel2a", normalize="data")
+    for split in ("train", "val", "test"):
+        out[f"{split}_images"] = (scenes,)
+        out[f"{split}_masks"] = (os.path.join(root, f"classes_{split}.tif"),) * len(glob.glob(scenes))
+    return out

@@ -18,22 +18,25 @@ a box on the target date 2018-08-27 are held out (never trained on) and scored.
 `:runlocal` runs on eojax's built-in synthetic Landsat-8 series (8 dates of 64 x 64 pixels with
 clouds, shadows and a QA band; written once under ~/.cache/eojax) unless --config.input.source is
 given: 300 steps of a 2-layer width-64 model, about a minute on a 2-core CPU.
+`data=sample` (with or without runlocal): the same 013/032 series from eojax's packaged copy
+(eojax.sample_data 'landsat8_013032', bands B1-B7 and BQA): real clouds, nothing beside the package read.
 
-Arguments (comma separated): runlocal, mode=<context|great>,
+Arguments (comma separated): runlocal, data=sample, mode=<context|great>,
 optim=<sophia_g (default)|adamw|sophia_h|sophia_aispace>; mode=great also takes
 variant=<mu|distilgpt2|gpt2>, pretrained=<folder of a Hugging Face GPT-2: config.json,
 model.safetensors, tokenizer files, or zoo:distilgpt2 / zoo:gpt2> (that model and its BPE tokenizer,
 fine-tuned) and lora (aispace's LoRA fine-tune: r 16, alpha 32 on c_attn, dropout 0.05, the base
 frozen; eojax/lora.py).
 """
-from eojax import config_lib, optim, zoo
+from eojax import config_lib, optim, sample_data, zoo
 from eojax.weights import gpt2 as gpt2_weights
 
 
-def _input():
+def _input(arg):
     return dict(
         source="landsat",          # landsat | multiband | csv | eopatch | synthetic
-        root="",                   # landsat: folder of USGS band files ('' = $EOJAX_TEST_DATA/gdalcubes_L8NY18)
+        # landsat: folder of USGS band files ('' = $EOJAX_TEST_DATA/gdalcubes_L8NY18)
+        root=sample_data.path("landsat8_013032") if arg.data == "sample" else "",
         pathrow="013032",
         paths=(),                  # multiband: one GeoTIFF per date with a QA band
         synthetic_dir="",          # synthetic: where eojax's series is written ('' = its cache)
@@ -54,7 +57,9 @@ def _input():
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, runlocal=False, mode="context", optim="", variant="mu", pretrained="",
-                               lora=False)
+                               lora=False, data="")
+    if arg.data not in ("", "sample"):
+        raise ValueError(f"configs/vsat.py: data={arg.data!r}: 'sample' or none (config.input says where)")
     if arg.mode not in ("context", "great"):
         raise ValueError(f"configs/vsat.py: mode={arg.mode!r}: 'context' or 'great'")
     if arg.mode == "great":
@@ -66,7 +71,7 @@ def get_config(arg=None):
     config.log_every = 100
     config.eval_every = 600
     config.checkpoint_every = 600
-    config.input = _input()
+    config.input = _input(arg)
     config.model = dict(
         n_own=8,                   # the pixel's clear dates nearest the target date
         n_neighbours=16,           # the nearest clear pixels of the target date ...
@@ -85,7 +90,8 @@ def get_config(arg=None):
     if name.startswith("sophia"):
         config.optim.sophia.update(b1=0.965, b2=0.99, update_every=10, gamma=SOPHIA_GAMMA)
     if arg.runlocal:
-        config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")
+        if arg.data != "sample":  # eojax's built-in synthetic series
+            config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")
         config_lib.make_runlocal(config, total_steps=300, checkpoint_every=300, eval_every=0, lr=2e-3,
                                  warmup_steps=30)
         config.batch_size = 64
@@ -112,7 +118,7 @@ def _great(arg):
     config.eval_every = 1_000
     config.checkpoint_every = 1_000
 
-    config.input = _input()
+    config.input = _input(arg)
     config.model = dict(
         variant=arg.variant, n_layer=0, n_head=0, n_embd=0,  # 0 = the variant's size
         n_inner=0,                 # MLP width; 0 = 4 * n_embd
@@ -152,7 +158,8 @@ def _great(arg):
         config.lora.update(targets="c_attn", rank=16, alpha=32.0, dropout=0.05)
 
     if arg.runlocal:
-        config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")
+        if arg.data != "sample":  # eojax's built-in synthetic series
+            config.input.update(source="synthetic", target_date="", qa_format="eojax_synthetic")
         config_lib.make_runlocal(config, total_steps=300, checkpoint_every=300, eval_every=0, lr=2e-3,
                                  warmup_steps=30)
         config.batch_size = 32

@@ -18,6 +18,8 @@ from helpers import REPO, load_config
 CASES = [(os.path.splitext(os.path.basename(p))[0], "runlocal")
          for p in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))) if "runlocal" in open(p).read()]
 CASES += [("vsat", "mode=great,runlocal"), ("seg", "encoder=unet,decoder=unet,runlocal")]
+# The packaged real samples (eojax.sample_data) the seg, classification and vsat notebooks train on.
+CASES += [(name, "runlocal,data=sample") for name in ("seg", "classify", "vsat")]
 # Smaller synthetic sets where writing them dominates (the same writer and reader, fewer files).
 CHEAPER = {"diffusion": {"input.synthetic_n": 64}}
 

@@ -65,6 +65,10 @@ def test_labels_ignore_missing_and_nodata(tmp_path):
     pair2 = segdata.Pair(pair.image, _write(tmp_path / "b.tif", (mask == 1) * 255, "uint8"))
     el2 = segdata.PairSet([pair2], num_classes=2, mask_values=(0, 255)).read(0)
     assert (el2["label"][1] == 1).all() and el2["label"][2, 0] == 0
+    # A uint8 class mask with 255 = no class: ignored as -1, not wrapped to the ignore index's uint8 (255).
+    pair3 = segdata.Pair(pair.image, _write(tmp_path / "c.tif", np.where(mask < 0, 255, mask), "uint8"))
+    el3 = segdata.PairSet([pair3], num_classes=2).read(0)
+    assert (el3["label"][2] == -1).all() and (el3["label"][1] == 1).all() and el3["label"][3, 0] == 0
 
 
 def test_bad_input_is_named(tmp_path):

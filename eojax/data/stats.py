@@ -183,6 +183,11 @@ def stats_key(scenes: Sequence[Scene]) -> str:
     return h.hexdigest()[:20]
 
 
+# eojax's own folder: its sample data (eojax.sample_data) gets its statistics cached in the user's cache,
+# never written into the installed package.
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+
+
 def _user_cache_dir() -> pathlib.Path:
     return remote.cache_dir("stats")
 
@@ -224,8 +229,9 @@ def load_or_compute_stats(scenes: Sequence[Scene], cache_path: str | os.PathLike
     elif remote.is_remote(first):
         candidates = [_user_cache_dir() / f"{key}.json"]
     else:
-        candidates = [pathlib.Path(first).resolve().parent / f".eojax_stats-{key}.json",
-                      _user_cache_dir() / f"{key}.json"]
+        beside = pathlib.Path(first).resolve().parent
+        candidates = [] if beside.is_relative_to(_PACKAGE) else [beside / f".eojax_stats-{key}.json"]
+        candidates.append(_user_cache_dir() / f"{key}.json")
     for p in candidates:
         if p.is_file():
             try:

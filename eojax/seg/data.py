@@ -175,7 +175,8 @@ class PairSet:
                 out[raw == v] = k
         else:
             known = (raw >= 0) & (raw < self.num_classes)
-            out = np.where(known, raw, self.ignore_index).astype(np.int32)
+            # int32 first: in a uint8 mask's own dtype the ignore index -1 would wrap to 255 (NumPy 2)
+            out = np.where(known, raw.astype(np.int32), self.ignore_index)
         return np.where(valid, out, self.ignore_index).astype(np.int32)
 
     def read(self, i: int, window: Window | None = None) -> dict:
