@@ -302,7 +302,8 @@ def _make_train_step(task, optimizer, accum: int, base_rng, lora_settings: lora.
         def loss_and_grads(t, model_state, batch, rng):
             def loss(t):
                 whole = optim.fill_frozen(frozen, t, fixed)
-                value, aux, new_state = with_params(lambda p: task.loss_fn(p, model_state, batch, rng, True), whole, rng)
+                value, aux, new_state = with_params(
+                    lambda p: task.loss_fn(p, model_state, batch, rng, True), whole, rng)
                 return value, (aux, new_state)
 
             (value, (aux, new_state)), grads = jax.value_and_grad(loss, has_aux=True)(t)
@@ -363,8 +364,8 @@ def _flops_per_step(run: Run) -> float:
 def evaluate(run: Run, variables: tuple, split: str = "eval") -> dict[str, float]:
     """eval_fn summed over the split's batches (arrays of any shape, e.g. a confusion matrix, summed
     elementwise in float64; `<k>_rows` outputs concatenated instead; eval_step's outputs are global, so
-    they cover every host), then finalize_eval. `variables`: (params, model_state), as `eval_variables` gives them. `eval_steps`
-    limits the eval split only: a test split is always read whole."""
+    they cover every host), then finalize_eval. `variables`: (params, model_state), as `eval_variables`
+    gives them. `eval_steps` limits the eval split only: a test split is always read whole."""
     make = run.input.eval if split == "eval" else run.input.test
     data = make(jax.process_index(), jax.process_count())
     if data is None:
