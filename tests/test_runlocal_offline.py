@@ -44,12 +44,15 @@ def _under(path: str, roots) -> bool:
 class Sandbox:
     """What a fresh machine has: the checkout, the installed packages and an empty folder."""
 
-    def __init__(self, tmp_path, monkeypatch):
+    def __init__(self, tmp_path, monkeypatch, pytest_tmp=None):
         self.forbidden = [os.path.join(os.path.dirname(REPO), n) for n in os.listdir(os.path.dirname(REPO))
                           if os.path.join(os.path.dirname(REPO), n) != REPO]
         self.forbidden += [os.path.expanduser("~")] + [os.environ[v] for v in ("EOJAX_TEST_DATA", "EOJAX_CACHE")
                                                         if os.environ.get(v)]
-        self.allowed = [REPO, str(tmp_path), sys.prefix, sys.base_prefix, *site.getsitepackages()]
+        # pytest's own temporary folders (an earlier case's synthetic cache, reused by a memoised path)
+        # are no user data: a checkout whose parent is /tmp would otherwise forbid them.
+        self.allowed = [REPO, str(tmp_path), *([str(pytest_tmp)] if pytest_tmp else []), sys.prefix,
+                        sys.base_prefix, *site.getsitepackages()]
         for name in ("home", "cache", "cwd"):
             (tmp_path / name).mkdir()
         monkeypatch.delenv("EOJAX_TEST_DATA", raising=False)
@@ -70,9 +73,9 @@ class Sandbox:
 
 
 @pytest.fixture
-def sandbox(tmp_path, monkeypatch):
+def sandbox(tmp_path, tmp_path_factory, monkeypatch):
     global _opened
-    box = Sandbox(tmp_path, monkeypatch)
+    box = Sandbox(tmp_path, monkeypatch, tmp_path_factory.getbasetemp())
     _opened = []
     try:
         yield box
