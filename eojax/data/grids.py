@@ -21,7 +21,6 @@ import hashlib
 import importlib
 import logging
 import os
-import tempfile
 import threading
 import warnings
 
@@ -31,7 +30,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from eojax.data import remote
+from eojax.data import files, remote
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +176,9 @@ def write_geotiff(ds, dst_path: str, what: str, crs=None) -> None:
                    dtype=dtype.name, crs=lay["crs"], transform=lay["transform"],
                    nodata=np.nan if floating else None, tiled=True, blockxsize=256, blockysize=256,
                    BIGTIFF="IF_SAFER")
-    os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst_path), prefix=".tmp-", suffix=".tif")
-    os.close(fd)
     h, y, x = lay["height"], lay["y"], lay["x"]
     step = _block_rows(ds, lay, dtype.itemsize)
-    try:
+    with files.replaced_whole(dst_path, ".tif") as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             for r0 in range(0, h, step):
                 r1 = min(h, r0 + step)
@@ -202,12 +198,6 @@ def write_geotiff(ds, dst_path: str, what: str, crs=None) -> None:
                 if units:
                     dst.update_tags(b, units=str(units))
             dst.update_tags(source=what)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
-        os.replace(tmp, dst_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def geotiff_copy(path: str, crs=None) -> str:

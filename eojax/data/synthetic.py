@@ -12,12 +12,13 @@ import dataclasses
 import datetime
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 import rasterio
 import rasterio.warp
 from affine import Affine
+
+from eojax.data import files
 
 # Land-cover classes of the label rasters (0 = nodata).
 CLASSES = ("nodata", "water", "forest", "grassland", "cropland", "urban", "bare_soil")
@@ -186,11 +187,7 @@ def _render(land: _Land, sensor: Sensor, season: float, cloud_rng, cloud_fractio
 
 def _write_atomic_tif(path: str, array: np.ndarray, profile: dict, descriptions, tags, band_tags=()):
     """Writes a GeoTIFF to a unique temp name, then renames: never a half-written file at `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tif")
-    os.close(fd)
-    try:
+    with files.replaced_whole(path, ".tif") as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(array)
             for i, d in enumerate(descriptions):
@@ -198,12 +195,6 @@ def _write_atomic_tif(path: str, array: np.ndarray, profile: dict, descriptions,
             dst.update_tags(**tags)
             for i, t in enumerate(band_tags):
                 dst.update_tags(i + 1, **t)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
