@@ -18,6 +18,10 @@ A pos_embed of another (frames, rows, cols) grid than the model's (Prithvi-100M'
 single-date input, another image size) is not used: the model keeps its fixed 3D sin-cos for its own
 grid, as PANGAEA's loader skips a pos_embed of another shape and keeps the sin-cos it built (for
 one frame: t = 0). The report lists the key as ignored, with both grids.
+
+The file does not record the LayerNorm eps, which differs between the versions: build the encoder
+with the variant of the checkpoint ('base' for Prithvi-100M: 1e-5; 'large' / 'huge' for
+Prithvi-EO-2.0: 1e-6, the release's prithvi_mae.py) or set `norm_eps` (eojax.models.encoders.prithvi).
 """
 from __future__ import annotations
 

@@ -4,14 +4,22 @@ have the sizes of Prithvi-EO-2.0 300M (ViT-L/16) and 600M (ViT-H/14), which shar
 Patches are 3D tubelets (tubelet_size frames x 16 x 16 px x 6 bands) embedded by one linear map (the
 reference's Conv3d with stride = kernel); tokens are ordered (frame, row, col) and get a 3D sin-cos
 position (channels split 6/16 width, 6/16 height, 4/16 time, in that order) and a cls token; timm
-pre-norm blocks with torch's LayerNorm eps 1e-5. As the PANGAEA wrapper, the feature maps are the
-chosen blocks' tokens without the final norm (the checkpoint's `norm` is not used); multi-temporal
-tokens are averaged over time into one map per layer.
+pre-norm blocks. As the PANGAEA wrapper, the feature maps are the chosen blocks' tokens without the
+final norm (the checkpoint's `norm` is not used, also where Prithvi-EO-2.0's forward_features puts it
+on the last block); multi-temporal tokens are averaged over time into one map per layer.
+
+LayerNorm eps (`norm_eps`): 1e-5 (torch's default) for v1 ('base', and the class default), as
+Prithvi-100M and PANGAEA; 1e-6 for Prithvi-EO-2.0 ('large', 'huge'), the default of the Hugging Face
+release's prithvi_mae.py (terratorch's copy has used torch's 1e-5 since Dec 2024: norm_eps=1e-5
+reproduces it). Parity with both versions: docs/fidelity.md.
 
 pos_embed is a parameter (so a checkpoint's exact values are used) that is never trained
 (stop_gradient; the optimizer also skips it in weight decay), as the reference's frozen buffer. An
 input whose (frames, rows, cols) grid differs from the configured one gets the fixed 3D sin-cos of
-its own grid (frame 0 for a single date), which is what the reference builds for that grid.
+its own grid (frame 0 for a single date), which is what the v1 reference and the 2.0 release build
+for that grid (terratorch instead resamples the table bicubically to another image size). The TL
+models' date / location encodings are not modelled: the features are the reference's without
+temporal_coords / location_coords.
 """
 from __future__ import annotations
 
@@ -33,8 +41,10 @@ BANDS = ("B2", "B3", "B4", "B8A", "B11", "B12")
 VARIANTS = {
     "mu": dict(image_size=32, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64, layers=(0, 1, 2, 3)),
     "base": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12),  # Prithvi-100M
-    "large": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16),  # Prithvi-EO-2.0 300M
-    "huge": dict(image_size=224, patch_size=14, width=1280, depth=32, heads=16),  # Prithvi-EO-2.0 600M
+    "large": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16,  # Prithvi-EO-2.0 300M
+                  norm_eps=1e-6),
+    "huge": dict(image_size=224, patch_size=14, width=1280, depth=32, heads=16,  # Prithvi-EO-2.0 600M
+                 norm_eps=1e-6),
 }
 
 
@@ -72,6 +82,7 @@ class Prithvi(PublishedViT):
 
     num_frames: int = 1
     tubelet_size: int = 1
+    norm_eps: float = 1e-5  # v1; Prithvi-EO-2.0 (the 'large' / 'huge' variants) 1e-6
 
     bands = BANDS
     bands_sensor: ClassVar[str] = "hls_s30"  # HLS (S30 names), as Prithvi-100M
@@ -117,7 +128,7 @@ class Prithvi(PublishedViT):
         blocks = Encoder(depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                          dropout=self.dropout, scan=self.scan, remat=self.remat,
                          drop_path_rate=self.drop_path_rate,
-                         attention_impl=self.attention_impl, norm_eps=1e-5, name="blocks", **kw)
+                         attention_impl=self.attention_impl, norm_eps=self.norm_eps, name="blocks", **kw)
         outs = blocks(x, train, return_layers=layers)
         return [o[:, 1:].reshape(b, *grid, self.width).mean(axis=1) for o in outs]
 
