@@ -77,9 +77,9 @@ def _prithvi(name, repo, file, revision, variant, note, sha256=""):
                     "HLS (L8/9 + S2): B2 B3 B4 B8A B11 B12", "Apache-2.0", "prithvi", variant, note)
 
 
-def _satmae(name, file, sensor, loads, note):
+def _satmae(name, file, sensor, loads, note, encoder="satmae"):
     return Entry(name, f"mubashir04/{file.removesuffix('.pth')}", file, "main", "", sensor,
-                 "Apache-2.0 (techmn/satmae_pp)", loads, "satmae" if loads else None, "large" if loads else None,
+                 "Apache-2.0 (techmn/satmae_pp)", loads, encoder if loads else None, "large" if loads else None,
                  note=note + "; " + _NO_COMMIT)
 
 
@@ -96,8 +96,8 @@ _TL = ("the date / location encodings are left out (reported): eojax's Prithvi t
 _ANY = "any bands: kernels from wavelengths"
 _CROMA = "S1 VV VH + S2 12 bands (no B10)"
 _S2_10 = "S2 (fMoW-Sentinel): 10 bands B2-B8A B11 B12"
-_NO_LOADER = ("a plain ViT-L/16, 224 px (SatMAE++'s models_mae.py / models_vit.py): no eojax converter reads this "
-              "layout yet; `eojax zoo NAME` downloads and checks it")
+_RGB = "RGB (fMoW-RGB)"
+_PLAIN = "SatMAE++'s plain ViT-L/16, 224 px (models_mae.py / models_vit.py)"
 
 ENTRIES = (
     _prithvi("prithvi-eo-1.0-100m", "Prithvi-EO-1.0-100M", "Prithvi_EO_V1_100M.pt",
@@ -145,10 +145,14 @@ ENTRIES = (
     _satmae("satmaepp-vitl-finetune-fmow-sentinel", "checkpoint_ViT-L_finetune_fmow_sentinel.pth", _S2_10,
             "classify (init_from, model.encoder_init): encoder satmae large",
             "SatMAE++'s fMoW-Sentinel classifier (62 classes); as encoder: encoder_args.learned_embed=True"),
-    _satmae("satmaepp-vitl-pretrain-fmow-rgb", "checkpoint_ViT-L_pretrain_fmow_rgb.pth", "RGB (fMoW-RGB)", "",
-            _NO_LOADER),
-    _satmae("satmaepp-vitl-finetune-fmow-rgb", "checkpoint_ViT-L_finetune_fmow_rgb", "RGB (fMoW-RGB)", "",
-            _NO_LOADER + "; the file name (no suffix) as a public loader lists it"),
+    _satmae("satmaepp-vitl-pretrain-fmow-rgb", "checkpoint_ViT-L_pretrain_fmow_rgb.pth", _RGB,
+            "mae (init_from); classify, seg: encoder mae large",
+            f"{_PLAIN} MAE; the mae task loads its decoder too, not its multi-scale head (eojax's MAE has none)",
+            encoder="mae"),
+    _satmae("satmaepp-vitl-finetune-fmow-rgb", "checkpoint_ViT-L_finetune_fmow_rgb", _RGB,
+            "classify (init_from, model.encoder_init): encoder mae large",
+            f"{_PLAIN} fMoW-RGB classifier (62 classes): encoder_args.learned_embed=True (trained positions); "
+            "the file name (no suffix) as a public loader lists it, read by its content", encoder="mae"),
     _gpt2("distilgpt2", "distilbert/distilgpt2", "2290a62682d06624634c1f46a6ad5be0f47f38aa", "OpenWebText",
           "Apache-2.0"),
     _gpt2("gpt2", "openai-community/gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e", "WebText", "MIT"),

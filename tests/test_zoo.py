@@ -341,13 +341,17 @@ def test_folder_missing_a_file_it_needs(hub):
 
 
 # -- configs ---------------------------------------------------------------------------------------------------
-def test_resolve_config_checks_names_and_encoders_before_downloading(hub):
+def test_resolve_config_checks_names_and_encoders_before_downloading(hub, monkeypatch):
     config = load_config("seg", "encoder=prithvi,decoder=linear,mode=frozen", mesh=ONE_DEVICE)
     assert zoo.resolve_config(config) is config  # nothing remote: the same config
+    no_loader = zoo.dataclasses.replace(zoo.ZOO["croma-base"], name="no-loader", loads="", encoder=None,
+                                        variant=None, note="no eojax converter reads this layout; listed only")
+    monkeypatch.setitem(zoo.ZOO, "no-loader", no_loader)
     cases = {"zoo:prithvi-eo-2.0-300n": "did you mean prithvi-eo-2.0-300m",
              "zoo:dofa-vit-base": "is the dofa encoder, variant base; config.model has encoder='prithvi'",
              "zoo:prithvi-eo-2.0-300m": "--config.model.encoder_variant=large",
-             "zoo:satmaepp-vitl-pretrain-fmow-rgb": "no eojax converter reads this layout"}
+             "zoo:satmaepp-vitl-pretrain-fmow-rgb": "is the mae encoder, variant large",
+             "zoo:no-loader": "no eojax converter reads this layout"}
     for source, words in cases.items():
         config.init_from = source
         with pytest.raises(errors.ConfigError, match=re.escape(words)):

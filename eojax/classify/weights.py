@@ -16,6 +16,12 @@ The two heads of the reference and the Classifier settings that compute them:
   global_pool=False (--cls_token): the final norm's cls token, then head: pool='cls', head_norm='none'.
 Any other combination, a missing or reshaped key (a head of another class count included) and, as
 for the encoder import, an unexpected key is one CheckpointMismatchError naming every key at fault.
+
+SatMAE++'s fine-tuned fMoW-RGB classifier (models_vit.py: timm's VisionTransformer, global_pool) has
+the same head and the plain ViT encoder keys (cls_token, pos_embed, patch_embed.proj, blocks.k): it
+loads into a Classifier on encoder 'mae' (eojax.mae.weights.plain_vit_from_torch; its trained
+pos_embed needs encoder_args.learned_embed=True). A file of the other layout than the encoder's, or
+of other sizes, is a one-line error saying so.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from flax import linen as nn, traverse_util
 from eojax.checkpoint import CheckpointMismatchError, check_compatible
 from eojax.mae import weights as satmae_weights
 from eojax.mae.satmae import GroupChannelViT
+from eojax.models.vit import ViTEncoder
 from eojax.weights import common
 
 _NORM = ("norm.weight", "norm.bias")
@@ -87,12 +94,13 @@ def load_classifier(path, init_params: Any, model, *, strict: bool = True) -> tu
     'not_loaded' {key: why}, 'ignored' {key: why} (from the encoder import) and, for an encoder with
     named bands, the band plan (as eojax.mae.weights.load_encoder)."""
     encoder = model.encoder
-    _require_satmae(path, encoder)
+    _require_vit(path, encoder)
     wrapped = set(init_params) == {"params"}
     init = nn.meta.unbox(init_params["params"] if wrapped else init_params)  # a fresh init is boxed
     d, k = encoder.width, model.num_classes
     sd = satmae_weights.load_state_dict(path)
     what = f"SatMAE++ classifier checkpoint {path}"
+    _check_layout(sd, encoder, what)
 
     # The head: fc_norm (head_norm 'layer') and the Dense head, from the shared key table entries.
     entries = common.linear("head", ("head",), d, k)
@@ -136,9 +144,14 @@ def _encoder(path, enc_sd, init_encoder, abstract_encoder, encoder, pool: str, s
     missing_norm = pool == "avg" and not any(key in enc_sd for key in _NORM)
     if missing_norm:
         enc_sd = {**enc_sd, **{key: np.zeros((d,), np.float32) for key in _NORM}}
-    kwargs = {f: getattr(encoder, f) for f in GroupChannelViT.__dataclass_fields__ if f not in ("parent", "name")}
+    group = isinstance(encoder, GroupChannelViT)
+    cls = GroupChannelViT if group else ViTEncoder
+    kwargs = {f: getattr(encoder, f) for f in cls.__dataclass_fields__ if f not in ("parent", "name")}
     try:
-        enc_params, ignored = satmae_weights.satmae_from_torch(enc_sd, kwargs, target="vit", strict=strict)
+        if group:
+            enc_params, ignored = satmae_weights.satmae_from_torch(enc_sd, kwargs, target="vit", strict=strict)
+        else:
+            enc_params, ignored = satmae_weights.plain_vit_from_torch(enc_sd, kwargs, target="vit", strict=strict)
     except CheckpointMismatchError as e:  # its message names the keys; add the file
         raise CheckpointMismatchError(f"{path}: {e}") from e
     check_compatible(enc_params, abstract_encoder, f"SatMAE++ classifier checkpoint {path}")
@@ -148,11 +161,21 @@ def _encoder(path, enc_sd, init_encoder, abstract_encoder, encoder, pool: str, s
     return {**placed, "norm": init_encoder["norm"]}, ignored, {key: _NOT_LOADED for key in _NORM}
 
 
-def _require_satmae(path, encoder):
-    if not isinstance(encoder, GroupChannelViT):
-        raise ValueError(f"{path}: a classifier checkpoint (head.weight) is converted for the SatMAE++ "
-                         f"encoder ('satmae') only, not {type(encoder).__name__}; load its encoder through "
-                         "config.model.encoder_init or a pretraining checkpoint")
+def _require_vit(path, encoder):
+    if not isinstance(encoder, (GroupChannelViT, ViTEncoder)):
+        raise ValueError(f"{path}: a classifier checkpoint (head.weight) is converted for SatMAE++'s encoders "
+                         f"('satmae', and 'mae' for its fMoW-RGB ViT) only, not {type(encoder).__name__}; load "
+                         "its encoder through config.model.encoder_init or a pretraining checkpoint")
+
+
+def _check_layout(sd, encoder, what):
+    """One line for a file of the other SatMAE++ layout than the encoder's, or (plain ViT) other sizes,
+    before the head's checks could report a symptom of it."""
+    plain = not isinstance(encoder, GroupChannelViT)
+    satmae_weights.check_layout(sd, plain, what)
+    if plain:
+        kwargs = {f: getattr(encoder, f) for f in ViTEncoder.__dataclass_fields__ if f not in ("parent", "name")}
+        satmae_weights.check_plain_sizes(sd, satmae_weights.plain_config(kwargs, "vit"), "vit", what)
 
 
 def _abstract(tree):
@@ -164,9 +187,10 @@ def load_classifier_encoder(path, init_encoder: Any, model) -> Any:
     """The encoder params of a fine-tuned SatMAE++ classifier, for fine-tuning it on other classes
     (`model.encoder_init`); its head is left out (reported as ignored), as the reference's
     main_finetune drops a head of another class count and loads the rest (fc_norm: load_fc_norm)."""
-    _require_satmae(path, model.encoder)
+    _require_vit(path, model.encoder)
     init_encoder = nn.meta.unbox(init_encoder)
     sd = satmae_weights.load_state_dict(path)
+    _check_layout(sd, model.encoder, f"SatMAE++ classifier checkpoint {path}")
     enc_sd = {key: v for key, v in sd.items() if not key.startswith(("head.", "fc_norm."))}
     placed, ignored, not_loaded = _encoder(path, enc_sd, init_encoder, _abstract(init_encoder), model.encoder,
                                            model.pool, strict=True)

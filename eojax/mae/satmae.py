@@ -32,7 +32,8 @@ from flax import linen as nn
 from eojax.models import layers
 from eojax.mae.model import num_kept, random_masking
 from eojax.models.upsample import MultiScaleHead, multiscale_flops
-from eojax.models.vit import PatchEmbed, _pair, block_maps, patchify, pool_tokens, unpatchify
+from eojax.models.vit import (PatchEmbed, _pair, block_maps, constant_init, interpolate_pos_embed, patchify,
+                              pool_tokens, unpatchify)
 
 Dtype = Any
 
@@ -152,9 +153,9 @@ class GroupChannelViT(nn.Module):
         if self.learned_embed:  # (h * w, D - c) and (G, c): the fixed table's two parts, trainable
             table = pos_group_embed(self.width, self.group_embed_dim, len(self.groups), *self.grid)
             c = self.width - self.group_embed_dim
-            self.pos_embed = self.param("pos_embed", _constant(table[0, :, :c]),
+            self.pos_embed = self.param("pos_embed", constant_init(table[0, :, :c]),
                                         table[0, :, :c].shape, self.param_dtype)
-            self.channel_embed = self.param("channel_embed", _constant(table[:, 0, c:]),
+            self.channel_embed = self.param("channel_embed", constant_init(table[:, 0, c:]),
                                             table[:, 0, c:].shape, self.param_dtype)
         if self.use_cls_token:
             self.cls_token = self.param(
@@ -330,11 +331,6 @@ def _to_band_order(groups, pred_order: str) -> np.ndarray:
     return np.argsort([c for g in pred_bands(groups, pred_order) for c in g])
 
 
-def _constant(value: np.ndarray):
-    """A replicated parameter initialiser returning `value` (a fixed table made trainable)."""
-    return layers.partitioned(lambda key, shape, dtype: jnp.asarray(value, dtype), (None,) * value.ndim)
-
-
 def _masked_l1(pred, target, valid):
     """Mean |pred - target| over channels and valid pixels (torch l1_loss when all are valid)."""
     c = target.shape[-1]
@@ -398,28 +394,6 @@ def satmae_loss(out: Mapping, images, valid, patch_size: int, groups, norm_pix_l
     aux["l1_4x"] = _masked_l1(out["up4"], targets4, valid4)
     loss = weights[0] * mse + weights[1] * (0.5 * aux["l1_2x"] + 0.5 * aux["l1_4x"])
     return loss, aux
-
-
-def interpolate_pos_embed(pos, old_hw, new_hw, method: str = "bicubic"):
-    """Resizes a LEARNED position embedding (..., extra + oh*ow, D) to (..., extra + nh*nw, D).
-
-    Leading `extra` tokens (cls, ...) are kept; the grid part is resized with jax.image.resize
-    (half-pixel centres like torch align_corners=False; jax's bicubic uses Keys a = -0.5 where torch
-    uses -0.75, and antialiases when shrinking, so values differ slightly from a torch import).
-    Fixed sin-cos embeddings need none of this: the models recompute them for any grid.
-    """
-    (oh, ow), (nh, nw) = _pair(old_hw), _pair(new_hw)
-    pos = jnp.asarray(pos)
-    extra = pos.shape[-2] - oh * ow
-    if extra < 0:
-        raise ValueError(f"pos embedding {pos.shape} has fewer than {oh}x{ow} tokens")
-    if (oh, ow) == (nh, nw):
-        return pos
-    lead, d = pos.shape[:-2], pos.shape[-1]
-    grid = pos[..., extra:, :].reshape(lead + (oh, ow, d))
-    grid = jax.image.resize(grid.astype(jnp.float32), lead + (nh, nw, d), method=method)
-    grid = grid.astype(pos.dtype).reshape(lead + (nh * nw, d))
-    return jnp.concatenate([pos[..., :extra, :], grid], axis=-2)
 
 
 def flops_per_image(cfg: Mapping, training: bool = False) -> float:

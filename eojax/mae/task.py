@@ -85,6 +85,14 @@ class MAETask(Task):
         return self.model.init({"params": params_rng, "mask": mask_rng}, self.images(batch)["image"],
                                train=False)
 
+    def load_pretrained(self, path, init_params):
+        """`config.init_from=<file>`: SatMAE++'s fMoW-RGB pretraining checkpoint (models_mae.py's
+        MaskedAutoencoderViT), encoder and decoder; its multi-scale head (eojax's MAE has none) is
+        reported, not loaded (eojax.mae.weights.load_plain_pretrained)."""
+        from eojax.mae import weights as mae_weights
+
+        return mae_weights.load_plain_pretrained(path, init_params, self.model_kwargs())
+
     # -- loss and evaluation -------------------------------------------------------------------------
     def _forward(self, params, batch, rng, train, mask_ratio=None):
         """The MAE has no model state: its functions take `state` ({}) and pass it through."""

@@ -1,4 +1,5 @@
-"""SatMAE++ (techmn/satmae_pp) PyTorch state dicts <-> eojax SatMAE / GroupChannelViT params.
+"""SatMAE++ (techmn/satmae_pp) PyTorch state dicts <-> eojax SatMAE / GroupChannelViT params; its
+plain ViT (fMoW-RGB) files -> eojax MAE / ViTEncoder params (below).
 
 Reference layouts (told apart by `channel_cls_embed`, which only the second has):
   mae  MaskedAutoencoderGroupChannelViT (models_mae_group_channels.py): pretraining checkpoints.
@@ -44,6 +45,25 @@ them so (the satmae task chooses it for a published file: model.pred_order='auto
 non-contiguous groups (the default S2 grouping) `load_pretrained` warns when it imports a
 pretraining checkpoint into a model with eojax's pred_order='bands' (right only for a file exported
 from such a model).
+
+Plain ViT layout (SatMAE++'s fMoW-RGB checkpoints, told apart by `patch_embed.proj`; the group-channel
+ones have `patch_embed.<i>`): models_mae.py MaskedAutoencoderViT (pretraining; one 2x multi-scale
+block) and models_vit.py, timm's VisionTransformer (fine-tuning) -> eojax's MAE / ViTEncoder
+(plain_vit_from_torch; the ViTEncoder tree is the MAE's `encoder/` subtree), C bands:
+  cls_token (1,1,D) (+ pos_embed[:, :1])  encoder/cls_token
+  patch_embed.proj.weight (D,C,p,p)       encoder/patch_embed/proj/kernel (p*p*C, D), (row, col, band)
+  blocks.k.*, norm.*                      encoder/blocks/block_k/*, encoder/norm/ln/* (timm blocks, as above)
+  decoder_embed.*, mask_token             decoder_embed/*, mask_token
+  decoder_blocks.k.*, decoder_norm.*      decoder/block_k/*, decoder_norm/ln/*
+  decoder_pred.weight (p*p*C, Dd)         decoder_pred/kernel (Dd, p*p*C): both (row, col, band) already
+  pos_embed, decoder_pos_embed (1, 1+N, .) fixed sin-cos (a zero cls row), checked as above; the
+                                          fine-tuned ViT trains pos_embed: ViTEncoder(learned_embed=True)
+                                          holds it as pos_embed (N, D), row 0 folded into cls_token, one
+                                          of another grid replaced by the model's sin-cos (main_finetune.py
+                                          deletes it)
+  proj_up_conv, proj_up_norm, up_block.*  the multi-scale head: eojax's plain MAE has none; reported
+  fc_norm.*, head.*                       eojax.classify.weights (a classifier)
+The heads count is not in the weights (qkv is (3D, D) for any): it is the model's.
 """
 from __future__ import annotations
 
@@ -56,15 +76,17 @@ import jax
 import numpy as np
 from flax import linen as nn, traverse_util
 
-from eojax.checkpoint import check_compatible
+from eojax.checkpoint import CheckpointMismatchError, check_compatible
 from eojax.weights import common
 from eojax.weights.common import SUFFIXES
 from eojax.weights.common import Entry as _Entry, conv as _conv, linear as _linear, ln as _ln
 from eojax.weights.common import export as _common_export, patch as _patch, raise_problems as _raise, same as _same
 from eojax.weights.common import timm_block as _block
+from eojax.mae.model import MAE
 from eojax.mae.satmae import (SatMAE, GroupChannelViT, _check_groups,
                                  decoder_pos_group_embed, pos_group_embed, pred_bands)
-from eojax.models.vit import _pair
+from eojax.models import layers
+from eojax.models.vit import ViTEncoder, _pair
 
 _TOL = 1e-4  # the reference computes its sin-cos in float32, eojax in float64
 _KEYS = ("image_size", "patch_size", "groups", "width", "depth", "heads", "mlp_dim", "group_embed_dim",
@@ -250,6 +272,7 @@ def satmae_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str
     """
     cfg, target = _config(model_kwargs, target)
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    check_layout(sd, plain=False)
     layout = "vit" if "channel_cls_embed" in sd else "mae"
     entries = _entries(cfg, target)
     learned = {"pos_embed", "channel_embed"} if target == "vit" and cfg["learned_embed"] else set()
@@ -329,6 +352,165 @@ def _scan_layout(flat: dict, cfg, target, stack: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# The plain ViT layout (fMoW-RGB): MAE / ViTEncoder
+# --------------------------------------------------------------------------------------------------
+_PLAIN_KEYS = ("image_size", "patch_size", "in_channels", "width", "depth", "heads", "mlp_dim", "decoder_width",
+               "decoder_depth", "decoder_heads", "decoder_mlp_dim", "use_cls_token", "scan", "param_dtype",
+               "learned_embed")
+# Parts of a plain checkpoint that a model may lack by design: left out and reported, never an error.
+MULTISCALE = (("proj_up_", "up_block"), "multi-scale head of the pretraining model: eojax's plain MAE has none")
+DECODER = (("decoder", "mask_token"), "decoder of the pretraining model: not in an encoder")
+CLASSIFIER = (("head.",), "classifier head of a fine-tuned model: not in an encoder")  # fc_norm: its own error
+
+
+def check_layout(sd: Mapping, plain: bool, what: str = "SatMAE++ checkpoint") -> None:
+    """One-line CheckpointMismatchError when the file is the other SatMAE++ layout than the model's."""
+    is_plain = "patch_embed.proj.weight" in sd
+    is_group = any(k.startswith("patch_embed.") for k in sd) and not is_plain
+    if plain and is_group:
+        raise CheckpointMismatchError(
+            f"{what} is a group-channel checkpoint (patch_embed.0, ...: SatMAE++'s fMoW-Sentinel layout), not a "
+            "plain ViT: it loads into encoder 'satmae' (pretraining: task satmae), not 'mae'")
+    if not plain and is_plain:
+        raise CheckpointMismatchError(
+            f"{what} is a plain ViT checkpoint (patch_embed.proj: SatMAE++'s fMoW-RGB layout), not a group-channel "
+            "one: it loads into encoder 'mae' (pretraining: task mae), not 'satmae'")
+
+
+def plain_config(model_kwargs: Mapping, target: str) -> dict:
+    """MAE (target 'mae') or ViTEncoder ('vit') fields, defaults filled in."""
+    fields = {**ViTEncoder.__dataclass_fields__, **MAE.__dataclass_fields__}
+    if target not in ("mae", "vit"):
+        raise ValueError(f"target must be 'mae' or 'vit', got {target!r}")
+    cfg = {k: fields[k].default for k in _PLAIN_KEYS}
+    cfg.update({k: v for k, v in model_kwargs.items() if k in _PLAIN_KEYS})
+    cfg["mlp_dim"] = cfg["mlp_dim"] or 4 * cfg["width"]
+    cfg["decoder_mlp_dim"] = cfg["decoder_mlp_dim"] or 4 * cfg["decoder_width"]
+    h, w = _pair(cfg["image_size"])
+    cfg["grid"] = (h // cfg["patch_size"], w // cfg["patch_size"])
+    cfg["learned_embed"] = bool(cfg["learned_embed"]) and target == "vit"
+    return cfg
+
+
+def check_plain_sizes(sd: Mapping, cfg: Mapping, target: str, what: str = "SatMAE++ checkpoint") -> None:
+    """One-line CheckpointMismatchError naming every size where the file's ViT and the model differ (the
+    key table would list each key of the wrong width on its own)."""
+    def rows(prefix):
+        return len({k.split(".")[1] for k in sd if k.startswith(prefix + ".")})
+
+    w, fc1 = sd.get("patch_embed.proj.weight"), sd.get("blocks.0.mlp.fc1.weight")
+    if w is None or w.ndim != 4:
+        return
+    found = dict(width=w.shape[0], in_channels=w.shape[1], patch_size=w.shape[2], depth=rows("blocks"))
+    if fc1 is not None and fc1.ndim == 2:
+        found["mlp_dim"] = fc1.shape[0]
+    emb = sd.get("decoder_embed.weight")
+    if target == "mae" and emb is not None and emb.ndim == 2:
+        found.update(decoder_width=emb.shape[0], decoder_depth=rows("decoder_blocks"))
+    diffs = [f"{k} {v} (the model's {cfg[k]})" for k, v in found.items() if v != cfg[k]]
+    if diffs:
+        raise CheckpointMismatchError(f"{what} does not fit the model: its ViT has {', '.join(diffs)}")
+
+
+def _plain_entries(cfg, target) -> list[_Entry]:
+    d, p, c = cfg["width"], cfg["patch_size"], cfg["in_channels"]
+    enc = ("encoder",) if target == "mae" else ()
+    out = [_same("cls_token", (1, 1, d), enc + ("cls_token",))] if cfg["use_cls_token"] else []
+    out += _patch("patch_embed.proj", enc + ("patch_embed", "proj"), d, c, p)
+    for k in range(cfg["depth"]):
+        out += _block(f"blocks.{k}", enc + ("blocks", f"block_{k}"), d, cfg["heads"], cfg["mlp_dim"])
+    out += _ln("norm", enc + ("norm",), d)
+    if target == "vit":
+        n = cfg["grid"][0] * cfg["grid"][1]
+        learned = [_same("pos_embed", (1, 1 + n, d), ("pos_embed",), lambda a: a[0, 1:])]
+        return out + (learned if cfg["learned_embed"] else [])
+    dd = cfg["decoder_width"]
+    out += _linear("decoder_embed", ("decoder_embed",), d, dd)
+    out.append(_same("mask_token", (1, 1, dd), ("mask_token",)))
+    for k in range(cfg["decoder_depth"]):
+        out += _block(f"decoder_blocks.{k}", ("decoder", f"block_{k}"), dd, cfg["decoder_heads"],
+                      cfg["decoder_mlp_dim"])
+    out += _ln("decoder_norm", ("decoder_norm",), dd)
+    return out + _linear("decoder_pred", ("decoder_pred",), dd, p * p * c)
+
+
+def _sincos_with_cls(width: int, grid) -> np.ndarray:
+    """The reference's get_2d_sincos_pos_embed(cls_token=True): a zero row, then the grid's sin-cos."""
+    return np.concatenate([np.zeros((1, width), np.float32), layers.sincos_2d(width, *grid)])[None]
+
+
+def _plain_embeddings(sd: dict, cfg, target) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(problems, {key: why its values cannot be used}, {key: note}) of pos_embed / decoder_pos_embed.
+    A learned pos_embed of another grid is replaced in sd by the model's sin-cos."""
+    problems, drift, notes = [], {}, {}
+    widths = {"pos_embed": cfg["width"]}
+    if target == "mae":
+        widths["decoder_pos_embed"] = cfg["decoder_width"]
+    for key, width in widths.items():
+        a, want = sd.get(key), f"(1, N + 1, {width})"
+        if a is None:
+            problems.append(f"missing in checkpoint: {key} {want}")
+            continue
+        s = math.isqrt(a.shape[1] - 1) if a.ndim == 3 and a.shape[1] > 1 else 0
+        if a.ndim != 3 or a.shape[::2] != (1, width) or s * s != a.shape[1] - 1:
+            problems.append(f"shape of {key}: checkpoint {a.shape} vs model {want} (N a square grid)")
+            continue
+        if key == "pos_embed" and cfg["learned_embed"]:
+            if (s, s) != tuple(cfg["grid"]):  # main_finetune.py deletes it: the model keeps its sin-cos
+                sd[key] = _sincos_with_cls(width, cfg["grid"])
+                notes[key] = (f"{s}x{s} positions, not the model's grid {cfg['grid']}: its sin-cos is used "
+                              "(as the reference's main_finetune.py)")
+            continue
+        err = float(np.max(np.abs(a[:, 1:].astype(np.float64) - _sincos_with_cls(width, (s, s))[:, 1:])))
+        if not err <= _TOL:
+            hint = ("; set learned_embed=True to load trained positions (classify / seg: "
+                    "model.encoder_args.learned_embed=True)" if key == "pos_embed" and target == "vit" else "")
+            drift[key] = (f"differs from the fixed sin-cos by up to {err:.3g} (trained); this model uses the "
+                          f"sin-cos{hint}")
+    return problems, drift, notes
+
+
+def plain_vit_from_torch(state_dict: Mapping, model_kwargs: Mapping, *, target: str, strict: bool = True,
+                         parts=(), what: str = "SatMAE++ checkpoint") -> tuple[dict, dict[str, str]]:
+    """SatMAE++ plain-ViT state dict -> (eojax params, {ignored key: why}).
+
+    model_kwargs: MAE (target 'mae') or ViTEncoder ('vit') keyword arguments. parts: (prefixes, why)
+    pairs (MULTISCALE, DECODER, CLASSIFIER) the model lacks by design, left out and reported. The
+    other layout or other sizes are a one-line CheckpointMismatchError; every missing key, shape
+    mismatch and (strict) unexpected key or trained position embedding in a fixed one is gathered
+    into one before anything is returned; strict=False reports the last two instead."""
+    cfg = plain_config(model_kwargs, target)
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    check_layout(sd, plain=True, what=what)
+    check_plain_sizes(sd, cfg, target, what)
+    ignored = {k: why for k in sd for starts, why in parts if k.startswith(starts)}
+    sd = {k: v for k, v in sd.items() if k not in ignored}
+    entries = _plain_entries(cfg, target)
+    problems, drift, notes = _plain_embeddings(sd, cfg, target)
+    problems += common.check_entries(sd, entries)
+    if "norm.weight" not in sd and "fc_norm.weight" in sd:
+        problems.append("fc_norm but no norm: a global-pool classifier, whose norm follows the pooling; load it "
+                        "as a classifier (classify: config.init_from or model.encoder_init)")
+    unexpected = sorted(set(sd) - {"pos_embed", "decoder_pos_embed"} - {e.key for e in entries})
+    if strict:
+        problems += [f"not in this model: {k} {sd[k].shape}" for k in unexpected]
+        problems += [f"{k}: {why}" for k, why in drift.items()]
+    if problems:
+        _raise(problems, what)
+    ignored.update(notes)
+    if not strict:
+        ignored.update(drift)
+        ignored.update({k: "not in this model" for k in unexpected})
+
+    flat = common.convert(sd, entries, np.float32)
+    if cfg["use_cls_token"]:  # both references add pos_embed[:, :1] to the cls token
+        cls = entries[0].paths[0]
+        flat[cls] = flat[cls] + sd["pos_embed"][:, :1].astype(np.float32)
+    flat = {k: np.ascontiguousarray(v, dtype=np.dtype(cfg["param_dtype"])) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(_scan_layout(flat, cfg, target, stack=True)), ignored
+
+
+# --------------------------------------------------------------------------------------------------
 # config.init_from
 # --------------------------------------------------------------------------------------------------
 def is_checkpoint_file(path) -> bool:
@@ -350,6 +532,7 @@ def load_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict
 
 def _load(sd, path, abstract_params, model_kwargs, strict, ignored) -> tuple[Any, dict[str, str]]:
     """(placed params, {ignored key: why}) of load_pretrained; `ignored`: keys already left out."""
+    check_layout(sd, plain=False, what=f"SatMAE++ checkpoint {path}")
     wrapped = set(abstract_params) == {"params"}
     abstract = abstract_params["params"] if wrapped else abstract_params
     target = "mae" if "encoder" in abstract else "vit"
@@ -394,3 +577,29 @@ def load_encoder(path, abstract_params: Any, encoder, *, strict: bool = True):
                       band_sources=common.band_sources(encoder, source))
         common.log_report(f"SatMAE++ checkpoint {path}", {k: v for k, v in report.items() if k != "ignored"})
     return params, report
+
+
+def load_plain_pretrained(path, abstract_params: Any, model_kwargs: Mapping, *, strict: bool = True) -> Any:
+    """Params for the mae task's `config.init_from` from SatMAE++'s fMoW-RGB pretraining file
+    (MaskedAutoencoderViT): encoder and decoder; its multi-scale head is reported, not loaded."""
+    def convert(sd, kwargs, strict):
+        params, ignored = plain_vit_from_torch(sd, kwargs, target="mae", strict=strict, parts=(MULTISCALE,),
+                                               what=f"SatMAE++ checkpoint {path}")
+        return params, {"ignored": ignored}
+    return common.load_encoder_file(path, abstract_params, model_kwargs, "SatMAE++ checkpoint", convert,
+                                    strict=strict)[0]
+
+
+def load_plain_encoder(path, abstract_params: Any, encoder, *, strict: bool = True):
+    """(params, report) of eojax's plain ViT encoder ('mae': MAEEncoder.converter) from SatMAE++'s
+    fMoW-RGB pretraining or fine-tuned file; the decoder, multi-scale head and classifier head are
+    left out and reported in report['ignored']. A fine-tuned file's trained pos_embed needs
+    learned_embed=True; a global-pool classifier has no final norm (classify loads it whole)."""
+    kwargs = {f: getattr(encoder, f) for f in ViTEncoder.__dataclass_fields__ if f not in ("parent", "name")}
+
+    def convert(sd, _, strict):
+        params, ignored = plain_vit_from_torch(sd, kwargs, target="vit", strict=strict,
+                                               parts=(DECODER, MULTISCALE, CLASSIFIER),
+                                               what=f"SatMAE++ checkpoint {path}")
+        return params, {"ignored": ignored}
+    return common.load_encoder_file(path, abstract_params, encoder, "SatMAE++ checkpoint", convert, strict=strict)

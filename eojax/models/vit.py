@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from eojax.models import layers
@@ -63,6 +65,33 @@ def unpatchify(patches, p: int, h: int, w: int, c: int):
     return x.reshape(b, h, w, c)
 
 
+def constant_init(value: np.ndarray):
+    """A replicated parameter initialiser returning `value` (a fixed table made trainable)."""
+    return layers.partitioned(lambda key, shape, dtype: jnp.asarray(value, dtype), (None,) * value.ndim)
+
+
+def interpolate_pos_embed(pos, old_hw, new_hw, method: str = "bicubic"):
+    """Resizes a LEARNED position embedding (..., extra + oh*ow, D) to (..., extra + nh*nw, D).
+
+    Leading `extra` tokens (cls, ...) are kept; the grid part is resized with jax.image.resize
+    (half-pixel centres like torch align_corners=False; jax's bicubic uses Keys a = -0.5 where torch
+    uses -0.75, and antialiases when shrinking, so values differ slightly from a torch import).
+    Fixed sin-cos embeddings need none of this: the models recompute them for any grid.
+    """
+    (oh, ow), (nh, nw) = _pair(old_hw), _pair(new_hw)
+    pos = jnp.asarray(pos)
+    extra = pos.shape[-2] - oh * ow
+    if extra < 0:
+        raise ValueError(f"pos embedding {pos.shape} has fewer than {oh}x{ow} tokens")
+    if (oh, ow) == (nh, nw):
+        return pos
+    lead, d = pos.shape[:-2], pos.shape[-1]
+    grid = pos[..., extra:, :].reshape(lead + (oh, ow, d))
+    grid = jax.image.resize(grid.astype(jnp.float32), lead + (nh, nw, d), method=method)
+    grid = grid.astype(pos.dtype).reshape(lead + (nh * nw, d))
+    return jnp.concatenate([pos[..., :extra, :], grid], axis=-2)
+
+
 def block_maps(blocks, norm, tokens, layers, depth: int, train: bool, prefix: int, to_map):
     """Run `blocks` (a layers.Encoder) on tokens and return `to_map(output)` of blocks `layers`,
     prefix (cls) tokens dropped. The final `norm` is applied to the last block's output (and always
@@ -120,6 +149,11 @@ class ViTEncoder(nn.Module):
     patch_size works (image_size is the nominal size used for FLOP counts and dummy inputs). The cls
     token (if any) gets no position, as in MAE.
 
+    learned_embed=True is timm's VisionTransformer (the ViT that MAE / SatMAE++ fine-tune), whose
+    positions are trained: a parameter `pos_embed` (h * w, width) for the configured grid, initialised
+    to the same sin-cos; an input of another grid gets it resized bicubically (interpolate_pos_embed).
+    The reference's cls position (row 0) is folded into cls_token on import.
+
     MAE uses the pieces separately: `embed` (patches + positions), `prepend_cls`, `encode` (blocks +
     final norm on any token subset).
     """
@@ -139,6 +173,13 @@ class ViTEncoder(nn.Module):
     use_cls_token: bool = True
     attention_impl: str | None = None
     drop_path_rate: float = 0.0  # stochastic-depth rate of the last block, 0 at the first (layers.Encoder)
+    learned_embed: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) token grid of the configured image_size."""
+        h, w = _pair(self.image_size)
+        return h // self.patch_size, w // self.patch_size
 
     def setup(self):
         h, w = _pair(self.image_size)
@@ -149,6 +190,9 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(
             self.patch_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype
         )
+        if self.learned_embed:
+            table = layers.sincos_2d(self.width, *self.grid)
+            self.pos_embed = self.param("pos_embed", constant_init(table), table.shape, self.param_dtype)
         if self.use_cls_token:
             self.cls_token = self.param(
                 "cls_token",
@@ -183,11 +227,14 @@ class ViTEncoder(nn.Module):
         return images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
 
     def embed(self, images, keep_idx=None):
-        """(B, H, W, C) -> (B, N, width): patch embeddings plus fixed positions (no cls token).
+        """(B, H, W, C) -> (B, N, width): patch embeddings plus positions (no cls token).
         With `keep_idx` (B, K): only those patches, (B, K, width), each with its own position."""
         gh, gw = self.patch_grid(images)
         x = self.patch_embed(images, keep_idx)
-        pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), dtype=self.dtype)
+        if self.learned_embed:
+            pos = interpolate_pos_embed(self.pos_embed, self.grid, (gh, gw)).astype(self.dtype)
+        else:
+            pos = jnp.asarray(layers.sincos_2d(self.width, gh, gw), dtype=self.dtype)
         return x + (pos[None] if keep_idx is None else jnp.take(pos, keep_idx, axis=0))
 
     def prepend_cls(self, tokens):

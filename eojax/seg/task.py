@@ -300,7 +300,7 @@ class SegTask(Task):
             raise ValueError(f"model.encoder={m.encoder!r} has no published checkpoint (PANGAEA trains it from "
                              f"scratch); config.init_from={path!r} can only be an eojax run folder for it")
         abstract = weights.jax_abstract(init_params["encoder"])
-        if m.encoder == "mae":
+        if m.encoder == "mae" and str(path).endswith(".npz"):  # an eojax MAE's exported encoder
             return weights_common.load_npz_tree(path, abstract), {}
         encoder, report = weights_common.load_encoder(path, abstract, self.model.encoder)
         stats = report.get("batch_stats")  # eojax.weights.resnet reports the running statistics here
@@ -312,7 +312,8 @@ class SegTask(Task):
 
         Prithvi / DOFA / CROMA / SatMAE++ / ResNet: the published PyTorch layouts through eojax.weights
         (band matching, position-embedding resampling and shape checks happen there). eojax MAE: an
-        .npz of the encoder subtree of an eojax run ('/'-joined keys; `export_encoder` writes it)."""
+        .npz of the encoder subtree of an eojax run ('/'-joined keys; `export_encoder` writes it), or
+        SatMAE++'s fMoW-RGB files (eojax.mae.weights.load_plain_encoder)."""
         encoder, _ = self._load_encoder(path, init_params)
         return {**init_params, "encoder": encoder}  # the decoder as the trainer initialised it
 

@@ -28,7 +28,8 @@ SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
 # Reading files
 # --------------------------------------------------------------------------------------------------
 def load_state_dict(path, what: str = "checkpoint") -> dict[str, np.ndarray]:
-    """A flat {torch key: array} from .safetensors, .npz, or (torch installed) .pth / .pt / .bin.
+    """A flat {torch key: array} from .safetensors, .npz, or (torch installed) .pth / .pt / .bin; a
+    file without a suffix is read as its content says (_sniff).
 
     A {'model': state_dict, ...} or {'state_dict': ...} wrapper (what training scripts save) is
     unwrapped, nested dicts of state dicts (CROMA's {'s2_encoder': {...}, ...}) are flattened with
@@ -38,7 +39,7 @@ def load_state_dict(path, what: str = "checkpoint") -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
-    suffix = os.path.splitext(path)[1].lower()
+    suffix = os.path.splitext(path)[1].lower() or _sniff(path)
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected one of {SUFFIXES}")
     try:
@@ -55,6 +56,24 @@ def load_state_dict(path, what: str = "checkpoint") -> dict[str, np.ndarray]:
     except Exception as e:  # every reader has its own exception types; name the file in all cases
         raise ValueError(f"{path} is not a readable {suffix} checkpoint: {type(e).__name__}: {e}") from e
     return _unwrap(obj, path)
+
+
+def _sniff(path: str) -> str:
+    """The format of a file named without a suffix (a published one may be: SatMAE++'s fine-tuned
+    fMoW-RGB), from its first bytes: a zip holding data.pkl is torch.save's, another zip an .npz, an
+    8-byte length and '{' a safetensors header; '' otherwise (refused as unknown)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return ""
+        return ".pth" if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) else ".npz"
+    return ".safetensors" if len(head) == 9 and head[8:9] == b"{" else ""
 
 
 def _torch_load(path: str):

@@ -14,7 +14,10 @@ from eojax.models.vit import ViTEncoder
 
 
 class MAEEncoder(ViTEncoder):
-    """eojax's plain MAE ViT; __call__ returns the `layers` block outputs as (B, h, w, D) maps."""
+    """eojax's plain MAE ViT; __call__ returns the `layers` block outputs as (B, h, w, D) maps. Besides
+    eojax runs it imports SatMAE++'s fMoW-RGB files (plain ViT-L/16; fine-tuned: learned_embed=True)."""
+
+    converter: ClassVar[str] = "eojax.mae.weights:load_plain_encoder"  # weights.common.load_encoder
 
     layers: tuple = DEFAULT_LAYERS
     bands = None  # any `in_channels` bands
