@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, so it is done at the top of conftest.
 """
+import collections
 import os
 import shutil
 import tempfile
@@ -100,20 +101,43 @@ SLOW_IN_FAST_TIER = (
 )
 
 
+def _unit(nodeid: str) -> str:
+    """A test's scheduling unit under xdist: its file (whose module fixtures and compiled functions its
+    tests then share on one worker), except a notebook, which is long and independent: a unit of its own."""
+    module = nodeid.split("::")[0]
+    return nodeid if module.endswith("test_notebook.py") else module
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (`-n 2 --dist loadgroup`): each test file runs whole on one worker (its
-    module fixtures and compiled functions are reused), except the notebooks, which are long and
-    independent, so each is a group of its own and they spread over the workers. tryfirst: xdist's
-    own hook turns the marks into groups, so they must be set before it runs (without it the groups
-    were silently ignored and module fixtures were built on both workers)."""
+    """Marks the fast tier's exclusions as slow, then orders the units longest-first (a slow test weighs
+    20, another 1; a stable sort, so each file keeps its own order), so that the last unit to start on a
+    worker is a short one. tryfirst: `-m "not slow"` deselects after this."""
     for item in items:
         if any(item.nodeid == name or item.nodeid.startswith(name if name.endswith(("-", "::")) else name + "[")
                for name in SLOW_IN_FAST_TIER):
             item.add_marker(pytest.mark.slow)
-        module = item.nodeid.split("::")[0]
-        group = item.nodeid if module.endswith("test_notebook.py") else module
-        item.add_marker(pytest.mark.xdist_group(group))
+    weight = collections.Counter()
+    for item in items:
+        weight[_unit(item.nodeid)] += 20 if item.get_closest_marker("slow") else 1
+    items.sort(key=lambda item: -weight[_unit(item.nodeid)])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2 --dist loadgroup` (scripts/test.sh): each unit (_unit) goes whole to one worker, in the order
+    above. Not xdist's own loadgroup: it renames each test to carry its xdist_group, which pytest 9's node
+    ids ignore, so every test became its own unit and module fixtures were built on both workers."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the longest-first order of the collection
+    return UnitScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

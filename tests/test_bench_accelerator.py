@@ -56,9 +56,7 @@ def problems(report: dict) -> list[str]:
     return found
 
 
-# Session scope: xdist may interleave other files' tests on this worker, which would tear a module
-# fixture down and build it again (measured twice in the suite's durations).
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_accelerator") / "smoke.json"
     env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")

@@ -19,9 +19,7 @@ from helpers import load_config, max_diff
 CONFIG = {"total_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 3, "eval_every": 0}
 
 
-# Session scope: xdist may interleave other files' tests on this worker, which would tear a module
-# fixture down and build it again (measured twice in the suite's durations).
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """A real runlocal MAE run with checkpoints at steps 2, 3, 4, and a Run to restore into."""
     workdir = tmp_path_factory.mktemp("written")

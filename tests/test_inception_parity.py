@@ -92,7 +92,9 @@ def test_frechet_distance_matches_pytorch_fid(ref, which):
         out = fid.frechet_distance_from_stats(a, b)
     assert out["fd_samples"] == min(len(d[f"fd{which}_a"]), len(d[f"fd{which}_b"]))
     assert any("fewer samples than dimensions" in str(w.message) for w in caught) == (which == "_small")
-    np.testing.assert_allclose(out["fd"], float(d[f"fd{which}"]), rtol=1e-9)
+    # The singular pair's matrix square root is ill-conditioned: its last digits move with the BLAS's
+    # threading (4e-9 relative between two runs on the same machine), so 1e-6 there, 1e-9 otherwise.
+    np.testing.assert_allclose(out["fd"], float(d[f"fd{which}"]), rtol=1e-6 if which else 1e-9)
 
 
 def _kid_loop(x, y):

@@ -157,9 +157,12 @@ def test_mae_same_params_loss_and_gradients(scan):
     results = {}
     for mode in MODES:
         with layers.kernels(mode):
-            params = model.init(rngs, images)
+            # Jitted (eager dispatch compiled every op on its own: ~50 s); fresh lambdas per mode, since the
+            # kernel mode is a trace-time setting that jit's cache does not see.
+            params = jax.jit(lambda r, x: model.init(r, x))(rngs, images)
             jaxpr = str(jax.make_jaxpr(loss)(params))
-            results[mode] = params, jaxpr.count("custom_vjp_call"), *jax.value_and_grad(loss)(params)
+            results[mode] = params, jaxpr.count("custom_vjp_call"), *jax.jit(
+                lambda p: jax.value_and_grad(loss)(p))(params)
     (params, n_tuned, value, grads), (ref_params, n_plain, ref_value, ref_grads) = results.values()
     # identical parameter trees: names, boxes (logical axes), shapes, dtypes and values
     assert jax.tree.structure(params) == jax.tree.structure(ref_params)
