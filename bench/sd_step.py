@@ -187,6 +187,7 @@ def eojax_side(args, g: dict, lay: dict) -> tuple[dict, dict]:
 
     from eojax.diffusion import samplers, unet_weights
     from eojax.diffusion.unet import UNet
+    from eojax.weights import common as weights_common
 
     model = UNet(**lay["kwargs"])
     apply = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
@@ -195,11 +196,11 @@ def eojax_side(args, g: dict, lay: dict) -> tuple[dict, dict]:
     data = {k: jax.device_put(v, dev) for k, v in host.items()}
     info = {"jax": jax.__version__, "platform": dev.platform, "device_kind": dev.device_kind}
 
-    def load():
-        state = load_file(os.path.join(args.files, "unet.safetensors"))
-        params = unet_weights.params_from_diffusers(state, lay["kwargs"])
-        del state
-        return jax.device_put(params, dev)
+    def load():  # as eojax.diffusion.sd loads a UNet: one copy of the weights held at a time
+        params = unet_weights.params_from_diffusers(load_file(os.path.join(args.files, "unet.safetensors")),
+                                                    lay["kwargs"], consume=True)
+        with jax.default_device(dev):
+            return weights_common.to_device(params)
 
     calls = {}
     if g["train"]:

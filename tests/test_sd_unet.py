@@ -76,6 +76,23 @@ def test_export_round_trip_is_the_file(fixture_unet):
         assert back[k].tobytes() == sd[k].tobytes(), k
 
 
+def test_consuming_load_gives_the_same_params_and_empties_its_inputs(fixture_unet):
+    """The loading path of eojax.diffusion.sd (one copy of the weights at a time): the state dict and then
+    the host params are emptied as they are converted, and the device params equal the plain conversion."""
+    from eojax.weights import common
+
+    kw, sd = fixture_unet
+    want = uw.params_from_diffusers(sd, kw)
+    state = dict(sd)
+    host = uw.params_from_diffusers(state, kw, consume=True)
+    assert state == {}
+    got = common.to_device(host)
+    assert host == {} and jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert isinstance(a, jax.Array)
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_params_take_the_requested_dtype(fixture_unet):
     kw, sd = fixture_unet
     params = uw.params_from_diffusers(sd, kw, dtype=jnp.bfloat16)

@@ -118,10 +118,6 @@ def weights_file(folder: str, sub: str, variant: str | None = None) -> str:
     raise FileNotFoundError(f"{folder}/{sub}: no {stem}.safetensors or {stem}.bin")
 
 
-def _to(tree, dtype):
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
-
-
 def read_configs(folder: str) -> dict:
     """{component: its config.json dict, 'scheduler': scheduler_config.json, 'model_index'}: the
     folder checked (check_folder) and its JSON read, no weights (what a model's shapes need)."""
@@ -140,14 +136,15 @@ def component_params(folder: str, sub: str, configs: dict | None = None, *, vari
     configs = configs or read_configs(folder)
     state = _state_dict(os.fspath(folder), sub, variant)
     if sub == "unet":
-        params = unet_weights.params_from_diffusers(state, unet_weights.unet_kwargs_from_config(configs[sub]))
+        params = unet_weights.params_from_diffusers(state, unet_weights.unet_kwargs_from_config(configs[sub]),
+                                                    consume=True)
     elif sub == "vae":
         params = vae_lib.params_from_diffusers(state, vae_lib.vae_kwargs_from_config(configs[sub]))
     elif sub == "text_encoder":
         params = clip_lib.params_from_transformers(state, clip_lib.clip_kwargs_from_config(configs[sub]))
     else:
         raise ValueError(f"unknown Stable Diffusion component {sub!r}; known: {tuple(COMPONENTS)}")
-    return _to(params, param_dtype)
+    return common.to_device(params, param_dtype)  # one copy of the weights at a time
 
 
 def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None) -> StableDiffusion:
@@ -171,7 +168,7 @@ def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: st
     params = {sub: component_params(folder, sub, configs, variant=variant, param_dtype=param_dtype)
               for sub in ("unet", "vae")}
     return StableDiffusion(unet, params["unet"], vae, params["vae"], text_encoder,
-                           _to(text_params, param_dtype), tokenizer, schedule, options, prediction,
+                           common.to_device(text_params, param_dtype), tokenizer, schedule, options, prediction,
                            float(scaling), float(shift), configs, folder, text_prefix)
 
 

@@ -233,12 +233,27 @@ def check_entries(sd: Mapping[str, np.ndarray], entries: Iterable[Entry], skip=(
     return problems
 
 
-def convert(sd: Mapping[str, np.ndarray], entries: Iterable[Entry], dtype) -> dict[tuple, np.ndarray]:
-    """Flat {eojax path: array} from a checked state dict."""
-    flat = {}
+def convert(sd: Mapping[str, np.ndarray], entries: Iterable[Entry], dtype, *, consume: bool = False
+            ) -> dict[tuple, np.ndarray]:
+    """Flat {eojax path: array} from a checked state dict. `consume`: each entry is popped from `sd` once
+    converted, so a multi-GB state dict and its conversion are never both held whole (SD-1.5's UNet)."""
+    flat, dtype = {}, np.dtype(dtype)
     for e in entries:
-        flat.update(zip(e.paths, e.to_jax(np.asarray(sd[e.key]))))
-    return {k: np.ascontiguousarray(v, dtype=np.dtype(dtype)) for k, v in flat.items()}
+        arrays = e.to_jax(np.asarray(sd.pop(e.key) if consume else sd[e.key]))
+        flat.update((p, np.ascontiguousarray(a, dtype=dtype)) for p, a in zip(e.paths, arrays))
+    return flat
+
+
+def to_device(tree: dict, dtype=None) -> dict:
+    """A nested dict of numpy arrays -> the same of jax arrays (of `dtype` if given), emptying `tree` leaf by
+    leaf as it goes: the host copy of each weight is dropped as soon as the device copy exists, so loading
+    never holds both copies of the whole model."""
+    out = {}
+    for k in list(tree):
+        v = tree.pop(k)
+        out[k] = to_device(v, dtype) if isinstance(v, dict) else jnp.asarray(v, dtype)
+        del v
+    return out
 
 
 def flat_params(params: Mapping) -> dict[tuple, np.ndarray]:
