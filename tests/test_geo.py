@@ -630,3 +630,16 @@ def test_short_trainer_run_writes_metrics_and_map(tmp_path, test_data, label_ras
     assert len(per_window) == summary["windows"] > 0
     with pytest.raises(ValueError, match="2 bands"):
         infer(run, variables, str(tmp_path), {"input": label_rasters[0], "output": out})
+    # From Python: eojax.load(workdir).predict gives what the plug-in wrote (its JSON), from the saved config.
+    import eojax
+    from eojax import errors
+    trained = eojax.load(str(tmp_path))
+    predicted = trained.predict(str(test_data / "stars/L7_ETMs.tif"))
+    written = json.load(open(os.path.join(out, "geo_infer.json")))
+    assert len(predicted["per_window"]) == len(written["per_window"]) == summary["windows"]
+    for got, want in zip(predicted["per_window"], written["per_window"]):
+        assert (got["row"], got["col"], got["climate"]) == (want["row"], want["col"], want["climate"])
+        assert [got["lat"], got["lon"]] == pytest.approx([want["lat"], want["lon"]], abs=1e-4)
+    assert predicted["true_latlon"] == pytest.approx(summary["true_latlon"])
+    with pytest.raises(errors.ConfigError, match="not a raster"):
+        trained.predict(str(test_data / "stars/L7_ETMs.tif"), as_xarray=True)

@@ -149,15 +149,9 @@ def _entries(cfg, target) -> list[_Entry]:
     out += _ln("norm", enc + ("norm",), d)
     if target == "vit":
         return out + (_learned_entries(cfg) if cfg["learned_embed"] else [])
-    dd = cfg["decoder_width"]
-    out += _linear("decoder_embed", ("decoder_embed",), d, dd)
-    out.append(_same("mask_token", (1, 1, dd), ("mask_token",)))
-    for k in range(cfg["decoder_depth"]):
-        out += _block(f"decoder_blocks.{k}", ("decoder", f"block_{k}"), dd, cfg["decoder_heads"],
-                      cfg["decoder_mlp_dim"])
-    out += _ln("decoder_norm", ("decoder_norm",), dd)
+    out += _decoder_entries(cfg)
     for i, g in enumerate(groups):
-        out += _pred(f"decoder_pred.{i}", (f"decoder_pred_{i}",), dd, len(g), p)
+        out += _pred(f"decoder_pred.{i}", (f"decoder_pred_{i}",), cfg["decoder_width"], len(g), p)
     if cfg["multiscale"]:
         c, head = cfg["channels"], ("multiscale_head",)
         m = c * cfg["multiscale_ratio"]
@@ -412,6 +406,16 @@ def check_plain_sizes(sd: Mapping, cfg: Mapping, target: str, what: str = "SatMA
         raise CheckpointMismatchError(f"{what} does not fit the model: its ViT has {', '.join(diffs)}")
 
 
+def _decoder_entries(cfg) -> list[_Entry]:
+    """The MAE decoder both layouts share up to its prediction heads: embed, mask token, blocks, norm."""
+    d, dd = cfg["width"], cfg["decoder_width"]
+    out = _linear("decoder_embed", ("decoder_embed",), d, dd) + [_same("mask_token", (1, 1, dd), ("mask_token",))]
+    for k in range(cfg["decoder_depth"]):
+        out += _block(f"decoder_blocks.{k}", ("decoder", f"block_{k}"), dd, cfg["decoder_heads"],
+                      cfg["decoder_mlp_dim"])
+    return out + _ln("decoder_norm", ("decoder_norm",), dd)
+
+
 def _plain_entries(cfg, target) -> list[_Entry]:
     d, p, c = cfg["width"], cfg["patch_size"], cfg["in_channels"]
     enc = ("encoder",) if target == "mae" else ()
@@ -424,14 +428,7 @@ def _plain_entries(cfg, target) -> list[_Entry]:
         n = cfg["grid"][0] * cfg["grid"][1]
         learned = [_same("pos_embed", (1, 1 + n, d), ("pos_embed",), lambda a: a[0, 1:])]
         return out + (learned if cfg["learned_embed"] else [])
-    dd = cfg["decoder_width"]
-    out += _linear("decoder_embed", ("decoder_embed",), d, dd)
-    out.append(_same("mask_token", (1, 1, dd), ("mask_token",)))
-    for k in range(cfg["decoder_depth"]):
-        out += _block(f"decoder_blocks.{k}", ("decoder", f"block_{k}"), dd, cfg["decoder_heads"],
-                      cfg["decoder_mlp_dim"])
-    out += _ln("decoder_norm", ("decoder_norm",), dd)
-    return out + _linear("decoder_pred", ("decoder_pred",), dd, p * p * c)
+    return out + _decoder_entries(cfg) + _linear("decoder_pred", ("decoder_pred",), cfg["decoder_width"], p * p * c)
 
 
 def _sincos_with_cls(width: int, grid) -> np.ndarray:
