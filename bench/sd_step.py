@@ -1,7 +1,7 @@
 """Stable Diffusion 1.5's UNet at its real shape: eojax (flax) vs diffusers' UNet2DConditionModel (PyTorch),
 both on the SAME random weights, in the same run.
 
-  .venv/bin/python bench/sd_step.py --site /tmp/sdsite            # every row, both frameworks (~1-2 h on 2 cores)
+  .venv/bin/python bench/sd_step.py --site /tmp/sdsite            # every row, both frameworks (~1 h on 2 cores)
   .venv/bin/python bench/sd_step.py --site /tmp/sdsite --rows unet,train_tiny --cycles 4 --json sd.json
   .venv/bin/python bench/sd_step.py --site /tmp/sdsite --quick    # tiny shapes, 1 cycle of 1 call: a smoke run
   .venv/bin/python bench/sd_step.py --quick --framework eojax     # no torch needed (tests/test_bench_sd.py)
@@ -41,7 +41,7 @@ parameter, ~13.8 GB, plus activations, per framework): then the frameworks run o
 ('sequential' in the table: no paired ratio), and a framework that would not fit even alone is reported as
 not measured, with the reason (eojax checks its compiled step's memory_analysis() before loading anything).
 Warm-up: --warmup calls of each row (the first compiles), but no untimed sample by default (one costs
-15-25 min at full size): it is compiled ahead of time and warmed by the guided calls (the same UNet at the
+9-12 min at full size): it is compiled ahead of time and warmed by the guided calls (the same UNet at the
 same shape). What is left of a first run is once-only (~0.4 s for eojax's compiled sample at the --quick
 shapes, where --sample-warmup defaults to 1), < 0.1% of a full-size sample.
 Median of all timed calls; images/s = batch / median (for `unet`: denoising steps of one image per second).
