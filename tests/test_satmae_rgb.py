@@ -26,6 +26,7 @@ from eojax.mae.task import MAETask
 from eojax.seg.task import SegTask
 from eojax.tasks.base import DataSpec, elements, load_pretrained_parts
 from helpers import ONE_DEVICE, load_config
+from test_parity_prithvi_satmae import rel
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 HERE = os.path.join(FIX, "satmae_rgb")
@@ -33,12 +34,6 @@ PRETRAIN, FINETUNE = (os.path.join(HERE, f"{n}.safetensors") for n in ("pretrain
 GROUP_FILE = os.path.join(FIX, "reference", "satmae_pp", "pretrain.safetensors")  # fMoW-Sentinel layout
 TOL = 1e-4
 RGB = ["B4", "B3", "B2"]
-
-
-def rel(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def sizes() -> dict:
