@@ -252,7 +252,6 @@ def to_device(tree: dict, dtype=None) -> dict:
     for k in list(tree):
         v = tree.pop(k)
         out[k] = to_device(v, dtype) if isinstance(v, dict) else jnp.asarray(v, dtype)
-        del v
     return out
 
 
